@@ -1,0 +1,538 @@
+"""The analytical cost model of Pope et al., "Efficiently Scaling Transformer Inference".
+
+One forward step of a Transformer on `n = X*Y*Z` chips is costed for a choice of
+
+- FFN layout (Sec. 3.2.1): `ws-1d` (weights E F_xyz), `ws-2d` (E_x F_yz), and the
+  weight-gathered `wg-x`, `wg-xy`, `wg-xyz` (weights all-gathered over N = X, XY, XYZ chips,
+  activations B_N L E_rest);
+- attention layout (Sec. 3.3): `heads` (Q/K/V and the KV cache sharded over heads; with
+  multiquery every chip keeps the whole K/V) or `batch` (sharded over sequences, with
+  all-to-alls in and out).
+
+Notation follows the paper: B sequences, L tokens per sequence in this step (prefill: the
+prompt, decode: 1), S the KV length attended over, E d_model, F d_ff, H heads, K kv heads,
+D head dim. Every collective is listed explicitly (kind, mesh axes, bytes per chip), which
+gives both its bandwidth time and its count for the latency term; see `layer_collectives`.
+
+Step time = max(compute, weight load + KV load)      # roofline: matmuls overlap HBM streaming
+          + exposed communication                     # see CostOptions for what overlaps
+          + collective latency + fixed step overhead.
+
+    >>> from meshwright.models.config import get_config
+    >>> from meshwright.passes.hardware import get_hardware
+    >>> c = evaluate(get_config("palm-540b"), get_hardware("tpu-v4"), Mesh(4, 4, 4),
+    ...              Workload(batch=64, context=2048, phase="decode", weights="int8"),
+    ...              "ws-2d", "batch")
+    >>> round(c.step_s * 1e3)  # ms per decode step; the paper measured 28.5
+    29
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from meshwright.models.config import TransformerConfig
+from meshwright.passes.hardware import HardwareProfile
+
+FFN_LAYOUTS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
+ATTENTION_LAYOUTS = ("heads", "batch")
+PHASES = ("prefill", "decode")
+WEIGHT_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
+# Activations and the KV cache are bf16 with bf16 or int8 weights (int8 is weight-only).
+ACTIVATION_BYTES = {"bf16": 2, "int8": 2, "fp32": 4}
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A logical 3D mesh of chips, `x * y * z = n` (sizes of 1 allowed)."""
+
+    x: int
+    y: int
+    z: int
+
+    @property
+    def n(self) -> int:
+        return self.x * self.y * self.z
+
+    def size(self, axes: str) -> int:
+        """Chips in a group spanning `axes`, e.g. size("yz") = y * z."""
+        return math.prod(getattr(self, a) for a in axes)
+
+    def ring_steps(self, axes: str) -> int:
+        """Neighbour exchanges of a collective done axis by axis: sum(a_i - 1)."""
+        return sum(getattr(self, a) - 1 for a in axes)
+
+    def to_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "z": self.z}
+
+    def __str__(self) -> str:
+        return f"{self.x}x{self.y}x{self.z}"
+
+
+def factorizations(n: int) -> list[Mesh]:
+    """Every ordered X*Y*Z = n, including 1s, in a fixed order.
+
+        >>> [str(m) for m in factorizations(4)]
+        ['1x1x4', '1x2x2', '1x4x1', '2x1x2', '2x2x1', '4x1x1']
+    """
+    if n < 1:
+        raise ValueError(f"chips must be >= 1, got {n}")
+    meshes = []
+    for x in range(1, n + 1):
+        if n % x:
+            continue
+        for y in range(1, n // x + 1):
+            if (n // x) % y == 0:
+                meshes.append(Mesh(x, y, n // x // y))
+    return meshes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step does: B sequences, their KV length, the phase and the weight format."""
+
+    batch: int
+    context: int  # prefill: prompt tokens per sequence; decode: tokens of KV per sequence
+    phase: Phase = "decode"
+    weights: str = "bf16"  # "bf16" | "int8" (weight-only) | "fp32"
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.context < 1:
+            raise ValueError(f"context must be >= 1, got {self.context}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.weights not in WEIGHT_BYTES:
+            raise ValueError(
+                f"weights must be one of {tuple(WEIGHT_BYTES)}, got {self.weights!r}")
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """L: tokens each sequence processes in this step."""
+        return self.context if self.phase == "prefill" else 1
+
+    @property
+    def tokens(self) -> int:
+        """B * L: tokens processed by the step."""
+        return self.batch * self.tokens_per_sequence
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """Modelling assumptions that are not properties of the chip.
+
+    Overlap: weight all-gathers of the weight-gathered layouts do not depend on activations,
+    so they are issued a layer ahead and hidden behind that layer's compute
+    (`prefetch_weight_gathers`); what is left over is exposed. Activation collectives sit
+    between dependent matmuls; a fraction `activation_comm_overlap` of them is hidden (looped
+    CollectiveEinsum). Latency is never hidden.
+    """
+
+    activation_comm_overlap: float = 0.0
+    prefetch_weight_gathers: bool = True
+    # Multiply collective volumes by (K-1)/K (a ring over K chips moves (K-1)/K of the data);
+    # False gives the paper's leading-order formulas (e.g. 2D WS: 8BLE/(sqrt(n) bw)).
+    ring_correction: bool = True
+    # Count attention's QK^T and AV FLOPs in MFU (the paper does not: MFU uses 2N per token).
+    attention_flops_in_mfu: bool = False
+    # Pad query heads to a multiple of the chips they are split over (whole heads per chip);
+    # PaLM 540B's 48 heads become 64 on 64 chips (Pope et al. Sec. 4).
+    pad_heads: bool = True
+    # Heads layout is refused when padding would more than double the heads.
+    max_head_padding: float = 2.0
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective per layer (or per step for embedding ones), as the model counts it."""
+
+    kind: str  # "all-gather" | "reduce-scatter" | "all-to-all"
+    axes: str  # mesh axes it spans, e.g. "yz"
+    bytes_per_chip: float  # all-gather: output; reduce-scatter: input; all-to-all: data held
+    what: str  # which tensor, for explain()
+    weights: bool = False  # a weight all-gather (prefetchable) rather than activations
+
+
+class LayoutNotApplicable(ValueError):
+    """This layout cannot run this workload on this mesh (the message says why)."""
+
+
+@dataclass
+class CandidateCost:
+    """The predicted cost of one (mesh, FFN layout, attention layout) for one step."""
+
+    ffn_layout: str
+    attention_layout: str
+    mesh: Mesh
+    step_s: float  # one forward step
+    compute_s: float  # matmul + attention FLOPs at the achievable rate
+    weight_load_s: float  # streaming the weights this chip uses from HBM
+    kv_load_s: float  # reading (decode) or writing (prefill) this chip's KV cache
+    comm_s: float  # exposed communication: bandwidth not hidden + collective latency
+    comm_total_s: float  # all communication, hidden or not (bandwidth + latency)
+    overhead_s: float  # fixed per-step cost
+    weight_bytes_per_chip: float  # resident weights (stored layout E_x F_yz, fully sharded)
+    gathered_weight_bytes_per_chip: float  # transient buffer of one gathered layer (WG)
+    kv_cache_bytes_per_chip: float
+    memory_bytes_per_chip: float  # weights + gathered buffer + KV cache
+    fits: bool
+    max_context: int  # longest KV length that fits the KV budget at this batch and layout
+    mfu: float
+    model_flops: float  # 2 * n_params * B * L (plus attention if options say so)
+    hardware_flops: float  # what the chips actually compute, padded heads included
+    cost_per_token: float  # chip-seconds per token
+    padded_heads: int
+    collectives_per_layer: int
+    comm_bytes_per_chip: float  # bytes through each chip's links per step
+    bound: str  # "compute" | "memory": which side of the roofline
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.ffn_layout}/{self.attention_layout} {self.mesh}"
+
+    def breakdown(self) -> dict:
+        return {"compute_s": self.compute_s, "weight_load_s": self.weight_load_s,
+                "kv_load_s": self.kv_load_s, "comm_s": self.comm_s}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mesh"] = self.mesh.to_dict()
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout geometry
+
+
+def _wg_axes(ffn: str) -> tuple[str, str]:
+    """(axes weights are gathered over, remaining axes) of a weight-gathered layout."""
+    return {"wg-x": ("x", "yz"), "wg-xy": ("xy", "z"), "wg-xyz": ("xyz", "")}[ffn]
+
+
+def batch_shards(ffn: str, mesh: Mesh) -> int:
+    """Chips the batch is split over by the FFN layout (1 for weight-stationary)."""
+    return mesh.size(_wg_axes(ffn)[0]) if ffn.startswith("wg") else 1
+
+
+def head_shards(ffn: str, attention: str, mesh: Mesh) -> int:
+    """Chips the query heads are split over in the attention computation."""
+    if attention == "batch":
+        return 1
+    return mesh.n // batch_shards(ffn, mesh)
+
+
+def padded_heads(cfg: TransformerConfig, shards: int, options: CostOptions) -> int:
+    """Query heads after padding to a multiple of `shards` (whole heads on every chip)."""
+    if not options.pad_heads or shards <= 1:
+        return cfg.n_heads
+    return -(-cfg.n_heads // shards) * shards
+
+
+def check_layout(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str, attention: str,
+                 options: CostOptions) -> None:
+    """Raise LayoutNotApplicable if this layout cannot run this step on this mesh."""
+    if ffn not in FFN_LAYOUTS:
+        raise ValueError(f"unknown FFN layout {ffn!r}; known: {', '.join(FFN_LAYOUTS)}")
+    if attention not in ATTENTION_LAYOUTS:
+        raise ValueError(
+            f"unknown attention layout {attention!r}; known: {', '.join(ATTENTION_LAYOUTS)}")
+    n = mesh.n
+    if ffn.startswith("wg"):
+        gathered = mesh.size(_wg_axes(ffn)[0])
+        if gathered < 2:
+            raise LayoutNotApplicable(f"{ffn} gathers over {gathered} chip: same as ws-2d")
+        if work.batch < gathered:
+            raise LayoutNotApplicable(
+                f"{ffn} splits the batch over {gathered} chips but batch is {work.batch}")
+        if ffn == "wg-xyz" and attention == "heads":
+            raise LayoutNotApplicable("wg-xyz already splits attention by batch")
+    if attention == "batch" and work.batch < n:
+        raise LayoutNotApplicable(
+            f"attention over batch needs batch >= chips ({work.batch} < {n})")
+    if attention == "heads":
+        shards = head_shards(ffn, attention, mesh)
+        heads = padded_heads(cfg, shards, options)
+        if heads < shards:
+            raise LayoutNotApplicable(
+                f"attention over heads: {cfg.n_heads} heads cannot cover {shards} chips")
+        if heads > options.max_head_padding * cfg.n_heads:
+            raise LayoutNotApplicable(
+                f"attention over heads: {cfg.n_heads} heads padded to {heads} for {shards} "
+                "chips wastes more than half the attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication
+
+
+def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str,
+                      attention: str, heads: int) -> list[Collective]:
+    """Every collective of one Transformer layer for this layout (Pope et al. Sec. 3, App. A).
+
+    Weight-stationary layouts move activations: 1D all-gathers the input over all chips and
+    reduce-scatters the output; 2D (E_x F_yz) all-gathers B L E/X over yz, reduce-scatters the
+    hidden B L F/YZ over x, all-gathers it back, and reduce-scatters B L E/X over yz:
+    (2BL/bw)(E/X + F/YZ). Weight-gathered layouts all-gather the layer's weights over N chips
+    (2EFN/(n bw) for two matrices) and move B L E / N of activations over the other axes.
+    A parallel block shares the E-side collectives of attention and FFN; a serial block pays
+    them twice. SwiGLU has two input projections, so its hidden reduce-scatter carries 2F.
+    """
+    a = ACTIVATION_BYTES[work.weights]
+    t = work.tokens
+    e, f, d, k = cfg.d_model, cfg.d_ff, cfg.d_head, cfg.n_kv_heads
+    n_in = cfg.ffn_matrices - 1  # input projections of the FFN: gelu 1, swiglu 2
+    q_width = heads * d  # query (and attention output) width
+    kv_width = 2 * k * d  # K and V projections
+    out: list[Collective] = []
+
+    def sub_block(tag: str, in_width: float, out_width: float) -> None:
+        """E-side and hidden-side collectives of one block whose hidden widths are given."""
+        if ffn == "ws-1d":
+            out.append(Collective("all-gather", "xyz", t * e * a, f"{tag} input B.L.E"))
+            out.append(Collective("reduce-scatter", "xyz", t * e * a, f"{tag} output B.L.E"))
+        elif ffn == "ws-2d":
+            yz = mesh.size("yz")
+            out.append(Collective("all-gather", "yz", t * e / mesh.x * a, f"{tag} input B.L.E/X"))
+            out.append(Collective("reduce-scatter", "x", t * in_width / yz * a,
+                                  f"{tag} hidden B.L.F/YZ"))
+            out.append(Collective("all-gather", "x", t * out_width / yz * a,
+                                  f"{tag} hidden B.L.F/YZ"))
+            out.append(Collective("reduce-scatter", "yz", t * e / mesh.x * a,
+                                  f"{tag} output B.L.E/X"))
+        else:
+            gathered, rest = _wg_axes(ffn)
+            if rest:
+                per = t / mesh.size(gathered) * e * a
+                out.append(Collective("all-gather", rest, per, f"{tag} input B/N.L.E"))
+                out.append(Collective("reduce-scatter", rest, per, f"{tag} output B/N.L.E"))
+
+    ffn_in, ffn_out = n_in * f, f
+    att_in, att_out = q_width + kv_width, q_width
+    if cfg.parallel_block:
+        sub_block("block", ffn_in + att_in, ffn_out + att_out)
+    else:
+        sub_block("attention", att_in, att_out)
+        sub_block("ffn", ffn_in, ffn_out)
+
+    # Attention layout: batch sharding moves Q/K/V to sequences and the output back.
+    if ffn.startswith("wg"):
+        gathered, rest = _wg_axes(ffn)
+    else:
+        gathered, rest = "", "xyz"
+    if attention == "batch" and rest:
+        out.append(Collective("all-to-all", rest, t * (q_width + kv_width) / mesh.n * a,
+                              "Q,K,V heads->batch"))
+        out.append(Collective("all-to-all", rest, t * q_width / mesh.n * a,
+                              "attention out batch->heads"))
+    elif attention == "heads" and k < mesh.size(rest) and rest:
+        # Multiquery / GQA over heads: every chip needs the K/V heads its queries use.
+        per_chip_tokens = t / max(1, mesh.size(gathered))
+        out.append(Collective("all-gather", rest, per_chip_tokens * 2 * d * a,
+                              "K,V replicated for heads"))
+
+    # Weight-gathered: all-gather the layer's weights over the gathered axes.
+    if ffn.startswith("wg"):
+        gathered, _ = _wg_axes(ffn)
+        w = _layer_weight_elems(cfg, heads) * WEIGHT_BYTES[work.weights]
+        out.append(Collective("all-gather", gathered, w * mesh.size(gathered) / mesh.n,
+                              "layer weights", weights=True))
+    return out
+
+
+def step_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload,
+                     ffn: str) -> list[Collective]:
+    """Once-per-step collectives: embedding lookup into the residual layout, and gathering the
+    final activations for the vocabulary-sharded unembedding."""
+    a = ACTIVATION_BYTES[work.weights]
+    rows = work.tokens / batch_shards(ffn, mesh)
+    return [Collective("reduce-scatter", "xyz", rows * cfg.d_model * a, "embedding lookup"),
+            Collective("all-gather", "xyz", rows * cfg.d_model * a, "unembedding input")]
+
+
+def collective_seconds(c: Collective, mesh: Mesh, hw: HardwareProfile,
+                       options: CostOptions) -> tuple[float, float]:
+    """(bandwidth time, latency) of one collective.
+
+    All-gather / reduce-scatter over K chips: D/bw * (K-1)/K (the paper's model: a chip's
+    links are all usable). All-to-all on a torus: with uniform traffic a byte travels on
+    average k/4 hops along each of the d dimensions of a k^d group, and each dimension has
+    2 of the 2d links, so the time is D * d * k / (4 bw) (3D/bw for 4x4x4); on a switch it
+    is D/bw * (K-1)/K. Latency: a fixed launch cost plus one step per neighbour exchange.
+    """
+    k = mesh.size(c.axes)
+    if k <= 1:
+        return 0.0, 0.0
+    bw = hw.ici_bandwidth * hw.ici_efficiency
+    ring = (k - 1) / k if options.ring_correction else 1.0
+    if c.kind == "all-to-all" and hw.torus_dims:
+        d = hw.torus_dims
+        factor = max(ring, d * k ** (1 / d) / 4)
+    else:
+        factor = ring
+    latency = hw.collective_latency_s + hw.collective_step_latency_s * mesh.ring_steps(c.axes)
+    return c.bytes_per_chip * factor / bw, latency
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, FLOPs and bytes
+
+
+def _layer_weight_elems(cfg: TransformerConfig, heads: int) -> int:
+    """Weights of one layer with `heads` query heads (padded heads are real weights)."""
+    e, d, k = cfg.d_model, cfg.d_head, cfg.n_kv_heads
+    return 2 * e * heads * d + 2 * e * k * d + cfg.ffn_params_per_layer()
+
+
+def _embedding_elems(cfg: TransformerConfig) -> int:
+    return cfg.n_params() - cfg.n_layers * cfg.layer_params()
+
+
+def attention_flops(cfg: TransformerConfig, work: Workload, heads: int) -> float:
+    """QK^T and AV: 4 * B * L * S * H * D per layer. Prefill computes the full L x L scores
+    with a causal mask (as an XLA einsum does), so S = L; decode attends over `context`."""
+    return 4.0 * work.tokens * work.context * heads * cfg.d_head * cfg.n_layers
+
+
+def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str,
+                                attention: str) -> float:
+    """KV cache bytes on one chip per token of context, for this batch and layout.
+
+    Over batch: ceil(B/n) sequences with all K heads. Over heads: the sequences of this chip's
+    batch group with ceil(K / head shards) KV heads; multiquery keeps the whole K/V on every
+    chip, which is why decode prefers the batch layout (Pope et al. Sec. 3.3)."""
+    per_head = 2 * cfg.n_layers * cfg.d_head * ACTIVATION_BYTES[work.weights]
+    if attention == "batch":
+        return per_head * cfg.n_kv_heads * -(-work.batch // mesh.n)
+    groups = batch_shards(ffn, mesh)
+    shards = mesh.n // groups
+    return per_head * -(-cfg.n_kv_heads // shards) * -(-work.batch // groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Workload,
+             ffn: str, attention: str, options: CostOptions | None = None,
+             kv_memory_fraction: float = 0.3) -> CandidateCost:
+    """Cost one forward step of `cfg` under one layout. Raises LayoutNotApplicable."""
+    options = options or CostOptions()
+    check_layout(cfg, mesh, work, ffn, attention, options)
+    n = mesh.n
+    notes: list[str] = []
+    heads = padded_heads(cfg, head_shards(ffn, attention, mesh), options)
+    if heads != cfg.n_heads:
+        notes.append(f"{cfg.n_heads} heads padded to {heads}")
+    wbytes = WEIGHT_BYTES[work.weights]
+
+    # ---- compute: every matmul split evenly over the chips
+    layer_elems = _layer_weight_elems(cfg, heads)
+    emb_elems = _embedding_elems(cfg)
+    matmul_flops = 2.0 * work.tokens * (cfg.n_layers * layer_elems + emb_elems)
+    att_flops = attention_flops(cfg, work, heads)
+    hardware_flops = matmul_flops + att_flops
+    peak = hw.peak_flops(work.weights)
+    compute_s = hardware_flops / n / (peak * hw.matmul_efficiency)
+
+    # ---- memory traffic: weights this chip multiplies with, and its KV cache
+    gathered = batch_shards(ffn, mesh)  # N for weight-gathered, 1 for weight-stationary
+    weight_bytes = (cfg.n_layers * layer_elems + emb_elems) * wbytes / n
+    streamed = (cfg.n_layers * layer_elems * gathered + emb_elems) * wbytes / n
+    hbm = hw.hbm_bandwidth * hw.hbm_efficiency
+    weight_load_s = streamed / hbm
+    kv_per_token = kv_bytes_per_chip_per_token(cfg, mesh, work, ffn, attention)
+    kv_bytes = kv_per_token * work.context
+    kv_load_s = kv_bytes / hbm
+    memory_s = weight_load_s + kv_load_s
+    # Roofline: the shorter of compute and memory is hidden behind the longer only partly.
+    roofline_s = (max(compute_s, memory_s)
+                  + (1 - hw.compute_memory_overlap) * min(compute_s, memory_s))
+
+    # ---- communication
+    per_layer = layer_collectives(cfg, mesh, work, ffn, attention, heads)
+    per_step = step_collectives(cfg, mesh, work, ffn)
+    act_bw = weight_bw = latency = comm_bytes = 0.0
+    for coll, times in ((per_layer, cfg.n_layers), (per_step, 1)):
+        for c in coll:
+            bw_s, lat_s = collective_seconds(c, mesh, hw, options)
+            if c.weights:
+                weight_bw += bw_s * times
+            else:
+                act_bw += bw_s * times
+            latency += lat_s * times
+            if mesh.size(c.axes) > 1:
+                comm_bytes += c.bytes_per_chip * times
+    hidden_weights = min(weight_bw, roofline_s) if options.prefetch_weight_gathers else 0.0
+    comm_s = (act_bw * (1 - options.activation_comm_overlap) + weight_bw - hidden_weights
+              + latency)
+    comm_total_s = act_bw + weight_bw + latency
+
+    step_s = roofline_s + comm_s + hw.step_overhead_s
+
+    # ---- memory capacity
+    gathered_buffer = layer_elems * wbytes * gathered / n if ffn.startswith("wg") else 0.0
+    memory = weight_bytes + gathered_buffer + kv_bytes
+    fits = memory <= hw.hbm_bytes
+    kv_budget = min(kv_memory_fraction * hw.hbm_bytes,
+                    hw.hbm_bytes - weight_bytes - gathered_buffer)
+    max_context = int(max(0.0, kv_budget) // kv_per_token) if kv_per_token else 0
+    if not fits:
+        notes.append(f"needs {memory / 2**30:.1f} GiB per chip, has {hw.hbm_bytes / 2**30:.1f}")
+
+    model_flops = 2.0 * cfg.n_params() * work.tokens
+    if options.attention_flops_in_mfu:
+        model_flops += attention_flops(cfg, work, cfg.n_heads)
+    mfu = model_flops / (n * peak * step_s)
+    return CandidateCost(
+        ffn_layout=ffn, attention_layout=attention, mesh=mesh, step_s=step_s,
+        compute_s=compute_s, weight_load_s=weight_load_s, kv_load_s=kv_load_s, comm_s=comm_s,
+        comm_total_s=comm_total_s, overhead_s=hw.step_overhead_s,
+        weight_bytes_per_chip=weight_bytes, gathered_weight_bytes_per_chip=gathered_buffer,
+        kv_cache_bytes_per_chip=kv_bytes, memory_bytes_per_chip=memory, fits=fits,
+        max_context=max_context, mfu=mfu, model_flops=model_flops,
+        hardware_flops=hardware_flops, cost_per_token=n * step_s / work.tokens,
+        padded_heads=heads, collectives_per_layer=sum(mesh.size(c.axes) > 1 for c in per_layer),
+        comm_bytes_per_chip=comm_bytes, bound="compute" if compute_s >= memory_s else "memory",
+        notes=notes)
+
+
+def ffn_comm_seconds(layout: str, batch_tokens: float, d_model: float, d_ff: float,
+                     mesh: Mesh, bandwidth: float, ring_correction: bool = False,
+                     n_matrices: int = 2) -> float:
+    """Bandwidth time of one FFN block's collectives in a layout: the closed forms of Sec. 3.2.
+
+    Elements are counted as bytes (multiply `batch_tokens` by the element size if needed).
+    With `ring_correction=False`:
+
+    - ws-1d: 2BLE/bw
+    - ws-2d: (2BL/bw)(E/X + F/YZ)             # optimum X = sqrt(nE/F), 8BLE/(sqrt(n) bw)
+    - wg-*:  2EFN/(n bw) + 2BLE/(N bw)         # optimum N = sqrt(BLn/F)
+
+        >>> ffn_comm_seconds("ws-2d", 1, 1, 4, Mesh(4, 4, 4), 1.0) * 8 / 8  # 8/sqrt(64)
+        1.0
+    """
+    n = mesh.n
+
+    def ring(k: int) -> float:
+        return (k - 1) / k if ring_correction else 1.0
+
+    t, e, f = batch_tokens, d_model, d_ff
+    if layout == "ws-1d":
+        return 2 * t * e * ring(n) / bandwidth
+    if layout == "ws-2d":
+        yz = mesh.size("yz")
+        return (2 * t * e / mesh.x * ring(yz) + 2 * t * f / yz * ring(mesh.x)) / bandwidth
+    gathered_axes, rest = _wg_axes(layout)
+    big_n = mesh.size(gathered_axes)
+    weights = n_matrices * e * f * big_n / n * ring(big_n)
+    if ring_correction and not rest:
+        acts = 0.0
+    else:
+        acts = 2 * t * e / big_n * ring(n // big_n)
+    return (weights + acts) / bandwidth
