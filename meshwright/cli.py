@@ -77,6 +77,123 @@ def _run_inspect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# meshwright plan --model NAME --hardware HW --chips N --batch B --context L --phase P
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="palm-540b", help="model preset (default: %(default)s)")
+    p.add_argument("--hardware", default="tpu-v4", help="hardware profile (default: %(default)s)")
+    p.add_argument("--chips", type=int, default=64, help="number of chips (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step (default: %(default)s)")
+    p.add_argument("--context", type=int, default=2048,
+                   help="prompt tokens (prefill) / KV length (decode) (default: %(default)s)")
+    p.add_argument("--phase", choices=("prefill", "decode"), default="decode")
+    p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default="bf16")
+    p.add_argument("--gen-tokens", type=int, default=64,
+                   help="decode steps counted in latency_seconds (default: %(default)s)")
+    p.add_argument("--force-ffn", metavar="LAYOUT",
+                   help="pin the FFN layout: ws-1d, ws-2d, wg-x, wg-xy, wg-xyz")
+    p.add_argument("--force-attention", metavar="LAYOUT", help="pin attention: heads or batch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set n_kv_heads=48 (repeatable)")
+    p.add_argument("--kv-memory-fraction", type=float, default=0.3,
+                   help="share of memory the KV cache may use for max_context "
+                        "(default: %(default)s)")
+
+
+@_command("plan", "choose mesh, FFN and attention layouts with the analytical cost model")
+def _run_plan(args) -> int:
+    from meshwright.passes.planner import plan
+
+    result = plan(args.model, hardware=args.hardware, chips=args.chips, batch=args.batch,
+                  context=args.context, phase=args.phase, weights=args.weights,
+                  gen_tokens=args.gen_tokens, force_ffn=args.force_ffn,
+                  force_attention=args.force_attention,
+                  kv_memory_fraction=args.kv_memory_fraction, overrides=args.set)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(result.explain())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# meshwright frontier --model NAME --hardware HW --png FILE
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _add_frontier_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="palm-540b", help="model preset (default: %(default)s)")
+    p.add_argument("--hardware", default="tpu-v4", help="hardware profile (default: %(default)s)")
+    p.add_argument("--chips", type=_int_list, default=None,
+                   help="comma-separated chip counts (default: 8,16,...,256 within the slice)")
+    p.add_argument("--batches", type=_int_list, default=None,
+                   help="comma-separated batch sizes (default: 1,2,4,...,1024)")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--phases", default="prefill,decode", help="default: %(default)s")
+    p.add_argument("--weights", default="bf16,int8", help="weight formats (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--png", metavar="FILE", help="draw the Pareto frontiers to this PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_command("frontier", "sweep batch x chips x layouts x weights; latency-vs-MFU Pareto frontier")
+def _run_frontier(args) -> int:
+    from meshwright.passes.frontier import sweep
+
+    result = sweep(args.model, hardware=args.hardware, chips=args.chips, batches=args.batches,
+                   context=args.context,
+                   phases=tuple(args.phases.split(",")), weights=tuple(args.weights.split(",")),
+                   overrides=args.set, progress=not (args.no_progress or args.json))
+    if args.png:
+        result.plot(args.png)
+    if args.json:
+        out = result.to_dict()
+        if args.png:
+            out["png"] = args.png
+        _print_json(out)
+    else:
+        print(result.format())
+        if args.png:
+            print(f"\nwrote {args.png}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# meshwright calibrate
+
+
+def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=int, default=8,
+                   help="simulated devices to measure with (default: %(default)s)")
+    p.add_argument("--output", metavar="FILE",
+                   help="where to save the profile (default: $MESHWRIGHT_CACHE/cpu.json or "
+                        "~/.cache/meshwright/cpu.json)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
+    p.add_argument("--no-save", action="store_true", help="measure and print, save nothing")
+
+
+@_command("calibrate", "measure this machine's matmul, memory and collective rates; save a profile")
+def _run_calibrate(args) -> int:
+    from meshwright.passes.calibrate import calibrate, format_report
+
+    report = calibrate(devices=args.devices, output=args.output, quick=args.quick,
+                       save=not args.no_save)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

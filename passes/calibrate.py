@@ -1,0 +1,185 @@
+"""Measure this machine and save a `cpu` hardware profile (`meshwright calibrate`).
+
+Runs on `devices` simulated XLA host devices (default 8), the mesh meshwright's tests and demo
+use. XLA reads `--xla_force_host_platform_device_count` only when jax initialises, so if jax is
+already up with fewer devices the measurement runs in a fresh subprocess
+(`python -m meshwright.passes.calibrate`).
+
+Measured, all per simulated device while all devices work at once:
+
+- matmul FLOP/s: a jitted float32 matmul on every device (shard_map);
+- memory bandwidth: a jitted elementwise pass over a large array (read + write);
+- collectives: all-gather and psum over all devices with small to large payloads; a least-
+  squares fit of time = latency + bytes * (K-1)/K / bandwidth gives latency and bandwidth.
+
+Takes ~10-20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile, calibrated_profile_path
+
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _env_with_devices(devices: int) -> dict:
+    env = dict(os.environ)
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_FLAG))
+    env["XLA_FLAGS"] = f"{flags} {_FLAG}={devices}".strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def calibrate(devices: int = 8, output: str | None = None, quick: bool = False,
+              save: bool = True) -> dict:
+    """Measure, build the profile, save it (unless `save=False`); return the report dict."""
+    if devices < 2:
+        raise ValueError(f"calibrate needs at least 2 devices for collectives, got {devices}")
+    if "jax" not in sys.modules:
+        os.environ.update(_env_with_devices(devices))
+    import jax
+
+    if jax.device_count() == devices and jax.default_backend() == "cpu":
+        measured = measure(devices, quick=quick)
+    else:  # jax already initialised differently: measure in a fresh process
+        cmd = [sys.executable, "-m", "meshwright.passes.calibrate", str(devices)]
+        if quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, env=_env_with_devices(devices), capture_output=True,
+                              text=True, timeout=300, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"calibration subprocess failed:\n{proc.stderr[-2000:]}")
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    profile = profile_from_measurements(measured)
+    report = {"profile": profile.to_dict(), "measured": measured, "saved": None}
+    if save:
+        path = Path(output) if output else calibrated_profile_path("cpu")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report["saved"] = str(path)
+        path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def profile_from_measurements(m: dict) -> HardwareProfile:
+    """A `cpu` profile from measured rates (efficiencies are 1: the rates are achieved ones)."""
+    return CPU_DEFAULT.replace(
+        peak_flops_bf16=m["matmul_flops_per_device"],
+        peak_flops_int8=m["matmul_flops_per_device"],
+        peak_flops_fp32=m["matmul_flops_per_device"],
+        hbm_bytes=m["memory_bytes_per_device"],
+        hbm_bandwidth=m["memory_bandwidth_per_device"],
+        ici_bandwidth=m["collective_bandwidth"],
+        collective_latency_s=m["collective_latency_s"],
+        collective_step_latency_s=0.0,
+        step_overhead_s=m["dispatch_s"],
+        max_chips=m["devices"],
+        source=f"measured by `meshwright calibrate` on {m['devices']} simulated devices, "
+               f"{m['host_cpus']} CPUs, {time.strftime('%Y-%m-%d', time.gmtime(m['time']))}",
+    )
+
+
+def _best_time(fn, *args, reps: int) -> float:
+    fn(*args).block_until_ready()  # compile and warm up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(devices: int, quick: bool = False) -> dict:
+    """Run the micro-benchmarks on the current jax (which must have `devices` CPU devices)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    reps = 3 if quick else 7
+    mesh = jax.make_mesh((devices,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, P("d"))
+
+    def on_mesh(f, in_specs, out_specs):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                     check_vma=False))
+
+    # Dispatch: a trivial jitted step.
+    tiny = jax.jit(lambda x: x + 1)
+    dispatch = _best_time(tiny, jnp.ones(()), reps=reps * 3)
+
+    # Matmul: every device multiplies its own n x n float32 matrices.
+    n = 256 if quick else 512
+    a = jax.device_put(jnp.ones((devices * n, n), jnp.float32), shard)
+    mm = on_mesh(lambda x: x @ x, P("d"), P("d"))  # (n, n) per device
+    t = _best_time(mm, a, reps=reps)
+    matmul_flops = 2 * n**3 / t  # per device: all devices finish their n^3 in t
+
+    # Memory: read and write a large array on every device.
+    elems = (2 if quick else 8) * 2**20  # float32 per device: 8 or 32 MiB
+    big = jax.device_put(jnp.ones((devices * elems,), jnp.float32), shard)
+    stream = on_mesh(lambda x: x * 1.0001 + 1.0, P("d"), P("d"))
+    t = _best_time(stream, big, reps=reps)
+    mem_bw = 2 * 4 * elems / t  # bytes read + written per device per second
+
+    # Collectives: all-gather and psum with growing payloads.
+    sizes = [2**8, 2**12, 2**16] + ([2**18] if quick else [2**18, 2**20])  # float32 per device
+    rows = []
+    for size in sizes:
+        x = jax.device_put(jnp.ones((devices * size,), jnp.float32), shard)
+        ag = on_mesh(lambda v: jax.lax.all_gather(v, "d", tiled=True), P("d"), P())
+        ps = on_mesh(lambda v: jax.lax.psum(v, "d"), P("d"), P("d"))
+        t_ag = _best_time(ag, x, reps=reps)
+        t_ps = _best_time(ps, x, reps=reps)
+        rows.append({"floats_per_device": size, "all_gather_s": t_ag, "psum_s": t_ps,
+                     # all-gather output per device, times (K-1)/K: the model's bytes
+                     "model_bytes": 4 * size * devices * (devices - 1) / devices})
+    # Least squares t = latency + bytes / bw on the all-gathers.
+    xs = np.array([r["model_bytes"] for r in rows])
+    ts = np.array([r["all_gather_s"] for r in rows])
+    slope, intercept = np.polyfit(xs, ts, 1)
+    latency = max(float(intercept), float(ts.min()) * 0.5, 1e-7)
+    bandwidth = 1.0 / slope if slope > 0 else float(xs.max() / ts.max())
+
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "devices": devices, "host_cpus": os.cpu_count(), "time": time.time(),
+        "matmul_size": n, "matmul_flops_per_device": matmul_flops,
+        "memory_bandwidth_per_device": mem_bw, "memory_bytes_per_device": total_ram / devices,
+        "collective_bandwidth": float(bandwidth), "collective_latency_s": latency,
+        "dispatch_s": dispatch, "collectives": rows,
+    }
+
+
+def format_report(report: dict) -> str:
+    m, p = report["measured"], report["profile"]
+    gflops = m["matmul_flops_per_device"] / 1e9
+    lines = [(f"calibrated {m['devices']} simulated devices on {m['host_cpus']} CPUs "
+             f"(rates per device, all devices busy)"),
+             f"  matmul (f32 {m['matmul_size']}^3)   {gflops:10.2f} GFLOP/s",
+             f"  memory bandwidth          {m['memory_bandwidth_per_device'] / 1e9:10.2f} GB/s",
+             f"  collective bandwidth      {m['collective_bandwidth'] / 1e9:10.2f} GB/s",
+             f"  collective latency        {m['collective_latency_s'] * 1e6:10.1f} us",
+             f"  dispatch per step         {m['dispatch_s'] * 1e6:10.1f} us",
+             "",
+             f"  {'floats/device':>14} {'all-gather ms':>14} {'psum ms':>10}"]
+    for r in m["collectives"]:
+        lines.append(f"  {r['floats_per_device']:>14} {r['all_gather_s'] * 1e3:14.3f} "
+                     f"{r['psum_s'] * 1e3:10.3f}")
+    lines.append("")
+    lines.append(f"profile {p['name']!r}: " + (f"saved to {report['saved']}" if report["saved"]
+                                                else "not saved"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the subprocess of `calibrate`: print the measurements as JSON
+    args = sys.argv[1:]
+    result = measure(int(args[0]) if args else 8, quick="--quick" in args)
+    sys.stdout.write(json.dumps(result) + "\n")
