@@ -243,10 +243,14 @@ def check_layout(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str, a
         raise ValueError(
             f"unknown attention layout {attention!r}; known: {', '.join(ATTENTION_LAYOUTS)}")
     n = mesh.n
+    if ffn == "ws-2d" and mesh.x == 1 and n > 1:
+        raise LayoutNotApplicable("ws-2d with X = 1 is ws-1d")
     if ffn.startswith("wg"):
         gathered = mesh.size(_wg_axes(ffn)[0])
         if gathered < 2:
             raise LayoutNotApplicable(f"{ffn} gathers over {gathered} chip: same as ws-2d")
+        if ffn != "wg-xyz" and gathered == n:
+            raise LayoutNotApplicable(f"{ffn} gathers over all {n} chips: same as wg-xyz")
         if work.batch < gathered:
             raise LayoutNotApplicable(
                 f"{ffn} splits the batch over {gathered} chips but batch is {work.batch}")

@@ -150,7 +150,7 @@ class Plan:
             lines.append(f"note: {note}")
         lines.append("")
         rows = [b] + self.runners_up()
-        header = (f"{'':2}{'ffn/attention':16}{'mesh':>9}{'step ms':>11}{'vs best':>9}"
+        header = (f"{'':2}{'ffn/attention':16}{'mesh':>9}{'step ms':>11}{'vs best':>10}"
                   f"{'MFU':>7}{'compute':>10}{'weights':>10}{'kv':>9}{'comm':>10}"
                   f"{'GiB/chip':>10}  fits")
         lines.append(header)
@@ -159,7 +159,7 @@ class Plan:
             mark = "* " if c is b else "  "
             lines.append(
                 f"{mark}{c.ffn_layout + '/' + c.attention_layout:16}{c.mesh!s:>9}"
-                f"{c.step_s * 1e3:11.4g}{c.step_s / b.step_s - 1:+9.1%}{c.mfu:7.1%}"
+                f"{c.step_s * 1e3:11.4g}{c.step_s / b.step_s - 1:+10.1%}{c.mfu:7.1%}"
                 f"{c.compute_s * 1e3:10.4g}{c.weight_load_s * 1e3:10.4g}"
                 f"{c.kv_load_s * 1e3:9.3g}{c.comm_s * 1e3:10.4g}"
                 f"{c.memory_bytes_per_chip / 2**30:10.2f}  {'yes' if c.fits else 'no'}")
