@@ -87,7 +87,7 @@ class TransformerConfig:
         """Bytes of K and V cache for one token of one sequence, over all layers."""
         return 2 * self.n_layers * self.n_kv_heads * self.d_head * bytes_per_element
 
-    def replace(self, **changes) -> "TransformerConfig":
+    def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed; unknown field names are an error that lists the known."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
@@ -95,7 +95,7 @@ class TransformerConfig:
             raise KeyError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
-    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "TransformerConfig":
+    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> TransformerConfig:
         """Apply `key=value` strings (the CLI's `--set`), converting to each field's type."""
         changes = {}
         types = {f.name: f.type for f in dataclasses.fields(self)}

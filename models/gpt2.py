@@ -1,0 +1,182 @@
+"""GPT-2 in plain JAX, matmul style (`x @ w`), with parameter names as in Hugging Face's GPT-2.
+
+Serial pre-norm blocks; multi-head attention with ONE fused QKV weight `c_attn` (E, 3·H·D) that is
+split and reshaped into heads; LayerNorm (with bias when `config.bias`); GELU (tanh
+approximation); learned position embeddings; biases on projections (when `config.bias`); the
+unembedding is the transposed token embedding. GPT-2 is multi-head only: n_kv_heads == n_heads.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from meshwright.models import build, get_config
+    >>> model = build(get_config("gpt2-tiny"))
+    >>> params = model.init_params(jax.random.PRNGKey(0))
+    >>> tokens = jnp.zeros((2, 8), jnp.int32)
+    >>> logits, cache = model.prefill(params, tokens, model.init_cache(2))
+    >>> logits.shape, cache["k"].shape
+    ((2, 8, 256), (2, 2, 128, 4, 16))
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from meshwright.models.common import (
+    check_decode,
+    check_family,
+    check_prompt,
+    layers_for,
+    normals,
+    run_layers,
+)
+from meshwright.models.config import TransformerConfig
+
+
+def validate(config: TransformerConfig) -> None:
+    """Raise a ValueError unless `config` describes a GPT-2-style architecture."""
+    check_family(config, "gpt2", parallel_block=False, norm="layernorm", activation="gelu",
+                 positions="learned", tie_embeddings=True)
+    if config.n_kv_heads != config.n_heads:
+        raise ValueError(
+            f"config {config.name!r}: the gpt2 reference model is multi-head attention, so "
+            f"n_kv_heads ({config.n_kv_heads}) must equal n_heads ({config.n_heads}); use "
+            "family 'llama' for grouped-query or 'palm' for multiquery attention")
+
+
+def init_params(config: TransformerConfig, key: jax.Array) -> dict:
+    """Token/position embeddings, stacked blocks (unstacked unless scan_layers), final LayerNorm."""
+    N, E, F, V = config.n_layers, config.d_model, config.d_ff, config.vocab_size
+    HD = config.n_heads * config.d_head
+    dtype = jnp.dtype(config.dtype)
+    w = normals(key, {"wte": (V, E), "wpe": (config.max_len, E), "c_attn": (N, E, 3 * HD),
+                      "attn_proj": (N, HD, E), "c_fc": (N, E, F), "mlp_proj": (N, F, E)}, dtype)
+
+    def linear(weight):  # (N, fan_in, fan_out)
+        p = {"w": weight}
+        if config.bias:
+            p["b"] = jnp.zeros((N, weight.shape[-1]), dtype)
+        return p
+
+    def layer_norm(*lead):
+        p = {"scale": jnp.ones((*lead, E), dtype)}
+        if config.bias:
+            p["bias"] = jnp.zeros((*lead, E), dtype)
+        return p
+
+    layers = {
+        "ln_1": layer_norm(N),
+        "attn": {"c_attn": linear(w["c_attn"]), "c_proj": linear(w["attn_proj"])},
+        "ln_2": layer_norm(N),
+        "mlp": {"c_fc": linear(w["c_fc"]), "c_proj": linear(w["mlp_proj"])},
+    }
+    return {
+        "wte": w["wte"],
+        "wpe": w["wpe"],
+        "layers": layers_for(config, layers),
+        "ln_f": layer_norm(),
+    }
+
+
+def _linear(p: dict, x: jax.Array) -> jax.Array:
+    y = x @ p["w"]
+    return y + p["b"] if "b" in p else y
+
+
+def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)  # (B, T, 1)
+    var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)  # (B, T, 1)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * p["scale"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """q (B, T, H, D), k/v (B, S, H, D), visible bool broadcastable to (B, H, T, S)."""
+    B, T, H, D = q.shape
+    q = q.transpose(0, 2, 1, 3)  # (B, H, T, D)
+    k = k.transpose(0, 2, 3, 1)  # (B, H, D, S)
+    v = v.transpose(0, 2, 1, 3)  # (B, H, S, D)
+    att = (q @ k) * (1.0 / math.sqrt(D))  # (B, H, T, S)
+    att = jnp.where(visible, att.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    att = jax.nn.softmax(att, axis=-1).astype(q.dtype)  # (B, H, T, S)
+    y = att @ v  # (B, H, T, D)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D)
+
+
+def _block(config: TransformerConfig, p: dict, x: jax.Array, attend):
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)). `attend(q, k, v) -> (y, layer_cache)`."""
+    B, T, _ = x.shape
+    H, D = config.n_heads, config.d_head
+    qkv = _linear(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x, config.norm_eps))  # (B, T, 3HD)
+    q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x (B, T, H*D)
+    q = q.reshape(B, T, H, D)  # (B, T, H, D)
+    k = k.reshape(B, T, H, D)  # (B, T, H, D)
+    v = v.reshape(B, T, H, D)  # (B, T, H, D)
+    y, layer_cache = attend(q, k, v)  # (B, T, H*D)
+    x = x + _linear(p["attn"]["c_proj"], y)  # (B, T, E)
+    h = _linear(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x, config.norm_eps))  # (B, T, F)
+    h = jax.nn.gelu(h, approximate=True)  # (B, T, F)
+    x = x + _linear(p["mlp"]["c_proj"], h)  # (B, T, E)
+    return x, layer_cache
+
+
+def _unembed(config: TransformerConfig, params: dict, x: jax.Array) -> jax.Array:
+    x = _layer_norm(params["ln_f"], x, config.norm_eps)  # (B, T, E)
+    return x @ params["wte"].T  # (B, T, V)
+
+
+def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
+                    cache: dict | None) -> tuple[jax.Array, dict | None]:
+    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache."""
+    check_prompt(config, tokens)
+    T = tokens.shape[1]
+    x = params["wte"][tokens] + params["wpe"][:T]  # (B, T, E)
+    visible = jnp.tril(jnp.ones((T, T), bool))  # (T, S=T): causal
+
+    def layer(p, x, layer_cache):
+        def attend(q, k, v):
+            written = layer_cache
+            if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
+                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, H, D)
+                written = {"k": jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
+                           "v": jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))}
+            return _attend(q, k, v, visible), written
+
+        return _block(config, p, x, attend)
+
+    x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
+    return _unembed(config, params, x), cache
+
+
+def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """Full-sequence causal logits (B, T, V) for tokens (B, T), without a cache."""
+    return _prompt_forward(config, params, tokens, None)[0]
+
+
+def prefill(config: TransformerConfig, params: dict, tokens: jax.Array,
+            cache: dict) -> tuple[jax.Array, dict]:
+    """Logits (B, T, V) for the prompt tokens (B, T) and the cache with slots 0..T-1 written."""
+    return _prompt_forward(config, params, tokens, cache)
+
+
+def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
+                positions: jax.Array) -> tuple[jax.Array, dict]:
+    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]."""
+    check_decode(tokens, positions)
+    S = cache["k"].shape[2]
+    x = params["wte"][tokens] + params["wpe"][positions]  # (B, E)
+    x = x[:, None, :]  # (B, 1, E)
+    key_index = jnp.arange(S)[None, :]  # (1, S)
+    here = (key_index == positions[:, None])[:, :, None, None]  # (B, S, 1, 1): the write slot
+    visible = (key_index <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def layer(p, x, layer_cache):
+        def attend(q, k, v):
+            k_all = jnp.where(here, k.astype(layer_cache["k"].dtype), layer_cache["k"])  # (B,S,H,D)
+            v_all = jnp.where(here, v.astype(layer_cache["v"].dtype), layer_cache["v"])  # (B,S,H,D)
+            return _attend(q, k_all, v_all, visible), {"k": k_all, "v": v_all}
+
+        return _block(config, p, x, attend)
+
+    x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
+    return _unembed(config, params, x)[:, 0, :], cache  # (B, V)

@@ -1,0 +1,179 @@
+"""Llama in plain JAX, `jnp.dot`/`jnp.matmul` style with explicit reshapes and transposes.
+
+Serial pre-norm blocks; grouped-query attention (K kv heads expanded to the H query heads with
+`jnp.repeat`; K == H is multi-head, K == 1 multiquery); RMSNorm; SwiGLU feed-forward (w1 gate, w3
+up, w2 down); rotary position embeddings on interleaved pairs (as Meta's reference code) with
+base `config.rope_theta`; no biases; a separate, untied output matrix. Parameter names follow
+Meta's checkpoints. Decode writes each row's K/V with a vmapped `dynamic_update_slice` (a
+`scatter` in the jaxpr), unlike gpt2/palm, which use a `where` over the slots.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from meshwright.models import build, get_config
+    >>> model = build(get_config("llama-tiny"))
+    >>> params = model.init_params(jax.random.PRNGKey(0))
+    >>> logits, cache = model.prefill(params, jnp.zeros((2, 8), jnp.int32), model.init_cache(2))
+    >>> logits.shape, cache["k"].shape  # two kv heads for eight query heads
+    ((2, 8, 256), (2, 2, 128, 2, 8))
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from meshwright.models.common import (
+    check_decode,
+    check_family,
+    check_prompt,
+    layers_for,
+    normals,
+    run_layers,
+)
+from meshwright.models.config import TransformerConfig
+
+
+def validate(config: TransformerConfig) -> None:
+    """Raise a ValueError unless `config` describes a Llama-style architecture."""
+    check_family(config, "llama", parallel_block=False, norm="rmsnorm", activation="swiglu",
+                 positions="rope", bias=False, tie_embeddings=False)
+
+
+def init_params(config: TransformerConfig, key: jax.Array) -> dict:
+    """Token embedding, stacked blocks (unstacked unless scan_layers), final norm, output."""
+    N, E, F, V = config.n_layers, config.d_model, config.d_ff, config.vocab_size
+    HD, KD = config.n_heads * config.d_head, config.n_kv_heads * config.d_head
+    dtype = jnp.dtype(config.dtype)
+    w = normals(key, {"tok_embeddings": (V, E), "output": (E, V), "wq": (N, E, HD),
+                      "wk": (N, E, KD), "wv": (N, E, KD), "wo": (N, HD, E), "w1": (N, E, F),
+                      "w3": (N, E, F), "w2": (N, F, E)}, dtype)
+    layers = {
+        "attention_norm": jnp.ones((N, E), dtype),
+        "wq": w["wq"], "wk": w["wk"], "wv": w["wv"], "wo": w["wo"],
+        "ffn_norm": jnp.ones((N, E), dtype),
+        "w1": w["w1"], "w3": w["w3"], "w2": w["w2"],
+    }
+    return {"tok_embeddings": w["tok_embeddings"],
+            "layers": layers_for(config, layers),
+            "norm": jnp.ones((E,), dtype),
+            "output": w["output"]}
+
+
+def _rms_norm(scale: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (B, T, 1)
+    return (x32 * inv_rms).astype(x.dtype) * scale
+
+
+def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """RoPE on interleaved pairs (x[2i], x[2i+1]). x (B, T, N, D), positions (B, T) or (1, T)."""
+    B, T, N, D = x.shape
+    inv_freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # (B, T, D/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, D/2)
+    sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, D/2)
+    pairs = x.astype(jnp.float32).reshape(B, T, N, D // 2, 2)  # (B, T, N, D/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # 2 x (B, T, N, D/2)
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(B, T, N, D).astype(x.dtype)  # (B, T, N, D)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """q (B, T, H, D), k/v (B, S, K, D), visible bool broadcastable to (B, H, T, S)."""
+    B, T, H, D = q.shape
+    groups = H // k.shape[2]
+    k = jnp.repeat(k, groups, axis=2)  # (B, S, H, D): kv head j serves query heads j*G..j*G+G-1
+    v = jnp.repeat(v, groups, axis=2)  # (B, S, H, D)
+    q = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, D)
+    k = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, S)
+    v = jnp.transpose(v, (0, 2, 1, 3))  # (B, H, S, D)
+    scores = jnp.matmul(q, k) / math.sqrt(D)  # (B, H, T, S)
+    scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, H, T, S)
+    out = jnp.matmul(probs, v)  # (B, H, T, D)
+    return jnp.transpose(out, (0, 2, 1, 3)).reshape(B, T, H * D)  # (B, T, H*D)
+
+
+def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Array, attend):
+    """h = x + attn(norm(x)); h + ffn(norm(h)). `attend(q, k, v) -> (out, layer_cache)`."""
+    B, T, _ = x.shape
+    H, K, D = config.n_heads, config.n_kv_heads, config.d_head
+    h = _rms_norm(p["attention_norm"], x, config.norm_eps)  # (B, T, E)
+    q = jnp.dot(h, p["wq"]).reshape(B, T, H, D)  # (B, T, H, D)
+    k = jnp.dot(h, p["wk"]).reshape(B, T, K, D)  # (B, T, K, D)
+    v = jnp.dot(h, p["wv"]).reshape(B, T, K, D)  # (B, T, K, D)
+    q = _rope(q, positions, config.rope_theta)  # (B, T, H, D)
+    k = _rope(k, positions, config.rope_theta)  # (B, T, K, D)
+    out, layer_cache = attend(q, k, v)  # (B, T, H*D)
+    x = x + jnp.dot(out, p["wo"])  # (B, T, E)
+    h = _rms_norm(p["ffn_norm"], x, config.norm_eps)  # (B, T, E)
+    hidden = jax.nn.silu(jnp.dot(h, p["w1"])) * jnp.dot(h, p["w3"])  # (B, T, F)
+    x = x + jnp.dot(hidden, p["w2"])  # (B, T, E)
+    return x, layer_cache
+
+
+def _unembed(config: TransformerConfig, params: dict, x: jax.Array) -> jax.Array:
+    x = _rms_norm(params["norm"], x, config.norm_eps)  # (B, T, E)
+    return jnp.dot(x, params["output"])  # (B, T, V)
+
+
+def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
+                    cache: dict | None) -> tuple[jax.Array, dict | None]:
+    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache."""
+    check_prompt(config, tokens)
+    T = tokens.shape[1]
+    x = params["tok_embeddings"][tokens]  # (B, T, E)
+    positions = jnp.arange(T).reshape(1, T)  # (1, T)
+    visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S=T): causal
+
+    def layer(p, x, layer_cache):
+        def attend(q, k, v):
+            written = layer_cache
+            if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
+                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
+                written = {"k": jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
+                           "v": jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))}
+            return _attend(q, k, v, visible), written
+
+        return _block(config, p, x, positions, attend)
+
+    x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
+    return _unembed(config, params, x), cache
+
+
+def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """Full-sequence causal logits (B, T, V) for tokens (B, T), without a cache."""
+    return _prompt_forward(config, params, tokens, None)[0]
+
+
+def prefill(config: TransformerConfig, params: dict, tokens: jax.Array,
+            cache: dict) -> tuple[jax.Array, dict]:
+    """Logits (B, T, V) for the prompt tokens (B, T) and the cache with slots 0..T-1 written."""
+    return _prompt_forward(config, params, tokens, cache)
+
+
+def _write_row(row: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:
+    """row (S, K, D) <- new (1, K, D) at slot `position`; vmapped over the batch."""
+    return jax.lax.dynamic_update_slice(row, new, (position, 0, 0))
+
+
+def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
+                positions: jax.Array) -> tuple[jax.Array, dict]:
+    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]."""
+    check_decode(tokens, positions)
+    B, S = tokens.shape[0], cache["k"].shape[2]
+    x = params["tok_embeddings"][tokens].reshape(B, 1, -1)  # (B, 1, E)
+    key_index = jnp.arange(S).reshape(1, S)  # (1, S)
+    visible = (key_index <= positions.reshape(B, 1)).reshape(B, 1, 1, S)  # (B, 1, 1, S)
+
+    def layer(p, x, layer_cache):
+        def attend(q, k, v):
+            ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
+            ck = jax.vmap(_write_row)(ck, k.astype(ck.dtype), positions)  # (B, S, K, D)
+            cv = jax.vmap(_write_row)(cv, v.astype(cv.dtype), positions)  # (B, S, K, D)
+            return _attend(q, ck, cv, visible), {"k": ck, "v": cv}
+
+        return _block(config, p, x, positions.reshape(B, 1), attend)
+
+    x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
+    return _unembed(config, params, x).reshape(B, -1), cache  # (B, V)

@@ -1,0 +1,137 @@
+"""`build(config) -> Model`: one reference Transformer per family, behind one small interface.
+
+A `Model` only holds its config; every method is a pure function of arrays, so `model.prefill`
+and `model.decode_step` can be given to `jax.jit`, `jax.make_jaxpr` or `meshwright.trace` as they
+are (the config is bound in the Model, never a traced argument).
+
+    >>> import jax
+    >>> from meshwright.models import build, get_config
+    >>> model = build(get_config("palm-tiny"))
+    >>> params, tokens, cache, positions = model.example_args("decode", batch=2)
+    >>> logits, cache = jax.jit(model.decode_step)(params, tokens, cache, positions)
+    >>> logits.shape
+    (2, 256)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+from meshwright.models import gpt2, llama, palm
+from meshwright.models.config import TransformerConfig, get_config
+
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "palm": palm, "llama": llama}
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder-only Transformer of `config.family`, bound to `config`.
+
+    params = model.init_params(key)
+    cache = model.init_cache(batch)       # {"k", "v"}: (n_layers, batch, max_len, n_kv_heads, d_head)
+    logits, cache = model.prefill(params, tokens, cache)                   # tokens (B, T)
+    logits, cache = model.decode_step(params, tokens, cache, positions)    # tokens, positions (B,)
+    logits = model.logits(params, tokens)                                  # (B, T, vocab)
+    """
+
+    config: TransformerConfig  # the architecture; its `family` picks the implementation
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if cfg.family not in FAMILIES:
+            raise ValueError(f"config {cfg.name!r}: unknown family {cfg.family!r}; "
+                             f"known families: {', '.join(FAMILIES)}")
+        try:
+            jnp.dtype(cfg.dtype)
+        except TypeError:
+            raise ValueError(f"config {cfg.name!r}: dtype {cfg.dtype!r} is not a JAX dtype "
+                             "(e.g. 'float32', 'bfloat16')") from None
+        FAMILIES[cfg.family].validate(cfg)
+
+    @property
+    def _impl(self) -> ModuleType:
+        return FAMILIES[self.config.family]
+
+    def init_params(self, key: jax.Array) -> dict:
+        """Weights N(0, 0.02), norm scales 1, biases 0, in config.dtype; deterministic in `key`.
+
+        params["layers"] is one dict of (n_layers, ...) arrays when config.scan_layers, else a
+        list of per-layer dicts holding the same numbers.
+        """
+        return _init_params(self._impl.init_params, self.config, key)
+
+    def init_cache(self, batch: int) -> dict[str, jax.Array]:
+        """Zero K/V cache: {"k", "v"} each (n_layers, batch, max_len, n_kv_heads, d_head)."""
+        cfg = self.config
+        shape = (cfg.n_layers, batch, cfg.max_len, cfg.n_kv_heads, cfg.d_head)
+        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+    def prefill(self, params: dict, tokens: jax.Array,
+                cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Causal forward over int32 tokens (B, T); writes K/V slots 0..T-1; logits (B, T, V)."""
+        return self._impl.prefill(self.config, params, tokens, cache)
+
+    def decode_step(self, params: dict, tokens: jax.Array, cache: dict[str, jax.Array],
+                    positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One token per row (B,): row b writes slot positions[b] (< max_len) and attends to
+        slots 0..positions[b]. Returns logits (B, V) and the updated cache."""
+        return self._impl.decode_step(self.config, params, tokens, cache, positions)
+
+    def logits(self, params: dict, tokens: jax.Array) -> jax.Array:
+        """Full-sequence causal logits (B, T, V), without a cache."""
+        return self._impl.logits(self.config, params, tokens)
+
+    def fn(self, phase: str) -> Callable:
+        """The plain function of a phase: "prefill" -> self.prefill, "decode" -> self.decode_step."""
+        _check_phase(phase)
+        return self.prefill if phase == "prefill" else self.decode_step
+
+    def example_args(self, phase: str, batch: int = 2, length: int = 8,
+                     key: jax.Array | None = None) -> tuple:
+        """Example inputs for `self.fn(phase)`.
+
+        "prefill": (params, tokens (batch, length), zero cache).
+        "decode": (params, tokens (batch,), random-filled cache, positions (batch,) < max_len);
+        `length` is unused for decode.
+        """
+        _check_phase(phase)
+        cfg = self.config
+        key = jax.random.PRNGKey(0) if key is None else key
+        k_params, k_tokens, k_cache, k_pos = jax.random.split(key, 4)
+        params = self.init_params(k_params)
+        if phase == "prefill":
+            tokens = jax.random.randint(k_tokens, (batch, length), 0, cfg.vocab_size, jnp.int32)
+            return params, tokens, self.init_cache(batch)
+        tokens = jax.random.randint(k_tokens, (batch,), 0, cfg.vocab_size, jnp.int32)
+        shape = (2, cfg.n_layers, batch, cfg.max_len, cfg.n_kv_heads, cfg.d_head)
+        kv = jax.random.normal(k_cache, shape, jnp.float32).astype(cfg.dtype)  # K and V
+        positions = jax.random.randint(k_pos, (batch,), 0, cfg.max_len, jnp.int32)
+        return params, tokens, {"k": kv[0], "v": kv[1]}, positions
+
+
+# One compile per config instead of dozens of small eager XLA programs.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_params(init: Callable, config: TransformerConfig, key: jax.Array) -> dict:
+    return init(config, key)
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def build(config: TransformerConfig | str) -> Model:
+    """The reference model for `config` (a TransformerConfig or a preset name).
+
+    Raises ValueError when the config does not fit its family (e.g. gpt2 with n_kv_heads !=
+    n_heads, llama with tied embeddings) or names an unknown family.
+    """
+    if isinstance(config, str):
+        config = get_config(config)
+    return Model(config)
