@@ -170,6 +170,7 @@ class Graph:
         self.in_tree = None  # pytree structure of (args, kwargs); None for region bodies
         self.out_tree = None  # pytree structure of the result; None for region bodies
         self.version = 0  # bumped on every mutation (caches of derived jaxprs check it)
+        self.meta: dict[str, Any] = {}  # graph-level analysis results (axes report, blocks, plan)
 
     # ---- construction ------------------------------------------------------------------
     def _new_node(self, op, primitive, inputs, params, out_avals, regions=None, source=None):

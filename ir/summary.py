@@ -25,6 +25,13 @@ def _nbytes(v: Value) -> int:
     return int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
 
 
+def _is_float(g: Graph, value_id: int) -> bool:
+    for v in g.inputs:
+        if v.id == value_id:
+            return np.issubdtype(v.dtype, np.floating) or str(v.dtype) == "bfloat16"
+    return True  # an input of an enclosing graph: checked where it entered
+
+
 def _param_inputs(g: Graph, origin: dict[int, int | None]) -> set[int]:
     """Ids of top-level input values used as weights; `origin` maps value id -> input id."""
     found: set[int] = set()
@@ -35,7 +42,12 @@ def _param_inputs(g: Graph, origin: dict[int, int | None]) -> set[int]:
         if node.op in _VIEW_OPS and ins and ins[0] is not None:
             origin[node.outputs[0].id] = ins[0]
         elif node.op == "dot_general":
-            lhs, rhs = ins
+            # A weight is contracted (an outer product, like RoPE's positions x frequencies,
+            # contracts nothing) and is floating point (positions and ids are integers).
+            (contracting, _), _ = node.params["dimension_numbers"]
+            if not contracting:
+                continue
+            lhs, rhs = (i if i is not None and _is_float(g, i) else None for i in ins)
             if rhs is not None and (lhs is None or lhs != rhs):
                 found.add(rhs)  # x @ w, or both inputs: by convention the right one is the weight
             elif lhs is not None and rhs is None:

@@ -162,11 +162,13 @@ def _read(env: dict, atom: Any):
 _COMPILED_CALLS = frozenset({"jit", "pjit"})
 
 
-def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups) -> None:
+def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups,
+          outer_source: str | None = None) -> None:
     for eqn in jaxpr.eqns:
         prim = eqn.primitive
         name = prim.name
-        source = jc.source_line(eqn)
+        # inside an inlined call without a user frame of its own: the call's line
+        source = jc.source_line(eqn) or outer_source
         if name in UNSUPPORTED or (eqn.effects and name not in REGION_PARAMS):
             hint = UNSUPPORTED.get(name, "remove the side effect from the traced function")
             raise UnsupportedError(
@@ -185,7 +187,7 @@ def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups) -> None:
             inner_group = group
             if inner_group is None and name in _COMPILED_CALLS:
                 inner_group = next(groups)
-            _emit(g, body.jaxpr, sub_env, inner_group, groups)
+            _emit(g, body.jaxpr, sub_env, inner_group, groups, source)
             for out, inner in zip(eqn.outvars, body.jaxpr.outvars):
                 if not jc.is_dropvar(out):
                     env[out] = _read(sub_env, inner)

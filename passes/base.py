@@ -1,0 +1,101 @@
+"""Passes and the pass manager.
+
+A pass is a small frozen dataclass: `name` (a ClassVar), options as fields, and
+`__call__(graph, ctx) -> graph`. Analyses write `node.meta[...]` and `graph.meta[...]`;
+rewrites read what analyses wrote. Every pass is registered in `PASSES` by name.
+
+    >>> from meshwright.passes import PassManager
+    >>> pm = PassManager(["infer-axes", "find-blocks"], verify=True)
+    >>> graph = pm.run(graph)
+    >>> pm.timings        # seconds per pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from meshwright.ir import Graph
+
+PASSES: dict[str, type["Pass"]] = {}
+
+
+def register(cls: type["Pass"]) -> type["Pass"]:
+    """Class decorator: make a pass available by its `name`."""
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"two passes named {cls.name!r}")
+    PASSES[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: ClassVar[str] = "pass"
+
+    def __call__(self, graph: Graph, ctx: "PassContext") -> Graph:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class PassContext:
+    """What passes share besides the graph: user options and results for later passes."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+class PassError(Exception):
+    """A pass failed; the message names it and the passes that ran before it."""
+
+
+def get_pass(name: str, **options) -> Pass:
+    try:
+        cls = PASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}") from None
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise KeyError(f"pass {name!r} has no option(s) {sorted(unknown)}; "
+                       f"its options: {sorted(known) or 'none'}")
+    return cls(**options)
+
+
+class PassManager:
+    """Runs passes in order; between passes it can verify, print and time.
+
+    `print_after` names passes after which the graph text is handed to `printer`
+    (default: print). A failing pass raises PassError naming it and its predecessors.
+    """
+
+    def __init__(self, passes: list[str | Pass], verify: bool = False,
+                 print_after: list[str] | tuple[str, ...] = (),
+                 printer: Callable[[str, Graph], None] | None = None):
+        self.passes = [get_pass(p) if isinstance(p, str) else p for p in passes]
+        unknown = set(print_after) - {p.name for p in self.passes}
+        if unknown:
+            raise KeyError(f"--print-after names pass(es) not in the pipeline: {sorted(unknown)}")
+        self.verify = verify
+        self.print_after = set(print_after)
+        self.printer = printer or (lambda name, g: print(f"// after {name}\n{g}"))
+        self.timings: dict[str, float] = {}
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        done: list[str] = []
+        for p in self.passes:
+            start = time.perf_counter()
+            try:
+                graph = p(graph, ctx)
+                if self.verify:
+                    graph.verify()
+            except Exception as e:
+                raise PassError(f"an error occurred when running the {p.name!r} pass after the "
+                                f"following passes: {done}: {type(e).__name__}: {e}") from e
+            self.timings[p.name] = time.perf_counter() - start
+            done.append(p.name)
+            if p.name in self.print_after:
+                self.printer(p.name, graph)
+        return graph
