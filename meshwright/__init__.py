@@ -1,12 +1,32 @@
 """meshwright: shard Transformer inference across device meshes, on JAX.
 
     >>> import meshwright as mw
-    >>> g = mw.trace(fn, *example_args)     # a dataflow graph of fn; g(*args) == fn(*args)
+    >>> g = mw.trace(fn, *example_args)      # a dataflow graph of fn; g(*args) == fn(*args)
+    >>> mw.plan(model="palm-540b", hardware="tpu-v4", chips=64, batch=64, phase="decode")
+
+Submodules load on first use, so `meshwright plan` answers without initialising JAX.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from meshwright import ir, models  # noqa: E402
-from meshwright.api import trace, trace_model  # noqa: E402
+_API = {"trace": "meshwright.api", "trace_model": "meshwright.api", "plan": "meshwright.api"}
+_SUBMODULES = ("ir", "models", "passes", "runtime")
 
-__all__ = ["__version__", "ir", "models", "trace", "trace_model"]
+__all__ = ["__version__", "ir", "models", "passes", "plan", "runtime", "trace", "trace_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"meshwright.{name}")
+    raise AttributeError(f"module 'meshwright' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import sys
+from typing import TYPE_CHECKING, Any, Callable
 
-from meshwright.ir import Graph
-from meshwright.ir import trace as _trace
+if TYPE_CHECKING:
+    from meshwright.ir import Graph
 
 
 def trace(fn: Callable, *example_args: Any, **example_kwargs: Any) -> Graph:
@@ -20,6 +21,8 @@ def trace(fn: Callable, *example_args: Any, **example_kwargs: Any) -> Graph:
           return %1
         }
     """
+    from meshwright.ir import trace as _trace
+
     return _trace(fn, *example_args, **example_kwargs)
 
 
@@ -34,4 +37,41 @@ def trace_model(config, phase: str = "decode", batch: int = 2, length: int = 8,
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     model = build(config)
     args = model.example_args(phase, batch=batch, length=length, key=jax.random.PRNGKey(seed))
-    return _trace(model.fn(phase), *args)
+    return trace(model.fn(phase), *args)
+
+
+def plan(model: "str | Any" = "palm-tiny", hardware: str = "tpu-v4", chips: int = 64,
+         batch: int | None = None, context: int | None = None, phase: str | None = None,
+         weights: str = "bf16", gen_tokens: int = 64, force_ffn: str | None = None,
+         force_attention: str | None = None, kv_memory_fraction: float | None = None,
+         overrides: tuple[str, ...] = ()):
+    """The analytical planner alone, on a preset name, a TransformerConfig or a traced Graph.
+
+        >>> p = mw.plan(model="palm-540b", hardware="tpu-v4", chips=64, batch=64,
+        ...             context=2048, phase="decode", weights="int8")
+        >>> p.ffn_layout, p.attention_layout
+        ('ws-2d', 'batch')
+
+    For a Graph, batch, context and phase default to the traced shapes.
+    """
+    from meshwright.passes import PassManager
+    from meshwright.passes import planner as _planner
+    from meshwright.passes.plan import config_from_graph, workload_from_graph
+
+    extra = {} if kv_memory_fraction is None else {"kv_memory_fraction": kv_memory_fraction}
+    common = dict(hardware=hardware, chips=chips, weights=weights, gen_tokens=gen_tokens,
+                  force_ffn=force_ffn, force_attention=force_attention, **extra)
+    graph_module = sys.modules.get("meshwright.ir.graph")  # no IR loaded: not a Graph
+    if graph_module is not None and isinstance(model, graph_module.Graph):
+        g = model
+        if "axes" not in g.meta or "blocks" not in g.meta:
+            g = PassManager(["infer-axes", "find-blocks"]).run(g)
+        config = config_from_graph(g)
+        if overrides:
+            config = config.with_overrides(list(overrides))
+        work = workload_from_graph(g)
+        return _planner.plan_config(
+            config, batch=batch or work["batch"], context=context or work["context"],
+            phase=phase or work["phase"], blocks=g.meta["blocks"].to_list(), **common)
+    return _planner.plan(model, batch=batch or 64, context=context or 2048,
+                         phase=phase or "decode", overrides=overrides, **common)

@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     _, _, run = _COMMANDS[args.command]
     try:
         return run(args) or 0
+    except BrokenPipeError:  # `meshwright plan ... | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except (KeyError, ValueError) as e:  # user errors: a clear message, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if getattr(args, "json", False):

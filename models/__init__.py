@@ -10,7 +10,20 @@
 """
 
 from meshwright.models.config import DEFAULT_MODEL, PRESETS, TransformerConfig, get_config
-from meshwright.models.registry import FAMILIES, Model, build
+
+# The implementations import JAX; they load on first use, so the planner (configs only)
+# answers without initialising JAX.
+_LAZY = {"FAMILIES": "meshwright.models.registry", "Model": "meshwright.models.registry",
+         "build": "meshwright.models.registry"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'meshwright.models' has no attribute {name!r}")
+
 
 __all__ = ["DEFAULT_MODEL", "FAMILIES", "PRESETS", "Model", "TransformerConfig", "build",
            "get_config"]

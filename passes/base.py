@@ -13,13 +13,24 @@ rewrites read what analyses wrote. Every pass is registered in `PASSES` by name.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from meshwright.ir import Graph
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshwright.ir import Graph
 
 PASSES: dict[str, type["Pass"]] = {}
+
+# Pass name -> the module that defines it (imported on first use). One place lists them all.
+PASS_MODULES: dict[str, str] = {
+    "infer-axes": "meshwright.passes.infer_axes",
+    "find-blocks": "meshwright.passes.find_blocks",
+    "plan": "meshwright.passes.plan",
+}
 
 
 def register(cls: type["Pass"]) -> type["Pass"]:
@@ -51,10 +62,13 @@ class PassError(Exception):
 
 
 def get_pass(name: str, **options) -> Pass:
+    if name not in PASSES and name in PASS_MODULES:
+        importlib.import_module(PASS_MODULES[name])
     try:
         cls = PASSES[name]
     except KeyError:
-        raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}") from None
+        known = ", ".join(dict.fromkeys([*PASS_MODULES, *PASSES]))
+        raise KeyError(f"unknown pass {name!r}; known passes: {known}") from None
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - known
     if unknown:

@@ -53,11 +53,25 @@ class BlockReport:
         return sum(b.repeats for b in self.of_kind(kind))
 
     def to_list(self) -> list[dict]:
-        """`[{"kind": ..., "layer": ...}, ...]`, one entry per layer of scanned blocks."""
-        out = []
+        """`[{"kind": ..., "layer": ...}, ...]` in program order; the blocks of a scan body are
+        listed layer by layer."""
+        out: list[dict] = []
+        run: list[Block] = []
+
+        def flush():
+            for layer in range(run[0].repeats if run else 0):
+                out.extend({"kind": b.kind, "layer": layer, **b.detail} for b in run)
+            run.clear()
+
         for b in self.blocks:
-            for layer in b.layers():
-                out.append({"kind": b.kind, "layer": layer, **b.detail})
+            if b.repeats > 1:
+                if run and run[0].repeats != b.repeats:
+                    flush()
+                run.append(b)
+                continue
+            flush()
+            out.append({"kind": b.kind, "layer": b.layer, **b.detail})
+        flush()
         return out
 
 
@@ -85,6 +99,13 @@ def _weight_free_roles(prog: ia._Program, node: Node) -> list[str | None]:
 
 def _activation_operand(prog: ia._Program, node: Node) -> Value:
     return node.inputs[1 - ia._weight_side(prog, node)]
+
+
+def _origin(v: Value) -> int:
+    """The value a weight is a view of (through transposes, reshapes, conversions)."""
+    while v.producer is not None and v.producer.op in ia._VIEW_OPS:
+        v = v.producer.inputs[0]
+    return v.id
 
 
 def _repeats(node: Node, scan_lengths: dict[int, int]) -> int:
@@ -119,6 +140,38 @@ def _upstream(v: Value, stop, max_depth: int = 32) -> list[Node]:
     return out
 
 
+def _head_counts(score: Node, value: Node) -> dict:
+    """heads, kv_heads and head_dim of one attention, from its operands' axes."""
+    key = score.inputs[ia._key_operand_by_axes(score, value)]
+    query = score.inputs[1 - ia._key_operand_by_axes(score, value)]
+
+    def count(v, roles):
+        n = 1
+        for d, r in enumerate(v.producer.meta["axes"][v.index]):
+            if r in roles:
+                n *= v.shape[d]
+        return n
+
+    heads = count(query, ("heads", "kv_heads", "groups"))
+    kv_heads = count(key, ("heads", "kv_heads"))
+    # a key repeated up to `heads` still carries only kv_heads distinct heads
+    key_roles = key.producer.meta["axes"][key.index]
+    if "heads" in key_roles and "kv_heads" not in key_roles:
+        kv_heads = _distinct_kv_heads(key, kv_heads)
+    return {"heads": heads, "kv_heads": kv_heads,
+            "head_dim": count(query, ("head_dim",))}
+
+
+def _distinct_kv_heads(key: Value, heads: int) -> int:
+    """For keys repeated to the query heads (GQA), the kv_heads factor upstream, if any."""
+    for p in _upstream(key, lambda p: False, max_depth=8):
+        for o in p.outputs:
+            roles = p.meta.get("axes", [()])[o.index] if p.meta.get("axes") else ()
+            if "kv_heads" in roles:
+                return o.shape[roles.index("kv_heads")]
+    return heads
+
+
 _NONLINEAR = {"tanh": "gelu", "erf": "gelu", "erfc": "gelu", "logistic": "silu", "max": "relu"}
 
 
@@ -129,18 +182,10 @@ def find_blocks(g: Graph) -> BlockReport:
     scans = _scan_lengths(g)
     blocks: list[Block] = []
     claimed: set[int] = set()
-    counters: dict[str, int] = {}
 
     def add(kind: str, anchor: Node, nodes: list[Node], **detail) -> Block:
-        repeats = _repeats(anchor, scans)
-        layer = None
-        if repeats == 1:
-            layer = counters.get(kind, 0)
-            counters[kind] = layer + 1
-        b = Block(kind, layer, repeats, nodes, detail)
-        for nd in nodes:
-            claimed.add(nd.id)
-            nd.meta.setdefault("block", f"{kind}.{layer if layer is not None else 'scan'}")
+        b = Block(kind, None, _repeats(anchor, scans), nodes or [anchor], detail)
+        claimed.update(nd.id for nd in nodes)
         blocks.append(b)
         return b
 
@@ -168,7 +213,7 @@ def find_blocks(g: Graph) -> BlockReport:
                 break
         nodes = [score, value] + projections + ([out_proj] if out_proj else [])
         b = add("attention", score, nodes, projections=len(projections) + (1 if out_proj else 0),
-                cache_writes=len(cache_writes))
+                cache_writes=len(cache_writes), **_head_counts(score, value))
         for p in projections:
             attention_inputs[_activation_operand(prog, p).id] = b
 
@@ -195,15 +240,16 @@ def find_blocks(g: Graph) -> BlockReport:
             if partner is not None and not partner.detail.get("parallel"):
                 partner.detail["parallel"] = True
                 b.detail["parallel"] = True
-                add("parallel", node, [], attention=partner.layer, ffn=b.layer)
+                add("parallel", node, [])
                 break
 
-    # Unembedding: a weight projection to vocab.
+    # Unembedding: a weight projection to vocab (tied: it reads the embedding table).
+    tables = {_origin(n.inputs[0]) for b in blocks if b.kind == "embedding" for n in b.nodes}
     for node in prog.nodes:
         if _is_weight_dot(prog, node) and node.id not in claimed and \
                 "vocab" in _weight_free_roles(prog, node):
-            add("unembedding", node, [node], tied=_role(node.inputs[
-                ia._weight_side(prog, node)], 0) == "vocab")
+            weight = node.inputs[ia._weight_side(prog, node)]
+            add("unembedding", node, [node], tied=_origin(weight) in tables)
 
     # Norms: reductions over embed that lead into a reciprocal square root; the reductions
     # of one norm (LayerNorm: the mean and the variance) reach the same one.
@@ -226,11 +272,39 @@ def find_blocks(g: Graph) -> BlockReport:
     for node in prog.nodes:
         if _is_weight_dot(prog, node) and node.id not in claimed:
             unclassified.append(f"dot_general -> {list(node.out.shape)} at {node.source or '?'}")
-    order = {"embedding": 0, "norm": 1, "attention": 2, "ffn": 3, "parallel": 4,
-             "unembedding": 5}
-    blocks.sort(key=lambda b: (b.layer is None, b.layer if b.layer is not None else 0,
-                               order[b.kind]))
+    _assign_layers(g, blocks)
     return BlockReport(blocks, unclassified)
+
+
+def _assign_layers(g: Graph, blocks: list[Block]) -> None:
+    """Layer numbers in program order: attention (or a lone ffn) opens a layer; a norm belongs
+    to the layer of the next attention/ffn; embedding, unembedding and the final norm have none.
+    Blocks inside a scan stand for every layer (layer None, repeats = the scan length)."""
+    position = {}
+    for i, (node, _) in enumerate(g.walk()):
+        position[node.id, id(node.graph)] = i
+    blocks.sort(key=lambda b: min(position.get((n.id, id(n.graph)), 0) for n in b.nodes))
+    layer = -1
+    last_opened_by = None
+    for b in blocks:
+        if b.repeats > 1 or b.kind in ("embedding", "unembedding"):
+            continue
+        if b.kind == "attention" or (b.kind == "ffn" and last_opened_by == "ffn"):
+            layer += 1
+            last_opened_by = b.kind
+        elif b.kind == "ffn" and last_opened_by is None:
+            layer, last_opened_by = layer + 1, "ffn"
+        if b.kind in ("attention", "ffn", "parallel"):
+            b.layer = max(layer, 0)
+    for i, b in enumerate(blocks):
+        if b.kind == "norm" and b.repeats == 1:
+            nxt = next((c for c in blocks[i + 1:] if c.kind in ("attention", "ffn")
+                        and c.repeats == 1), None)
+            b.layer = nxt.layer if nxt is not None else None
+    for b in blocks:
+        tag = f"{b.kind}.{b.layer if b.layer is not None else ('scan' if b.repeats > 1 else '-')}"
+        for nd in b.nodes:
+            nd.meta.setdefault("block", tag)
 
 
 @register

@@ -663,6 +663,20 @@ def _key_operand(n: "_Namer", score: Node, value: Node) -> int:
     return 0 if f0 < f1 else 1
 
 
+def _key_operand_by_axes(score: Node, value: Node) -> int:
+    """The key operand of a labelled score dot: the one with kv_length, else fewer heads."""
+    def roles(v):
+        return v.producer.meta["axes"][v.index]
+
+    for k in (0, 1):
+        if "kv_length" in roles(score.inputs[k]) and "kv_length" not in roles(score.inputs[1 - k]):
+            return k
+    heads = [sum(r in ("heads", "groups") for r in roles(score.inputs[k])) for k in (0, 1)]
+    if heads[0] != heads[1]:
+        return 0 if heads[0] < heads[1] else 1
+    return 1
+
+
 def _name_attention(prog: _Program, n: "_Namer", score: Node, value: Node, k: int) -> None:
     q = 1 - k
     qv, kv = score.inputs[q], score.inputs[k]
@@ -848,6 +862,10 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
             if update.shape[du] != operand.shape[do] and (
                     update.shape[du] == 1 or n.role(n.cls(update, du)) == "length"):
                 n.name(n.cls(operand, do), "kv_length")
+    # A weight table cut to the prompt length (learned positions, `wpe[:T]`): positions.
+    for piece, whole in syms.pieces.items():
+        if n.role(piece) == "length" and n.role(whole) is None:
+            n.name(whole, "positions")
     # A projection whose output dimension is cut apart (fused Q/K/V, stacked K/V): fused.
     cut = {syms.find(w) for w in syms.pieces.values()}
     for node in prog.nodes:
