@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshwright.ir import Graph, Node, Value
+from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.passes import infer_axes as ia
 from meshwright.passes.base import Pass, PassContext, register
 
@@ -163,12 +163,20 @@ def _head_counts(score: Node, value: Node) -> dict:
 
 
 def _distinct_kv_heads(key: Value, heads: int) -> int:
-    """For keys repeated to the query heads (GQA), the kv_heads factor upstream, if any."""
-    for p in _upstream(key, lambda p: False, max_depth=8):
-        for o in p.outputs:
-            roles = p.meta.get("axes", [()])[o.index] if p.meta.get("axes") else ()
-            if "kv_heads" in roles:
-                return o.shape[roles.index("kv_heads")]
+    """Keys repeated up to the query heads (GQA, or MQA via jnp.repeat) carry heads / r
+    distinct heads, r being the size of the head axis a broadcast added on the way."""
+    for p in _upstream(key, lambda p: False, max_depth=12):
+        if p.op != "broadcast_in_dim" or isinstance(p.inputs[0], Literal):
+            continue
+        operand = p.inputs[0]
+        if "head_dim" not in operand.producer.meta["axes"][operand.index]:
+            continue  # a mask broadcast over the heads, not the keys themselves
+        kept = dict(zip(p.params["broadcast_dimensions"], operand.shape))
+        roles = p.meta["axes"][0]
+        for d, size in enumerate(p.out.shape):
+            added = d not in kept or (kept[d] == 1 and size > 1)
+            if added and roles[d] in ("heads", "groups") and heads % size == 0:
+                return heads // size
     return heads
 
 

@@ -594,6 +594,7 @@ class _Namer:
         self.syms = syms
         self.dims = dims
         self.names: dict[int, str] = {}
+        self.weight_classes: set[int] = set()
 
     def cls(self, v: Any, d: int) -> int:
         return self.syms.find(self.dims[v.id][d])
@@ -675,6 +676,21 @@ def _key_operand_by_axes(score: Node, value: Node) -> int:
     if heads[0] != heads[1]:
         return 0 if heads[0] < heads[1] else 1
     return 1
+
+
+def _name_activation_dims(n: "_Namer", score: Node, k: int) -> None:
+    """Without token ids, batch and length are the query's classes that no weight carries:
+    shared by query and key (a batch dim of the score dot) -> batch; the query's own -> length."""
+    q = 1 - k
+    (lc, rc), (lb, rb) = score.params["dimension_numbers"]
+    for d in (lb if q == 0 else rb):
+        c = n.cls(score.inputs[q], d)
+        if c not in n.weight_classes and n.syms.size[c] > 1:
+            n.name(c, "batch")
+    for d in _free_dims(score, q):
+        c = n.cls(score.inputs[q], d)
+        if c not in n.weight_classes and n.syms.size[c] > 1:
+            n.name(c, "length")
 
 
 def _name_attention(prog: _Program, n: "_Namer", score: Node, value: Node, k: int) -> None:
@@ -811,8 +827,27 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
                 n.name(n.cls(node.out, d), role)
 
     attention = [(s, v, _key_operand(n, s, v)) for s, v in _find_attention(prog)]
+    # Classes a weight carries (or a factor of one): heads can be; batch and length cannot.
+    n.weight_classes = set()
+    for node in prog.nodes:
+        for v in node.inputs:
+            if isinstance(v, Value) and v.id in prog.weight:
+                for c in n.classes(v):
+                    n.weight_classes.add(c)
+                    n.weight_classes.update(syms.factors(c) or ())
+    for score, value, k in attention:
+        _name_activation_dims(n, score, k)
     for score, value, k in attention:
         _name_attention(prog, n, score, value, k)
+    # The attention output projection returns to the model width.
+    for score, value, k in attention:
+        for u, _ in _forward(prog, value.out, max_depth=12):
+            if u.op == "dot_general" and any(isinstance(v, Value) and v.id in prog.weight
+                                             for v in u.inputs):
+                w = _weight_side(prog, u)
+                for d in _free_dims(u, w):
+                    n.name(n.cls(u.inputs[w], d), "embed")
+                break
 
     # embed: what the projections contract, if no embedding gather said it already.
     for score, value, k in attention:

@@ -133,3 +133,25 @@ def test_find_blocks_needs_infer_axes():
     with pytest.raises(PassError, match=r"'find-blocks' pass after the following passes: \[\]"):
         PassManager(["find-blocks"]).run(fresh)
     assert g.meta["blocks"].count("attention") == 2
+
+
+def test_a_bare_attention_function_without_token_ids():
+    import jax.numpy as jnp
+
+    def attention(x, wq, wk, wv, wo):
+        q = jnp.einsum("bte,ehd->bthd", x, wq)
+        k = jnp.einsum("bte,ehd->bthd", x, wk)
+        v = jnp.einsum("bte,ehd->bthd", x, wv)
+        p = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), axis=-1)
+        return jnp.einsum("bhts,bshd,hde->bte", p, v, wo)
+
+    B, T, E, H, D = 2, 8, 32, 4, 8
+    args = (jnp.ones((B, T, E)), jnp.ones((E, H, D)), jnp.ones((E, H, D)), jnp.ones((E, H, D)),
+            jnp.ones((H, D, E)))
+    g = PassManager(["infer-axes", "find-blocks"]).run(mw.trace(attention, *args))
+    assert g.meta["axes"].sizes == {"batch": 2, "length": 8, "embed": 32, "heads": 4,
+                                    "head_dim": 8}
+    assert axes_of(g.inputs[4]) == ("heads", "head_dim", "embed")
+    assert_every_dot_general_labelled(g)
+    (block,) = g.meta["blocks"].to_list()
+    assert block["kind"] == "attention" and block["heads"] == block["kv_heads"] == 4
