@@ -40,6 +40,24 @@ def trace_model(config, phase: str = "decode", batch: int = 2, length: int = 8,
     return trace(model.fn(phase), *args)
 
 
+# The analysis pipeline in order; `meshwright inspect --after PASS` stops after PASS.
+ANALYSIS_PIPELINE = ("infer-axes", "find-blocks", "plan")
+
+
+def run_passes_until(graph: "Graph", after: str, **plan_options) -> "Graph":
+    """Run the pipeline on a traced graph up to and including the pass named `after`."""
+    from meshwright.passes import PassManager, get_pass
+
+    if after == "trace":
+        return graph
+    if after not in ANALYSIS_PIPELINE:
+        raise ValueError(f"unknown pass {after!r}; the pipeline is: trace, "
+                         f"{', '.join(ANALYSIS_PIPELINE)}")
+    names = ANALYSIS_PIPELINE[:ANALYSIS_PIPELINE.index(after) + 1]
+    passes = [get_pass(n, **plan_options) if n == "plan" else n for n in names]
+    return PassManager(passes, verify=True).run(graph)
+
+
 def plan(model: "str | Any" = "palm-tiny", hardware: str = "tpu-v4", chips: int = 64,
          batch: int | None = None, context: int | None = None, phase: str | None = None,
          weights: str = "bf16", gen_tokens: int = 64, force_ffn: str | None = None,

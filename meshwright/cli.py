@@ -43,6 +43,10 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_layers=4 (repeatable)")
     p.add_argument("--scan", action="store_true", help="layers as a scan (--set scan_layers=true)")
+    p.add_argument("--after", metavar="PASS", default="trace",
+                   help="show the graph after this pass: trace (default), infer-axes, "
+                        "find-blocks, plan")
+    p.add_argument("--source", action="store_true", help="append each equation's source line")
     p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT")
     p.add_argument("--summary", action="store_true", help="print op counts, FLOPs and bytes")
 
@@ -57,17 +61,23 @@ def _run_inspect(args) -> int:
     if args.scan:
         cfg = cfg.replace(scan_layers=True)
     graph = api.trace_model(cfg, phase=args.phase, batch=args.batch, length=args.length)
+    graph = api.run_passes_until(graph, args.after)
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(graph.to_dot())
     if args.json:
-        out = {"model": cfg.name, "phase": args.phase, "graph": str(graph).splitlines(),
+        out = {"model": cfg.name, "phase": args.phase, "after": args.after,
+               "graph": graph.format(source=args.source).splitlines(),
                "summary": graph.summary()}
+        if "axes" in graph.meta:
+            out["axes"] = graph.meta["axes"].to_dict()
+        if "blocks" in graph.meta:
+            out["blocks"] = graph.meta["blocks"].to_list()
         if args.dot:
             out["dot"] = args.dot
         _print_json(out)
         return 0
-    print(graph)
+    print(graph.format(source=args.source))
     if args.summary:
         print()
         print(graph.format_summary())

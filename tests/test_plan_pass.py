@@ -106,3 +106,10 @@ def test_cli_inspect_prints_the_labelled_graph(capsys, tmp_path):
     assert data["model"] == "palm-tiny" and data["summary"]["equations"] > 10
     assert main(["inspect", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["inspect", "gpt2-tiny", "--after", "find-blocks", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["axes"]["sizes"]["heads"] == 4
+    assert [b["kind"] for b in data["blocks"]].count("attention") == 2
+    assert any("{batch,1,embed}" in line for line in data["graph"])
+    assert main(["inspect", "--after", "lower-everything"]) == 2
+    assert "unknown pass 'lower-everything'" in capsys.readouterr().err
