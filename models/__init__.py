@@ -1,4 +1,4 @@
-"""Reference Transformers in plain JAX, their configs and presets.
+"""Reference Transformers in plain JAX, their configs and presets, and checkpoint loaders.
 
     >>> import jax
     >>> from meshwright.models import build, get_config
@@ -7,23 +7,23 @@
     >>> logits, cache = jax.jit(model.prefill)(params, tokens, cache)
     >>> logits.shape
     (2, 8, 256)
+
+Hugging Face checkpoints (see meshwright.models.hf and docs/checkpoints.md):
+
+    config, params = meshwright.models.from_pretrained("path/to/dir", mesh=None)
+    logits = meshwright.models.logits(config, params, tokens)
 """
 
 from meshwright.models.config import DEFAULT_MODEL, PRESETS, TransformerConfig, get_config
+from meshwright.models.hf import (
+    CheckpointError,
+    from_pretrained,
+    load_config,
+    load_tokenizer,
+    split_largest_axis,
+)
+from meshwright.models.registry import FAMILIES, Model, build, logits, param_shapes
 
-# The implementations import JAX; they load on first use, so the planner (configs only)
-# answers without initialising JAX.
-_LAZY = {"FAMILIES": "meshwright.models.registry", "Model": "meshwright.models.registry",
-         "build": "meshwright.models.registry"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'meshwright.models' has no attribute {name!r}")
-
-
-__all__ = ["DEFAULT_MODEL", "FAMILIES", "PRESETS", "Model", "TransformerConfig", "build",
-           "get_config"]
+__all__ = ["DEFAULT_MODEL", "FAMILIES", "PRESETS", "CheckpointError", "Model",
+           "TransformerConfig", "build", "from_pretrained", "get_config", "load_config",
+           "load_tokenizer", "logits", "param_shapes", "split_largest_axis"]

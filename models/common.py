@@ -70,6 +70,28 @@ def normals(key: jax.Array, shapes: dict[str, tuple[int, ...]], dtype: Any) -> d
     return out
 
 
+def rope_inv_freq(config: TransformerConfig, d_head: int) -> jax.Array:
+    """RoPE inverse frequencies (d_head/2,) float32, scaled as `config.rope_scaling` says.
+
+    The same numbers as Hugging Face's `ROPE_INIT_FUNCTIONS` for rope_type default, "linear"
+    and "llama3" (Llama 3.1: low frequencies / factor, high ones kept, a linear ramp between).
+    """
+    inv_freq = 1.0 / config.rope_theta ** (jnp.arange(0, d_head, 2, dtype=jnp.float32) / d_head)
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == "linear":
+        return inv_freq / factor
+    if config.rope_scaling == "llama3":
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq  # (d_head/2,)
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)  # 0 at the low end of the ramp, 1 at the top
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 def layers_for(config: TransformerConfig, stacked: dict) -> dict | list[dict]:
     """Stacked per-layer params for `scan_layers`, else the same numbers as a list of dicts."""
     if config.scan_layers:

@@ -40,6 +40,15 @@ class TransformerConfig:
     tie_embeddings: bool = True  # unembedding is the transposed embedding
     scan_layers: bool = False  # layers as a jax.lax.scan over stacked weights (else a Python loop)
     rope_theta: float = 10000.0  # RoPE base frequency
+    # RoPE frequency scaling for long contexts (Hugging Face `rope_type`): "linear" divides every
+    # frequency by rope_scaling_factor; "llama3" divides the low frequencies only, with a smooth
+    # ramp between rope_original_max_len / rope_low_freq_factor and / rope_high_freq_factor.
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0  # "linear" and "llama3": how much longer the context gets
+    rope_low_freq_factor: float = 1.0  # "llama3" only
+    rope_high_freq_factor: float = 4.0  # "llama3" only
+    rope_original_max_len: int = 8192  # "llama3" only: the context length of pre-training
+    qkv_bias: bool = False  # biases on the Q, K and V projections only (Qwen2), with bias=False
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     dtype: str = "float32"  # parameter and activation dtype of the runnable model
 
@@ -54,6 +63,9 @@ class TransformerConfig:
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.positions == "rope" and self.d_head % 2:
             problems.append(f"RoPE needs an even d_head, got {self.d_head}")
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            problems.append(f"rope_scaling={self.rope_scaling!r} must be 'none', 'linear' or "
+                            "'llama3'")
         if problems:
             raise ValueError(f"invalid config {self.name!r}: " + "; ".join(problems))
 

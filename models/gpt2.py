@@ -1,9 +1,11 @@
 """GPT-2 in plain JAX, matmul style (`x @ w`), with parameter names as in Hugging Face's GPT-2.
 
-Serial pre-norm blocks; multi-head attention with ONE fused QKV weight `c_attn` (E, 3·H·D) that is
-split and reshaped into heads; LayerNorm (with bias when `config.bias`); GELU (tanh
-approximation); learned position embeddings; biases on projections (when `config.bias`); the
-unembedding is the transposed token embedding. GPT-2 is multi-head only: n_kv_heads == n_heads.
+Serial pre-norm blocks; attention with ONE fused QKV weight `c_attn` (E, (H+2K)·D), laid out
+[Q | K | V], that is split and reshaped into heads; LayerNorm (with bias when `config.bias`);
+GELU (tanh approximation); learned position embeddings; biases on projections (when
+`config.bias`); the unembedding is the transposed token embedding. GPT-2 itself is multi-head
+(K == H, c_attn (E, 3·H·D)); K == 1 is GPT-BigCode's (SantaCoder, StarCoder) multiquery
+attention, where the single K/V head broadcasts over the H query heads in the matmuls.
 
     >>> import jax, jax.numpy as jnp
     >>> from meshwright.models import build, get_config
@@ -35,20 +37,21 @@ from meshwright.models.config import TransformerConfig
 def validate(config: TransformerConfig) -> None:
     """Raise a ValueError unless `config` describes a GPT-2-style architecture."""
     check_family(config, "gpt2", parallel_block=False, norm="layernorm", activation="gelu",
-                 positions="learned", tie_embeddings=True)
-    if config.n_kv_heads != config.n_heads:
+                 positions="learned", tie_embeddings=True, qkv_bias=False)
+    if config.n_kv_heads not in (config.n_heads, 1):
         raise ValueError(
-            f"config {config.name!r}: the gpt2 reference model is multi-head attention, so "
-            f"n_kv_heads ({config.n_kv_heads}) must equal n_heads ({config.n_heads}); use "
-            "family 'llama' for grouped-query or 'palm' for multiquery attention")
+            f"config {config.name!r}: the gpt2 reference model is multi-head (GPT-2) or "
+            f"multiquery (GPT-BigCode) attention, so n_kv_heads ({config.n_kv_heads}) must equal "
+            f"n_heads ({config.n_heads}) or 1; use family 'llama' for grouped-query attention")
 
 
 def init_params(config: TransformerConfig, key: jax.Array) -> dict:
     """Token/position embeddings, stacked blocks (unstacked unless scan_layers), final LayerNorm."""
     N, E, F, V = config.n_layers, config.d_model, config.d_ff, config.vocab_size
     HD = config.n_heads * config.d_head
+    QKV = (config.n_heads + 2 * config.n_kv_heads) * config.d_head  # 3·HD unless multiquery
     dtype = jnp.dtype(config.dtype)
-    w = normals(key, {"wte": (V, E), "wpe": (config.max_len, E), "c_attn": (N, E, 3 * HD),
+    w = normals(key, {"wte": (V, E), "wpe": (config.max_len, E), "c_attn": (N, E, QKV),
                       "attn_proj": (N, HD, E), "c_fc": (N, E, F), "mlp_proj": (N, F, E)}, dtype)
 
     def linear(weight):  # (N, fan_in, fan_out)
@@ -91,11 +94,12 @@ def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """q (B, T, H, D), k/v (B, S, H, D), visible bool broadcastable to (B, H, T, S)."""
+    """q (B, T, H, D), k/v (B, S, K, D) with K == H or 1, visible bool broadcastable to
+    (B, H, T, S)."""
     B, T, H, D = q.shape
     q = q.transpose(0, 2, 1, 3)  # (B, H, T, D)
-    k = k.transpose(0, 2, 3, 1)  # (B, H, D, S)
-    v = v.transpose(0, 2, 1, 3)  # (B, H, S, D)
+    k = k.transpose(0, 2, 3, 1)  # (B, K, D, S): K == 1 broadcasts over the H query heads
+    v = v.transpose(0, 2, 1, 3)  # (B, K, S, D)
     att = (q @ k) * (1.0 / math.sqrt(D))  # (B, H, T, S)
     att = jnp.where(visible, att.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     att = jax.nn.softmax(att, axis=-1).astype(q.dtype)  # (B, H, T, S)
@@ -106,12 +110,15 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax
 def _block(config: TransformerConfig, p: dict, x: jax.Array, attend):
     """x + attn(ln_1(x)), then + mlp(ln_2(x)). `attend(q, k, v) -> (y, layer_cache)`."""
     B, T, _ = x.shape
-    H, D = config.n_heads, config.d_head
-    qkv = _linear(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x, config.norm_eps))  # (B, T, 3HD)
-    q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x (B, T, H*D)
+    H, K, D = config.n_heads, config.n_kv_heads, config.d_head
+    qkv = _linear(p["attn"]["c_attn"], _layer_norm(p["ln_1"], x, config.norm_eps))  # (B,T,(H+2K)D)
+    if K == H:
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x (B, T, H*D)
+    else:
+        q, k, v = jnp.split(qkv, [H * D, (H + K) * D], axis=-1)  # (B,T,H*D), 2 x (B,T,K*D)
     q = q.reshape(B, T, H, D)  # (B, T, H, D)
-    k = k.reshape(B, T, H, D)  # (B, T, H, D)
-    v = v.reshape(B, T, H, D)  # (B, T, H, D)
+    k = k.reshape(B, T, K, D)  # (B, T, K, D)
+    v = v.reshape(B, T, K, D)  # (B, T, K, D)
     y, layer_cache = attend(q, k, v)  # (B, T, H*D)
     x = x + _linear(p["attn"]["c_proj"], y)  # (B, T, E)
     h = _linear(p["mlp"]["c_fc"], _layer_norm(p["ln_2"], x, config.norm_eps))  # (B, T, F)
@@ -137,7 +144,7 @@ def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
         def attend(q, k, v):
             written = layer_cache
             if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
-                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, H, D)
+                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
                 written = {"k": jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
                            "v": jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))}
             return _attend(q, k, v, visible), written
@@ -172,8 +179,8 @@ def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cach
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
-            k_all = jnp.where(here, k.astype(layer_cache["k"].dtype), layer_cache["k"])  # (B,S,H,D)
-            v_all = jnp.where(here, v.astype(layer_cache["v"].dtype), layer_cache["v"])  # (B,S,H,D)
+            k_all = jnp.where(here, k.astype(layer_cache["k"].dtype), layer_cache["k"])  # (B,S,K,D)
+            v_all = jnp.where(here, v.astype(layer_cache["v"].dtype), layer_cache["v"])  # (B,S,K,D)
             return _attend(q, k_all, v_all, visible), {"k": k_all, "v": v_all}
 
         return _block(config, p, x, attend)

@@ -3,7 +3,8 @@
 Serial pre-norm blocks; grouped-query attention (K kv heads expanded to the H query heads with
 `jnp.repeat`; K == H is multi-head, K == 1 multiquery); RMSNorm; SwiGLU feed-forward (w1 gate, w3
 up, w2 down); rotary position embeddings on interleaved pairs (as Meta's reference code) with
-base `config.rope_theta`; no biases; a separate, untied output matrix. Parameter names follow
+base `config.rope_theta` and `config.rope_scaling`; no biases, except on Q/K/V (bq, bk, bv)
+when `config.qkv_bias` (Qwen2); a separate, untied output matrix. Parameter names follow
 Meta's checkpoints. Decode writes each row's K/V with a vmapped `dynamic_update_slice` (a
 `scatter` in the jaxpr), unlike gpt2/palm, which use a `where` over the slots.
 
@@ -28,6 +29,7 @@ from meshwright.models.common import (
     check_prompt,
     layers_for,
     normals,
+    rope_inv_freq,
     run_layers,
 )
 from meshwright.models.config import TransformerConfig
@@ -50,6 +52,8 @@ def init_params(config: TransformerConfig, key: jax.Array) -> dict:
     layers = {
         "attention_norm": jnp.ones((N, E), dtype),
         "wq": w["wq"], "wk": w["wk"], "wv": w["wv"], "wo": w["wo"],
+        **({"bq": jnp.zeros((N, HD), dtype), "bk": jnp.zeros((N, KD), dtype),
+            "bv": jnp.zeros((N, KD), dtype)} if config.qkv_bias else {}),
         "ffn_norm": jnp.ones((N, E), dtype),
         "w1": w["w1"], "w3": w["w3"], "w2": w["w2"],
     }
@@ -65,10 +69,10 @@ def _rms_norm(scale: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     return (x32 * inv_rms).astype(x.dtype) * scale
 
 
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """RoPE on interleaved pairs (x[2i], x[2i+1]). x (B, T, N, D), positions (B, T) or (1, T)."""
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """RoPE on interleaved pairs (x[2i], x[2i+1]). x (B, T, N, D), positions (B, T) or (1, T),
+    inv_freq (D/2,)."""
     B, T, N, D = x.shape
-    inv_freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # (B, T, D/2)
     cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, D/2)
     sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, D/2)
@@ -99,11 +103,15 @@ def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Arra
     B, T, _ = x.shape
     H, K, D = config.n_heads, config.n_kv_heads, config.d_head
     h = _rms_norm(p["attention_norm"], x, config.norm_eps)  # (B, T, E)
-    q = jnp.dot(h, p["wq"]).reshape(B, T, H, D)  # (B, T, H, D)
-    k = jnp.dot(h, p["wk"]).reshape(B, T, K, D)  # (B, T, K, D)
-    v = jnp.dot(h, p["wv"]).reshape(B, T, K, D)  # (B, T, K, D)
-    q = _rope(q, positions, config.rope_theta)  # (B, T, H, D)
-    k = _rope(k, positions, config.rope_theta)  # (B, T, K, D)
+    q, k, v = jnp.dot(h, p["wq"]), jnp.dot(h, p["wk"]), jnp.dot(h, p["wv"])  # (B, T, HD|KD)
+    if config.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = q.reshape(B, T, H, D)  # (B, T, H, D)
+    k = k.reshape(B, T, K, D)  # (B, T, K, D)
+    v = v.reshape(B, T, K, D)  # (B, T, K, D)
+    inv_freq = rope_inv_freq(config, D)  # (D/2,)
+    q = _rope(q, positions, inv_freq)  # (B, T, H, D)
+    k = _rope(k, positions, inv_freq)  # (B, T, K, D)
     out, layer_cache = attend(q, k, v)  # (B, T, H*D)
     x = x + jnp.dot(out, p["wo"])  # (B, T, E)
     h = _rms_norm(p["ffn_norm"], x, config.norm_eps)  # (B, T, E)

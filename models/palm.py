@@ -24,6 +24,7 @@ from meshwright.models.common import (
     check_prompt,
     layers_for,
     normals,
+    rope_inv_freq,
     run_layers,
 )
 from meshwright.models.config import TransformerConfig
@@ -32,7 +33,7 @@ from meshwright.models.config import TransformerConfig
 def validate(config: TransformerConfig) -> None:
     """Raise a ValueError unless `config` describes a PaLM-style architecture."""
     check_family(config, "palm", parallel_block=True, norm="layernorm", activation="swiglu",
-                 positions="rope", tie_embeddings=True)
+                 positions="rope", tie_embeddings=True, qkv_bias=False)
 
 
 def init_params(config: TransformerConfig, key: jax.Array) -> dict:
@@ -65,10 +66,8 @@ def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE. x (B, T, N, D), positions (B, T) or (1, T)."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x (B, T, N, D), positions (B, T) or (1, T), inv_freq (D/2,)."""
     angles = jnp.einsum("bt,f->btf", positions.astype(jnp.float32), inv_freq)  # (B, T, D/2)
     sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, D/2)
     cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, D/2)
@@ -92,8 +91,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax
 def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Array, attend):
     """x + attn(ln(x)) + mlp(ln(x)). `attend(q, k, v) -> (out (B, T, H, D), layer_cache)`."""
     h = _layer_norm(p["norm"], x, config.norm_eps)  # (B, T, E)
-    q = _rope(jnp.einsum("bte,ehd->bthd", h, p["q"]), positions, config.rope_theta)  # (B,T,H,D)
-    k = _rope(jnp.einsum("bte,ekd->btkd", h, p["k"]), positions, config.rope_theta)  # (B,T,K,D)
+    inv_freq = rope_inv_freq(config, config.d_head)  # (D/2,)
+    q = _rope(jnp.einsum("bte,ehd->bthd", h, p["q"]), positions, inv_freq)  # (B, T, H, D)
+    k = _rope(jnp.einsum("bte,ekd->btkd", h, p["k"]), positions, inv_freq)  # (B, T, K, D)
     v = jnp.einsum("bte,ekd->btkd", h, p["v"])  # (B, T, K, D)
     out, layer_cache = attend(q, k, v)  # (B, T, H, D)
     attn = jnp.einsum("bthd,hde->bte", out, p["o"])  # (B, T, E)

@@ -135,3 +135,20 @@ def build(config: TransformerConfig | str) -> Model:
     if isinstance(config, str):
         config = get_config(config)
     return Model(config)
+
+
+def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """Full-sequence causal logits (B, T, V) of the reference model of `config` for tokens (B, T).
+
+    A plain function of arrays once `config` is bound, e.g. with a loaded checkpoint:
+
+        config, params = meshwright.models.from_pretrained("path/to/gpt2")
+        out = jax.jit(meshwright.models.logits, static_argnums=0)(config, params, tokens)
+    """
+    return build(config).logits(params, tokens)
+
+
+def param_shapes(config: TransformerConfig) -> dict:
+    """The parameter pytree of `config` as jax.ShapeDtypeStruct leaves (nothing is allocated),
+    e.g. for a planner that chooses a sharding per parameter before a checkpoint is loaded."""
+    return jax.eval_shape(build(config).init_params, jax.random.PRNGKey(0))
