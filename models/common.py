@@ -85,7 +85,7 @@ def rope_inv_freq(config: TransformerConfig, d_head: int) -> jax.Array:
         old_len = config.rope_original_max_len
         wavelen = 2 * math.pi / inv_freq  # (d_head/2,)
         scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)  # 0 at the low end of the ramp, 1 at the top
+        smooth = (old_len / wavelen - low) / (high - low)  # 0 at the ramp's low end, 1 at its top
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return jnp.where(medium, smoothed, scaled)

@@ -13,7 +13,7 @@ Supported (config.json `architectures`, else `model_type`), each onto one refere
 | Hugging Face | family | notes |
 |---|---|---|
 | GPT2LMHeadModel (gpt2) | gpt2 | Conv1D weights are stored (in, out): taken as they are |
-| GPTBigCodeForCausalLM (gpt_bigcode) | gpt2 | multiquery: n_kv_heads = 1; Linear (out, in) transposed |
+| GPTBigCodeForCausalLM (gpt_bigcode) | gpt2 | multi_query: n_kv_heads = 1; Linear (out, in) |
 | LlamaForCausalLM (llama) | llama | GQA; tied or untied; RoPE default, "linear", "llama3" |
 | MistralForCausalLM (mistral) | llama | sliding window W: max_len is capped at W (exact there) |
 | Qwen2ForCausalLM (qwen2) | llama | Q/K/V biases (config.qkv_bias) |
