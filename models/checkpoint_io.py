@@ -10,9 +10,9 @@ picked or reordered, or stacked over layers — and each device asks it for its 
     ((4, 3, 2), (2, 3, 1))
 
 `place(lazy, sharding, dtype)` then builds a jax.Array in `sharding`: one read per distinct
-block (a replicated block is read once and copied to its devices), each block put on its
-device before the next is read, so the host holds at most one block at a time beyond what
-the devices hold. (`jax.make_array_from_callback` would read every local block first and
+block (a replicated block is read once and copied to its devices), each block on its devices
+before the next is read, so the host holds about one block at a time beyond what the devices
+hold. (`jax.make_array_from_callback` would read every local block first and
 transfer them together: up to the whole tensor on the host at once; see
 benchmarks/checkpoint_load_memory.py.)
 """
@@ -39,6 +39,7 @@ _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64":
                  "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                  "BOOL": np.bool_}
 INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 8 * 2**20  # transposed blocks are read this many bytes at a time
 
 
 class CheckpointError(ValueError):
@@ -199,7 +200,20 @@ class Transposed:
         return cols, rows
 
     def read(self, index: Index) -> np.ndarray:
-        return np.ascontiguousarray(self.source.read(index[::-1]).T)
+        # In chunks of source rows, so that the host holds the block plus one chunk rather
+        # than the block twice (read, then its transposed copy).
+        rows, cols = index
+        out = None
+        step = max(1, CHUNK_BYTES // (4 * max(1, rows.stop - rows.start)))
+        for start in range(cols.start, cols.stop, step):
+            stop = min(start + step, cols.stop)
+            part = self.source.read((slice(start, stop), rows))  # (chunk, rows)
+            if out is None:
+                out = np.empty((rows.stop - rows.start, cols.stop - cols.start), part.dtype)
+            out[:, start - cols.start:stop - cols.start] = part.T
+        if out is None:  # an empty block
+            out = self.source.read((cols, rows)).T.copy()
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,8 +254,13 @@ class Stacked:
         return (len(self.parts), *self.parts[0].shape)
 
     def read(self, index: Index) -> np.ndarray:
-        layers = range(len(self.parts))[index[0]]
-        return np.stack([self.parts[i].read(index[1:]) for i in layers])
+        out = None
+        for row, layer in enumerate(range(len(self.parts))[index[0]]):
+            part = self.parts[layer].read(index[1:])
+            if out is None:
+                out = np.empty((index[0].stop - index[0].start, *part.shape), part.dtype)
+            out[row] = part
+        return out if out is not None else np.stack([])
 
 
 # ---- placement -----------------------------------------------------------------------------
@@ -261,6 +280,11 @@ def place(lazy: LazyArray, sharding: jax.sharding.Sharding, dtype) -> jax.Array:
     arrays = []
     for bounds, devices in devices_of.items():
         block = lazy.read(tuple(slice(*b) for b in bounds)).astype(dtype, copy=False)
-        arrays.extend(jax.device_put(block, device) for device in devices)
-        del block
+        copies = [jax.device_put(block, device) for device in devices]
+        # device_put is asynchronous and keeps `block` alive until its copy is done: wait, or
+        # the next blocks would be read while this one is still held (measured: up to ~a
+        # whole tensor more host memory).
+        jax.block_until_ready(copies)
+        arrays.extend(copies)
+        del block, copies
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
