@@ -137,9 +137,12 @@ def check_fused_step(scheduler, out, before):
     ("fused", True, 8), ("fused", True, 6), ("fused", False, 8), ("static", True, 8),
     ("dynamic", True, 4)])
 def test_many_requests_match_running_alone(policy, shuffle, max_slots):
-    rng = random.Random(hash((policy, shuffle, max_slots)) % 1000)
-    arrivals = poisson_arrivals(rng, 700, per_step=rng.choice([0.3, 1.0]))
-    arrivals += poisson_arrivals(rng, 200, per_step=5.0)  # a burst above capacity at t=0..
+    rng = random.Random(f"{policy}-{shuffle}-{max_slots}")
+    arrivals = []
+    for per_step in (3.0, 0.4, 0.25, 3.0, 0.4, 0.25):  # bursts above capacity, then lulls
+        burst = poisson_arrivals(rng, 150, per_step=per_step)
+        start = max((t for t, _ in arrivals), default=0.0) + 1
+        arrivals += [(start + t, r) for t, r in burst]
     s = Scheduler(max_slots, max_queue=10_000, policy=policy, window_s=3.0, shuffle=shuffle,
                   max_len=MAX_LEN, vocab_size=VOCAB)
     moves = []
@@ -160,7 +163,7 @@ def test_many_requests_match_running_alone(policy, shuffle, max_slots):
                                         else "length")
         assert len(result.token_times_s) == len(result.tokens)
     if check:
-        assert sum(moves) > 20  # the shuffle really ran
+        assert sum(moves) > 50  # the shuffle really ran
     else:
         assert sum(moves) == 0
 

@@ -1,0 +1,553 @@
+"""The serving engine: the scheduler's decisions carried out on compiled model steps.
+
+    >>> from meshwright.runtime.engine import Engine
+    >>> engine = Engine("palm-tiny", max_slots=4, max_len=64, progress=False)
+    >>> [r.tokens for r in engine.generate([[1, 2, 3], [4, 5]], max_tokens=3)]  # doctest: +SKIP
+    [[..., ..., ...], [..., ..., ...]]
+
+One iteration (`Engine.step`), as gpt-fast would write it, with the compile boundary in one
+place (`compile_fn`):
+
+    out = scheduler.schedule(now)          # device-free decisions (runtime/scheduler.py)
+    kv.resize / kv.move                    # bucket change and memory shuffle, on device
+    prefill(prompt padded on the right)    # batch 1, per admitted request -> first token
+    decode_step(bucket rows)               # every live request, at its own position
+    scheduler.update(out, sampled, now)    # finished requests leave and are delivered
+
+The seam for the sharded compiler (`mw.shard`, written later):
+
+- `compile_fn(phase, bucket) -> callable` is called once per (phase, bucket) at start-up.
+  `bucket` is a `Bucket(batch, length)`: decode buckets are (1, 2, 4, ..., max_slots) rows
+  with `length` = the cache length max_len; prefill buckets are one row of a padded prompt
+  length. The callable has the model's own signature and meaning at those shapes:
+  prefill(params, tokens (1, length), cache) and decode_step(params, tokens (batch,), cache,
+  positions (batch,)), with cache {"k", "v"} (n_layers, batch, max_len, kv_heads, d_head),
+  and returns (logits, cache); the engine donates the cache it passes. The default is
+  `jax.jit(model.fn(phase), donate_argnums=2)`, compiled ahead of time.
+- `planner_fn(phase, bucket) -> str` names the layout of each compiled bucket (default:
+  "replicated"); the engine counts how often consecutive decode steps change layout
+  (`stats.layout_switches`). Weights are placed once (`params` as given, replicated over
+  `mesh` if one is given), never moved on a bucket switch.
+- `cache_sharding`: None, a `jax.sharding.Sharding`, or capacity -> Sharding (see
+  `kv_cache.batch_sharding`); the KV cache is re-placed when its bucket changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshwright.models import Model, TransformerConfig, build, get_config
+from meshwright.runtime.kv_cache import KVCache, ShardingSpec, warm_up
+from meshwright.runtime.request import Request, Result, SamplingParams
+from meshwright.runtime.sampling import greedy, greedy_at, sample_tokens
+from meshwright.runtime.scheduler import Prefill, Scheduler, SchedulerOutput, bucket_sizes
+
+
+class Bucket(NamedTuple):
+    """The static shape a step is compiled for."""
+
+    batch: int  # rows: decode 1, 2, 4, ..., max_slots; prefill 1
+    length: int  # decode: KV cache length (max_len); prefill: padded prompt length
+
+
+CompileFn = Callable[[str, Bucket], Callable]
+PlannerFn = Callable[[str, Bucket], "str | None"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clocks
+
+
+class WallClock:
+    """Real time since the clock was made; waiting sleeps."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    @contextlib.contextmanager
+    def compute(self):
+        yield
+
+    def wait_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class VirtualClock:
+    """Replay time: advances by the measured wall time of the engine's work, and jumps over
+    idle waits instead of sleeping. Same numbers as a wall clock, without the idle time."""
+
+    def __init__(self) -> None:
+        self._t = 0.0
+
+    def now(self) -> float:
+        return self._t
+
+    @contextlib.contextmanager
+    def compute(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t += time.perf_counter() - t0
+
+    def wait_until(self, t: float) -> None:
+        self._t = max(self._t, t)
+
+
+def make_clock(clock: str) -> WallClock | VirtualClock:
+    if clock == "wall":
+        return WallClock()
+    if clock == "virtual":
+        return VirtualClock()
+    raise ValueError(f"clock must be 'wall' or 'virtual', got {clock!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Handles and statistics
+
+
+class RequestHandle:
+    """A submitted request. Iterate it to stream tokens as they are produced (this drives the
+    engine), or call `result()` to wait for the whole Result."""
+
+    def __init__(self, engine: Engine, request_id: int,
+                 on_token: Callable[[int, int], None] | None = None) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.tokens: list[int] = []  # produced so far
+        self.on_token = on_token  # called as on_token(request_id, token) for each token
+        self._result: Result | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def result(self) -> Result:
+        """Run the engine until this request has finished (or was refused)."""
+        while not self.done:
+            self.engine._advance()
+        return self._result
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            while i < len(self.tokens):
+                yield self.tokens[i]
+                i += 1
+            if self.done:
+                return
+            self.engine._advance()
+
+    def _push(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(self.request_id, token)
+
+    def __repr__(self) -> str:
+        state = self._result.finish_reason if self._result else "running"
+        return f"RequestHandle(id={self.request_id}, {len(self.tokens)} tokens, {state})"
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine (or its last `reset_stats`) started."""
+
+    steps: int = 0  # iterations that did something
+    decode_steps: int = 0
+    prefills: int = 0
+    moves: int = 0  # KV slot moves of the memory shuffle
+    resizes: int = 0  # bucket changes of the KV cache
+    tokens: int = 0  # tokens produced
+    buckets_used: Counter = field(default_factory=Counter)  # decode bucket -> steps
+    layout_switches: int = 0  # consecutive decode steps with different layouts
+    seconds: Counter = field(default_factory=Counter)  # wall time per part of the iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+def prefill_lengths_for(max_len: int, smallest: int = 8) -> tuple[int, ...]:
+    """Padded prompt lengths: powers of two from `smallest`, capped by max_len.
+
+    >>> prefill_lengths_for(64), prefill_lengths_for(320)
+    ((8, 16, 32, 64), (8, 16, 32, 64, 128, 256, 320))
+    """
+    lengths, n = [], smallest
+    while n < max_len:
+        lengths.append(n)
+        n *= 2
+    return (*lengths, max_len)
+
+
+class Engine:
+    """Serve a model with iteration-level scheduling (Flover temporal fusion) or a baseline.
+
+    `model` is a Model, a TransformerConfig or a preset name; `params` default to
+    `model.init_params(PRNGKey(0))`. `max_len` (default: the config's) is the KV length of a
+    slot: prompt + max_tokens must fit in it. `policy` is "fused", "static" or "dynamic"
+    (`window_s` is dynamic batching's window); `shuffle=False` turns the memory shuffle off.
+    `prefill_lengths` are the padded prompt lengths (default `prefill_lengths_for(max_len)`).
+    `warmup` compiles every bucket at start-up (with a progress bar unless `progress=False`);
+    otherwise each bucket compiles on first use. See the module docstring for `compile_fn`,
+    `planner_fn`, `cache_sharding` and `mesh`.
+    """
+
+    def __init__(self, model: Model | TransformerConfig | str, params: dict | None = None, *,
+                 mesh: jax.sharding.Mesh | None = None, max_slots: int = 8,
+                 max_len: int | None = None, policy: str = "fused", shuffle: bool = True,
+                 window_s: float = 0.01, max_queue: int = 1024,
+                 compile_fn: CompileFn | None = None, planner_fn: PlannerFn | None = None,
+                 cache_sharding: ShardingSpec = None,
+                 prefill_lengths: Sequence[int] | None = None, clock: str = "wall",
+                 warmup: bool = True, progress: bool = True) -> None:
+        model = _as_model(model)
+        cfg = model.config
+        max_len = max_len or cfg.max_len
+        if max_len > cfg.max_len:  # RoPE models run longer; learned positions need params
+            model = build(cfg.replace(max_len=max_len))
+            cfg = model.config
+        self.model, self.config, self.max_len, self.max_slots = model, cfg, max_len, max_slots
+        self.mesh = mesh
+        if params is None:
+            params = model.init_params(jax.random.PRNGKey(0))
+        if mesh is not None:
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            params = jax.device_put(params, replicated)
+            if cache_sharding is None:
+                cache_sharding = replicated
+        self.params = params
+        self.kv = KVCache.for_config(cfg, max_slots, max_len, sharding=cache_sharding)
+        self.prefill_lengths = tuple(sorted(prefill_lengths or prefill_lengths_for(max_len)))
+        if self.prefill_lengths[-1] < max_len - 1:
+            raise ValueError(f"prefill_lengths {self.prefill_lengths} must reach "
+                             f"max_len - 1 = {max_len - 1} (the longest prompt)")
+        self.compile_fn = compile_fn or self.default_compile_fn
+        self.planner_fn = planner_fn
+        self.clock = make_clock(clock)
+        self.stats = EngineStats()
+        self._steps: dict[tuple[str, Bucket], Callable] = {}
+        self._zero_cache_fn = None
+        self.layouts: dict[tuple[str, Bucket], str] = {}
+        self._last_layout: str | None = None
+        self._handles: dict[int, RequestHandle] = {}
+        self._done: list[Result] = []
+        self.set_policy(policy, shuffle=shuffle, window_s=window_s, max_queue=max_queue)
+        if warmup:
+            self.compile_all(progress=progress)
+
+    # ---- configuration --------------------------------------------------------------------
+    def set_policy(self, policy: str, *, shuffle: bool = True, window_s: float | None = None,
+                   max_queue: int | None = None) -> None:
+        """Switch scheduling policy (only when idle); compiled steps are kept."""
+        old = getattr(self, "scheduler", None)
+        if old is not None and old.has_work():
+            raise RuntimeError("set_policy: the engine still has requests in flight")
+        self.policy, self.shuffle = policy, shuffle
+        self.scheduler = Scheduler(
+            self.max_slots,
+            max_queue if max_queue is not None else old.max_queue,
+            policy, window_s if window_s is not None else old.window_s, shuffle=shuffle,
+            max_len=self.max_len, vocab_size=self.config.vocab_size)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+        self._last_layout = None
+
+    # ---- compilation ------------------------------------------------------------------------
+    def buckets(self) -> list[tuple[str, Bucket]]:
+        """Every (phase, bucket) the engine runs: decode per batch bucket, prefill per length."""
+        return ([("decode", Bucket(b, self.max_len)) for b in bucket_sizes(self.max_slots)]
+                + [("prefill", Bucket(1, n)) for n in self.prefill_lengths])
+
+    def default_compile_fn(self, phase: str, bucket: Bucket) -> Callable:
+        """`jax.jit` of the model's function with the cache donated (one device, or replicated
+        over `mesh`)."""
+        return jax.jit(self.model.fn(phase), donate_argnums=(2,))
+
+    def compile_all(self, progress: bool = True) -> None:
+        """Compile every bucket ahead of time (and the small cache/sampling helpers)."""
+        todo = self.buckets()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(todo, desc=f"compiling {self.config.name}", unit="bucket", leave=False)
+        t0 = time.perf_counter()
+        for phase, bucket in bar if bar is not None else todo:
+            if bar is not None:
+                bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
+            self._step_fn(phase, bucket)
+        self.stats.seconds["compile"] += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+
+    def _step_fn(self, phase: str, bucket: Bucket) -> Callable:
+        key = (phase, bucket)
+        fn = self._steps.get(key)
+        if fn is None:
+            fn = self.compile_fn(phase, bucket)
+            args = self._example_args(phase, bucket)
+            if hasattr(fn, "lower"):  # jax.jit-like: compile ahead of time
+                fn.lower(*args).compile()
+            # One call on zeros: compiles any other callable (e.g. mw.shard), and fills jit's
+            # dispatch cache (a first call takes ~15 ms more than the next ones).
+            jax.block_until_ready(fn(*_zeros_like(args)))
+            self._warm_helpers(phase, bucket)
+            self._steps[key] = fn
+            layout = self.planner_fn(phase, bucket) if self.planner_fn else None
+            self.layouts[key] = layout or "replicated"
+        return fn
+
+    def _example_args(self, phase: str, bucket: Bucket) -> tuple:
+        cfg = self.config
+        cache_shape = (cfg.n_layers, bucket.batch, self.max_len, cfg.n_kv_heads, cfg.d_head)
+        sharding = (self.kv.sharding_for(bucket.batch) if phase == "decode"
+                    else self._prefill_cache_sharding())
+        kv = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(cfg.dtype), sharding=sharding)
+        cache = {"k": kv, "v": kv}
+        if phase == "prefill":
+            return (self.params, jax.ShapeDtypeStruct((1, bucket.length), jnp.int32), cache)
+        rows = jax.ShapeDtypeStruct((bucket.batch,), jnp.int32)
+        return (self.params, rows, cache, rows)
+
+    def _warm_helpers(self, phase: str, bucket: Bucket) -> None:
+        """Compile what runs around a step at this shape: the greedy sampler, and for decode
+        buckets the cache's write/move/resize. (The full sampler -- temperature, top-k,
+        top-p -- compiles on first use: greedy-only serving never needs it.)"""
+        V = self.config.vocab_size
+        if phase == "decode":
+            greedy(jnp.zeros((bucket.batch, V), jnp.float32)).block_until_ready()
+            warm_up(self.kv, bucket.batch)
+        else:
+            greedy_at(jnp.zeros((1, bucket.length, V), jnp.float32),
+                      np.zeros(1, np.int32)).block_until_ready()
+            jax.block_until_ready(self._zero_cache())
+
+    def _prefill_cache_sharding(self):
+        return self.kv.sharding_for(1)
+
+    def _zero_cache(self) -> dict[str, jax.Array]:
+        """A fresh zero one-slot cache for a prefill (one dispatch; the prefill donates it)."""
+        if self._zero_cache_fn is None:
+            cfg = self.config
+            shape = (cfg.n_layers, 1, self.max_len, cfg.n_kv_heads, cfg.d_head)
+
+            def zeros():
+                return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+            sharding = self._prefill_cache_sharding()
+            self._zero_cache_fn = (jax.jit(zeros) if sharding is None
+                                   else jax.jit(zeros, out_shardings=sharding))
+        return self._zero_cache_fn()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def submit(self, request: Request, on_token: Callable[[int, int], None] | None = None, *,
+               arrival_s: float | None = None) -> RequestHandle:
+        """Queue a request; returns its handle at once. An invalid request (or one past the
+        queue bound) comes back already finished with finish_reason "refused" and the reason
+        in `handle.result().error`; it never disturbs the requests in flight."""
+        now = self.clock.now() if arrival_s is None else arrival_s
+        state = self.scheduler.submit(request, now)
+        handle = RequestHandle(self, state.request_id, on_token)
+        if isinstance(state, Result):
+            handle._result = state
+            self._done.append(state)
+        else:
+            self._handles[state.request_id] = handle
+        return handle
+
+    def generate(self, prompts: Iterable[Sequence[int] | Request], max_tokens: int = 16,
+                 sampling: SamplingParams | None = None,
+                 stop_tokens: Sequence[int] = ()) -> list[Result]:
+        """Run a list of prompts (token id lists, or Requests) to completion; results in order."""
+        handles = [self.submit(p if isinstance(p, Request) else Request(
+            prompt=tuple(p), max_tokens=max_tokens, sampling=sampling or SamplingParams(),
+            stop_tokens=tuple(stop_tokens))) for p in prompts]
+        return [h.result() for h in handles]
+
+    def run_until_idle(self) -> list[Result]:
+        """Step until nothing waits or runs; the results delivered meanwhile (and refusals
+        not collected before), in the order they finished."""
+        while self.scheduler.has_work():
+            self._advance()
+        done, self._done = self._done, []
+        return done
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _advance(self) -> None:
+        """One step, or a wait when the scheduler has nothing to do yet (dynamic window)."""
+        if not self.scheduler.has_work():
+            raise RuntimeError("the engine is idle: nothing was submitted that could finish")
+        wait_until = self.step()
+        if wait_until is not None:
+            self.clock.wait_until(wait_until)
+
+    def step(self) -> float | None:
+        """One iteration: schedule, shuffle, prefill, decode, deliver. Returns the time to
+        wait until when the scheduler chose to wait (dynamic batching), else None."""
+        with self.clock.compute():
+            out = self.scheduler.schedule(self.clock.now())
+            if out.idle:
+                self.scheduler.update(out, {}, self.clock.now())
+                return out.wait_until
+            sampled = self._run(out)
+        finished = self.scheduler.update(out, sampled, self.clock.now())
+        self.stats.steps += 1
+        self.stats.tokens += len(sampled)
+        for request_id, token in sampled.items():
+            self._handles[request_id]._push(token)
+        for result in finished:
+            self._handles.pop(result.request_id)._result = result
+            self._done.append(result)
+        return None
+
+    def _run(self, out: SchedulerOutput) -> dict[int, int]:
+        seconds = self.stats.seconds
+        t0 = time.perf_counter()
+        kv = self.kv
+        if out.bucket > kv.capacity:
+            kv.resize(out.bucket)
+            self.stats.resizes += 1
+        for src, dst in out.moves:
+            kv.move(src, dst)
+        self.stats.moves += len(out.moves)
+        if 0 < out.bucket < kv.capacity:
+            kv.resize(out.bucket)
+            self.stats.resizes += 1
+        t1 = time.perf_counter()
+        seconds["shuffle"] += t1 - t0
+        sampled = {p.request_id: self._prefill(p) for p in out.prefills}
+        self.stats.prefills += len(out.prefills)
+        t2 = time.perf_counter()
+        seconds["prefill"] += t2 - t1
+        if out.decode_slots:
+            sampled.update(self._decode(out))
+            seconds["decode"] += time.perf_counter() - t2
+        return sampled
+
+    def _prefill(self, p: Prefill) -> int:
+        """Prefill one prompt, padded on the right to a compiled length, into its slot.
+
+        Padding is harmless: the prompt's last real token (T-1) attends only to positions
+        <= T-1, and the padded positions' K/V (written at T..) are never read: the request's
+        decode steps write position T, T+1, ... before attending to them, and attend only
+        to positions <= their own.
+        """
+        T = len(p.prompt)
+        length = next(n for n in self.prefill_lengths if n >= T)
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :T] = p.prompt
+        fn = self._step_fn("prefill", Bucket(1, length))
+        logits, cache = fn(self.params, tokens, self._zero_cache())  # (1, length, V)
+        self.kv.update(p.slot, 0, cache["k"], cache["v"])
+        request = self.scheduler.get(p.request_id).request
+        return int(sample_tokens(logits, [request.sampling], [0], last=[T - 1])[0])
+
+    def _decode(self, out: SchedulerOutput) -> dict[int, int]:
+        bucket = Bucket(out.bucket, self.max_len)
+        fn = self._step_fn("decode", bucket)
+        layout = self.layouts[("decode", bucket)]
+        if self._last_layout is not None and layout != self._last_layout:
+            self.stats.layout_switches += 1
+        self._last_layout = layout
+        params, indices = [None] * out.bucket, [0] * out.bucket
+        for slot, request_id in zip(out.decode_slots, out.decode_ids):
+            state = self.scheduler.get(request_id)
+            params[slot], indices[slot] = state.request.sampling, len(state.tokens)
+        logits, cache = fn(self.params, np.asarray(out.tokens, np.int32), self.kv.as_dict(),
+                           np.asarray(out.positions, np.int32))
+        self.kv.set(cache)
+        tokens = sample_tokens(logits, params, indices)
+        self.stats.decode_steps += 1
+        self.stats.buckets_used[out.bucket] += 1
+        return {rid: int(tokens[slot]) for slot, rid in zip(out.decode_slots, out.decode_ids)}
+
+    # ---- replay a workload ------------------------------------------------------------------
+    def serve(self, workload, clock: str = "virtual", progress: bool = False) -> ServeReport:
+        """Replay `workload` (a `workload.Workload` or a list of (arrival_s, Request)):
+        submit each request at its arrival time, step while there is work, wait (virtual
+        clock: jump) when there is none. Returns the results and the summary metrics."""
+        from meshwright.runtime.workload import summarize
+
+        arrivals = sorted(getattr(workload, "arrivals", workload), key=lambda a: a[0])
+        if self.scheduler.has_work():
+            raise RuntimeError("serve() needs an idle engine")
+        saved_clock, self.clock = self.clock, make_clock(clock)
+        self.reset_stats()
+        self._done = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(arrivals), desc=f"serve {self.policy}", unit="req",
+                       leave=False)
+        try:
+            i, n = 0, len(arrivals)
+            while i < n or self.scheduler.has_work():
+                now = self.clock.now()
+                while i < n and arrivals[i][0] <= now:
+                    self.submit(arrivals[i][1], arrival_s=arrivals[i][0])
+                    i += 1
+                if self.scheduler.has_work():
+                    wait_until = self.step()
+                    if wait_until is not None:
+                        nxt = arrivals[i][0] if i < n else wait_until
+                        self.clock.wait_until(min(wait_until, nxt))
+                elif i < n:
+                    self.clock.wait_until(arrivals[i][0])
+                if bar is not None:
+                    bar.n = len(self._done)
+                    bar.refresh()
+            elapsed = self.clock.now()
+        finally:
+            self.clock = saved_clock
+            if bar is not None:
+                bar.close()
+        results, self._done = sorted(self._done, key=lambda r: r.request_id), []
+        return ServeReport(results=results, metrics=summarize(
+            results, policy=self.policy, elapsed_s=elapsed, stats=self.stats,
+            layouts=self.layouts, shuffle=self.shuffle))
+
+
+@dataclass
+class ServeReport:
+    """What `Engine.serve` returns."""
+
+    results: list[Result]  # one per submitted request, in submission order
+    metrics: dict  # see workload.summarize
+
+
+def _zeros_like(args: tuple) -> tuple:
+    """Real zero arrays (placed as the specs say) for ShapeDtypeStruct leaves."""
+    def zeros(x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        z = jnp.zeros(x.shape, x.dtype)
+        return z if x.sharding is None else jax.device_put(z, x.sharding)
+
+    return jax.tree.map(zeros, args)
+
+
+def _as_model(model: Model | TransformerConfig | str) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, str):
+        model = get_config(model)
+    if isinstance(model, TransformerConfig):
+        return build(model)
+    raise TypeError(f"model must be a Model, a TransformerConfig or a preset name, "
+                    f"got {type(model).__name__}")

@@ -1,0 +1,329 @@
+"""The engine end to end on the tiny models: fused scheduling gives each request exactly the
+tokens it gets alone, nothing is lost, bad requests bounce off, tokens stream.
+
+The reference ("alone") never touches the KV cache, the slots or the padding: one cache-free
+`model.logits` pass over each request's prompt + generated tokens (right-padded to max_len,
+which a causal model ignores) gives the logits the model alone produces before every token.
+Greedy decoding alone is then reproduced exactly iff every generated token is the argmax of
+the logits before it (by induction over the tokens) and the request stops where it should.
+Weights are the random init scaled x10 so that greedy outputs depend on the context instead
+of repeating one token.
+
+Numerics: a batch of 8 and a batch of 1 differ in the last bits of float32 (XLA CPU picks
+different kernels), so a token may legitimately differ where the reference's top two logits
+are within 1e-4 of each other (a near-tie). `check_greedy` allows exactly that and nothing
+else, and counts such near-ties.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshwright.models import build, get_config
+from meshwright.runtime.engine import Bucket, Engine
+from meshwright.runtime.kv_cache import batch_sharding
+from meshwright.runtime.request import Request, SamplingParams
+from meshwright.runtime.workload import make_workload
+
+MAX_LEN = 64
+NEAR_TIE = 1e-4
+CHUNK = 64  # rows per reference call (one compile per model)
+
+
+def sharp_params(model, seed=0):
+    params = model.init_params(jax.random.PRNGKey(seed))
+    return jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a, params)
+
+
+@functools.cache
+def _logits_fn(model):
+    return jax.jit(model.logits)
+
+
+def check_greedy(model, params, requests, results, max_len=MAX_LEN) -> int:
+    """Assert every result is what greedy decoding of its request alone gives (up to
+    near-ties); return the number of near-ties."""
+    assert len(requests) == len(results)
+    near_ties = 0
+    for lo in range(0, len(requests), CHUNK):
+        batch = np.zeros((CHUNK, max_len), np.int32)
+        rows = list(zip(requests[lo:lo + CHUNK], results[lo:lo + CHUNK]))
+        for i, (req, res) in enumerate(rows):
+            assert res.ok, res.error
+            seq = list(req.prompt) + res.tokens[:-1]
+            batch[i, :len(seq)] = seq
+        logits = np.asarray(_logits_fn(model)(params, batch))  # (CHUNK, max_len, V)
+        for i, (req, res) in enumerate(rows):
+            T, toks = len(req.prompt), res.tokens
+            for j, tok in enumerate(toks):
+                row = logits[i, T - 1 + j]
+                best = int(np.argmax(row))
+                if tok != best:
+                    gap = float(row[best] - row[tok])
+                    assert gap < NEAR_TIE, (
+                        f"request {res.request_id}: token {j} is {tok}, alone it is {best} "
+                        f"(logit gap {gap:.3g}); tokens {toks}")
+                    near_ties += 1
+            assert all(t not in req.stop_tokens for t in toks[:-1]), "ran past a stop token"
+            assert (toks[-1] in req.stop_tokens) == (res.finish_reason == "stop")
+            assert res.finish_reason == "stop" or len(toks) == req.max_tokens
+    return near_ties
+
+
+def random_requests(n, seed, max_len=MAX_LEN, vocab=256, long_tail=True):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        n_prompt = rng.choice([1, 2, 3, 5, 8, 13, 16, 17, 21, 30])
+        max_tokens = rng.randint(1, 12) if rng.random() < 0.7 or not long_tail \
+            else rng.randint(12, max_len - n_prompt)
+        stops = tuple(rng.sample(range(vocab), 3)) if rng.random() < 0.3 else ()
+        out.append(Request(prompt=tuple(rng.randrange(vocab) for _ in range(n_prompt)),
+                           max_tokens=max_tokens, stop_tokens=stops))
+    return out
+
+
+@pytest.fixture(scope="module")
+def palm():
+    model = build(get_config("palm-tiny").replace(max_len=MAX_LEN))
+    params = sharp_params(model)
+    engine = Engine(model, params, max_slots=8, prefill_lengths=(16, MAX_LEN),
+                    progress=False)
+    return model, params, engine
+
+
+@pytest.fixture(scope="module")
+def arrivals():
+    requests = random_requests(300, seed=1)
+    rng = random.Random(2)
+    t, out = 0.0, []
+    for i, r in enumerate(requests):  # bursts and lulls, so buckets grow and shrink
+        out.append((t, r))
+        t += rng.expovariate(3000.0 if (i // 40) % 2 == 0 else 300.0)
+    return out
+
+
+@pytest.mark.parametrize("policy,shuffle", [("fused", True), ("fused", False),
+                                            ("static", True), ("dynamic", True)])
+def test_greedy_tokens_equal_running_each_request_alone(palm, arrivals, policy, shuffle):
+    model, params, engine = palm
+    engine.set_policy(policy, shuffle=shuffle, window_s=0.002)
+    report = engine.serve(arrivals)
+    engine.set_policy("fused")
+    assert len(report.results) == len(arrivals)
+    near_ties = check_greedy(model, params, [r for _, r in arrivals], report.results)
+    assert near_ties <= 2
+    m = report.metrics
+    assert m["requests_completed"] == len(arrivals) and m["requests_failed"] == 0
+    if policy == "fused":
+        assert len(m["buckets_used"]) >= 3  # the batch grew and shrank
+        assert (m["kv_moves"] > 0) == shuffle  # the shuffle ran (and only with shuffle)
+
+
+def test_padded_prefill_matches_the_unpadded_model(palm):
+    model, params, engine = palm
+    prompt = tuple(range(3, 14))  # 11 tokens, padded to 16
+    r = engine.generate([prompt], max_tokens=1)[0]
+    logits, _ = jax.jit(model.prefill)(params, jnp.array([prompt]), model.init_cache(1))
+    assert r.tokens == [int(jnp.argmax(logits[0, -1]))]
+    k, _ = engine.kv.read(0)
+    _, cache = jax.jit(model.prefill)(params, jnp.array([prompt]), model.init_cache(1))
+    np.testing.assert_allclose(np.asarray(k[:, :11]), np.asarray(cache["k"][:, 0, :11]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_stream_as_they_are_produced(palm):
+    _, _, engine = palm
+    seen = []
+    a = engine.submit(Request(prompt=(1, 2, 3), max_tokens=6),
+                      on_token=lambda rid, tok: seen.append((rid, tok)))
+    b = engine.submit(Request(prompt=(9, 8), max_tokens=3))
+    streamed = []
+    for token in a:
+        streamed.append(token)
+        assert len(a.tokens) == len(streamed)  # one token at a time, not the whole result
+        assert not a.done or len(streamed) == 6
+    assert streamed == a.result().tokens and len(streamed) == 6
+    assert seen == [(a.request_id, t) for t in streamed]
+    assert b.done and len(b.result().tokens) == 3  # ran alongside
+    r = a.result()
+    assert r.ttft_s > 0 and r.latency_s >= r.ttft_s and len(r.token_times_s) == 6
+    assert r.token_times_s == sorted(r.token_times_s)
+
+
+def test_generate_and_sampling_are_deterministic_in_any_batch(palm):
+    _, _, engine = palm
+    prompts = [[5, 6, 7], [1], [200, 100, 3, 4], [42] * 9]
+    settings = [SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=1.0,
+                top_k=5, seed=2), SamplingParams(temperature=0.7, top_p=0.8, seed=3),
+                SamplingParams()]
+    requests = [Request(prompt=tuple(p), max_tokens=10, sampling=s)
+                for p, s in zip(prompts, settings)]
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    again = engine.generate(requests)
+    assert [r.tokens for r in again] == [r.tokens for r in together]
+    other_seed = engine.generate([Request(prompt=(5, 6, 7), max_tokens=10,
+                                          sampling=SamplingParams(temperature=0.9, seed=99))])
+    assert other_seed[0].tokens != together[0].tokens
+    plain = engine.generate([[5, 6, 7]], max_tokens=4)
+    assert plain[0].finish_reason == "length" and len(plain[0].tokens) == 4
+
+
+def test_bad_requests_bounce_without_disturbing_requests_in_flight(palm):
+    model, params, engine = palm
+    good = random_requests(24, seed=5, long_tail=False)
+    bad = [Request(prompt=()), Request(prompt=(1,) * 70), Request(prompt=(1, 256)),
+           Request(prompt=(1,), max_tokens=0), Request(prompt=(1,) * 60, max_tokens=10),
+           Request(prompt=(1,), sampling=SamplingParams(top_p=0.0)),
+           Request(prompt=(1,), sampling=SamplingParams(temperature=-0.5))]
+    handles = [engine.submit(r) for r in good[:12]]
+    engine.step()
+    engine.step()  # some are mid-flight now
+    refused = [engine.submit(r) for r in bad]
+    handles += [engine.submit(r) for r in good[12:]]
+    assert all(h.done and h.result().finish_reason == "refused" for h in refused)
+    reasons = [h.result().error for h in refused]
+    for word, reason in zip(["empty", "longer than max_len", "vocabulary", "max_tokens",
+                             "exceeds max_len", "top_p", "temperature"], reasons):
+        assert word in reason
+    check_greedy(model, params, good, [h.result() for h in handles])
+    assert not engine.scheduler.has_work()
+    engine.run_until_idle()
+
+
+def test_full_slots_wait_and_the_queue_bound_refuses_clearly(palm):
+    _, _, engine = palm
+    engine.set_policy("fused", max_queue=4)
+    try:
+        def submit(n):
+            return [engine.submit(Request(prompt=(i + 1,), max_tokens=20)) for i in range(n)]
+
+        first = submit(12)
+        assert [h.done for h in first] == [False] * 4 + [True] * 8  # only 4 may wait
+        assert "queue full" in first[4].result().error and "max_queue=4" in first[4].result().error
+        engine.step()  # the 4 are admitted: the queue has room again
+        second = submit(8)
+        assert [h.done for h in second] == [False] * 4 + [True] * 4
+        engine.step()  # 8 slots now busy
+        third = submit(4)
+        engine.step()
+        assert not any(h.done for h in third)
+        assert len(engine.scheduler.waiting) == 4  # slots full: they wait, they are not lost
+        engine.run_until_idle()
+        accepted = first[:4] + second[:4] + third
+        assert all(h.result().ok and len(h.result().tokens) == 20 for h in accepted)
+        assert all(h.result().token_times_s[0] > first[0].result().token_times_s[0]
+                   for h in third)  # they ran later
+    finally:
+        engine.run_until_idle()
+        engine.set_policy("fused", max_queue=1024)
+
+
+def test_soak_completed_plus_failed_equals_submitted(palm):
+    _, _, engine = palm
+    rng = random.Random(11)
+    arrivals = []
+    for i in range(2000):
+        if i % 40 == 0:
+            request = Request(prompt=(rng.randrange(300),) * 3, max_tokens=2)  # maybe invalid
+        else:
+            request = Request(prompt=tuple(rng.randrange(256) for _ in range(rng.randint(1, 6))),
+                              max_tokens=rng.randint(1, 4))
+        arrivals.append((i * 1e-5, request))  # far faster than the engine serves
+    invalid = sum(any(t >= 256 for t in r.prompt) for _, r in arrivals)
+    engine.set_policy("fused", max_queue=5000)
+    try:
+        m = engine.serve(arrivals).metrics
+    finally:
+        engine.set_policy("fused", max_queue=1024)
+    assert m["requests_submitted"] == 2000
+    assert m["requests_completed"] + m["requests_failed"] == 2000
+    assert m["requests_failed"] == invalid > 0
+    assert all("vocabulary" in reason for reason in m["failure_reasons"])
+
+
+def test_wall_clock_serving_and_dynamic_waiting(palm):
+    _, _, engine = palm
+    w = make_workload(6, interval=0.01, out_len=(2, 4), prompt_len=(1, 4), max_len=MAX_LEN,
+                      seed=3)
+    engine.set_policy("dynamic", window_s=0.005)
+    try:
+        report = engine.serve(w, clock="wall")
+    finally:
+        engine.set_policy("fused")
+    assert report.metrics["requests_completed"] == 6
+    assert report.metrics["elapsed_s"] >= 0.05  # really waited for the arrivals
+    assert all(r.token_times_s[0] - r.arrival_s >= 0.004 for r in report.results)
+
+
+def test_hooks_see_every_bucket_and_layout_switches_are_counted(palm):
+    model, params, _ = palm
+    calls = []
+
+    def compile_fn(phase, bucket):
+        calls.append((phase, bucket))
+        return jax.jit(model.fn(phase), donate_argnums=(2,))
+
+    def planner_fn(phase, bucket):
+        return "attention=batch" if phase == "decode" and bucket.batch >= 2 else "heads"
+
+    engine = Engine(model, params, max_slots=2, prefill_lengths=(MAX_LEN,),
+                    compile_fn=compile_fn, planner_fn=planner_fn, progress=False)
+    assert calls == [("decode", Bucket(1, MAX_LEN)), ("decode", Bucket(2, MAX_LEN)),
+                     ("prefill", Bucket(1, MAX_LEN))]
+    arrivals = [(0.0, Request(prompt=(1,), max_tokens=8)),
+                (0.0, Request(prompt=(2,), max_tokens=2))]
+    m = engine.serve(arrivals).metrics
+    assert m["buckets_used"] == {"1": 6, "2": 1}
+    assert m["layout_switches"] == 1  # bucket 2 -> 1 changed the layout once
+    assert m["layouts"]["decode:2x64"] == "attention=batch"
+    assert len(calls) == 3  # nothing compiled while serving
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_other_families_match_running_alone(name):
+    model = build(get_config(name).replace(max_len=32))
+    params = sharp_params(model, seed=1)
+    engine = Engine(model, params, max_slots=4, prefill_lengths=(32,), progress=False)
+    requests = random_requests(60, seed=4, max_len=32, long_tail=False)
+    requests = [r for r in requests if len(r.prompt) + r.max_tokens <= 32]
+    arrivals = [(i * 2e-4, r) for i, r in enumerate(requests)]
+    report = engine.serve(arrivals)
+    assert check_greedy(model, params, requests, report.results, max_len=32) <= 1
+    assert report.metrics["kv_moves"] > 0
+
+
+def test_batch_sharded_kv_cache_on_a_mesh():
+    devices = jax.devices()[:2]
+    if len(devices) < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    model = build(get_config("palm-tiny").replace(max_len=32))
+    params = sharp_params(model)
+    engine = Engine(model, params, mesh=mesh, max_slots=4, prefill_lengths=(32,),
+                    cache_sharding=batch_sharding(mesh, "batch"), progress=False)
+    requests = random_requests(16, seed=8, max_len=32, long_tail=False)
+    requests = [r for r in requests if len(r.prompt) + r.max_tokens <= 32]
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    engine.step()
+    assert engine.kv.capacity == 4
+    assert engine.kv.k.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
+    results = [h.result() for h in handles]
+    check_greedy(model, params, requests, results, max_len=32)
+
+
+def test_engine_arguments_are_checked():
+    with pytest.raises(ValueError, match="prefill_lengths"):
+        Engine("palm-tiny", max_len=64, prefill_lengths=(16,), warmup=False)
+    with pytest.raises(ValueError, match="policy"):
+        Engine("palm-tiny", max_len=64, policy="eager", warmup=False)
+    with pytest.raises(TypeError, match="preset name"):
+        Engine(42, warmup=False)
