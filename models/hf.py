@@ -498,7 +498,8 @@ def _check_all_used(checkpoint: SafetensorsCheckpoint, used: set[str], arch: _Ar
             continue
         layer = re.search(r"(?:layers|h)\.(\d+)\.", key)
         if layer and int(layer.group(1)) >= config.n_layers:
-            hint = f"the config has {config.n_layers} layers (num_hidden_layers / n_layer)"
+            hint = (f"config.json has {config.n_layers} layer(s) (num_hidden_layers / "
+                    "n_layer)")
         elif key.endswith(".bias"):
             hint = "biases are off in config.json (attention_bias / mlp_bias / bias)"
         elif key == arch.tied_head:

@@ -394,8 +394,8 @@ def test_shape_disagreeing_with_config(zoo, tmp_path):
 def test_unused_tensor_names_key(zoo, tmp_path):
     d = _copy(zoo, "llama-gqa", tmp_path)
     _edit_config(d, num_hidden_layers=1)
-    with pytest.raises(CheckpointError, match=r"'model.layers.1.\S+' .* is not used: the config "
-                       r"has 1 layers \(num_hidden_layers"):
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.\S+' .* is not used: config.json"
+                       r" has 1 layer\(s\) \(num_hidden_layers"):
         from_pretrained(d)
     d = _copy(zoo, "qwen2-tied", tmp_path)
     _edit_config(d, architectures=["LlamaForCausalLM"], model_type="llama")  # no qkv biases
