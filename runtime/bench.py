@@ -1,0 +1,264 @@
+"""Serving benchmarks: one policy on one workload, Flover's inter-arrival sweep, and the batch-1
+decode roofline. Used by `meshwright bench serve` and `benchmarks/serve.py`.
+
+    >>> m = serve_bench("palm-tiny", policy="fused", requests=16, rate=200.0, out_len=(4, 16),
+    ...                 max_slots=4, max_len=64, progress=False)          # doctest: +SKIP
+    >>> m["requests_completed"], sorted(m["latency_s"])                    # doctest: +SKIP
+    (16, ['mean', 'p50', 'p99'])
+
+Timing is a virtual clock by default (`Engine.serve`): requests arrive at their workload
+times, the clock advances by the measured wall time of every engine iteration and jumps over
+idle gaps, so the figures equal a wall-clock run without its sleeping.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshwright.models import build, get_config
+from meshwright.runtime.engine import Engine
+from meshwright.runtime.workload import make_workload
+
+POLICIES = ("fused", "static", "dynamic")
+
+
+def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | None = None,
+                overrides: Sequence[str] = (), seed: int = 0, progress: bool = True,
+                **engine_kwargs) -> Engine:
+    """An engine for a preset (with `key=value` overrides), random weights from `seed`."""
+    cfg = get_config(model).with_overrides(list(overrides))
+    if max_len and max_len > cfg.max_len:
+        cfg = cfg.replace(max_len=max_len)
+    m = build(cfg)
+    params = m.init_params(jax.random.PRNGKey(seed))
+    return Engine(m, params, max_slots=max_slots, max_len=max_len, progress=progress,
+                  **engine_kwargs)
+
+
+def _median_metrics(runs: list[dict]) -> dict:
+    """Field-by-field median of several runs' metrics (numbers and {p50, ...} dicts)."""
+    out = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            vals = [r[key] for r in runs if r[key] is not None]
+            out[key] = statistics.median(vals) if vals else None
+        elif isinstance(value, dict) and value and all(
+                isinstance(v, (int, float)) or v is None for v in value.values()) \
+                and key not in ("buckets_used",):
+            out[key] = {k: statistics.median([r[key][k] for r in runs]) if all(
+                r[key][k] is not None for r in runs) else None for k in value}
+    out["repeats"] = len(runs)
+    return out
+
+
+def serve_bench(model: str = "palm-tiny", *, policy: str = "fused", requests: int = 64,
+                rate: float | None = None, interval: float | None = None,
+                out_len: tuple[int, int] = (16, 256), prompt_len: tuple[int, int] = (4, 16),
+                max_slots: int = 8, max_len: int | None = None, shuffle: bool = True,
+                window_s: float = 0.01, seed: int = 0, repeats: int = 1,
+                overrides: Sequence[str] = (), trace: str | None = None,
+                engine: Engine | None = None, clock: str = "virtual",
+                progress: bool = True) -> dict:
+    """Serve one workload with one policy; the metrics of `workload.summarize` (field-wise
+    median over `repeats` runs of the same workload), plus the workload's description."""
+    if engine is None:
+        engine = make_engine(model, max_slots=max_slots, max_len=max_len, overrides=overrides,
+                             seed=seed, progress=progress)
+    cfg = engine.config
+    workload = make_workload(requests, rate=rate, interval=interval, out_len=out_len,
+                             prompt_len=prompt_len, vocab_size=cfg.vocab_size,
+                             max_len=engine.max_len, seed=seed, trace=trace)
+    engine.set_policy(policy, shuffle=shuffle, window_s=window_s)
+    runs = [engine.serve(workload, clock=clock, progress=progress).metrics
+            for _ in range(repeats)]
+    engine.set_policy("fused")
+    out = _median_metrics(runs) if repeats > 1 else runs[0]
+    out.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
+               max_len=engine.max_len, window_s=window_s if policy == "dynamic" else None,
+               clock=clock)
+    return out
+
+
+def sweep(model: str = "palm-tiny", *, intervals: Sequence[float] = (0.001, 0.005, 0.02,
+          0.1, 0.5), policies: Sequence[str] = POLICIES, requests: int = 32,
+          out_len: tuple[int, int] = (64, 64), prompt_len: tuple[int, int] = (4, 16),
+          max_slots: int = 8, max_len: int | None = None, window_s: float = 0.01,
+          seed: int = 0, repeats: int = 1, overrides: Sequence[str] = (),
+          engine: Engine | None = None, progress: bool = True) -> dict:
+    """Flover's sweep: the same Poisson workload at several mean inter-arrival times, served
+    by every policy; speedup of fused = other policy's workload time / fused's (workload time
+    = first arrival to last token), and the same for p50 latency."""
+    if engine is None:
+        engine = make_engine(model, max_slots=max_slots, max_len=max_len, overrides=overrides,
+                             seed=seed, progress=progress)
+    rows = []
+    for gap in intervals:
+        row = {"mean_interarrival_s": gap}
+        for policy in policies:
+            m = serve_bench(engine=engine, policy=policy, requests=requests, rate=1.0 / gap,
+                            out_len=out_len, prompt_len=prompt_len, window_s=window_s,
+                            seed=seed, repeats=repeats, progress=False)
+            span = m["tokens_generated"] / m["throughput_tokens_per_s"]
+            row[policy] = {"workload_s": span, "latency_p50_s": m["latency_s"]["p50"],
+                           "throughput_tokens_per_s": m["throughput_tokens_per_s"]}
+        for policy in policies:
+            if policy != "fused" and "fused" in policies:
+                row[f"speedup_vs_{policy}"] = row[policy]["workload_s"] / row["fused"]["workload_s"]
+                row[f"p50_speedup_vs_{policy}"] = (row[policy]["latency_p50_s"]
+                                                   / row["fused"]["latency_p50_s"])
+        rows.append(row)
+    return {"model": engine.config.name, "requests": requests, "out_len": list(out_len),
+            "max_slots": engine.max_slots, "max_len": engine.max_len, "window_s": window_s,
+            "repeats": repeats, "rows": rows}
+
+
+def plot_sweep(result: dict, path: str) -> None:
+    """Speedup of fused over the baselines vs mean inter-arrival time (log x), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [r["mean_interarrival_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, style in (("speedup_vs_static", "o-"), ("speedup_vs_dynamic", "s-"),
+                       ("p50_speedup_vs_static", "o--"), ("p50_speedup_vs_dynamic", "s--")):
+        if key in rows[0]:
+            label = key.replace("_", " ").replace("p50 speedup", "p50-latency speedup")
+            ax.plot(x, [r[key] for r in rows], style, label=label.replace("speedup vs",
+                                                                          "speedup over"))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean inter-arrival time (s)")
+    ax.set_ylabel("fused speedup (x)")
+    ax.set_title(f"Temporal fusion vs batching baselines: {result['model']}, "
+                 f"{result['requests']} requests x {result['out_len'][0]}-"
+                 f"{result['out_len'][1]} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_metrics(m: dict) -> str:
+    """The human-readable block `meshwright bench serve` prints."""
+    def s(x, scale=1.0, fmt="{:.4g}"):
+        return "n/a" if x is None else fmt.format(x * scale)
+
+    lines = [
+        (f"model {m.get('model')}  policy {m['policy']}{'' if m['shuffle'] else ' (no shuffle)'}"
+        f"  max_slots {m.get('max_slots')}  max_len {m.get('max_len')}"),
+        f"workload: {m.get('workload')}",
+        (f"requests: {m['requests_submitted']} submitted, {m['requests_completed']} completed, "
+        f"{m['requests_failed']} failed"),
+        (f"throughput: {s(m['throughput_tokens_per_s'], fmt='{:.0f}')} tokens/s "
+        f"({m['tokens_generated']} tokens)"),
+        (f"latency: p50 {s(m['latency_s']['p50'], 1e3)} ms, p99 {s(m['latency_s']['p99'], 1e3)}"
+        f" ms, mean {s(m['latency_s']['mean'], 1e3)} ms"),
+        (f"time to first token: p50 {s(m['ttft_s']['p50'], 1e3)} ms, "
+        f"p99 {s(m['ttft_s']['p99'], 1e3)} ms"),
+        f"per token: p50 {s(m['per_token_s']['p50'], 1e3)} ms",
+        (f"decode steps per bucket: {m.get('buckets_used')}; kv moves {m.get('kv_moves')}; "
+        f"layout switches {m.get('layout_switches')}"),
+    ]
+    return "\n".join(lines)
+
+
+def format_sweep(result: dict) -> str:
+    rows = result["rows"]
+    keys = [k for k in rows[0] if k.startswith(("speedup", "p50_speedup"))]
+    head = f"{'inter-arrival':>13} " + " ".join(f"{k:>24}" for k in keys)
+    lines = [(f"{result['model']}: {result['requests']} requests, output "
+             f"{result['out_len'][0]}-{result['out_len'][1]} tokens, max_slots "
+             f"{result['max_slots']}"), head]
+    for r in rows:
+        lines.append(f"{r['mean_interarrival_s']:>12g}s "
+                     + " ".join(f"{r[k]:>23.2f}x" for k in keys))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-1 decode against the memory-bandwidth roofline
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 10) -> dict:
+    """This machine's memory bandwidth from a large jitted copy (y = x + 1 reads and writes
+    every byte once): bytes moved / best time."""
+    n = megabytes * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return {"bytes": 2 * n * 4, "seconds": best, "bytes_per_s": 2 * n * 4 / best}
+
+
+def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
+                    overrides: Sequence[str] = (), bandwidth: float | None = None,
+                    steps: int = 50, engine_tokens: int = 32, progress: bool = False) -> dict:
+    """Per-token decode latency at batch 1 vs (bytes read per step) / bandwidth.
+
+    Bytes per step: every weight once, plus the slot's K and V: the reference decode_step
+    masks instead of slicing, so it reads all max_len positions, and its `where` writes
+    the whole slot back (so KV bytes count twice). Measured two ways: the compiled
+    decode_step alone (median of `steps` calls, dispatch included) and the engine's
+    end-to-end per-token time for one request (sampling, host transfer, scheduling)."""
+    cfg = get_config(model).with_overrides(list(overrides))
+    if max_len > cfg.max_len:
+        cfg = cfg.replace(max_len=max_len)
+    m = build(cfg)
+    params = m.init_params(jax.random.PRNGKey(0))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    kv_bytes = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.d_head * itemsize
+    step_bytes = weight_bytes + 2 * kv_bytes
+    bw = bandwidth or measure_bandwidth()["bytes_per_s"]
+
+    shape = (cfg.n_layers, 1, max_len, cfg.n_kv_heads, cfg.d_head)
+    cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    step = jax.jit(m.decode_step, donate_argnums=(2,))
+    tokens, positions = np.zeros(1, np.int32), np.full(1, max_len // 2, np.int32)
+    logits, cache = step(params, tokens, cache, positions)
+    logits.block_until_ready()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits, cache = step(params, tokens, cache, positions)
+        logits.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+
+    engine = Engine(m, params, max_slots=1, max_len=max_len, progress=progress,
+                    prefill_lengths=(max_len,))
+    engine.generate([[1, 2, 3]], max_tokens=4)  # warm
+    result = engine.generate([[1, 2, 3]], max_tokens=min(engine_tokens, max_len - 3))[0]
+    roofline_s = step_bytes / bw
+    return {
+        "model": cfg.name, "overrides": list(overrides), "n_params": cfg.n_params(),
+        "max_len": max_len, "dtype": cfg.dtype,
+        "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes, "step_bytes": step_bytes,
+        "bandwidth_bytes_per_s": bw,
+        "roofline_s": roofline_s,
+        "decode_step_s": step_s,
+        "engine_per_token_s": result.per_token_s,
+        "fraction_of_roofline": roofline_s / step_s,
+    }
+
+
+def format_roofline(r: dict) -> str:
+    return (f"{r['model']} {' '.join(r['overrides'])} ({r['n_params'] / 1e6:.1f}M params, "
+            f"max_len {r['max_len']}): {r['step_bytes'] / 2**20:.2f} MiB per step / "
+            f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = roofline "
+            f"{r['roofline_s'] * 1e3:.3f} ms; decode_step {r['decode_step_s'] * 1e3:.3f} ms "
+            f"({100 * r['fraction_of_roofline']:.0f}% of roofline); engine per token "
+            f"{r['engine_per_token_s'] * 1e3:.3f} ms")
