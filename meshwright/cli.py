@@ -204,6 +204,82 @@ def _run_calibrate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# meshwright bench serve --model NAME --policy P --requests N --rate R --out-len A B ...
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=("serve",), help="what to benchmark: serve (the runtime)")
+    p.add_argument("--model", default="palm-tiny", help="model preset (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
+    p.add_argument("--no-shuffle", action="store_true", help="fused without the memory shuffle")
+    p.add_argument("--requests", type=int, default=64, help="default: %(default)s")
+    arrival = p.add_mutually_exclusive_group()
+    arrival.add_argument("--rate", type=float, help="Poisson arrivals per second")
+    arrival.add_argument("--interval", type=float, help="fixed seconds between arrivals")
+    p.add_argument("--out-len", type=int, nargs=2, default=(16, 256), metavar=("A", "B"),
+                   help="output lengths uniform in [A, B] (default: 16 256)")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(4, 16), metavar=("A", "B"),
+                   help="prompt lengths uniform in [A, B] (default: 4 16)")
+    p.add_argument("--trace", metavar="FILE", help="JSON trace of output lengths")
+    p.add_argument("--max-slots", type=int, default=8, help="KV slots (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV length per slot (default: the largest prompt + output, rounded)")
+    p.add_argument("--window", type=float, default=0.01,
+                   help="dynamic batching window in seconds (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
+                   help="virtual: measured compute time, idle gaps skipped (default)")
+    p.add_argument("--sweep", action="store_true",
+                   help="Flover's sweep: every policy at several mean inter-arrival times")
+    p.add_argument("--intervals", default="0.001,0.003,0.01,0.03,0.1,0.3",
+                   help="mean inter-arrival times of --sweep, seconds (default: %(default)s)")
+    p.add_argument("--png", metavar="FILE", help="--sweep: draw the speedups to this PNG")
+    p.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@_command("bench", "benchmarks: `bench serve` replays a Poisson workload through the runtime")
+def _run_bench(args) -> int:
+    from meshwright.runtime import bench
+
+    lo, hi = args.out_len
+    max_len = args.max_len or max(64, -(-(hi + args.prompt_len[1]) // 64) * 64)
+    progress = not (args.no_progress or args.json)
+    engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=max_len,
+                               overrides=args.set, seed=args.seed, progress=progress)
+    if args.sweep:
+        intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
+        result = bench.sweep(engine=engine, intervals=intervals, requests=args.requests,
+                             out_len=(lo, hi), prompt_len=tuple(args.prompt_len),
+                             window_s=args.window, seed=args.seed, repeats=args.repeats,
+                             progress=progress)
+        if args.png:
+            bench.plot_sweep(result, args.png)
+            result["png"] = args.png
+        text = bench.format_sweep(result)
+    else:
+        result = bench.serve_bench(
+            engine=engine, policy=args.policy, requests=args.requests, rate=args.rate,
+            interval=args.interval, out_len=(lo, hi), prompt_len=tuple(args.prompt_len),
+            shuffle=not args.no_shuffle, window_s=args.window, seed=args.seed,
+            repeats=args.repeats, trace=args.trace, clock=args.clock, progress=progress)
+        text = bench.format_metrics(result)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True, default=str)
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+        if args.output:
+            print(f"\nwrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
