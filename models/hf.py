@@ -345,7 +345,7 @@ def _config_from(directory: Path, hf: _HfConfig, arch: _Architecture, dtype: Any
         stored = [k for k in checkpoint.names() if k.endswith(arch.embedding)]
         dtype = checkpoint.dtype(stored[0]).name if stored else None
     fields["dtype"] = jnp.dtype(dtype or "float32").name
-    fields["name"] = directory.name
+    fields["name"] = directory.resolve().name
     try:
         config = TransformerConfig(scan_layers=scan_layers, **fields)
         build(config)  # the family accepts it
