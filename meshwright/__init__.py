@@ -14,10 +14,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = {"trace": "meshwright.api", "trace_model": "meshwright.api", "plan": "meshwright.api"}
+_API = {name: "meshwright.api" for name in ("trace", "trace_model", "plan", "shard", "make_mesh")}
 _SUBMODULES = ("ir", "models", "passes", "runtime")
 
-__all__ = ["__version__", "ir", "models", "passes", "plan", "runtime", "trace", "trace_model"]
+__all__ = ["__version__", "ir", "make_mesh", "models", "passes", "plan", "runtime", "shard",
+           "trace", "trace_model"]
 
 
 def __getattr__(name: str) -> Any:

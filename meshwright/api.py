@@ -93,3 +93,26 @@ def plan(model: "str | Any" = "palm-tiny", hardware: str = "tpu-v4", chips: int 
             phase=phase or work["phase"], blocks=g.meta["blocks"].to_list(), **common)
     return _planner.plan(model, batch=batch or 64, context=context or 2048,
                          phase=phase or "decode", overrides=overrides, **common)
+
+
+def make_mesh(shape, devices=None):
+    """A device mesh with axes x, y, z: `mw.make_mesh({"x": 2, "y": 2, "z": 2})`."""
+    from meshwright.passes.compiler import make_mesh as _make_mesh
+
+    return _make_mesh(shape, devices)
+
+
+def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = None,
+          weights: str = "native", passes=None, force: dict | None = None):
+    """Compile a function for a device mesh and run it there; decorator or call form.
+
+        >>> @mw.shard(mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}), force={"ffn": "ws-2d"})
+        ... def step(params, tokens, cache, positions): ...
+        >>> logits, cache = step(params, tokens, cache, positions)
+        >>> step.explain(params, tokens, cache, positions)   # why this layout; what ran replicated
+        >>> step.report(params, tokens, cache, positions)    # predicted vs measured collective bytes
+    """
+    from meshwright.passes.compiler import shard as _shard
+
+    return _shard(fn, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
+                  passes=passes, force=force)

@@ -246,3 +246,47 @@ def test_as_jaxpr_round_trip():
     out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *flat)[0]
     np.testing.assert_allclose(out, fn(*args), rtol=1e-6, atol=1e-6)
     assert isinstance(g, Graph)
+
+
+REFERENCE = [(name, scan, phase) for name in ("gpt2-tiny", "palm-tiny", "llama-tiny")
+             for scan in (False, True) for phase in ("prefill", "decode")]
+
+
+@pytest.mark.parametrize("name,scan,phase", REFERENCE)
+def test_reference_models_round_trip(name, scan, phase):
+    from meshwright.models import build, get_config
+
+    model = build(get_config(name).replace(scan_layers=scan))
+    args = model.example_args(phase, batch=2, length=8, key=jax.random.PRNGKey(3))
+    fn = model.fn(phase)
+    g = mw.trace(fn, *args)
+    g.verify()
+    assert_tree_equal(g(*args), fn(*args))
+    got, want = jax.jit(g.as_function())(*args), jax.jit(fn)(*args)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+# Each example runs every primitive eagerly at new shapes (one small XLA compile each): few
+# examples, scan-heavy, to keep the suite fast.
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["gpt2-tiny", "palm-tiny", "llama-tiny"]),
+       layers=st.integers(1, 3), heads=st.sampled_from([2, 4]), d_head=st.sampled_from([4, 8]),
+       scan=st.just(True), batch=st.integers(1, 3))
+def test_round_trip_over_model_sizes(family, layers, heads, d_head, scan, batch):
+    from meshwright.models import build, get_config
+
+    base = get_config(family)
+    kv = heads if family == "gpt2-tiny" else (1 if family == "palm-tiny" else heads // 2)
+    cfg = base.replace(n_layers=layers, n_heads=heads, n_kv_heads=kv, d_head=d_head,
+                       d_model=heads * d_head, d_ff=3 * heads * d_head, scan_layers=scan,
+                       max_len=16, vocab_size=64)
+    model = build(cfg)
+    args = model.example_args("decode", batch=batch, key=jax.random.PRNGKey(layers))
+    g = mw.trace(model.decode_step, *args)
+    g.verify()
+    assert_tree_equal(g(*args), model.decode_step(*args))

@@ -1,0 +1,157 @@
+"""Pass `annotate`: the shardings a layout asks for, written on the graph.
+
+From the plan's FFN and attention layout and the dimension roles, it decides:
+
+- every input's spec: weights in their stored layout (`E_x F_zy`, heads like F; ws-1d:
+  `E F_xyz`), token ids and caches by their roles (a cache over batch for attention "batch");
+- the spec of every projection's output: hidden roles (`mlp`, `heads`, ...) as the layout's
+  hidden activations, `embed` back in the residual layout;
+- the spec every attention score/value matmul wants its operands in (heads or batch);
+- the weights the weight-gathered layouts gather before use;
+- the outputs: logits replicated, caches in the spec they came in.
+
+Only these anchors are chosen; `lower` propagates specs through everything else with
+per-primitive rules and emits the collectives where an anchor differs. Analyses only
+annotate; the lowering asserts what it needs.
+
+Results: `node.meta["target"]` (per output), `node.meta["operand_target"]` ({operand: spec}),
+`graph.meta["in_specs"]`, `graph.meta["out_specs"]`, `graph.meta["layout"]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.passes import infer_axes as ia
+from meshwright.passes.base import Pass, PassContext, register
+from meshwright.passes.sharding import Layout, MeshInfo, Spec, make_layout, spec_for
+
+_HIDDEN_ROLES = ("mlp", "heads", "kv_heads", "fused", "groups")
+
+
+def _roles(v: Value) -> tuple:
+    return v.producer.meta["axes"][v.index]
+
+
+def _is_hidden(role: str | None) -> bool:
+    return role is not None and any(h in role for h in _HIDDEN_ROLES)
+
+
+def _hidden_map(layout: Layout, roles) -> dict:
+    """Role -> axes for a value inside a block: hidden roles (and products of them) as the
+    layout's hidden activations, batch as the residual."""
+    m = {"batch": layout.residual.get("batch", ())}
+    for r in roles:
+        if r is None:
+            continue
+        base = r.split("*")[0]
+        if base in layout.hidden:
+            m[r] = layout.hidden[base]
+    return m
+
+
+def _attention_map(layout: Layout, roles) -> dict:
+    if layout.attention == "batch":
+        return {"batch": layout.attention_batch}
+    return _hidden_map(layout, roles)
+
+
+def _weight_map(table: dict, roles) -> dict:
+    m = {}
+    for r in roles:
+        if r is None:
+            continue
+        base = r.split("*")[0]
+        if base in table:
+            m[r] = table[base]
+    return m
+
+
+def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
+    prog = ia._Program()
+    ia._collect(g, prog, ia._parameter_inputs(g))
+    g.meta["layout"] = layout
+    # Inputs.
+    in_specs = []
+    for v in g.inputs:
+        roles = _roles(v)
+        if v.id in prog.weight:
+            spec = spec_for(roles, v.shape, _weight_map(layout.stored, roles), mesh)
+        elif "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
+            spec = spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
+        else:
+            spec = spec_for(roles, v.shape, {"batch": layout.residual.get("batch", ())}, mesh)
+        v.producer.meta["target"] = [spec]
+        in_specs.append(spec)
+    g.meta["in_specs"] = in_specs
+    _annotate_body(g, prog, layout, mesh)
+    # Outputs: a value shaped like an input cache keeps that input's spec; the rest replicated.
+    by_shape = {}
+    for v, spec in zip(g.inputs, in_specs):
+        if v.id not in prog.weight and not spec.is_replicated():
+            by_shape.setdefault((v.shape, _roles(v)), spec)
+    out_specs = []
+    for o in g.outputs:
+        if isinstance(o, Literal):
+            out_specs.append(Spec.replicated(len(o.shape)))
+            continue
+        out_specs.append(by_shape.get((o.shape, _roles(o)), Spec.replicated(len(o.shape))))
+    g.meta["out_specs"] = out_specs
+
+
+def _annotate_body(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) -> None:
+    attention = {}
+    for score, value in ia._find_attention(prog):
+        attention[score.id] = score
+        attention[value.id] = value
+    for node in [n for n, _ in g.walk()]:
+        if node.op == "dot_general":
+            _annotate_dot(node, prog, layout, mesh, node.id in attention)
+        elif node.op == "gather" and isinstance(node.inputs[0], Value) and \
+                node.inputs[0].id in prog.weight:
+            roles = _roles(node.out)
+            node.meta["target"] = [spec_for(roles, node.out.shape, layout.residual, mesh)]
+
+
+def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
+                  is_attention: bool) -> None:
+    weights = [k for k, v in enumerate(node.inputs)
+               if isinstance(v, Value) and v.id in prog.weight]
+    out_roles = _roles(node.out)
+    if is_attention:
+        node.meta["operand_target"] = {
+            k: spec_for(_roles(v), v.shape, _attention_map(layout, _roles(v)), mesh)
+            for k, v in enumerate(node.inputs)}
+        return
+    if len(weights) != 1:
+        return
+    w = weights[0]
+    wv = node.inputs[w]
+    if layout.weight_gather_axes():  # weight-gathered: the matmul uses the gathered weight
+        node.meta["operand_target"] = {
+            w: spec_for(_roles(wv), wv.shape, _weight_map(layout.use, _roles(wv)), mesh)}
+    if "embed" in out_roles:  # a projection back to the model width
+        target = spec_for(out_roles, node.out.shape, layout.residual, mesh)
+    elif any(_is_hidden(r) for r in out_roles):
+        target = spec_for(out_roles, node.out.shape, _hidden_map(layout, out_roles), mesh)
+    else:  # e.g. multiquery K/V (no head axis): batch only
+        target = spec_for(out_roles, node.out.shape,
+                          {"batch": layout.residual.get("batch", ())}, mesh)
+    node.meta["target"] = [target]
+
+
+@register
+@dataclass(frozen=True)
+class Annotate(Pass):
+    """Shardings the plan's layouts ask for: inputs, projections, attention operands, outputs."""
+
+    name = "annotate"
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
+        plan = graph.meta.get("plan")
+        mesh = ctx.options.get("mesh_info")
+        if plan is None or mesh is None:
+            raise ValueError("annotate needs a plan (run 'plan') and the mesh (ctx.options)")
+        annotate(graph, make_layout(plan.ffn_layout, plan.attention_layout), mesh)
+        return graph

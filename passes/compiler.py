@@ -1,0 +1,314 @@
+"""`mw.shard`: trace, analyse, plan, annotate, lower to `shard_map`, compile, run.
+
+    step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}))
+    logits, cache = step(params, tokens, cache, positions)   # compiled once per signature
+    step.plan(*args); step.explain(*args); step.graph(*args, after="lower"); step.report(*args)
+
+The compile boundary is `ShardedFunction._compile`, once per input signature (tree structure,
+shapes, dtypes). Everything it builds is in a `Compiled` record.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import Mesh as JaxMesh
+
+from meshwright.ir import Graph, trace
+from meshwright.passes.annotate import annotate
+from meshwright.passes.base import PassManager
+from meshwright.passes.hlo import collective_bytes
+from meshwright.passes.lower import Lowered, LowerContext, lower_graph
+from meshwright.passes.sharding import (LAYOUT_NAMES_ATTENTION, LAYOUT_NAMES_FFN, Emitter,
+                                        MeshInfo, Spec, make_layout)
+
+AXES = ("x", "y", "z")
+ANALYSES = ["infer-axes", "find-blocks"]
+
+
+def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
+    """A mesh with axes x, y, z (missing ones of size 1), e.g. make_mesh({"x": 2, "y": 4}).
+
+        >>> mesh = mw.make_mesh({"x": 2, "y": 2, "z": 2})
+    """
+    if isinstance(shape, dict):
+        unknown = set(shape) - set(AXES)
+        if unknown:
+            raise ValueError(f"mesh axes are named x, y, z; got {sorted(unknown)}")
+        sizes = tuple(int(shape.get(a, 1)) for a in AXES)
+    else:
+        sizes = tuple(shape) + (1,) * (3 - len(shape))
+    devices = list(devices if devices is not None else jax.devices())
+    n = int(np.prod(sizes))
+    if n > len(devices):
+        raise ValueError(f"a {'x'.join(map(str, sizes))} mesh needs {n} devices; "
+                         f"{len(devices)} are available (on CPU, set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={n} before importing jax)")
+    return JaxMesh(np.array(devices[:n]).reshape(sizes), AXES,
+                   axis_types=(AxisType.Auto,) * 3)
+
+
+def _mesh_devices(mesh) -> list:
+    if mesh is None:
+        return list(jax.devices())
+    if isinstance(mesh, JaxMesh):
+        return list(np.asarray(mesh.devices).reshape(-1))
+    if isinstance(mesh, dict):
+        return list(np.asarray(make_mesh(mesh).devices).reshape(-1))
+    raise TypeError(f"mesh must be a jax.sharding.Mesh or a dict of axis sizes, got {mesh!r}")
+
+
+@dataclass
+class Compiled:
+    """Everything one compilation produced, for one input signature."""
+
+    graph: Graph  # after every pass; node.meta["sharding"] holds the lowered specs
+    config: Any  # the TransformerConfig the graph describes
+    plan: Any  # the planner's Plan (None when the layout was forced entirely)
+    ffn_layout: str
+    attention_layout: str
+    mesh_shape: dict[str, int]
+    jax_mesh: JaxMesh
+    in_specs: list[Spec]
+    out_specs: list[Spec]
+    jitted: Callable
+    lowered: Any  # jax Lowered (StableHLO) of the shard_map program
+    compiled: Any  # jax Compiled
+    records: list = field(default_factory=list)  # collectives the lowering emitted
+    fallbacks: list[str] = field(default_factory=list)
+    predicted: Any = None  # CandidateCost of the chosen layout
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def place(self, flat_args: list) -> list:
+        return [jax.device_put(x, NamedSharding(self.jax_mesh, s.partition_spec()))
+                for x, s in zip(flat_args, self.in_specs)]
+
+
+class ShardedFunction:
+    """A function compiled for a device mesh. See `meshwright.shard`."""
+
+    def __init__(self, fn: Callable, mesh=None, phase: str = "auto", hardware: str | None = None,
+                 weights: str = "native", passes: list | None = None,
+                 force: dict | None = None):
+        if phase not in ("auto", "prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill', 'decode' or 'auto', got {phase!r}")
+        force = dict(force or {})
+        unknown = set(force) - {"ffn", "attention", "mesh"}
+        if unknown:
+            raise ValueError(f"force takes ffn, attention and mesh; got {sorted(unknown)}")
+        if force.get("ffn") not in (None, *LAYOUT_NAMES_FFN):
+            raise ValueError(f"unknown FFN layout {force['ffn']!r}; "
+                             f"choose from {', '.join(LAYOUT_NAMES_FFN)}")
+        if force.get("attention") not in (None, *LAYOUT_NAMES_ATTENTION):
+            raise ValueError(f"unknown attention layout {force['attention']!r}; "
+                             f"choose from {', '.join(LAYOUT_NAMES_ATTENTION)}")
+        self.fn = fn
+        self.devices = _mesh_devices(mesh)
+        self.phase = phase
+        self.hardware = hardware or ("cpu" if self.devices[0].platform == "cpu" else "tpu-v4")
+        self.weights = weights
+        self.passes = passes
+        self.force = force
+        self._cache: dict[Any, Compiled] = {}
+        functools.update_wrapper(self, fn)
+
+    # ---- the compile boundary ----------------------------------------------------------
+    def _signature(self, args, kwargs):
+        flat, tree = jax.tree_util.tree_flatten((args, kwargs))
+        return tree, tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
+                            else str(x.dtype)) for x in flat)
+
+    def compiled(self, *args, **kwargs) -> Compiled:
+        key = self._signature(args, kwargs)
+        if key not in self._cache:
+            self._cache[key] = self._compile(args, kwargs)
+        return self._cache[key]
+
+    def _compile(self, args, kwargs) -> Compiled:
+        import time
+
+        timings = {}
+        t0 = time.perf_counter()
+        g = trace(self.fn, *args, **kwargs)
+        timings["trace"] = time.perf_counter() - t0
+        pm = PassManager(self.passes or ANALYSES)
+        g = pm.run(g)
+        timings.update(pm.timings)
+        from meshwright.passes import infer_axes as ia
+        from meshwright.passes.plan import config_from_graph, workload_from_graph
+
+        config = config_from_graph(g)
+        work = workload_from_graph(g)
+        phase = work["phase"] if self.phase == "auto" else self.phase
+        t0 = time.perf_counter()
+        plan, ffn, attention, mesh_shape, predicted = self._choose(config, work, phase)
+        timings["plan"] = time.perf_counter() - t0
+        g.meta["plan"] = plan
+        mesh_info = MeshInfo(mesh_shape)
+        jmesh = make_mesh(mesh_shape, self.devices)
+        prog = ia._Program()
+        ia._collect(g, prog, ia._parameter_inputs(g))
+        g.meta["weight_values"] = prog.weight
+        layout = make_layout(ffn, attention)
+        t0 = time.perf_counter()
+        annotate(g, layout, mesh_info)
+        timings["annotate"] = time.perf_counter() - t0
+        in_specs, out_specs = g.meta["in_specs"], g.meta["out_specs"]
+        result = Lowered()
+        emitter = Emitter(mesh_info)
+
+        def per_device(*flat_locals):
+            emitter.records.clear()
+            ctx = LowerContext(mesh_info, emitter, result)
+            outs, specs = lower_graph(ctx, g, list(flat_locals), in_specs)
+            return [ctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
+
+        program = jax.shard_map(per_device, mesh=jmesh,
+                                in_specs=tuple(s.partition_spec() for s in in_specs),
+                                out_specs=[s.partition_spec() for s in out_specs],
+                                check_vma=False)
+        jitted = jax.jit(program)
+        flat, _ = jax.tree_util.tree_flatten((args, kwargs))
+        structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype")
+                                        else np.asarray(x).dtype,
+                                        sharding=NamedSharding(jmesh, s.partition_spec()))
+                   for x, s in zip(flat, in_specs)]
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*structs)
+        timings["lower"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        timings["xla_compile"] = time.perf_counter() - t0
+        return Compiled(graph=g, config=config, plan=plan, ffn_layout=ffn,
+                        attention_layout=attention, mesh_shape=mesh_shape, jax_mesh=jmesh,
+                        in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
+                        compiled=compiled, records=list(emitter.records),
+                        fallbacks=list(result.fallbacks), predicted=predicted,
+                        timings=timings)
+
+    def _choose(self, config, work, phase):
+        """(plan, ffn, attention, mesh shape, predicted cost): the planner's choice, with
+        whatever `force` pins."""
+        from meshwright.passes.cost_model import LayoutNotApplicable, Mesh, Workload, evaluate
+        from meshwright.passes.hardware import get_hardware
+        from meshwright.passes.planner import plan_config
+
+        n = len(self.devices)
+        weights = self.weights if self.weights != "native" else (
+            "bf16" if config.dtype == "bfloat16" else "fp32")
+        context = work["context"]
+        forced_mesh = self.force.get("mesh")
+        if isinstance(forced_mesh, (tuple, list)):
+            forced_mesh = dict(zip(AXES, forced_mesh))
+        plan = None
+        try:
+            plan = plan_config(config, hardware=self.hardware, chips=n, batch=work["batch"],
+                               context=context, phase=phase, weights=weights,
+                               force_ffn=self.force.get("ffn"),
+                               force_attention=self.force.get("attention"))
+        except ValueError:
+            if not (self.force.get("ffn") and self.force.get("attention")):
+                raise
+        if forced_mesh is None and plan is not None:
+            best = plan.best
+            return (plan, best.ffn_layout, best.attention_layout,
+                    {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}, best)
+        ffn = self.force.get("ffn") or (plan.best.ffn_layout if plan else "ws-2d")
+        attention = self.force.get("attention") or (plan.best.attention_layout if plan
+                                                    else "heads")
+        mesh_shape = {a: int((forced_mesh or {}).get(a, 1)) for a in AXES}
+        if forced_mesh is None:
+            mesh_shape = {"x": 1, "y": 1, "z": n}
+        if int(np.prod(list(mesh_shape.values()))) != n:
+            raise ValueError(f"forced mesh {mesh_shape} does not use the {n} devices given")
+        predicted = None
+        try:
+            predicted = evaluate(config, get_hardware(self.hardware),
+                                 Mesh(**mesh_shape), Workload(work["batch"], context, phase,
+                                                              weights), ffn, attention)
+        except (LayoutNotApplicable, ValueError):
+            predicted = None
+        return plan, ffn, attention, mesh_shape, predicted
+
+    # ---- running -----------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        c = self.compiled(*args, **kwargs)
+        flat, _ = jax.tree_util.tree_flatten((args, kwargs))
+        outs = c.compiled(*c.place(flat))
+        return jax.tree_util.tree_unflatten(c.graph.out_tree, outs)
+
+    # ---- inspection --------------------------------------------------------------------
+    def plan(self, *args, **kwargs):
+        """The planner's Plan for these arguments (layouts, mesh, predicted costs)."""
+        c = self.compiled(*args, **kwargs)
+        return c.plan
+
+    def explain(self, *args, **kwargs) -> str:
+        """Why each layout won, the cost of every candidate, and what ran replicated."""
+        c = self.compiled(*args, **kwargs)
+        lines = []
+        if c.plan is not None:
+            lines.append(c.plan.explain())
+        lines.append(f"lowered with FFN {c.ffn_layout}, attention {c.attention_layout} on mesh "
+                     f"{'x'.join(str(c.mesh_shape[a]) for a in AXES)} (x, y, z)")
+        if self.force:
+            lines.append(f"forced by the caller: {self.force}")
+        if c.fallbacks:
+            lines.append("ran replicated (correct, not sharded):")
+            lines += [f"  - {f}" for f in c.fallbacks]
+        else:
+            lines.append("nothing ran replicated")
+        return "\n".join(lines)
+
+    def graph(self, *args, after: str = "lower", **kwargs) -> Graph:
+        """The graph after a named pass: trace, infer-axes, find-blocks, plan, annotate, lower."""
+        order = ["trace", "infer-axes", "find-blocks", "plan", "annotate", "lower"]
+        if after not in order:
+            raise ValueError(f"unknown pass {after!r}; the pipeline is {', '.join(order)}")
+        if after in ("plan", "annotate", "lower"):
+            return self.compiled(*args, **kwargs).graph
+        from meshwright.api import run_passes_until
+
+        return run_passes_until(trace(self.fn, *args, **kwargs), after)
+
+    def lower(self, *args, **kwargs):
+        """The jax Lowered program (`.as_text()` is its StableHLO; `.compile()`), as jax.jit."""
+        return self.compiled(*args, **kwargs).lowered
+
+    def report(self, *args, **kwargs) -> dict:
+        """Predicted vs measured: collective bytes counted in the compiled HLO per device."""
+        c = self.compiled(*args, **kwargs)
+        measured = collective_bytes(c.compiled.as_text())
+        emitted: dict[str, int] = {}
+        for r in c.records:
+            emitted[r.kind] = emitted.get(r.kind, 0) + r.bytes
+        predicted = None
+        if c.predicted is not None:
+            predicted = int(c.predicted.comm_bytes_per_chip)
+        return {
+            "collective_bytes": {"measured": measured["total"], "predicted": predicted,
+                                 "emitted": sum(emitted.values()),
+                                 "by_kind": measured["by_kind"], "count": measured["count"],
+                                 "emitted_by_kind": emitted},
+            "layouts": {"ffn": c.ffn_layout, "attention": c.attention_layout,
+                        "mesh": dict(c.mesh_shape)},
+            "replicated_fallbacks": list(c.fallbacks),
+            "timings_s": dict(c.timings),
+        }
+
+
+def shard(fn: Callable | None = None, *, mesh=None, phase: str = "auto",
+          hardware: str | None = None, weights: str = "native", passes: list | None = None,
+          force: dict | None = None):
+    """Compile `fn` for a device mesh: decorator (`@mw.shard(mesh=...)`) or call
+    (`mw.shard(fn, mesh=...)`). Options as in DESIGN.md section 1."""
+    def wrap(f):
+        return ShardedFunction(f, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
+                               passes=passes, force=force)
+
+    return wrap(fn) if fn is not None else wrap

@@ -1,0 +1,104 @@
+"""Count the collectives in compiled HLO text, per device, loop bodies times their trip count.
+
+    >>> counts = collective_bytes(jitted.lower(*args).compile().as_text())
+    >>> counts["by_kind"]      # {"all-gather": bytes, "reduce-scatter": ..., ...}
+
+Bytes follow the cost model's convention (`passes/cost_model.py`): an all-gather counts its
+output per device, a reduce-scatter its input, an all-to-all and an all-reduce their operand,
+a collective-permute its operand. XLA on CPU may rewrite a reduce-scatter as an all-reduce
+plus a dynamic slice: what is really there is counted, under its real kind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+_DTYPE_BYTES = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2, "s32": 4, "s64": 8, "s8": 1, "u8": 1,
+                "u32": 4, "s16": 2, "u16": 2, "pred": 1, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_KINDS = {"all-gather": "all-gather", "all-gather-start": "all-gather",
+          "reduce-scatter": "reduce-scatter", "all-reduce": "all-reduce",
+          "all-reduce-start": "all-reduce", "all-to-all": "all-to-all",
+          "collective-permute": "collective-permute",
+          "collective-permute-start": "collective-permute"}
+_SHAPE = re.compile(r"([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def _parse(hlo: str):
+    """computation name -> list of (opcode, result type text, operand text, full line)."""
+    comps: dict[str, list] = {}
+    entry = None
+    current = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m and not line[:1].isspace():  # computation headers are not indented
+            current = m.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        if current is None:
+            continue
+        mi = _INSTR.match(line)
+        if mi:
+            comps[current].append((mi.group(2), mi.group(1), mi.group(3), line))
+    return comps, entry
+
+
+def collective_bytes(hlo: str) -> dict:
+    """{"total": bytes, "by_kind": {kind: bytes}, "count": {kind: n}} per device per call."""
+    comps, entry = _parse(hlo)
+    by_kind: dict[str, int] = defaultdict(int)
+    count: dict[str, int] = defaultdict(int)
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        if depth > 50 or name not in comps:
+            return
+        for opcode, result, operands, line in comps[name]:
+            kind = _KINDS.get(opcode)
+            if kind is not None:
+                if kind in ("all-gather",):
+                    nbytes = _shape_bytes(result)
+                else:
+                    nbytes = _shape_bytes(operands.split(")")[0]) or _shape_bytes(result)
+                by_kind[kind] += nbytes * times
+                count[kind] += times
+            if opcode == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(trip.group(1)) if trip else 1
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                cond = re.search(r"condition=%?([\w.\-]+)", line)
+                if body:
+                    visit(body.group(1), times * n, depth + 1)
+                if cond:
+                    visit(cond.group(1), times * n, depth + 1)
+            else:
+                for callee in re.findall(r"(?:calls|to_apply|true_computation|"
+                                         r"false_computation|branch_computations)=\{?%?"
+                                         r"([\w.\-]+)", line):
+                    if opcode not in ("all-reduce", "reduce-scatter", "reduce", "scatter",
+                                      "reduce-window", "select-and-scatter", "sort",
+                                      "all-reduce-start"):
+                        visit(callee, times, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    return {"total": int(sum(by_kind.values())), "by_kind": dict(by_kind),
+            "count": dict(count)}

@@ -1,0 +1,625 @@
+"""Pass `lower`: the annotated graph as an explicit per-device program under `jax.shard_map`.
+
+Every value is carried as (local array, Spec). Each equation runs on local arrays through a
+rule keyed by primitive (`LOWER_RULES`, default: elementwise, else a replicated fallback); a
+rule asks for its operands in the specs it can compute on and `reshard` writes the
+collectives (all_gather, psum_scatter, psum, all_to_all) or local slices in between. After an
+equation, an output with a target spec (from `annotate`) is resharded to it. Nothing is left
+to XLA's partitioner: the program is written per device.
+
+Where a rule cannot keep an operand sharded (a slice across a sharded dimension, an unknown
+primitive), the operand is gathered and the equation runs replicated: correct first, and
+listed in `replicated_fallbacks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.ir.interpreter import region_jaxpr
+from meshwright.passes.sharding import Emitter, MeshInfo, Spec, reshard
+
+_LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose",
+                           "broadcast_in_dim", "squeeze", "expand_dims", "copy", "slice",
+                           "reduce_sum", "rev"})
+
+
+@dataclass
+class Lowered:
+    """What lowering one graph produced (besides the program itself)."""
+
+    fallbacks: list[str] = field(default_factory=list)  # equations run replicated, and why
+
+
+class LowerContext:
+    def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered):
+        self.mesh = mesh
+        self.em = em
+        self.result = result
+        # (array, from, to) -> resharded array: q, k and v projections of one normed input
+        # gather it once. The array is kept alive with its entry so its id stays unique.
+        self._reshards: dict[tuple, tuple] = {}
+
+    def fallback(self, node: Node, why: str) -> None:
+        msg = f"{node.op} at {node.source or '?'}: {why}"
+        if msg not in self.result.fallbacks:
+            self.result.fallbacks.append(msg)
+
+    def to(self, x, src: Spec, dst: Spec, note: str = ""):
+        if src == dst:
+            return x
+        key = (id(x), src, dst, self.em.trips)
+        hit = self._reshards.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = reshard(self.em, x, src, dst, note)
+        self._reshards[key] = (x, out)
+        return out
+
+    def resolved(self, x, spec: Spec, note=""):
+        """The array with its partial sums reduced."""
+        if not spec.partial:
+            return x, spec
+        target = spec.without_partial()
+        return self.to(x, spec, target, note), target
+
+
+Local = tuple[Any, Spec]  # a local array and its spec (a Literal passes as (value, None))
+Rule = Callable[[LowerContext, Node, list[Local]], list[Local]]
+LOWER_RULES: dict[str, Rule] = {}
+
+
+def lower_rule(*names: str):
+    def register_rule(fn: Rule) -> Rule:
+        for n in names:
+            LOWER_RULES[n] = fn
+        return fn
+
+    return register_rule
+
+
+def _bind(node: Node, args: list, **param_updates):
+    params = dict(node.params)
+    params.update(param_updates)
+    if node.regions:
+        for key, region in node.regions.items():
+            params[key] = tuple(region_jaxpr(b) for b in region) \
+                if isinstance(region, (list, tuple)) else region_jaxpr(region)
+    out = node.primitive.bind(*args, **params)
+    return list(out) if node.primitive.multiple_results else [out]
+
+
+def _replicated(ctx: LowerContext, node: Node, ins: list[Local], why: str) -> list[Local]:
+    args = []
+    for (x, spec), v in zip(ins, node.inputs):
+        if spec is not None and (spec.partial or any(spec.dims)):
+            ctx.fallback(node, why)
+            x = ctx.to(x, spec, Spec.replicated(len(v.shape)), f"replicate for {node.op}")
+        args.append(x)
+    return [(o, Spec.replicated(len(v.shape))) for o, v in zip(_bind(node, args), node.outputs)]
+
+
+# ---- elementwise (the default) ----------------------------------------------------------------
+
+
+def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]:
+    out = node.outputs[0]
+    rank = len(out.shape)
+    arrays = [(k, x, s) for k, ((x, s), v) in enumerate(zip(ins, node.inputs))
+              if s is not None and len(v.shape) == rank and rank > 0]
+    if not arrays or any(o.shape != out.shape for o in node.outputs) or any(
+            len(v.shape) not in (0, rank) for v in node.inputs if not isinstance(v, Literal)):
+        return _replicated(ctx, node, ins, f"no sharding rule for {node.op}")
+    # The dominant spec: the operand with the most sharded axes.
+    _, _, best = max(arrays, key=lambda t: (sum(len(d) for d in t[2].dims), -t[0]))
+    dims = tuple(best.dims[i] if out.shape[i] > 1 else () for i in range(rank))
+    partials = {s.partial for _, _, s in arrays}
+    keep_partial = _partial_passes(node, ins, partials)
+    target = Spec(dims, next(iter(partials)) if keep_partial else ())
+    args = []
+    for (x, s), v in zip(ins, node.inputs):
+        if s is None or len(v.shape) != rank:
+            args.append(x)
+            continue
+        want_dims = tuple(target.dims[i] if v.shape[i] == out.shape[i] else ()
+                          for i in range(rank))
+        if keep_partial and s.partial:
+            want = Spec(want_dims, s.partial)
+            if s.dims != want_dims:
+                x = ctx.to(x, s, Spec(want_dims), node.op)  # resolves partials: rare
+                s = Spec(want_dims)
+                keep_partial = False
+            args.append(x)
+            continue
+        x, s = ctx.resolved(x, s, node.op)
+        args.append(ctx.to(x, s, Spec(want_dims), node.op))
+    if not keep_partial:
+        target = Spec(target.dims)
+    return [(o, target) for o in _bind(node, args)]
+
+
+def _partial_passes(node: Node, ins: list[Local], partials: set) -> bool:
+    """Whether the op is linear in its partial operands, so partial sums may pass through."""
+    parts = [s.partial for (_, s) in ins if s is not None]
+    if not any(parts):
+        return False
+    if any(op != "sum" for p in parts for _, op in p):
+        return False
+    nonempty = [p for p in parts if p]
+    if len(set(nonempty)) != 1:
+        return False
+    n_partial = len(nonempty)
+    has_literal = any(isinstance(v, Literal) for v in node.inputs)
+    if node.op in ("add", "sub", "add_any"):
+        return n_partial == len(node.inputs) and not has_literal
+    if node.op == "mul":
+        return n_partial == 1
+    if node.op == "div":
+        return ins[0][1] is not None and bool(ins[0][1].partial) and not (
+            ins[1][1] is not None and ins[1][1].partial)
+    return node.op in _LINEAR_UNARY and len(node.inputs) == 1
+
+
+# ---- layout operations --------------------------------------------------------------------------
+
+
+def _reshape_groups(sin, sout):
+    """[(in dims, out dims)] groups of a reshape, size-1 dims attached to no group."""
+    groups, i, j = [], 0, 0
+    while i < len(sin) or j < len(sout):
+        if i < len(sin) and sin[i] == 1:
+            i += 1
+            continue
+        if j < len(sout) and sout[j] == 1:
+            j += 1
+            continue
+        if i >= len(sin) or j >= len(sout):
+            break
+        gi, gj, pi, pj = [i], [j], sin[i], sout[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(i)
+                pi *= sin[i]
+            else:
+                j += 1
+                gj.append(j)
+                pj *= sout[j]
+        groups.append(([k for k in gi if sin[k] != 1], [k for k in gj if sout[k] != 1]))
+        i += 1
+        j += 1
+    return groups
+
+
+@lower_rule("reshape")
+def _reshape(ctx, node, ins):
+    (x, spec), = ins[:1]
+    if spec is None:
+        return _replicated(ctx, node, ins, "reshape of a literal")
+    x, spec = ctx.resolved(x, spec, "reshape")
+    sin, sout = node.inputs[0].shape, node.out.shape
+    need = [tuple(d) for d in spec.dims]
+    out_dims = [()] * len(sout)
+    for gi, gj in _reshape_groups(sin, sout):
+        sharded = [k for k in gi if need[k]]
+        if not sharded:
+            continue
+        if len(gi) == 1 and len(gj) >= 1:
+            axes = need[gi[0]]
+            if sout[gj[0]] % ctx.mesh.count(axes) == 0:
+                out_dims[gj[0]] = axes  # a split: the major output dim keeps the sharding
+                continue
+        elif len(gj) == 1 and sharded == [gi[0]]:
+            out_dims[gj[0]] = need[gi[0]]  # a merge whose major input dim is sharded
+            continue
+        for k in gi:
+            need[k] = ()
+    target_in = Spec(tuple(need))
+    x = ctx.to(x, spec, target_in, "reshape")
+    out_spec = Spec(tuple(out_dims))
+    local = ctx.mesh.local_shape(sout, out_spec)
+    return [(_bind(node, [x], new_sizes=tuple(local), dimensions=None)[0], out_spec)]
+
+
+@lower_rule("broadcast_in_dim")
+def _broadcast(ctx, node, ins):
+    x, spec = ins[0]
+    out = node.out
+    dims = [()] * len(out.shape)
+    if spec is not None:
+        if spec.partial and not _partial_passes(node, ins, {spec.partial}):
+            x, spec = ctx.resolved(x, spec, "broadcast")
+        keep = list(spec.dims)
+        for i, od in enumerate(node.params["broadcast_dimensions"]):
+            if node.inputs[0].shape[i] == out.shape[od]:
+                dims[od] = keep[i]
+            else:
+                keep[i] = ()
+        want = Spec(tuple(keep), spec.partial)
+        x = ctx.to(x, spec, want, "broadcast") if not spec.partial else x
+        out_spec = Spec(tuple(dims), spec.partial)
+    else:
+        out_spec = Spec(tuple(dims))
+    local = ctx.mesh.local_shape(out.shape, out_spec)
+    rest = [a for a, _ in ins[1:]]
+    return [(_bind(node, [x, *rest], shape=tuple(local), sharding=None)[0], out_spec)]
+
+
+@lower_rule("transpose")
+def _transpose(ctx, node, ins):
+    x, spec = ins[0]
+    perm = node.params["permutation"]
+    return [(_bind(node, [x])[0], Spec(tuple(spec.dims[p] for p in perm), spec.partial))]
+
+
+@lower_rule("squeeze")
+def _squeeze(ctx, node, ins):
+    x, spec = ins[0]
+    rank = len(node.inputs[0].shape)
+    gone = {d % rank for d in node.params["dimensions"]}
+    return [(_bind(node, [x])[0], Spec(tuple(d for i, d in enumerate(spec.dims)
+                                             if i not in gone), spec.partial))]
+
+
+@lower_rule("expand_dims")
+def _expand_dims(ctx, node, ins):
+    x, spec = ins[0]
+    dims = list(spec.dims)
+    for d in sorted(node.params["dimensions"]):
+        dims.insert(d, ())
+    return [(_bind(node, [x])[0], Spec(tuple(dims), spec.partial))]
+
+
+@lower_rule("reduce_sum", "reduce_max", "reduce_min")
+def _reduce(ctx, node, ins):
+    x, spec = ins[0]
+    op = {"reduce_sum": "sum", "reduce_max": "max", "reduce_min": "min"}[node.op]
+    if spec.partial and not (op == "sum" and all(o == "sum" for _, o in spec.partial)):
+        x, spec = ctx.resolved(x, spec, node.op)
+    axes = set(node.params["axes"])
+    partial = list(spec.partial)
+    for d in sorted(axes):
+        partial += [(a, op) for a in spec.dims[d]]
+    kept = tuple(d for i, d in enumerate(spec.dims) if i not in axes)
+    return [(_bind(node, [x])[0], Spec(kept, tuple(partial)))]
+
+
+def _unshard_dims(ctx, node, x, spec: Spec, dims_to_free) -> tuple[Any, Spec]:
+    x, spec = ctx.resolved(x, spec, node.op)
+    want = tuple(() if i in dims_to_free else d for i, d in enumerate(spec.dims))
+    if want != spec.dims:
+        x = ctx.to(x, spec, Spec(want), node.op)
+    return x, Spec(want)
+
+
+@lower_rule("argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
+            "sort", "top_k", "rev")
+def _along_one_axis(ctx, node, ins):
+    x, spec = ins[0]
+    axis = node.params.get("axes", node.params.get("axis", node.params.get("dimension")))
+    axes = set(axis) if isinstance(axis, (tuple, list)) else {axis if axis is not None else
+                                                              len(spec.dims) - 1}
+    if node.op in ("sort", "top_k") or len(ins) > 1:
+        return _replicated(ctx, node, ins, f"{node.op} runs replicated")
+    x, spec = _unshard_dims(ctx, node, x, spec, {a % len(spec.dims) for a in axes})
+    out = _bind(node, [x])
+    if node.op in ("argmax", "argmin"):
+        kept = tuple(d for i, d in enumerate(spec.dims) if i not in axes)
+        return [(out[0], Spec(kept))]
+    return [(o, spec) for o in out]
+
+
+@lower_rule("slice")
+def _slice(ctx, node, ins):
+    x, spec = ins[0]
+    shape = node.inputs[0].shape
+    cut = {i for i in range(len(shape))
+           if node.params["start_indices"][i] != 0 or node.params["limit_indices"][i] != shape[i]
+           or (node.params.get("strides") or [1] * len(shape))[i] != 1}
+    if spec.partial and not _partial_passes(node, ins, {spec.partial}):
+        x, spec = ctx.resolved(x, spec, "slice")
+    x, dims_spec = (x, spec) if not any(spec.dims[i] for i in cut) else \
+        _unshard_dims(ctx, node, x, spec, cut)
+    local_shape = ctx.mesh.local_shape(shape, dims_spec)
+    limit = tuple(node.params["limit_indices"][i] if i in cut else local_shape[i]
+                  for i in range(len(shape)))
+    return [(_bind(node, [x], limit_indices=limit)[0], dims_spec)]
+
+
+@lower_rule("dynamic_slice")
+def _dynamic_slice(ctx, node, ins):
+    x, spec = ins[0]
+    sizes = node.params["slice_sizes"]
+    shape = node.inputs[0].shape
+    cut = {i for i in range(len(shape)) if sizes[i] != shape[i]}
+    x, spec = _unshard_dims(ctx, node, x, spec, cut)
+    local = ctx.mesh.local_shape(shape, spec)
+    local_sizes = tuple(sizes[i] if i in cut else local[i] for i in range(len(shape)))
+    idx = [ctx.resolved(a, s)[0] if s is not None else a for a, s in ins[1:]]
+    return [(_bind(node, [x, *idx], slice_sizes=local_sizes)[0], spec)]
+
+
+@lower_rule("dynamic_update_slice")
+def _dynamic_update_slice(ctx, node, ins):
+    (x, spec), (u, uspec) = ins[0], ins[1]
+    shape, ushape = node.inputs[0].shape, node.inputs[1].shape
+    cut = {i for i in range(len(shape)) if ushape[i] != shape[i]}
+    x, spec = _unshard_dims(ctx, node, x, spec, cut)
+    u, uspec = ctx.resolved(u, uspec, node.op)
+    u = ctx.to(u, uspec, spec, node.op)
+    idx = [ctx.resolved(a, s)[0] if s is not None else a for a, s in ins[2:]]
+    return [(_bind(node, [x, u, *idx])[0], spec)]
+
+
+@lower_rule("concatenate")
+def _concatenate(ctx, node, ins):
+    axis = node.params["dimension"]
+    first = next(s for _, s in ins if s is not None)
+    dims = tuple(() if i == axis else d for i, d in enumerate(first.dims))
+    args = []
+    for x, s in ins:
+        x, s = ctx.resolved(x, s, "concatenate")
+        args.append(ctx.to(x, s, Spec(dims), "concatenate"))
+    return [(_bind(node, args)[0], Spec(dims))]
+
+
+@lower_rule("stack")
+def _stack(ctx, node, ins):
+    axis = node.params["axis"]
+    first = next(s for _, s in ins if s is not None)
+    first_x, first = ctx.resolved(ins[0][0], first, "stack") if first.partial else (None, first)
+    args = []
+    for x, s in ins:
+        x, s = ctx.resolved(x, s, "stack")
+        args.append(ctx.to(x, s, Spec(first.dims), "stack"))
+    dims = list(first.dims)
+    dims.insert(axis, ())
+    return [(_bind(node, args)[0], Spec(tuple(dims)))]
+
+
+@lower_rule("split")
+def _split(ctx, node, ins):
+    x, spec = ins[0]
+    x, spec = _unshard_dims(ctx, node, x, spec, {node.params["axis"]})
+    return [(o, spec) for o in _bind(node, [x])]
+
+
+@lower_rule("iota")
+def _iota(ctx, node, ins):
+    return [(_bind(node, [])[0], Spec.replicated(len(node.out.shape)))]
+
+
+@lower_rule("gather")
+def _gather(ctx, node, ins):
+    (table, tspec), (idx, ispec) = ins
+    dn = node.params["dimension_numbers"]
+    sizes = node.params["slice_sizes"]
+    tshape = node.inputs[0].shape
+    index_dims = {d for d in range(len(tshape)) if sizes[d] != tshape[d]} | set(
+        dn.collapsed_slice_dims)
+    if getattr(dn, "operand_batching_dims", ()):
+        return _replicated(ctx, node, ins, "batched gather runs replicated")
+    table, tspec = _unshard_dims(ctx, node, table, tspec, index_dims)
+    idx, ispec = ctx.resolved(idx, ispec, "gather")
+    idx, ispec = _unshard_dims(ctx, node, idx, ispec, {len(ispec.dims) - 1})
+    out_rank = len(node.out.shape)
+    offset = list(dn.offset_dims)
+    kept = [d for d in range(len(tshape)) if d not in set(dn.collapsed_slice_dims)]
+    dims: list = [()] * out_rank
+    for od, td in zip(offset, kept):
+        dims[od] = tspec.dims[td]
+    batch_out = [d for d in range(out_rank) if d not in offset]
+    for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
+        dims[od] = ispec.dims[idim]
+    if len(set(a for d in dims for a in d)) != sum(len(d) for d in dims):
+        table, tspec = _unshard_dims(ctx, node, table, tspec, set(range(len(tshape))))
+        for od in offset:
+            dims[od] = ()
+    local_sizes = tuple(sizes[d] if d in index_dims else ctx.mesh.local_shape(
+        tshape, tspec)[d] for d in range(len(tshape)))
+    out_spec = Spec(tuple(dims))
+    return [(_bind(node, [table, idx], slice_sizes=local_sizes)[0], out_spec)]
+
+
+@lower_rule("scatter", "scatter-add", "scatter_add")
+def _scatter(ctx, node, ins):
+    from meshwright.passes.infer_axes import _scatter_pairs
+
+    (x, spec), (idx, ispec), (u, uspec) = ins[:3]
+    dn = node.params["dimension_numbers"]
+    pairs = _scatter_pairs(node)
+    shape, ushape = node.inputs[0].shape, node.inputs[2].shape
+    paired = {od for ud, od in pairs if ushape[ud] == shape[od]}
+    x, spec = _unshard_dims(ctx, node, x, spec, set(range(len(shape))) - paired)
+    if set(dn.scatter_dims_to_operand_dims) & {d for d in range(len(shape)) if spec.dims[d]}:
+        x, spec = _unshard_dims(ctx, node, x, spec, set(dn.scatter_dims_to_operand_dims))
+    udims = [()] * len(ushape)
+    for ud, od in pairs:
+        if ushape[ud] == shape[od]:
+            udims[ud] = spec.dims[od]
+    batching = list(getattr(dn, "scatter_indices_batching_dims", ()))
+    idims = [()] * len(node.inputs[1].shape)
+    for k, od in enumerate(getattr(dn, "operand_batching_dims", ())):
+        if k < len(batching):
+            idims[batching[k]] = spec.dims[od]
+    u, uspec = ctx.resolved(u, uspec, node.op)
+    u = ctx.to(u, uspec, Spec(tuple(udims)), node.op)
+    idx, ispec = ctx.resolved(idx, ispec, node.op)
+    idx = ctx.to(idx, ispec, Spec(tuple(idims)), node.op)
+    return [(_bind(node, [x, idx, u])[0], spec)]
+
+
+# ---- matmul -----------------------------------------------------------------------------------
+
+
+@lower_rule("dot_general")
+def _dot_general(ctx, node, ins):
+    (lx, ls), (rx, rs) = ins
+    targets = node.meta.get("operand_target", {})
+    if 0 in targets:
+        lx, ls = ctx.resolved(lx, ls, "matmul operand")
+        lx, ls = ctx.to(lx, ls, targets[0], "matmul operand"), targets[0]
+    if 1 in targets:
+        rx, rs = ctx.resolved(rx, rs, "matmul operand")
+        rx, rs = ctx.to(rx, rs, targets[1], "matmul operand"), targets[1]
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    # One partial operand may stay partial (the product is linear in it); not two.
+    if ls.partial and rs.partial:
+        rx, rs = ctx.resolved(rx, rs, "matmul")
+    weight = _weight_operand(node)
+    ref = weight if weight is not None else (
+        0 if sum(map(len, ls.dims)) >= sum(map(len, rs.dims)) else 1)
+    specs = [list(ls.dims), list(rs.dims)]
+    pairs = list(zip(lc, rc)) + list(zip(lb, rb))
+    other = 1 - ref
+    for i, j in pairs:
+        a, b = (i, j) if ref == 0 else (j, i)
+        specs[other][b] = specs[ref][a]
+    used_ref = {ax for d in specs[ref] for ax in d}
+    paired_other = {j for i, j in pairs} if other == 1 else {i for i, j in pairs}
+    for d in range(len(specs[other])):
+        if d not in paired_other:
+            specs[other][d] = tuple(a for a in specs[other][d] if a not in used_ref)
+    seen: set[str] = set()
+    for d in range(len(specs[other])):  # an axis once per operand
+        specs[other][d] = tuple(a for a in specs[other][d] if a not in seen)
+        seen.update(specs[other][d])
+    ops = [(lx, ls), (rx, rs)]
+    x, s = ops[other]
+    want = Spec(tuple(specs[other]), s.partial)
+    if want.dims != s.dims:
+        x, s = ctx.resolved(x, s, "matmul operand")
+        x = ctx.to(x, s, Spec(want.dims), "matmul operand")
+        s = Spec(want.dims)
+    ops[other] = (x, s)
+    (lx, ls), (rx, rs) = ops
+    out_dims = [ls.dims[i] for i in lb]
+    out_dims += [ls.dims[i] for i in range(len(ls.dims)) if i not in lc and i not in lb]
+    out_dims += [rs.dims[j] for j in range(len(rs.dims)) if j not in rc and j not in rb]
+    partial = list(ls.partial) + list(rs.partial) + [(a, "sum") for i in lc for a in ls.dims[i]]
+    return [(_bind(node, [lx, rx])[0], Spec(tuple(out_dims), tuple(partial)))]
+
+
+def _weight_operand(node: Node) -> int | None:
+    weights = node.graph.meta.get("weight_values", set())
+    hits = [k for k, v in enumerate(node.inputs) if isinstance(v, Value) and v.id in weights]
+    return hits[0] if len(hits) == 1 else None
+
+
+# ---- control flow ---------------------------------------------------------------------------
+
+
+@lower_rule("scan")
+def _scan(ctx, node, ins):
+    body: Graph = node.regions["jaxpr"]
+    n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
+    length = node.params["length"]
+    args, specs = [], []
+    for k, ((x, s), v) in enumerate(zip(ins, node.inputs)):
+        if s is None:  # a literal operand
+            x, s = np.asarray(x), Spec.replicated(len(v.shape))
+        x, s = ctx.resolved(x, s, "scan operand")
+        if k >= n_consts + n_carry and s.dims and s.dims[0]:
+            x, s = _unshard_dims(ctx, node, x, s, {0})
+        args.append(x)
+        specs.append(s)
+    body_specs = specs[:n_consts + n_carry] + [Spec(s.dims[1:]) for s in specs[n_consts +
+                                                                                n_carry:]]
+    out_specs: list[Spec] = []
+    body.meta["weight_values"] = node.graph.meta.get("weight_values", set())
+
+    def step(carry, xs):
+        consts = args[:n_consts]
+        flat = list(consts) + list(carry) + list(xs)
+        trips, ctx.em.trips = ctx.em.trips, ctx.em.trips * length
+        try:
+            outs, ospecs = lower_graph(ctx, body, flat, body_specs)
+        finally:
+            ctx.em.trips = trips
+        carry_out = []
+        for o, s, want in zip(outs[:n_carry], ospecs[:n_carry],
+                              body_specs[n_consts:n_consts + n_carry]):
+            carry_out.append(ctx.to(o, s, want, "scan carry"))
+        ys = []
+        ys_specs = []
+        for o, s in zip(outs[n_carry:], ospecs[n_carry:]):
+            o, s = ctx.resolved(o, s, "scan output")
+            ys.append(o)
+            ys_specs.append(s)
+        out_specs[:] = list(body_specs[n_consts:n_consts + n_carry]) + ys_specs
+        return carry_out, ys
+
+    carry, ys = jax.lax.scan(step, args[n_consts:n_consts + n_carry],
+                             args[n_consts + n_carry:], length=length,
+                             reverse=node.params["reverse"], unroll=node.params["unroll"])
+    result = []
+    for k, o in enumerate(list(carry) + list(ys)):
+        s = out_specs[k]
+        result.append((o, s if k < n_carry else Spec(((),) + s.dims)))
+    return result
+
+
+def _cond_or_while(ctx, node, ins):
+    ctx.fallback(node, f"{node.op} runs replicated (no sharding rule for its regions yet)")
+    return _replicated(ctx, node, ins, f"{node.op} runs replicated")
+
+
+LOWER_RULES["cond"] = _cond_or_while
+LOWER_RULES["while"] = _cond_or_while
+
+
+# ---- the walk --------------------------------------------------------------------------------
+
+
+def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
+    """Run g on local arrays with the given specs; returns (local outputs, their specs)."""
+    env: dict[int, Local] = {}
+    for v, x, s in zip(g.inputs, flat, specs):
+        env[v.id] = (x, s)
+        v.producer.meta["sharding"] = [s.text()]
+
+    def read(v):
+        if isinstance(v, Literal):
+            return (v.value, None)
+        return env[v.id]
+
+    for node in g.topo_order():
+        if node.op == "input":
+            continue
+        if node.op == "constant":
+            env[node.out.id] = (node.params["value"], Spec.replicated(len(node.out.shape)))
+            continue
+        ins = [read(v) for v in node.inputs]
+        rule = LOWER_RULES.get(node.op, _elementwise)
+        try:
+            outs = rule(ctx, node, ins)
+        except Exception as e:
+            raise type(e)(f"lowering {node.op} at {node.source or '?'}: {e}") from e
+        targets = node.meta.get("target")
+        final = []
+        for k, (o, s) in enumerate(outs):
+            if targets and k < len(targets) and targets[k] is not None and s != targets[k]:
+                o = ctx.to(o, s, targets[k], f"{node.op} output")
+                s = targets[k]
+            final.append((o, s))
+            env[node.outputs[k].id] = (o, s)
+        node.meta["sharding"] = [s.text() for _, s in final]
+        node.meta["spec"] = [s for _, s in final]
+    outs, ospecs = [], []
+    for v in g.outputs:
+        x, s = read(v)
+        if s is None:
+            x, s = np.asarray(x), Spec.replicated(len(v.shape))
+        outs.append(x)
+        ospecs.append(s)
+    return outs, ospecs
+
+
+def shard_counts(mesh: MeshInfo, spec: Spec) -> int:
+    return math.prod(mesh.count(d) for d in spec.dims)

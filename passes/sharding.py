@@ -1,0 +1,283 @@
+"""Shardings of values and the explicit collectives that turn one into another.
+
+A `Spec` says, per dimension, which mesh axes split it (major first, as in a PartitionSpec),
+and over which axes the local values are unreduced partial results (`partial`, with the
+reduction: sum, max or min). `reshard` emits the collectives between two specs inside a
+`shard_map` body, choosing the cheap ones the paper's layouts use:
+
+    partial over a, target shards dim d on a next      -> psum_scatter over a on d
+    partial over a otherwise                            -> psum / pmax / pmin over a
+    axes g leave dim i and are the next ones dim j needs -> all_to_all(g, split j, concat i)
+    axes g leave dim i otherwise                        -> all_gather over g on i
+    dim d gains axes g                                  -> a local slice (no communication)
+
+Every collective emitted is recorded (kind, axes, bytes per device) so that tests and
+`report()` can compare what the program does with what the cost model predicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+Axes = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Spec:
+    dims: tuple[Axes, ...]  # mesh axes splitting each dimension, major first
+    partial: tuple[tuple[str, str], ...] = ()  # (axis, "sum"|"max"|"min"): unreduced over axis
+
+    @staticmethod
+    def replicated(rank: int) -> "Spec":
+        return Spec(((),) * rank)
+
+    def used(self) -> set[str]:
+        return {a for d in self.dims for a in d} | {a for a, _ in self.partial}
+
+    def partial_axes(self) -> set[str]:
+        return {a for a, _ in self.partial}
+
+    def with_dims(self, dims) -> "Spec":
+        return Spec(tuple(tuple(d) for d in dims), self.partial)
+
+    def without_partial(self) -> "Spec":
+        return Spec(self.dims, ())
+
+    def is_replicated(self) -> bool:
+        return not any(self.dims) and not self.partial
+
+    def partition_spec(self):
+        from jax.sharding import PartitionSpec
+
+        return PartitionSpec(*[(d if len(d) > 1 else d[0]) if d else None for d in self.dims])
+
+    def text(self) -> tuple:
+        """For node.meta["sharding"]: per dimension the axes (printed `embed_xzy`)."""
+        return tuple(d for d in self.dims)
+
+    def __str__(self) -> str:
+        body = ", ".join("".join(d) or "-" for d in self.dims)
+        part = "".join(f" +{op}{a}" for a, op in self.partial)
+        return f"[{body}]{part}"
+
+
+@dataclass
+class CollectiveRecord:
+    kind: str  # all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute
+    axes: Axes
+    bytes: int  # per device: all-gather output, reduce-scatter input, all-reduce/all-to-all data
+    note: str = ""
+
+
+@dataclass
+class MeshInfo:
+    """Mesh axis sizes, for shard counts and local shapes."""
+
+    sizes: dict[str, int]
+
+    def count(self, axes) -> int:
+        return math.prod(self.sizes[a] for a in axes)
+
+    def local_shape(self, shape, spec: Spec) -> tuple[int, ...]:
+        return tuple(s // self.count(d) for s, d in zip(shape, spec.dims))
+
+    def fits(self, size: int, axes) -> bool:
+        return size % self.count(axes) == 0
+
+
+@dataclass
+class Emitter:
+    """Emits collectives inside a shard_map body and records them."""
+
+    mesh: MeshInfo
+    records: list[CollectiveRecord] = field(default_factory=list)
+    trips: int = 1  # multiplier while emitting a loop body (records count per execution)
+
+    def _record(self, kind, axes, local, note):
+        nbytes = int(np.prod(local.shape)) * np.dtype(local.dtype).itemsize
+        for _ in range(self.trips):
+            self.records.append(CollectiveRecord(kind, tuple(axes), nbytes, note))
+
+    # Each primitive: the local array before, the axes, the dimension.
+    def all_gather(self, x, axes: Axes, dim: int, note=""):
+        out = jax.lax.all_gather(x, _axis_name(axes), axis=dim, tiled=True)
+        self._record("all-gather", axes, out, note)
+        return out
+
+    def reduce_scatter(self, x, axes: Axes, dim: int, note=""):
+        self._record("reduce-scatter", axes, x, note)
+        return jax.lax.psum_scatter(x, _axis_name(axes), scatter_dimension=dim, tiled=True)
+
+    def all_reduce(self, x, axes: Axes, op: str = "sum", note=""):
+        self._record("all-reduce", axes, x, note)
+        fn = {"sum": jax.lax.psum, "max": jax.lax.pmax, "min": jax.lax.pmin}[op]
+        return fn(x, _axis_name(axes))
+
+    def all_to_all(self, x, axes: Axes, split: int, concat: int, note=""):
+        self._record("all-to-all", axes, x, note)
+        return jax.lax.all_to_all(x, _axis_name(axes), split, concat, tiled=True)
+
+    def local_slice(self, x, axes: Axes, dim: int):
+        """The shard of dim this device holds along axes (no communication)."""
+        parts = self.mesh.count(axes)
+        size = x.shape[dim] // parts
+        index = jax.lax.axis_index(_axis_name(axes)) * size
+        return jax.lax.dynamic_slice_in_dim(x, index, size, axis=dim)
+
+
+def _axis_name(axes: Axes):
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _is_prefix(a: Axes, b: Axes) -> bool:
+    return tuple(b[:len(a)]) == tuple(a)
+
+
+def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
+    """Collectives (and local slices) turning a local array of spec `src` into spec `dst`."""
+    if dst.partial:
+        raise ValueError("a target spec cannot be partial")
+    dims = [tuple(d) for d in src.dims]
+    target = [tuple(d) for d in dst.dims]
+    # 1. Reduce partial results: scatter onto a dimension that wants the axis next, or onto a
+    #    dimension whose axes will move as one group into a dimension that wants them (the
+    #    heads -> batch move of multiquery attention), else reduce in place.
+    reduce_in_place: dict[str, list[str]] = {}
+    scatter_groups: list[tuple[int, list[str]]] = []  # consecutive axes onto one dim: one op
+    for axis, op in src.partial:
+        placed = None
+        if op == "sum":
+            for d in range(len(dims)):
+                if _is_prefix(dims[d] + (axis,), target[d]):
+                    placed = d
+                    break
+            if placed is None:
+                for d in range(len(dims)):
+                    if not dims[d] or target[d][:len(dims[d])] == dims[d]:
+                        continue
+                    group = dims[d] + (axis,)
+                    if any(j != d and _is_prefix(dims[j] + group, target[j])
+                           for j in range(len(dims))):
+                        placed = d
+                        break
+        if placed is None:
+            reduce_in_place.setdefault(op, []).append(axis)
+            continue
+        dims[placed] = dims[placed] + (axis,)
+        if scatter_groups and scatter_groups[-1][0] == placed:
+            scatter_groups[-1][1].append(axis)
+        else:
+            scatter_groups.append((placed, [axis]))
+    for op, axes in reduce_in_place.items():
+        x = em.all_reduce(x, tuple(axes), op, note)
+    for d, axes in scatter_groups:
+        x = em.reduce_scatter(x, tuple(axes), d, note)
+    # 2. Axes that leave a dimension: the longest minor group that another dimension wants
+    #    next moves there (all_to_all); when none does, the minor-most axis is gathered.
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(dims)):
+            if _is_prefix(dims[i], target[i]):
+                continue
+            keep = 0
+            while keep < len(dims[i]) and keep < len(target[i]) and \
+                    dims[i][keep] == target[i][keep]:
+                keep += 1
+            cur = dims[i]
+            best = None
+            for start in range(keep, len(cur)):
+                group = cur[start:]
+                for m in range(len(group), 0, -1):
+                    dest = next((j for j in range(len(dims)) if j != i and
+                                 _is_prefix(dims[j] + group[:m], target[j])), None)
+                    if dest is not None:
+                        best = (start, m, dest)
+                        break
+                if best:
+                    break
+            if best:
+                start, m, dest = best
+                if start + m < len(cur):  # the minor axes below the moving group: gather
+                    x = em.all_gather(x, cur[start + m:], i, note)
+                x = em.all_to_all(x, cur[start:start + m], split=dest, concat=i, note=note)
+                dims[dest] = dims[dest] + cur[start:start + m]
+                dims[i] = cur[:start]
+            else:
+                x = em.all_gather(x, cur[keep:], i, note)
+                dims[i] = cur[:keep]
+            changed = True
+    # 3. Axes a dimension gains: the local shard.
+    for d in range(len(dims)):
+        extra = target[d][len(dims[d]):]
+        if extra:
+            x = em.local_slice(x, extra, d)
+            dims[d] = target[d]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: which mesh axes each dimension role uses, per FFN and attention layout.
+#
+# Weights are stored E_x F_(z,y) (heads like F) for ws-2d and every weight-gathered layout, so
+# prefill and decode can switch between them without moving weights; ws-1d stores E F_xyz.
+# The order (z, y) keeps every weight-gathered variant a gather of the minor axes.
+
+
+@dataclass(frozen=True)
+class Layout:
+    ffn: str
+    attention: str
+    stored: dict  # role -> axes of the stored weights
+    use: dict  # role -> axes of the weights as the matmuls use them (after WG gathers)
+    residual: dict  # role -> axes of activations between blocks
+    hidden: dict  # role -> axes of activations inside blocks (mlp, heads)
+    attention_batch: Axes  # batch axes inside attention when attention == "batch"
+
+    def weight_gather_axes(self) -> Axes:
+        return {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}.get(self.ffn, ())
+
+
+def make_layout(ffn: str, attention: str) -> Layout:
+    heads_like = ("mlp", "heads", "kv_heads", "fused")
+    if ffn == "ws-1d":
+        xyz = ("x", "y", "z")
+        stored = {r: xyz for r in heads_like}
+        return Layout(ffn, attention, stored, stored, {"embed": xyz},
+                      {r: xyz for r in heads_like}, xyz)
+    stored = {"embed": ("x",), **{r: ("z", "y") for r in heads_like}}
+    if ffn == "ws-2d":
+        hidden = {r: ("z", "y", "x") for r in heads_like}
+        # Inside batch-sharded attention, batch is (x, z, y): the query's partial sums over x
+        # scatter onto batch and its heads (z, y) follow with one all-to-all.
+        return Layout(ffn, attention, stored, stored, {"embed": ("x", "z", "y")}, hidden,
+                      ("x", "z", "y"))
+    batch = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}[ffn]
+    rest = tuple(a for a in ("z", "y") if a not in batch)
+    use = {"embed": (), **{r: rest for r in heads_like}}
+    residual = {"batch": batch, "embed": rest}
+    hidden = {"batch": batch, **{r: rest for r in heads_like}}
+    return Layout(ffn, attention, stored, use, residual, hidden, batch + rest)
+
+
+LAYOUT_NAMES_FFN = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
+LAYOUT_NAMES_ATTENTION = ("heads", "batch")
+
+
+def spec_for(roles, shape, role_axes: dict, mesh: MeshInfo) -> Spec:
+    """A spec giving each dimension the axes its role asks for, when they divide its size and
+    are not already used by another dimension (earlier dimensions first)."""
+    used: set[str] = set()
+    dims = []
+    for role, size in zip(roles, shape):
+        axes = tuple(a for a in role_axes.get(role, ()) if mesh.sizes.get(a, 1) > 1)
+        while axes and (set(axes) & used or not mesh.fits(size, axes)):
+            axes = axes[:-1]  # drop minor axes until it divides and does not clash
+        used.update(axes)
+        dims.append(axes)
+    return Spec(tuple(dims))

@@ -1,0 +1,137 @@
+"""Every layout runs on a simulated 8-device mesh and equals the original function."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meshwright as mw
+from meshwright.models import build, get_config
+from zoo import ZOO
+
+FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
+
+
+@functools.lru_cache(maxsize=None)
+def case(name, phase, scan=True, batch=8):
+    model = build(get_config(name).replace(scan_layers=scan))
+    args = model.example_args(phase, batch=batch, length=8, key=jax.random.PRNGKey(11))
+    return model, args, jax.jit(model.fn(phase))(*args)
+
+
+def assert_close(got, want, tol=2e-5):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def run(name, phase, ffn, attention, mesh, scan=True):
+    model, args, want = case(name, phase, scan)
+    step = mw.shard(model.fn(phase), force={"ffn": ffn, "attention": attention, "mesh": mesh})
+    assert_close(step(*args), want)
+    return step, args
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+@pytest.mark.parametrize("attention", ["heads", "batch"])
+def test_every_layout_on_a_2x2x2_mesh(ffn, attention):
+    step, args = run("palm-tiny", "decode", ffn, attention, (2, 2, 2))
+    assert step.report(*args)["replicated_fallbacks"] == []
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "palm-tiny", "llama-tiny"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("ffn,attention,mesh,scan", [
+    ("ws-2d", "heads", (2, 4, 1), False), ("wg-xy", "batch", (2, 2, 2), True),
+    ("ws-1d", "batch", (1, 1, 8), True)])
+def test_reference_models_both_phases(name, phase, ffn, attention, mesh, scan):
+    run(name, phase, ffn, attention, mesh, scan)
+
+
+def test_weights_and_cache_are_really_split():
+    step, args = run("palm-tiny", "decode", "ws-2d", "batch", (2, 2, 2))
+    c = step.compiled(*args)
+    placed = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args),
+                                          c.place(jax.tree_util.tree_leaves(args)))
+    params, _, cache, _ = placed
+    up = params["layers"]["up"]  # (layers, E, F): E over x, F over (z, y)
+    assert up.shape == (2, 64, 256)
+    assert {s.data.shape for s in up.addressable_shards} == {(2, 32, 64)}
+    k = cache["k"]  # (layers, batch, max_len, kv_heads=1, head_dim): batch over all 8
+    assert {s.data.shape for s in k.addressable_shards} == {(2, 1, 128, 1, 16)}
+
+
+def test_one_device():
+    model, args, want = case("llama-tiny", "decode")
+    step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 1}))
+    assert_close(step(*args), want)
+    assert step.report(*args)["collective_bytes"]["measured"] == 0
+
+
+def test_the_planner_chooses_when_nothing_is_forced():
+    model, args, want = case("palm-tiny", "decode")
+    step = mw.shard(model.decode_step, hardware="tpu-v4")
+    assert_close(step(*args), want)
+    plan = step.plan(*args)
+    report = step.report(*args)
+    assert report["layouts"]["ffn"] == plan.ffn_layout
+    assert report["layouts"]["mesh"] == plan.mesh
+    assert "lowered with FFN" in step.explain(*args)
+
+
+@pytest.mark.parametrize("name,ffn,attention,mesh", [
+    ("palm-tiny", "ws-2d", "heads", (2, 2, 2)), ("palm-tiny", "ws-2d", "batch", (2, 2, 2)),
+    ("palm-tiny", "ws-2d", "heads", (2, 4, 1)), ("llama-tiny", "ws-2d", "batch", (2, 2, 2))])
+def test_collective_bytes_match_the_cost_model(name, ffn, attention, mesh):
+    step, args = run(name, "decode", ffn, attention, mesh)
+    bytes_ = step.report(*args)["collective_bytes"]
+    assert bytes_["predicted"] and abs(bytes_["measured"] / bytes_["predicted"] - 1) < 0.10
+
+
+@pytest.mark.parametrize("style", ["einsum", "fused_qkv", "flax"])
+def test_functions_in_other_styles(style):
+    fn, args = ZOO[style](jax.random.PRNGKey(0))
+    step = mw.shard(fn, force={"ffn": "ws-2d", "attention": "heads", "mesh": (2, 2, 1)},
+                    mesh=mw.make_mesh({"x": 2, "y": 2}))
+    assert_close(step(*args), jax.jit(fn)(*args))
+
+
+def test_what_cannot_be_sharded_runs_replicated_and_says_so():
+    model, args, want = case("palm-tiny", "decode")
+
+    def step_then_loop(params, tokens, cache, positions):
+        logits, cache = model.decode_step(params, tokens, cache, positions)
+        logits = jax.lax.while_loop(lambda s: s[0] < 2, lambda s: (s[0] + 1, s[1] * 0.5),
+                                    (0, logits))[1]
+        return logits, cache
+
+    step = mw.shard(step_then_loop, force={"ffn": "ws-2d", "attention": "batch",
+                                           "mesh": (2, 2, 2)})
+    got = step(*args)
+    assert_close(got, (want[0] * 0.25, want[1]))
+    fallbacks = step.report(*args)["replicated_fallbacks"]
+    assert any(f.startswith("while") for f in fallbacks)
+    assert "ran replicated" in step.explain(*args)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown FFN layout 'ws-3d'"):
+        mw.shard(lambda x: x, force={"ffn": "ws-3d"})
+    with pytest.raises(ValueError, match="needs 16 devices; 8 are available"):
+        mw.make_mesh({"x": 4, "y": 4})
+    model, args, _ = case("palm-tiny", "decode")
+    with pytest.raises(ValueError, match="does not use the 8 devices"):
+        mw.shard(model.decode_step, force={"ffn": "ws-2d", "attention": "heads",
+                                           "mesh": (2, 2, 1)})(*args)
+
+
+def test_graph_after_lower_prints_shardings():
+    step, args = run("palm-tiny", "decode", "ws-2d", "heads", (2, 2, 2))
+    text = str(step.graph(*args, after="lower"))
+    assert "{layers,embed_x,mlp_zy}" in text  # the stored layout E_x F_zy
+    assert "embed_xzy" in text  # the residual stream, fully sharded
+    with pytest.raises(ValueError, match="unknown pass"):
+        step.graph(*args, after="nope")
+    assert jnp.ones(1).shape == (1,)
