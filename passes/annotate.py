@@ -77,7 +77,10 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     for v in g.inputs:
         roles = _roles(v)
         if v.id in prog.weight:
-            spec = spec_for(roles, v.shape, _weight_map(layout.stored, roles), mesh)
+            table = _weight_map(layout.stored, roles)
+            if "vocab" in roles:  # the table is split by rows only
+                table = {"vocab": layout.stored.get("vocab", ())}
+            spec = spec_for(roles, v.shape, table, mesh)
         elif "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
             spec = spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
         else:
@@ -96,7 +99,14 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
         if isinstance(o, Literal):
             out_specs.append(Spec.replicated(len(o.shape)))
             continue
-        out_specs.append(by_shape.get((o.shape, _roles(o)), Spec.replicated(len(o.shape))))
+        if (o.shape, _roles(o)) in by_shape:
+            out_specs.append(by_shape[(o.shape, _roles(o))])
+        elif "vocab" in _roles(o):  # logits stay split over the vocabulary (no gather)
+            out_specs.append(spec_for(_roles(o), o.shape,
+                                      {"batch": layout.residual.get("batch", ()),
+                                       "vocab": layout.stored.get("vocab", ())}, mesh))
+        else:
+            out_specs.append(Spec.replicated(len(o.shape)))
     g.meta["out_specs"] = out_specs
 
 
@@ -128,10 +138,16 @@ def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
         return
     w = weights[0]
     wv = node.inputs[w]
-    if layout.weight_gather_axes():  # weight-gathered: the matmul uses the gathered weight
+    # Weight-gathered layouts gather a layer's weights before use; the embedding table (used
+    # by the tied unembedding) stays where it is.
+    if layout.weight_gather_axes() and "vocab" not in _roles(wv):
         node.meta["operand_target"] = {
             w: spec_for(_roles(wv), wv.shape, _weight_map(layout.use, _roles(wv)), mesh)}
-    if "embed" in out_roles:  # a projection back to the model width
+    if "vocab" in out_roles:  # the logits: split over the vocabulary like the table
+        target = spec_for(out_roles, node.out.shape,
+                          {"batch": layout.residual.get("batch", ()),
+                           "vocab": layout.stored.get("vocab", ())}, mesh)
+    elif "embed" in out_roles:  # a projection back to the model width
         target = spec_for(out_roles, node.out.shape, layout.residual, mesh)
     elif any(_is_hidden(r) for r in out_roles):
         target = spec_for(out_roles, node.out.shape, _hidden_map(layout, out_roles), mesh)

@@ -142,11 +142,25 @@ class ShardedFunction:
         from meshwright.passes import infer_axes as ia
         from meshwright.passes.plan import config_from_graph, workload_from_graph
 
-        config = config_from_graph(g)
+        from meshwright.passes.plan import PlanError
+
         work = workload_from_graph(g)
         phase = work["phase"] if self.phase == "auto" else self.phase
         t0 = time.perf_counter()
-        plan, ffn, attention, mesh_shape, predicted = self._choose(config, work, phase)
+        try:
+            config = config_from_graph(g)
+        except PlanError as e:
+            # Not a Transformer the cost model can price: lower with the pinned layout.
+            if not (self.force.get("ffn") and self.force.get("attention")):
+                raise PlanError(f"{e}. Pin the layout with force={{'ffn': ..., "
+                                f"'attention': ...}} to shard it anyway") from None
+            config = None
+        if config is None:
+            plan, predicted = None, None
+            ffn, attention = self.force["ffn"], self.force["attention"]
+            mesh_shape = self._forced_mesh_shape()
+        else:
+            plan, ffn, attention, mesh_shape, predicted = self._choose(config, work, phase)
         timings["plan"] = time.perf_counter() - t0
         g.meta["plan"] = plan
         mesh_info = MeshInfo(mesh_shape)
@@ -221,11 +235,7 @@ class ShardedFunction:
         ffn = self.force.get("ffn") or (plan.best.ffn_layout if plan else "ws-2d")
         attention = self.force.get("attention") or (plan.best.attention_layout if plan
                                                     else "heads")
-        mesh_shape = {a: int((forced_mesh or {}).get(a, 1)) for a in AXES}
-        if forced_mesh is None:
-            mesh_shape = {"x": 1, "y": 1, "z": n}
-        if int(np.prod(list(mesh_shape.values()))) != n:
-            raise ValueError(f"forced mesh {mesh_shape} does not use the {n} devices given")
+        mesh_shape = self._forced_mesh_shape()
         predicted = None
         try:
             predicted = evaluate(config, get_hardware(self.hardware),
@@ -234,6 +244,18 @@ class ShardedFunction:
         except (LayoutNotApplicable, ValueError):
             predicted = None
         return plan, ffn, attention, mesh_shape, predicted
+
+    def _forced_mesh_shape(self) -> dict[str, int]:
+        n = len(self.devices)
+        forced = self.force.get("mesh")
+        if isinstance(forced, (tuple, list)):
+            forced = dict(zip(AXES, forced))
+        if forced is None:
+            return {"x": 1, "y": 1, "z": n}
+        shape = {a: int(forced.get(a, 1)) for a in AXES}
+        if int(np.prod(list(shape.values()))) != n:
+            raise ValueError(f"forced mesh {shape} does not use the {n} devices given")
+        return shape
 
     # ---- running -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

@@ -23,7 +23,7 @@ _KINDS = {"all-gather": "all-gather", "all-gather-start": "all-gather",
           "collective-permute-start": "collective-permute"}
 _SHAPE = re.compile(r"([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
 
 
 def _shape_bytes(text: str) -> int:
@@ -58,7 +58,7 @@ def _parse(hlo: str):
             continue
         mi = _INSTR.match(line)
         if mi:
-            comps[current].append((mi.group(2), mi.group(1), mi.group(3), line))
+            comps[current].append((mi.group(3), mi.group(2), mi.group(4), line, mi.group(1)))
     return comps, entry
 
 
@@ -71,13 +71,18 @@ def collective_bytes(hlo: str) -> dict:
     def visit(name: str, times: int, depth: int = 0) -> None:
         if depth > 50 or name not in comps:
             return
-        for opcode, result, operands, line in comps[name]:
+        # result types by instruction name: operands print as bare names in current HLO text
+        types = {iname: result for _, result, _, _, iname in comps[name]}
+        for opcode, result, operands, line, _ in comps[name]:
             kind = _KINDS.get(opcode)
             if kind is not None:
                 if kind in ("all-gather",):
                     nbytes = _shape_bytes(result)
                 else:
-                    nbytes = _shape_bytes(operands.split(")")[0]) or _shape_bytes(result)
+                    args = operands.split(")")[0]
+                    nbytes = _shape_bytes(args) or sum(
+                        _shape_bytes(types.get(a.strip().lstrip("%"), ""))
+                        for a in args.split(",")) or _shape_bytes(result)
                 by_kind[kind] += nbytes * times
                 count[kind] += times
             if opcode == "while":

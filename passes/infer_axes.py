@@ -858,6 +858,11 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
                 n.name(n.cls(proj.inputs[1 - w], d), "embed")
     embed = {c for c, r in n.names.items() if r == "embed"}
 
+    # No attention and no embedding table (a bare feed-forward block): a projection whose
+    # output a second projection contracts is embed -> mlp -> embed.
+    if not any(r == "embed" for r in n.names.values()):
+        _name_bare_ffn(prog, n)
+        embed = {c for c, r in n.names.items() if r == "embed"}
     # Activations entering the model (no gather): batch and length from the first activation.
     if not any(r == "batch" for r in n.names.values()):
         for v in g.inputs:
@@ -933,6 +938,34 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
             if v.id not in prog.weight and cs and n.role(cs[0]) is None \
                     and syms.size[cs[0]] == n_layers:
                 n.name(cs[0], "layers")
+
+
+def _name_bare_ffn(prog: _Program, n: "_Namer") -> None:
+    for node in prog.nodes:
+        if node.op != "dot_general" or not any(
+                isinstance(v, Value) and v.id in prog.weight for v in node.inputs):
+            continue
+        w = _weight_side(prog, node)
+        hidden = {n.cls(node.inputs[w], d) for d in _free_dims(node, w)}
+        for u, _ in _forward(prog, node.out, max_depth=8):
+            if u.op != "dot_general" or u is node or not any(
+                    isinstance(v, Value) and v.id in prog.weight for v in u.inputs):
+                continue
+            uw = _weight_side(prog, u)
+            if not any(n.cls(u.inputs[1 - uw], d) in hidden
+                       for d in _contracted_dims(u, 1 - uw)):
+                break
+            act = node.inputs[1 - w]
+            for d in _contracted_dims(node, 1 - w):
+                n.name(n.cls(act, d), "embed")
+            for c in hidden:
+                n.name(c, "mlp")
+            for d in _free_dims(u, uw):
+                n.name(n.cls(u.inputs[uw], d), "embed")
+            rest = [n.cls(act, d) for d in _free_dims(node, 1 - w)]
+            for role, c in zip(("batch", "length"), rest):
+                n.name(c, role)
+            return
 
 
 def _value_operand(value: Node, score: Node) -> int:

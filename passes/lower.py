@@ -405,9 +405,12 @@ def _gather(ctx, node, ins):
         dn.collapsed_slice_dims)
     if getattr(dn, "operand_batching_dims", ()):
         return _replicated(ctx, node, ins, "batched gather runs replicated")
-    table, tspec = _unshard_dims(ctx, node, table, tspec, index_dims)
     idx, ispec = ctx.resolved(idx, ispec, "gather")
     idx, ispec = _unshard_dims(ctx, node, idx, ispec, {len(ispec.dims) - 1})
+    row = _vocab_sharded_row(node, tspec, index_dims)
+    if row is not None:
+        return _masked_lookup(ctx, node, table, tspec, idx, ispec, row)
+    table, tspec = _unshard_dims(ctx, node, table, tspec, index_dims)
     out_rank = len(node.out.shape)
     offset = list(dn.offset_dims)
     kept = [d for d in range(len(tshape)) if d not in set(dn.collapsed_slice_dims)]
@@ -417,14 +420,56 @@ def _gather(ctx, node, ins):
     batch_out = [d for d in range(out_rank) if d not in offset]
     for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
         dims[od] = ispec.dims[idim]
-    if len(set(a for d in dims for a in d)) != sum(len(d) for d in dims):
-        table, tspec = _unshard_dims(ctx, node, table, tspec, set(range(len(tshape))))
-        for od in offset:
-            dims[od] = ()
+    clash = {a for od in offset for a in dims[od]} & {a for od in batch_out for a in dims[od]}
+    if clash:  # ids and table split over one axis: gather the (small) ids, not the table
+        idims = tuple(tuple(a for a in d if a not in clash) for d in ispec.dims)
+        idx = ctx.to(idx, ispec, Spec(idims), "gather ids")
+        ispec = Spec(idims)
+        for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
+            dims[od] = ispec.dims[idim]
     local_sizes = tuple(sizes[d] if d in index_dims else ctx.mesh.local_shape(
         tshape, tspec)[d] for d in range(len(tshape)))
     out_spec = Spec(tuple(dims))
     return [(_bind(node, [table, idx], slice_sizes=local_sizes)[0], out_spec)]
+
+
+def _vocab_sharded_row(node: Node, tspec: Spec, index_dims: set) -> int | None:
+    """The table's one indexed dimension when it is sharded (a vocabulary-sharded embedding
+    lookup, one id per row), else None."""
+    dn = node.params["dimension_numbers"]
+    sharded = [d for d in index_dims if tspec.dims[d]]
+    if len(sharded) != 1 or tuple(dn.start_index_map) != (sharded[0],) or \
+            node.inputs[1].shape[-1] != 1 or tspec.partial:
+        return None
+    return sharded[0]
+
+
+def _masked_lookup(ctx, node, table, tspec: Spec, idx, ispec: Spec, row: int):
+    """Each device looks up the ids that fall in its rows and zeros the others; the result is
+    a partial sum over the row axes (the reduce-scatter into the residual layout follows)."""
+    import jax.numpy as jnp
+
+    axes = tspec.dims[row]
+    rows = table.shape[row]  # local rows
+    offset = jax.lax.axis_index(axes[0] if len(axes) == 1 else tuple(axes)) * rows
+    local = idx - offset.astype(idx.dtype)
+    inside = (local >= 0) & (local < rows)
+    local = jnp.clip(local, 0, rows - 1)
+    dn = node.params["dimension_numbers"]
+    sizes = tuple(1 if d == row else table.shape[d] for d in range(table.ndim))
+    out = _bind(node, [table, local], slice_sizes=sizes)[0]
+    mask = inside[..., 0]  # (index batch dims)
+    offset_dims = list(dn.offset_dims)
+    batch_out = [d for d in range(out.ndim) if d not in offset_dims]
+    mask = jax.lax.broadcast_in_dim(mask, out.shape, tuple(batch_out))
+    out = jnp.where(mask, out, jnp.zeros((), out.dtype))
+    dims: list = [()] * out.ndim
+    kept = [d for d in range(table.ndim) if d not in set(dn.collapsed_slice_dims)]
+    for od, td in zip(offset_dims, kept):
+        dims[od] = () if td == row else tspec.dims[td]
+    for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
+        dims[od] = ispec.dims[idim]
+    return [(out, Spec(tuple(dims), tuple((a, "sum") for a in axes)))]
 
 
 @lower_rule("scatter", "scatter-add", "scatter_add")

@@ -248,10 +248,14 @@ def make_layout(ffn: str, attention: str) -> Layout:
     if ffn == "ws-1d":
         xyz = ("x", "y", "z")
         stored = {r: xyz for r in heads_like}
+        stored = {**stored, "vocab": xyz}
         return Layout(ffn, attention, stored, stored, {"embed": xyz},
                       {r: xyz for r in heads_like}, xyz)
     stored = {"embed": ("x",), **{r: ("z", "y") for r in heads_like}}
     if ffn == "ws-2d":
+        # The vocabulary (embedding and unembedding) is split like the residual stream:
+        # lookups reduce-scatter into it, logits stay split over the vocabulary.
+        stored["vocab"] = ("x", "z", "y")
         hidden = {r: ("z", "y", "x") for r in heads_like}
         # Inside batch-sharded attention, batch is (x, z, y): the query's partial sums over x
         # scatter onto batch and its heads (z, y) follow with one all-to-all.
@@ -259,7 +263,8 @@ def make_layout(ffn: str, attention: str) -> Layout:
                       ("x", "z", "y"))
     batch = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}[ffn]
     rest = tuple(a for a in ("z", "y") if a not in batch)
-    use = {"embed": (), **{r: rest for r in heads_like}}
+    stored["vocab"] = rest
+    use = {"embed": (), "vocab": rest, **{r: rest for r in heads_like}}
     residual = {"batch": batch, "embed": rest}
     hidden = {"batch": batch, **{r: rest for r in heads_like}}
     return Layout(ffn, attention, stored, use, residual, hidden, batch + rest)

@@ -1,0 +1,119 @@
+"""Every layout on the simulated 8-device mesh: collective bytes predicted, emitted by the
+explicit lowering, counted in its compiled HLO, and counted in the GSPMD baseline (the same
+input shardings given to plain `jax.jit`, XLA's partitioner inserting the collectives); step
+time sharded vs unsharded.
+
+    python benchmarks/layouts.py [--models palm-tiny,llama-tiny] [--phases decode] [--quick]
+
+Prints a table and writes benchmarks/results/layouts.json. The 8 devices share 2 CPU cores:
+step times measure lowering overhead, not speed-up.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the GSPMD baseline's partitioner warnings
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+import meshwright as mw  # noqa: E402
+from meshwright.models import build, get_config  # noqa: E402
+from meshwright.passes.hlo import collective_bytes  # noqa: E402
+
+FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
+ATTENTION = ("heads", "batch")
+
+
+def timed(fn, args, repeats: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gspmd_baseline(fn, args, compiled) -> int:
+    """Plain jax.jit with our input/output shardings; XLA's partitioner does the rest."""
+    mesh = compiled.jax_mesh
+    tree = jax.tree_util.tree_structure(args)
+    in_shardings = jax.tree_util.tree_unflatten(
+        tree, [NamedSharding(mesh, s.partition_spec()) for s in compiled.in_specs])
+    out_tree = compiled.graph.out_tree
+    out_shardings = jax.tree_util.tree_unflatten(
+        out_tree, [NamedSharding(mesh, s.partition_spec()) for s in compiled.out_specs])
+    lowered = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings).lower(*args)
+    return collective_bytes(lowered.compile().as_text())["total"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="palm-tiny,llama-tiny,gpt2-tiny")
+    p.add_argument("--phases", default="decode,prefill")
+    p.add_argument("--mesh", default="2x2x2", help="x*y*z of the simulated mesh")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="ws-2d and wg-xy only")
+    args = p.parse_args(argv)
+    mesh = tuple(int(v) for v in args.mesh.split("x"))
+    ffns = ("ws-2d", "wg-xy") if args.quick else FFNS
+    rows = []
+    header = (f"{'model':11} {'phase':7} {'ffn':7} {'attn':5} {'predicted':>9} {'emitted':>9} "
+              f"{'measured':>9} {'meas/pred':>9} {'gspmd':>9} {'step ms':>8} {'1-dev ms':>8} "
+              f"{'ratio':>6} {'max err':>8}")
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        model = build(get_config(name).replace(scan_layers=True))
+        for phase in args.phases.split(","):
+            xs = model.example_args(phase, batch=8, length=8, key=jax.random.PRNGKey(0))
+            fn = model.fn(phase)
+            single = jax.jit(fn)
+            want = single(*xs)
+            single_s = timed(single, xs, args.repeats)
+            for ffn in ffns:
+                for attention in ATTENTION:
+                    step = mw.shard(fn, force={"ffn": ffn, "attention": attention,
+                                               "mesh": mesh})
+                    got = step(*xs)
+                    err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                              for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+                    rep = step.report(*xs)["collective_bytes"]
+                    c = step.compiled(*xs)
+                    placed = c.place(jax.tree.leaves(xs))
+                    step_s = timed(c.compiled, placed, args.repeats)
+                    base = gspmd_baseline(fn, xs, c)
+                    row = {"model": name, "phase": phase, "ffn": ffn, "attention": attention,
+                           "mesh": dict(c.mesh_shape), "predicted_bytes": rep["predicted"],
+                           "emitted_bytes": rep["emitted"], "measured_bytes": rep["measured"],
+                           "measured_by_kind": rep["by_kind"], "gspmd_bytes": base,
+                           "step_s": step_s, "single_device_step_s": single_s,
+                           "max_abs_error": err}
+                    rows.append(row)
+                    pred = rep["predicted"]
+                    ratio = f"{rep['measured'] / pred:.2f}" if pred else "-"
+                    print(f"{name:11} {phase:7} {ffn:7} {attention:5} {pred or 0:9d} "
+                          f"{rep['emitted']:9d} {rep['measured']:9d} {ratio:>9} {base:9d} "
+                          f"{step_s * 1e3:8.2f} {single_s * 1e3:8.2f} "
+                          f"{step_s / single_s:6.2f} {err:8.1e}", flush=True)
+    out = os.path.join(os.path.dirname(__file__), "results", "layouts.json")
+    with open(out, "w") as f:
+        json.dump({"mesh": args.mesh, "repeats": args.repeats, "statistic": "median",
+                   "rows": rows}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
