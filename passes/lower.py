@@ -482,8 +482,11 @@ def _scatter(ctx, node, ins):
     shape, ushape = node.inputs[0].shape, node.inputs[2].shape
     paired = {od for ud, od in pairs if ushape[ud] == shape[od]}
     x, spec = _unshard_dims(ctx, node, x, spec, set(range(len(shape))) - paired)
-    if set(dn.scatter_dims_to_operand_dims) & {d for d in range(len(shape)) if spec.dims[d]}:
-        x, spec = _unshard_dims(ctx, node, x, spec, set(dn.scatter_dims_to_operand_dims))
+    # An index into a dimension the update covers whole is 0: that dimension may stay split.
+    whole = {od for ud, od in pairs if ushape[ud] == shape[od]}
+    indexed = set(dn.scatter_dims_to_operand_dims) - whole
+    if indexed & {d for d in range(len(shape)) if spec.dims[d]}:
+        x, spec = _unshard_dims(ctx, node, x, spec, indexed)
     udims = [()] * len(ushape)
     for ud, od in pairs:
         if ushape[ud] == shape[od]:

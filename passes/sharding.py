@@ -109,6 +109,29 @@ class Emitter:
         self._record("all-gather", axes, out, note)
         return out
 
+    def all_gather_dims(self, x, groups: list[tuple[int, Axes]], note=""):
+        """One all-gather of several dimensions at once (a weight split E_x F_y gathered over
+        x and y): gather over every axis into a new leading axis, then put each axis's
+        blocks back into its dimension (major axes first)."""
+        all_axes = tuple(a for _, axes in groups for a in axes)
+        y = jax.lax.all_gather(x, _axis_name(all_axes), axis=0, tiled=False)
+        sizes = [self.mesh.sizes[a] for a in all_axes]
+        y = y.reshape(*sizes, *x.shape)
+        n_axes = len(all_axes)
+        position, start = {}, 0
+        for d, axes in groups:
+            position[d] = list(range(start, start + len(axes)))
+            start += len(axes)
+        perm = []
+        for k in range(x.ndim):
+            perm += position.get(k, []) + [n_axes + k]
+        y = jnp_transpose(y, perm)
+        shape = [x.shape[k] * math.prod(self.mesh.sizes[a] for a in dict(groups).get(k, ()))
+                 for k in range(x.ndim)]
+        y = y.reshape(shape)
+        self._record("all-gather", all_axes, y, note)
+        return y
+
     def reduce_scatter(self, x, axes: Axes, dim: int, note=""):
         self._record("reduce-scatter", axes, x, note)
         return jax.lax.psum_scatter(x, _axis_name(axes), scatter_dimension=dim, tiled=True)
@@ -128,6 +151,10 @@ class Emitter:
         size = x.shape[dim] // parts
         index = jax.lax.axis_index(_axis_name(axes)) * size
         return jax.lax.dynamic_slice_in_dim(x, index, size, axis=dim)
+
+
+def jnp_transpose(x, perm):
+    return jax.lax.transpose(x, tuple(perm))
 
 
 def _axis_name(axes: Axes):
@@ -179,6 +206,13 @@ def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
         x = em.reduce_scatter(x, tuple(axes), d, note)
     # 2. Axes that leave a dimension: the longest minor group that another dimension wants
     #    next moves there (all_to_all); when none does, the minor-most axis is gathered.
+    #    When several dimensions only gather (a weight-gathered layout's E_x F_y), one
+    #    collective gathers them all.
+    gathers = _pure_gathers(dims, target)
+    if gathers and len(gathers) >= 2:
+        x = em.all_gather_dims(x, gathers, note)
+        for i, axes in gathers:
+            dims[i] = dims[i][:len(dims[i]) - len(axes)]
     changed = True
     while changed:
         changed = False
@@ -219,6 +253,27 @@ def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
             x = em.local_slice(x, extra, d)
             dims[d] = target[d]
     return x
+
+
+def _pure_gathers(dims, target) -> list[tuple[int, Axes]] | None:
+    """[(dim, axes to gather)] when every leaving axis can only be gathered (none moves to a
+    dimension that wants it), else None."""
+    out = []
+    for i in range(len(dims)):
+        if _is_prefix(dims[i], target[i]):
+            continue
+        keep = 0
+        while keep < len(dims[i]) and keep < len(target[i]) and dims[i][keep] == target[i][keep]:
+            keep += 1
+        leaving = dims[i][keep:]
+        for start in range(len(leaving)):
+            for m in range(len(leaving) - start, 0, -1):
+                group = leaving[start:start + m]
+                if any(j != i and _is_prefix(dims[j] + group, target[j])
+                       for j in range(len(dims))):
+                    return None
+        out.append((i, leaving))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
