@@ -83,8 +83,8 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
             spec = spec_for(roles, v.shape, table, mesh)
         elif "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
             spec = spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
-        else:
-            spec = spec_for(roles, v.shape, {"batch": layout.residual.get("batch", ())}, mesh)
+        else:  # token ids, positions, activations: as the residual stream
+            spec = spec_for(roles, v.shape, layout.residual, mesh)
         v.producer.meta["target"] = [spec]
         in_specs.append(spec)
     g.meta["in_specs"] = in_specs
