@@ -92,6 +92,9 @@ def _run_inspect(args) -> int:
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="palm-540b", help="model preset (default: %(default)s)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="plan a Hugging Face checkpoint directory from its config.json "
+                        "(no weights are read); replaces --model")
     p.add_argument("--hardware", default="tpu-v4", help="hardware profile (default: %(default)s)")
     p.add_argument("--chips", type=int, default=64, help="number of chips (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="sequences per step (default: %(default)s)")
@@ -115,7 +118,12 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def _run_plan(args) -> int:
     from meshwright.passes.planner import plan
 
-    result = plan(args.model, hardware=args.hardware, chips=args.chips, batch=args.batch,
+    model = args.model
+    if args.checkpoint:
+        from meshwright.models.hf import load_config
+
+        model = load_config(args.checkpoint)
+    result = plan(model, hardware=args.hardware, chips=args.chips, batch=args.batch,
                   context=args.context, phase=args.phase, weights=args.weights,
                   gen_tokens=args.gen_tokens, force_ffn=args.force_ffn,
                   force_attention=args.force_attention,

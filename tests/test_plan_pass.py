@@ -113,3 +113,19 @@ def test_cli_inspect_prints_the_labelled_graph(capsys, tmp_path):
     assert any("{batch,1,embed}" in line for line in data["graph"])
     assert main(["inspect", "--after", "lower-everything"]) == 2
     assert "unknown pass 'lower-everything'" in capsys.readouterr().err
+
+
+def test_cli_plan_from_a_checkpoint_config(tmp_path, capsys):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--checkpoint", str(tmp_path), "--hardware", "h100", "--chips", "8",
+                 "--batch", "16", "--context", "4096", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = mw.plan(model="llama3-8b", hardware="h100", chips=8, batch=16, context=4096).to_dict()
+    assert got["ffn_layout"] == want["ffn_layout"] and got["mesh"] == want["mesh"]
+    assert got["weight_bytes_per_chip"] == pytest.approx(want["weight_bytes_per_chip"], rel=0.01)
+    assert main(["plan", "--checkpoint", str(tmp_path / "missing")]) == 2
