@@ -137,3 +137,26 @@ def test_graph_after_lower_prints_shardings():
     with pytest.raises(ValueError, match="unknown pass"):
         step.graph(*args, after="nope")
     assert jnp.ones(1).shape == (1,)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["palm-tiny", "llama-tiny", "gpt2-tiny"]),
+       heads=st.sampled_from([2, 3, 4, 6]), kv=st.sampled_from([1, 2]),
+       batch=st.sampled_from([1, 2, 4, 8]), ffn=st.sampled_from(FFNS),
+       attention=st.sampled_from(["heads", "batch"]),
+       mesh=st.sampled_from([(1, 1, 8), (2, 4, 1), (2, 2, 2), (4, 2, 1), (1, 2, 4)]),
+       phase=st.sampled_from(["prefill", "decode"]))
+def test_any_size_any_mesh_is_correct(family, heads, kv, batch, ffn, attention, mesh, phase):
+    """Head counts that do not divide the mesh axes, kv_heads < devices, batch < devices:
+    whatever cannot be split stays whole, and the answer is right."""
+    kv = heads if family == "gpt2-tiny" else (kv if heads % kv == 0 else 1)
+    cfg = get_config(family).replace(n_heads=heads, n_kv_heads=kv, d_head=8, d_model=8 * heads,
+                                     d_ff=16 * heads, max_len=32, scan_layers=True)
+    model = build(cfg)
+    args = model.example_args(phase, batch=batch, length=4, key=jax.random.PRNGKey(heads))
+    step = mw.shard(model.fn(phase), force={"ffn": ffn, "attention": attention, "mesh": mesh})
+    assert_close(step(*args), jax.jit(model.fn(phase))(*args))
