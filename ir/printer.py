@@ -158,6 +158,9 @@ def _meta_suffix(node: Node) -> str:
     note = node.meta.get("note")
     if note:
         parts.append(str(note))
+    collectives = node.meta.get("collectives")
+    if collectives:
+        parts.append("collectives: " + ", ".join(collectives))
     return f"  # {'; '.join(parts)}" if parts else ""
 
 
@@ -188,8 +191,10 @@ def _dot_into(g: Graph, namer: _Namer, lines: list[str], prefix: str, indent: st
             label, style = f"{outs[0]}\\n{shapes}", 'shape=ellipse, style=filled, fillcolor="#e8f0ff"'
         elif node.op == "constant":
             label, style = f"constant {outs[0]}\\n{shapes}", "shape=note"
-        elif node.op in COLLECTIVES:
+        elif node.op in COLLECTIVES or node.meta.get("collectives"):
             label = f"{node.op}{_dot_escape(format_params(node))}\\n{shapes}"
+            if node.meta.get("collectives"):
+                label += "\\n" + _dot_escape("; ".join(node.meta["collectives"]))
             style = 'shape=box, style="filled,bold", fillcolor="#ffd6d6", color="#c00000"'
         elif node.regions:
             label = f"{node.op} ({sum(len(b.equations()) for b in node.region_graphs())} " \

@@ -45,10 +45,39 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", action="store_true", help="layers as a scan (--set scan_layers=true)")
     p.add_argument("--after", metavar="PASS", default="trace",
                    help="show the graph after this pass: trace (default), infer-axes, "
-                        "find-blocks, plan")
+                        "find-blocks, plan, annotate, lower")
+    p.add_argument("--mesh", default="2x2x2", metavar="XxYxZ",
+                   help="mesh for --after annotate/lower (simulated CPU devices; "
+                        "default: %(default)s)")
+    p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout for lowering")
+    p.add_argument("--force-attention", metavar="LAYOUT",
+                   help="pin the attention layout for lowering")
     p.add_argument("--source", action="store_true", help="append each equation's source line")
     p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT")
     p.add_argument("--summary", action="store_true", help="print op counts, FLOPs and bytes")
+
+
+def _lowered_graph(cfg, args):
+    """The graph with every value's sharding, as mw.shard lowers it on the --mesh."""
+    import jax
+
+    from meshwright import api
+    from meshwright.models import build
+
+    sizes = tuple(int(v) for v in args.mesh.lower().split("x"))
+    mesh = api.make_mesh(dict(zip("xyz", sizes)))
+    model = build(cfg)
+    xs = model.example_args(args.phase, batch=args.batch, length=args.length,
+                            key=jax.random.PRNGKey(0))
+    force = {"mesh": sizes + (1,) * (3 - len(sizes))}
+    if args.force_ffn:
+        force["ffn"] = args.force_ffn
+    if args.force_attention:
+        force["attention"] = args.force_attention
+    if "ffn" not in force or "attention" not in force:
+        force = {k: v for k, v in force.items() if k != "mesh"}  # the planner picks the mesh
+    step = api.shard(model.fn(args.phase), mesh=mesh, force=force)
+    return step.graph(*xs, after="lower")
 
 
 @_command("inspect", "print the dataflow graph of a bundled model")
@@ -60,8 +89,11 @@ def _run_inspect(args) -> int:
     cfg = get_config(name).with_overrides(args.set)
     if args.scan:
         cfg = cfg.replace(scan_layers=True)
-    graph = api.trace_model(cfg, phase=args.phase, batch=args.batch, length=args.length)
-    graph = api.run_passes_until(graph, args.after)
+    if args.after in ("annotate", "lower"):
+        graph = _lowered_graph(cfg, args)
+    else:
+        graph = api.trace_model(cfg, phase=args.phase, batch=args.batch, length=args.length)
+        graph = api.run_passes_until(graph, args.after)
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(graph.to_dot())
@@ -306,7 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _simulate_devices(count: int = 8) -> None:
+    """On a CPU-only machine, simulate `count` devices (XLA reads the flag when JAX first
+    initialises, so this only works before anything imports jax)."""
+    import os
+
+    if "jax" in sys.modules or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""):
+        return
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={count}").strip()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _simulate_devices()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

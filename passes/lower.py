@@ -644,6 +644,7 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
             env[node.out.id] = (node.params["value"], Spec.replicated(len(node.out.shape)))
             continue
         ins = [read(v) for v in node.inputs]
+        first_record = len(ctx.em.records)
         rule = LOWER_RULES.get(node.op, _elementwise)
         try:
             outs = rule(ctx, node, ins)
@@ -659,6 +660,15 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
             env[node.outputs[k].id] = (o, s)
         node.meta["sharding"] = [s.text() for _, s in final]
         node.meta["spec"] = [s for _, s in final]
+        emitted = ctx.em.records[first_record:]
+        seen, notes = set(), []
+        for r in emitted:  # a loop body records once per trip: list each collective once
+            key = (r.kind, r.axes, r.bytes)
+            if key not in seen:
+                seen.add(key)
+                notes.append(f"{r.kind}({','.join(r.axes)}) {r.bytes}B")
+        if notes:
+            node.meta["collectives"] = notes
     outs, ospecs = [], []
     for v in g.outputs:
         x, s = read(v)
