@@ -1,1 +1,32 @@
-"""meshwright.runtime"""
+"""meshwright.runtime: serving with temporal fusion (Flover) on compiled model steps.
+
+    >>> from meshwright.runtime import Engine, Request
+    >>> engine = Engine("palm-tiny", max_slots=4, max_len=64)        # doctest: +SKIP
+    >>> engine.generate([[1, 2, 3]], max_tokens=8)[0].tokens           # doctest: +SKIP
+
+Modules: `request` (Request, SamplingParams, Result; plain data), `scheduler` (the
+device-free state machine; imports no JAX), `kv_cache`, `sampling`, `engine`, `workload`,
+`bench`. Names below are imported lazily, so `meshwright.runtime.scheduler` stays usable
+without initialising JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Engine": "engine", "Bucket": "engine", "RequestHandle": "engine", "ServeReport": "engine",
+    "KVCache": "kv_cache", "batch_sharding": "kv_cache",
+    "Request": "request", "Result": "request", "SamplingParams": "request",
+    "Scheduler": "scheduler", "SchedulerOutput": "scheduler", "plan_moves": "scheduler",
+    "sample": "sampling",
+    "Workload": "workload", "make_workload": "workload", "summarize": "workload",
+}
+
+__all__ = ["Bucket", "Engine", "KVCache", "Request", "RequestHandle", "Result",
+           "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "Workload",
+           "batch_sharding", "make_workload", "plan_moves", "sample", "summarize"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"meshwright.runtime.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'meshwright.runtime' has no attribute {name!r}")

@@ -40,6 +40,29 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
                   **engine_kwargs)
 
 
+def cost_model_planner(config, *, chips: int = 8, hardware: str = "cpu",
+                       weights: str = "fp32", prefill_context: int = 16):
+    """A `planner_fn` for the engine that asks the analytical planner which layout it would
+    choose for each bucket on a `chips`-chip mesh ("ffn-layout/attention-layout").
+
+    PLACEHOLDER: the engine runs every bucket with the default compile_fn (one device); these
+    names are predictions only, until the sharded compiler (`mw.shard`) compiles each bucket
+    in its layout. Decode buckets are planned at context max_len, prefill at
+    `prefill_context` tokens."""
+    from meshwright.passes.planner import plan_config
+
+    def planner_fn(phase, bucket):
+        context = bucket.length if phase == "decode" else prefill_context
+        try:
+            p = plan_config(config, hardware=hardware, chips=chips, batch=bucket.batch,
+                            context=context, phase=phase, weights=weights)
+        except ValueError as e:
+            return f"unplanned ({e})"
+        return f"{p.ffn_layout}/{p.attention_layout}"
+
+    return planner_fn
+
+
 def _median_metrics(runs: list[dict]) -> dict:
     """Field-by-field median of several runs' metrics (numbers and {p50, ...} dicts)."""
     out = dict(runs[-1])
@@ -84,6 +107,36 @@ def serve_bench(model: str = "palm-tiny", *, policy: str = "fused", requests: in
     return out
 
 
+def compare(engine: Engine, variants: dict[str, dict], *, repeats: int = 3,
+            requests: int = 64, rate: float | None = None, interval: float | None = None,
+            out_len: tuple[int, int] = (16, 256), prompt_len: tuple[int, int] = (4, 16),
+            seed: int = 0, clock: str = "virtual") -> dict[str, dict]:
+    """Serve one workload under several engine settings, e.g. {"fused": {"policy": "fused"},
+    "static": {"policy": "static"}}, with the runs interleaved (repeat 1 of every variant,
+    then repeat 2, each round in a rotated order) so that load from other processes hits
+    every variant alike; field-wise medians per variant."""
+    cfg = engine.config
+    workload = make_workload(requests, rate=rate, interval=interval, out_len=out_len,
+                             prompt_len=prompt_len, vocab_size=cfg.vocab_size,
+                             max_len=engine.max_len, seed=seed)
+    runs: dict[str, list[dict]] = {label: [] for label in variants}
+    labels = list(variants)
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            settings = {"shuffle": True, "window_s": 0.01, **variants[label]}
+            engine.set_policy(settings["policy"], shuffle=settings["shuffle"],
+                              window_s=settings["window_s"])
+            runs[label].append(engine.serve(workload, clock=clock).metrics)
+    engine.set_policy("fused")
+    out = {}
+    for label, results in runs.items():
+        m = _median_metrics(results) if repeats > 1 else results[0]
+        m.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
+                 max_len=engine.max_len, clock=clock)
+        out[label] = m
+    return out
+
+
 def sweep(model: str = "palm-tiny", *, intervals: Sequence[float] = (0.001, 0.005, 0.02,
           0.1, 0.5), policies: Sequence[str] = POLICIES, requests: int = 32,
           out_len: tuple[int, int] = (64, 64), prompt_len: tuple[int, int] = (4, 16),
@@ -99,10 +152,11 @@ def sweep(model: str = "palm-tiny", *, intervals: Sequence[float] = (0.001, 0.00
     rows = []
     for gap in intervals:
         row = {"mean_interarrival_s": gap}
+        runs = compare(engine, {p: {"policy": p, "window_s": window_s} for p in policies},
+                       repeats=repeats, requests=requests, rate=1.0 / gap, out_len=out_len,
+                       prompt_len=prompt_len, seed=seed)
         for policy in policies:
-            m = serve_bench(engine=engine, policy=policy, requests=requests, rate=1.0 / gap,
-                            out_len=out_len, prompt_len=prompt_len, window_s=window_s,
-                            seed=seed, repeats=repeats, progress=False)
+            m = runs[policy]
             span = m["tokens_generated"] / m["throughput_tokens_per_s"]
             row[policy] = {"workload_s": span, "latency_p50_s": m["latency_s"]["p50"],
                            "throughput_tokens_per_s": m["throughput_tokens_per_s"]}
@@ -189,30 +243,33 @@ def format_sweep(result: dict) -> str:
 
 
 def measure_bandwidth(megabytes: int = 256, repeats: int = 10) -> dict:
-    """This machine's memory bandwidth from a large jitted copy (y = x + 1 reads and writes
-    every byte once): bytes moved / best time."""
+    """This machine's memory bandwidth from a large jitted copy, x = x + 1 on a donated buffer
+    (every byte read and written once, in place): bytes moved / best time. Without donation
+    each call writes a fresh buffer and first-touch page faults halve the figure."""
     n = megabytes * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    x = copy(x).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        copy(x).block_until_ready()
+        x = copy(x).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return {"bytes": 2 * n * 4, "seconds": best, "bytes_per_s": 2 * n * 4 / best}
+    return {"bytes": 2 * n * 4, "seconds": best, "bytes_per_s": 2 * n * 4 / best,
+            "method": f"jitted in-place x + 1 on {megabytes} MiB float32, best of {repeats}"}
 
 
 def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
                     overrides: Sequence[str] = (), bandwidth: float | None = None,
                     steps: int = 50, engine_tokens: int = 32, progress: bool = False) -> dict:
-    """Per-token decode latency at batch 1 vs (bytes read per step) / bandwidth.
+    """Per-token decode latency at batch 1 vs (bytes moved per step) / bandwidth.
 
     Bytes per step: every weight once, plus the slot's K and V: the reference decode_step
     masks instead of slicing, so it reads all max_len positions, and its `where` writes
     the whole slot back (so KV bytes count twice). Measured two ways: the compiled
     decode_step alone (median of `steps` calls, dispatch included) and the engine's
-    end-to-end per-token time for one request (sampling, host transfer, scheduling)."""
+    end-to-end per-token time for one request (sampling, host transfer, scheduling).
+    `fraction_of_roofline` uses the best step time."""
     cfg = get_config(model).with_overrides(list(overrides))
     if max_len > cfg.max_len:
         cfg = cfg.replace(max_len=max_len)
@@ -236,7 +293,7 @@ def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
         logits, cache = step(params, tokens, cache, positions)
         logits.block_until_ready()
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s, step_median_s = min(times), statistics.median(times)
 
     engine = Engine(m, params, max_slots=1, max_len=max_len, progress=progress,
                     prefill_lengths=(max_len,))
@@ -249,16 +306,43 @@ def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
         "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes, "step_bytes": step_bytes,
         "bandwidth_bytes_per_s": bw,
         "roofline_s": roofline_s,
-        "decode_step_s": step_s,
+        "decode_step_s": step_s,  # best of `steps` calls (least disturbed by other load)
+        "decode_step_median_s": step_median_s,
         "engine_per_token_s": result.per_token_s,
         "fraction_of_roofline": roofline_s / step_s,
     }
+
+
+def decode_step_times(engine: Engine, repeats: int = 40) -> dict[int, dict]:
+    """Best and median time of the engine's compiled decode step per bucket (at position
+    max_len // 2): what one iteration costs as the fused batch grows."""
+    out = {}
+    for phase, bucket in engine.buckets():
+        if phase != "decode":
+            continue
+        fn = engine._step_fn(phase, bucket)
+        cfg = engine.config
+        shape = (cfg.n_layers, bucket.batch, engine.max_len, cfg.n_kv_heads, cfg.d_head)
+        cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+        tokens = np.zeros(bucket.batch, np.int32)
+        positions = np.full(bucket.batch, engine.max_len // 2, np.int32)
+        times = []
+        for _ in range(repeats + 2):
+            t0 = time.perf_counter()
+            logits, cache = fn(engine.params, tokens, cache, positions)
+            logits.block_until_ready()
+            times.append(time.perf_counter() - t0)
+        times = times[2:]
+        out[bucket.batch] = {"best_s": min(times), "median_s": statistics.median(times),
+                             "best_per_row_s": min(times) / bucket.batch}
+    return out
 
 
 def format_roofline(r: dict) -> str:
     return (f"{r['model']} {' '.join(r['overrides'])} ({r['n_params'] / 1e6:.1f}M params, "
             f"max_len {r['max_len']}): {r['step_bytes'] / 2**20:.2f} MiB per step / "
             f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = roofline "
-            f"{r['roofline_s'] * 1e3:.3f} ms; decode_step {r['decode_step_s'] * 1e3:.3f} ms "
+            f"{r['roofline_s'] * 1e3:.3f} ms; decode_step best {r['decode_step_s'] * 1e3:.3f} ms "
+            f"(median {r['decode_step_median_s'] * 1e3:.3f}) "
             f"({100 * r['fraction_of_roofline']:.0f}% of roofline); engine per token "
             f"{r['engine_per_token_s'] * 1e3:.3f} ms")

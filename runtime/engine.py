@@ -218,6 +218,11 @@ class Engine:
         cfg = model.config
         max_len = max_len or cfg.max_len
         if max_len > cfg.max_len:  # RoPE models run longer; learned positions need params
+            if cfg.positions == "learned" and params is not None:
+                raise ValueError(
+                    f"max_len={max_len} exceeds {cfg.name}'s max_len={cfg.max_len}, and its "
+                    "learned position embeddings only cover that many positions; pass "
+                    "params for a config with a larger max_len, or a smaller max_len")
             model = build(cfg.replace(max_len=max_len))
             cfg = model.config
         self.model, self.config, self.max_len, self.max_slots = model, cfg, max_len, max_slots
@@ -232,9 +237,10 @@ class Engine:
         self.params = params
         self.kv = KVCache.for_config(cfg, max_slots, max_len, sharding=cache_sharding)
         self.prefill_lengths = tuple(sorted(prefill_lengths or prefill_lengths_for(max_len)))
-        if self.prefill_lengths[-1] < max_len - 1:
-            raise ValueError(f"prefill_lengths {self.prefill_lengths} must reach "
-                             f"max_len - 1 = {max_len - 1} (the longest prompt)")
+        if self.prefill_lengths[-1] < max_len - 1 or self.prefill_lengths[-1] > max_len \
+                or self.prefill_lengths[0] < 1:
+            raise ValueError(f"prefill_lengths {self.prefill_lengths} must lie in 1..max_len "
+                             f"and reach max_len - 1 = {max_len - 1} (the longest prompt)")
         self.compile_fn = compile_fn or self.default_compile_fn
         self.planner_fn = planner_fn
         self.clock = make_clock(clock)

@@ -325,5 +325,10 @@ def test_engine_arguments_are_checked():
         Engine("palm-tiny", max_len=64, prefill_lengths=(16,), warmup=False)
     with pytest.raises(ValueError, match="policy"):
         Engine("palm-tiny", max_len=64, policy="eager", warmup=False)
+    with pytest.raises(ValueError, match="prefill_lengths"):
+        Engine("palm-tiny", max_len=64, prefill_lengths=(16, 128), warmup=False)
     with pytest.raises(TypeError, match="preset name"):
         Engine(42, warmup=False)
+    gpt2 = build(get_config("gpt2-tiny"))
+    with pytest.raises(ValueError, match="learned position embeddings"):
+        Engine(gpt2, gpt2.init_params(jax.random.PRNGKey(0)), max_len=256, warmup=False)

@@ -382,3 +382,13 @@ def test_protocol_errors_are_clear():
     s.update(out, {rid: 1}, 0)
     with pytest.raises(ValueError, match="policy"):
         Scheduler(2, policy="greedy")
+
+
+def test_the_scheduler_is_device_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; from meshwright.runtime.scheduler import Scheduler; "
+            "from meshwright.runtime.request import Request; "
+            "assert 'jax' not in sys.modules, 'the scheduler imported jax'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,259 @@
+"""Serving benchmarks on the tiny models, one CPU device. Prints tables, writes JSON.
+
+    python benchmarks/serve.py                 # everything; results/serve.json, docs/img PNG
+    python benchmarks/serve.py --only policies # one part: policies, between, shuffle,
+                                               #   steps, layouts, roofline, sweep
+    python benchmarks/serve.py --quick         # fewer rates and repeats (a smoke run)
+
+Parts:
+- policies: fused vs static vs dynamic at several Poisson arrival rates, output lengths
+  uniform in [16, 256] (max_len 320): throughput, p50/p99 latency, and fused's ratio to each.
+- shuffle: fused with and without the memory shuffle on widely varying output lengths
+  [2, 300] on gpt2-tiny (multi-head, so a decode step's cost grows with its bucket).
+- layouts: the layout per bucket from `bench.cost_model_planner` (the analytical planner's
+  choice for an 8-chip CPU mesh) and the layout switches of a fused run. PLACEHOLDER: every
+  bucket still runs replicated on one device; the names are predictions.
+- steps: the compiled decode step's time per bucket (1..32 rows): where batching stops
+  being free on this CPU.
+- roofline: batch-1 decode latency vs (weight + KV bytes per step) / measured bandwidth.
+- between: rates between static's and fused's capacity, 512 requests (static's queue grows).
+- sweep: Flover's sweep shape (32 requests of equal length, 32 slots, inter-arrival varied),
+  speedup of fused over static and dynamic; drawn to docs/img/serve_sweep.png.
+
+Timing: a virtual clock (measured compute time, idle gaps skipped); figures are medians of
+`--repeats` runs. This machine is shared and has 2 cores: expect +-20% run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+from meshwright.models import get_config
+from meshwright.runtime import bench
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "serve.json"
+PNG = ROOT.parent / "docs" / "img" / "serve_sweep.png"
+
+
+def policies(model: str, rates, requests: int, repeats: int) -> dict:
+    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    rows = []
+    for rate in rates:
+        row = {"rate_per_s": rate}
+        row.update(bench.compare(engine, {p: {"policy": p} for p in bench.POLICIES},
+                                 repeats=repeats, requests=requests, rate=rate,
+                                 out_len=(16, 256)))
+        f = row["fused"]
+        for base in ("static", "dynamic"):
+            b = row[base]
+            row[f"throughput_x_vs_{base}"] = (f["throughput_tokens_per_s"]
+                                              / b["throughput_tokens_per_s"])
+            row[f"p50_latency_x_vs_{base}"] = b["latency_s"]["p50"] / f["latency_s"]["p50"]
+            row[f"p99_latency_x_vs_{base}"] = b["latency_s"]["p99"] / f["latency_s"]["p99"]
+            row[f"p50_ttft_x_vs_{base}"] = b["ttft_s"]["p50"] / f["ttft_s"]["p50"]
+        rows.append(row)
+        print_policy_row(model, row)
+    return {"model": model, "requests": requests, "out_len": [16, 256], "max_len": 320,
+            "max_slots": 8, "window_s": 0.01, "repeats": repeats, "rows": rows}
+
+
+def print_policy_row(model: str, row: dict) -> None:
+    cells = []
+    for p in bench.POLICIES:
+        m = row[p]
+        cells.append(f"{p} {m['throughput_tokens_per_s']:7.0f} tok/s p50 "
+                     f"{m['latency_s']['p50'] * 1e3:7.1f} p99 {m['latency_s']['p99'] * 1e3:7.1f} ms")
+    print(f"{model} rate {row['rate_per_s']:>6g}/s | " + " | ".join(cells)
+          + f" | fused/static: tput {row['throughput_x_vs_static']:.2f}x, p50 "
+          f"{row['p50_latency_x_vs_static']:.2f}x, ttft p50 {row['p50_ttft_x_vs_static']:.1f}x")
+
+
+def between_capacities(model: str, rates, requests: int, repeats: int) -> dict:
+    """Rates above static's capacity but below fused's: static's queue grows for the whole run,
+    so its latency grows with the run's length while fused's does not."""
+    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    rows = []
+    for rate in rates:
+        row = {"rate_per_s": rate}
+        row.update(bench.compare(engine, {p: {"policy": p} for p in ("fused", "static")},
+                                 repeats=repeats, requests=requests, rate=rate,
+                                 out_len=(16, 256)))
+        f, s = row["fused"], row["static"]
+        row["throughput_x_vs_static"] = (f["throughput_tokens_per_s"]
+                                         / s["throughput_tokens_per_s"])
+        row["p50_latency_x_vs_static"] = s["latency_s"]["p50"] / f["latency_s"]["p50"]
+        row["p99_latency_x_vs_static"] = s["latency_s"]["p99"] / f["latency_s"]["p99"]
+        row["p50_ttft_x_vs_static"] = s["ttft_s"]["p50"] / f["ttft_s"]["p50"]
+        rows.append(row)
+        print(f"{model} rate {rate:>4g}/s, {requests} requests | fused "
+              f"{f['throughput_tokens_per_s']:6.0f} tok/s p50 {f['latency_s']['p50'] * 1e3:7.1f} ms"
+              f" | static {s['throughput_tokens_per_s']:6.0f} tok/s p50 "
+              f"{s['latency_s']['p50'] * 1e3:7.1f} ms | p50 latency {row['p50_latency_x_vs_static']:.2f}x,"
+              f" p99 {row['p99_latency_x_vs_static']:.2f}x, ttft p50 {row['p50_ttft_x_vs_static']:.1f}x")
+    return {"model": model, "requests": requests, "out_len": [16, 256], "max_len": 320,
+            "max_slots": 8, "repeats": repeats, "rows": rows}
+
+
+def shuffle(model: str, rates, requests: int, repeats: int) -> dict:
+    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    rows = []
+    for rate in rates:
+        row = {"rate_per_s": rate}
+        row.update(bench.compare(engine, {"shuffle": {"policy": "fused", "shuffle": True},
+                                          "no_shuffle": {"policy": "fused", "shuffle": False}},
+                                 repeats=repeats, requests=requests, rate=rate,
+                                 out_len=(2, 300)))
+        a, b = row["shuffle"], row["no_shuffle"]
+        row["throughput_x"] = a["throughput_tokens_per_s"] / b["throughput_tokens_per_s"]
+        row["p50_latency_x"] = b["latency_s"]["p50"] / a["latency_s"]["p50"]
+        row["mean_bucket"] = {k: _mean_bucket(row[k]["buckets_used"])
+                              for k in ("shuffle", "no_shuffle")}
+        # rows computed per generated token: the work the bucket choice costs, independent
+        # of timing noise (1.0 = no idle rows)
+        row["rows_per_token"] = {k: _rows(row[k]["buckets_used"]) / row[k]["tokens_generated"]
+                                 for k in ("shuffle", "no_shuffle")}
+        row["per_token_p50_x"] = (b["per_token_s"]["p50"] / a["per_token_s"]["p50"])
+        rows.append(row)
+        print(f"{model} rate {rate:>5g}/s | shuffle: {a['throughput_tokens_per_s']:6.0f} tok/s "
+              f"p50 {a['latency_s']['p50'] * 1e3:6.1f} ms, per token "
+              f"{a['per_token_s']['p50'] * 1e3:.3f} ms, mean bucket "
+              f"{row['mean_bucket']['shuffle']:.2f}, rows/token "
+              f"{row['rows_per_token']['shuffle']:.2f}, {a['kv_moves']} moves | no shuffle: "
+              f"{b['throughput_tokens_per_s']:6.0f} tok/s p50 {b['latency_s']['p50'] * 1e3:6.1f}"
+              f" ms, per token {b['per_token_s']['p50'] * 1e3:.3f} ms, mean bucket "
+              f"{row['mean_bucket']['no_shuffle']:.2f}, rows/token "
+              f"{row['rows_per_token']['no_shuffle']:.2f}")
+    return {"model": model, "requests": requests, "out_len": [2, 300], "max_len": 320,
+            "max_slots": 8, "repeats": repeats, "rows": rows}
+
+
+def _rows(buckets_used: dict) -> int:
+    return sum(int(b) * n for b, n in buckets_used.items())
+
+
+def _mean_bucket(buckets_used: dict) -> float:
+    steps = sum(buckets_used.values())
+    return sum(int(b) * n for b, n in buckets_used.items()) / steps if steps else 0.0
+
+
+def step_costs(models) -> dict:
+    out = {}
+    for model in models:
+        engine = bench.make_engine(model, max_slots=32, max_len=320)
+        costs = bench.decode_step_times(engine)
+        out[model] = {str(b): c for b, c in costs.items()}
+        print(f"{model} decode step at max_len 320, best (median) per bucket: " + ", ".join(
+            f"{b}: {c['best_s'] * 1e3:.2f} ({c['median_s'] * 1e3:.2f}) ms"
+            for b, c in costs.items()))
+    return out
+
+
+def layouts(model: str) -> dict:
+    cfg = get_config(model).replace(max_len=320)
+    planner = bench.cost_model_planner(cfg, chips=8, hardware="cpu")
+    engine = bench.make_engine(model, max_slots=8, max_len=320, planner_fn=planner)
+    m = bench.serve_bench(engine=engine, policy="fused", requests=64, rate=40.0,
+                          out_len=(16, 256), progress=False)
+    print(f"{model}: layout per bucket (analytical planner, 8-chip CPU mesh; PLACEHOLDER, "
+          "not executed):")
+    for key, layout in m["layouts"].items():
+        print(f"  {key:>16}: {layout}")
+    print(f"  fused run at 40 req/s: {m['layout_switches']} layout switches over "
+          f"{m['decode_steps']} decode steps, buckets {m['buckets_used']}")
+    return {"model": model, "planner": "cost_model_planner(chips=8, hardware='cpu')",
+            "placeholder": True, "layouts": m["layouts"],
+            "layout_switches": m["layout_switches"], "decode_steps": m["decode_steps"],
+            "buckets_used": m["buckets_used"]}
+
+
+ROOFLINE_MODELS = [
+    ("palm-tiny", ()),
+    ("palm-tiny", ("name=palm-120m", "n_layers=8", "d_model=1024", "d_ff=4096", "n_heads=8",
+                   "d_head=128")),
+]
+
+
+def roofline() -> dict:
+    bw = bench.measure_bandwidth()
+    print(f"memory bandwidth (jitted copy of {bw['bytes'] / 2 ** 21:.0f} MiB read + write): "
+          f"{bw['bytes_per_s'] / 1e9:.1f} GB/s")
+    rows = []
+    for model, overrides in ROOFLINE_MODELS:
+        r = bench.decode_roofline(model, max_len=320, overrides=overrides,
+                                  bandwidth=bw["bytes_per_s"])
+        rows.append(r)
+        print(bench.format_roofline(r))
+    return {"bandwidth": bw, "rows": rows}
+
+
+def sweep(model: str, intervals, repeats: int) -> dict:
+    # Flover's setting: 32 requests of one length, and room for all of them in one batch.
+    result = bench.sweep(model, intervals=intervals, requests=32, out_len=(256, 256),
+                         max_slots=32, max_len=320, window_s=0.01, repeats=repeats)
+    print(bench.format_sweep(result))
+    PNG.parent.mkdir(parents=True, exist_ok=True)
+    bench.plot_sweep(result, str(PNG))
+    result["png"] = str(PNG.relative_to(ROOT.parent))
+    print(f"wrote {PNG}")
+    return result
+
+
+PARTS = ("policies", "between", "shuffle", "steps", "layouts", "roofline", "sweep")
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=PARTS, action="append")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    parts = args.only or PARTS
+    repeats = args.repeats or (1 if args.quick else 3)
+    rates = (20, 60, 1000) if args.quick else (10, 25, 40, 55, 70, 100, 200, 1000)
+    out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out.update({"python": platform.python_version(), "jax": jax.__version__,
+                "machine": platform.machine(), "devices": str(jax.devices()),
+                "date": time.strftime("%Y-%m-%d %H:%M")})
+    t0 = time.perf_counter()
+    if "policies" in parts:
+        print("== fused vs static vs dynamic, output lengths [16, 256] ==")
+        out["policies"] = [policies("palm-tiny", rates, 128, repeats),
+                           policies("gpt2-tiny", rates[::2], 128, repeats)]
+    if "between" in parts:
+        print("\n== between static's and fused's capacity: longer runs ==")
+        out["between"] = between_capacities("palm-tiny", (50, 60, 65) if not args.quick
+                                            else (60,), 512 if not args.quick else 128,
+                                            max(1, repeats - 1))
+    if "shuffle" in parts:
+        print("\n== memory shuffle on / off, output lengths [2, 300] ==")
+        out["shuffle"] = shuffle("gpt2-tiny", (15, 25, 35) if not args.quick else (25,), 128,
+                                 repeats + 2)
+    if "steps" in parts:
+        print("\n== decode step time per bucket ==")
+        out["steps"] = step_costs(("palm-tiny", "gpt2-tiny"))
+    if "layouts" in parts:
+        print("\n== layout per bucket ==")
+        out["layouts"] = layouts("palm-tiny")
+    if "roofline" in parts:
+        print("\n== batch-1 decode vs the memory-bandwidth roofline ==")
+        out["roofline"] = roofline()
+    if "sweep" in parts:
+        print("\n== Flover sweep: 32 requests x 256 tokens ==")
+        intervals = ((0.001, 0.01, 0.1) if args.quick
+                     else (0.0005, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0))
+        out["sweep"] = sweep("palm-tiny", intervals, repeats)
+    out["seconds"] = time.perf_counter() - t0
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    print(f"\nwrote {RESULTS} ({out['seconds']:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
