@@ -118,6 +118,9 @@ def _annotate_body(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) 
     for node in [n for n, _ in g.walk()]:
         if node.op == "dot_general":
             _annotate_dot(node, prog, layout, mesh, node.id in attention)
+        elif node.meta.get("fused_sum"):  # a parallel block's two outputs, reduced once
+            node.meta["target"] = [spec_for(_roles(node.out), node.out.shape, layout.residual,
+                                            mesh)]
         elif node.op == "gather" and isinstance(node.inputs[0], Value) and \
                 node.inputs[0].id in prog.weight:
             roles = _roles(node.out)
@@ -143,6 +146,8 @@ def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
     if layout.weight_gather_axes() and "vocab" not in _roles(wv):
         node.meta["operand_target"] = {
             w: spec_for(_roles(wv), wv.shape, _weight_map(layout.use, _roles(wv)), mesh)}
+    if node.meta.get("fused_output"):  # stays partial: reduced once with its partner
+        return
     if "vocab" in out_roles:  # the logits: split over the vocabulary like the table
         target = spec_for(out_roles, node.out.shape,
                           {"batch": layout.residual.get("batch", ()),

@@ -30,6 +30,8 @@ PASS_MODULES: dict[str, str] = {
     "infer-axes": "meshwright.passes.infer_axes",
     "find-blocks": "meshwright.passes.find_blocks",
     "plan": "meshwright.passes.plan",
+    "quantize-int8": "meshwright.passes.quantize",
+    "fuse-parallel-block": "meshwright.passes.fuse",
 }
 
 

@@ -28,7 +28,7 @@ from meshwright.passes.sharding import (LAYOUT_NAMES_ATTENTION, LAYOUT_NAMES_FFN
                                         MeshInfo, Spec, make_layout)
 
 AXES = ("x", "y", "z")
-ANALYSES = ["infer-axes", "find-blocks"]
+ANALYSES = ["infer-axes", "find-blocks", "fuse-parallel-block"]
 
 
 def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
