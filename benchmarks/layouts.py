@@ -16,19 +16,19 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the GSPMD baseline's partitioner warnings
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import sys
+import time
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from meshwright.models import build, get_config
+from meshwright.passes.hlo import collective_bytes
 
-import meshwright as mw  # noqa: E402
-from meshwright.models import build, get_config  # noqa: E402
-from meshwright.passes.hlo import collective_bytes  # noqa: E402
+import meshwright as mw
 
 FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
 ATTENTION = ("heads", "batch")

@@ -15,10 +15,10 @@ import sys
 import time
 
 import jax
-
-import meshwright as mw
 from meshwright.models import build, get_config
 from meshwright.passes import PassManager
+
+import meshwright as mw
 
 REPEATS = 5
 

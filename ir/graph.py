@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import networkx as nx
 import numpy as np
-
 from meshwright.ir import jax_compat as jc
 
 _value_ids = itertools.count()
@@ -57,9 +57,9 @@ class Value:
     A `Literal` scalar has no producer and is printed inline; see `Literal`.
     """
 
-    __slots__ = ("id", "aval", "producer", "index")
+    __slots__ = ("aval", "id", "index", "producer")
 
-    def __init__(self, aval: Any, producer: "Node | None" = None, index: int = 0):
+    def __init__(self, aval: Any, producer: Node | None = None, index: int = 0):
         self.id = next(_value_ids)
         self.aval = aval
         self.producer = producer
@@ -81,7 +81,7 @@ class Value:
 class Literal:
     """An inline scalar constant operand (JAX's Literal), e.g. the 0.5 in `mul 0.5 x`."""
 
-    __slots__ = ("value", "aval")
+    __slots__ = ("aval", "value")
 
     def __init__(self, value: Any, aval: Any):
         self.value = value
@@ -118,11 +118,21 @@ class Node:
     `source` is the user's `file:line (function)`. `meta` holds analysis annotations.
     """
 
-    __slots__ = ("id", "primitive", "op", "params", "inputs", "outputs", "regions", "source",
-                 "meta", "graph")
+    __slots__ = (
+        "graph",
+        "id",
+        "inputs",
+        "meta",
+        "op",
+        "outputs",
+        "params",
+        "primitive",
+        "regions",
+        "source",
+    )
 
     def __init__(self, id: int, op: str, primitive: Any, inputs: list[Operand], params: dict,
-                 outputs: list[Value], regions: dict | None, source: str | None, graph: "Graph"):
+                 outputs: list[Value], regions: dict | None, source: str | None, graph: Graph):
         self.id = id
         self.op = op
         self.primitive = primitive
@@ -141,7 +151,7 @@ class Node:
             raise GraphError(f"{self.op} node has {len(self.outputs)} outputs, not 1")
         return self.outputs[0]
 
-    def region_graphs(self) -> list["Graph"]:
+    def region_graphs(self) -> list[Graph]:
         out = []
         for r in self.regions.values():
             out.extend(r if isinstance(r, (list, tuple)) else [r])

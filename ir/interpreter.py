@@ -10,11 +10,11 @@ primitive; control flow rebuilds its body jaxprs from the region Graphs (cached 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-
 from meshwright.ir import jax_compat as jc
 from meshwright.ir.graph import Graph, Literal, Node, Value, format_aval
 
@@ -174,5 +174,11 @@ def call_graph(g: Graph, args: tuple, kwargs: dict, check: bool = True):
     return jax.tree_util.tree_unflatten(g.out_tree, flat_out)
 
 
-__all__ = ["INTERPRET_RULES", "InterpretError", "call_graph", "eval_graph", "region_jaxpr",
-           "Value"]
+__all__ = [
+    "INTERPRET_RULES",
+    "InterpretError",
+    "Value",
+    "call_graph",
+    "eval_graph",
+    "region_jaxpr",
+]

@@ -102,9 +102,7 @@ def jaxpr_params_of(params: dict) -> dict:
     """The params that hold sub-jaxprs (ClosedJaxpr or Jaxpr, or tuples of them)."""
     out = {}
     for key, val in params.items():
-        if isinstance(val, (ClosedJaxpr, Jaxpr)):
-            out[key] = val
-        elif isinstance(val, (tuple, list)) and val and all(
+        if isinstance(val, (ClosedJaxpr, Jaxpr)) or isinstance(val, (tuple, list)) and val and all(
                 isinstance(v, (ClosedJaxpr, Jaxpr)) for v in val):
             out[key] = val
     return out

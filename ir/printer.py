@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from meshwright.ir.graph import Graph, Literal, Node, Value, format_aval
 
 # Params that never print: defaults that carry no information, or objects without a stable text.

@@ -12,7 +12,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
 from meshwright.ir.graph import Graph, Node, Value, flops_of_dot_general, format_aval
 
 # Operations through which a weight is still "the same weight".
@@ -133,4 +132,4 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["summarize", "format_summary", "Node"]
+__all__ = ["Node", "format_summary", "summarize"]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-
 from meshwright.ir import jax_compat as jc
-from meshwright.ir.graph import Graph, Literal, Value
+from meshwright.ir.graph import Graph, Literal
 
 
 class UnsupportedError(Exception):

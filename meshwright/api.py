@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshwright.ir import Graph
@@ -44,7 +45,7 @@ def trace_model(config, phase: str = "decode", batch: int = 2, length: int = 8,
 ANALYSIS_PIPELINE = ("infer-axes", "find-blocks", "plan")
 
 
-def run_passes_until(graph: "Graph", after: str, **plan_options) -> "Graph":
+def run_passes_until(graph: Graph, after: str, **plan_options) -> Graph:
     """Run the pipeline on a traced graph up to and including the pass named `after`."""
     from meshwright.passes import PassManager, get_pass
 
@@ -58,7 +59,7 @@ def run_passes_until(graph: "Graph", after: str, **plan_options) -> "Graph":
     return PassManager(passes, verify=True).run(graph)
 
 
-def plan(model: "str | Any" = "palm-tiny", hardware: str = "tpu-v4", chips: int = 64,
+def plan(model: str | Any = "palm-tiny", hardware: str = "tpu-v4", chips: int = 64,
          batch: int | None = None, context: int | None = None, phase: str | None = None,
          weights: str = "bf16", gen_tokens: int = 64, force_ffn: str | None = None,
          force_attention: str | None = None, kv_memory_fraction: float | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -316,6 +316,45 @@ def _run_bench(args) -> int:
         print(text)
         if args.output:
             print(f"\nwrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# meshwright demo [--requests N] [--rate R] [--checkpoint DIR]
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=24,
+                   help="requests in the Poisson burst (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=40.0,
+                   help="mean arrivals per second of the burst (default: %(default)s)")
+    p.add_argument("--out-len", type=int, nargs=2, default=(24, 96), metavar=("A", "B"),
+                   help="max tokens per request, uniform in [A, B] (default: 24 96)")
+    p.add_argument("--max-len", type=int, default=128,
+                   help="KV length per slot, prompt + output (default: %(default)s)")
+    p.add_argument("--stream", type=int, default=3,
+                   help="prompts of the streaming section, 0 for none (default: %(default)s)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip comparing the streamed completions with unsharded decoding")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="serve a Hugging Face checkpoint directory instead of the bundled model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@_command("demo", "the main job: plan, compile on a simulated 8-device mesh, serve a burst")
+def _run_demo(args) -> int:
+    from meshwright.runtime import demo  # imports no JAX: the device flag can still be set
+
+    demo.ensure_host_devices(demo.DEVICES)
+    options = demo.DemoOptions(
+        requests=args.requests, rate=args.rate, out_len=tuple(args.out_len),
+        max_len=args.max_len, stream=args.stream, check=not args.no_check,
+        checkpoint=args.checkpoint, seed=args.seed,
+        progress=not (args.no_progress or args.json))
+    result = demo.run_demo(options, out=None if args.json else sys.stdout)
+    if args.json:
+        _print_json(result)
     return 0
 
 

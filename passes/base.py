@@ -15,15 +15,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from meshwright.ir import Graph
 
-PASSES: dict[str, type["Pass"]] = {}
+PASSES: dict[str, type[Pass]] = {}
 
 # Pass name -> the module that defines it (imported on first use). One place lists them all.
 PASS_MODULES: dict[str, str] = {
@@ -35,7 +34,7 @@ PASS_MODULES: dict[str, str] = {
 }
 
 
-def register(cls: type["Pass"]) -> type["Pass"]:
+def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its `name`."""
     if cls.name in PASSES and PASSES[cls.name] is not cls:
         raise ValueError(f"two passes named {cls.name!r}")
@@ -47,7 +46,7 @@ def register(cls: type["Pass"]) -> type["Pass"]:
 class Pass:
     name: ClassVar[str] = "pass"
 
-    def __call__(self, graph: Graph, ctx: "PassContext") -> Graph:  # pragma: no cover
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:  # pragma: no cover
         raise NotImplementedError
 
 

@@ -11,21 +11,27 @@ shapes, dtypes). Everything it builds is in a `Compiled` record.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import Mesh as JaxMesh
-
 from meshwright.ir import Graph, trace
 from meshwright.passes.annotate import annotate
 from meshwright.passes.base import PassManager
 from meshwright.passes.hlo import collective_bytes
-from meshwright.passes.lower import Lowered, LowerContext, lower_graph
-from meshwright.passes.sharding import (LAYOUT_NAMES_ATTENTION, LAYOUT_NAMES_FFN, Emitter,
-                                        MeshInfo, Spec, make_layout)
+from meshwright.passes.lower import LowerContext, Lowered, lower_graph
+from meshwright.passes.sharding import (
+    LAYOUT_NAMES_ATTENTION,
+    LAYOUT_NAMES_FFN,
+    Emitter,
+    MeshInfo,
+    Spec,
+    make_layout,
+)
 
 AXES = ("x", "y", "z")
 ANALYSES = ["infer-axes", "find-blocks", "fuse-parallel-block"]
@@ -140,9 +146,7 @@ class ShardedFunction:
         g = pm.run(g)
         timings.update(pm.timings)
         from meshwright.passes import infer_axes as ia
-        from meshwright.passes.plan import config_from_graph, workload_from_graph
-
-        from meshwright.passes.plan import PlanError
+        from meshwright.passes.plan import PlanError, config_from_graph, workload_from_graph
 
         work = workload_from_graph(g)
         phase = work["phase"] if self.phase == "auto" else self.phase

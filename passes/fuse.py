@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jax import lax
-
 from meshwright.ir import Graph, Node, Value
 from meshwright.passes.base import Pass, PassContext, register
 

@@ -24,8 +24,9 @@ Results: `node.meta["axes"]` (per output, per dimension: a role or None) and
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.passes.base import Pass, PassContext, register
@@ -651,7 +652,7 @@ def _find_attention(prog: _Program) -> list[tuple[Node, Node]]:
     return found
 
 
-def _key_operand(n: "_Namer", score: Node, value: Node) -> int:
+def _key_operand(n: _Namer, score: Node, value: Node) -> int:
     """The key is the score operand with a free dimension that the value dot contracts (on
     ties, the one with fewer free dimensions: keys carry no query heads)."""
     probs = value.inputs[1 - _value_operand(value, score)]
@@ -678,7 +679,7 @@ def _key_operand_by_axes(score: Node, value: Node) -> int:
     return 1
 
 
-def _name_activation_dims(n: "_Namer", score: Node, k: int) -> None:
+def _name_activation_dims(n: _Namer, score: Node, k: int) -> None:
     """Without token ids, batch and length are the query's classes that no weight carries:
     shared by query and key (a batch dim of the score dot) -> batch; the query's own -> length."""
     q = 1 - k
@@ -693,7 +694,7 @@ def _name_activation_dims(n: "_Namer", score: Node, k: int) -> None:
             n.name(c, "length")
 
 
-def _name_attention(prog: _Program, n: "_Namer", score: Node, value: Node, k: int) -> None:
+def _name_attention(prog: _Program, n: _Namer, score: Node, value: Node, k: int) -> None:
     q = 1 - k
     qv, kv = score.inputs[q], score.inputs[k]
     for d in _contracted_dims(score, q):
@@ -940,7 +941,7 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
                 n.name(cs[0], "layers")
 
 
-def _name_bare_ffn(prog: _Program, n: "_Namer") -> None:
+def _name_bare_ffn(prog: _Program, n: _Namer) -> None:
     for node in prog.nodes:
         if node.op != "dot_general" or not any(
                 isinstance(v, Value) and v.id in prog.weight for v in node.inputs):
@@ -1115,4 +1116,4 @@ class InferAxes(Pass):
         return graph
 
 
-__all__ = ["AXIS_RULES", "AxesReport", "InferAxes", "ROLES", "axes_of", "infer_axes"]
+__all__ = ["AXIS_RULES", "ROLES", "AxesReport", "InferAxes", "axes_of", "infer_axes"]

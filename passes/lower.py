@@ -15,12 +15,12 @@ listed in `replicated_fallbacks`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
-
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.ir.interpreter import region_jaxpr
 from meshwright.passes.sharding import Emitter, MeshInfo, Spec, reshard
@@ -122,19 +122,20 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
     partials = {s.partial for _, _, s in arrays}
     keep_partial = _partial_passes(node, ins, partials)
     target = Spec(dims, next(iter(partials)) if keep_partial else ())
+    def wanted(v):
+        return tuple(target.dims[i] if v.shape[i] == out.shape[i] else () for i in range(rank))
+
+    # Partial sums pass through only if every partial operand is already laid out as wanted.
+    if keep_partial and any(s is not None and s.partial and s.dims != wanted(v)
+                            for (_, s), v in zip(ins, node.inputs) if len(v.shape) == rank):
+        keep_partial = False
     args = []
     for (x, s), v in zip(ins, node.inputs):
         if s is None or len(v.shape) != rank:
             args.append(x)
             continue
-        want_dims = tuple(target.dims[i] if v.shape[i] == out.shape[i] else ()
-                          for i in range(rank))
+        want_dims = wanted(v)
         if keep_partial and s.partial:
-            want = Spec(want_dims, s.partial)
-            if s.dims != want_dims:
-                x = ctx.to(x, s, Spec(want_dims), node.op)  # resolves partials: rare
-                s = Spec(want_dims)
-                keep_partial = False
             args.append(x)
             continue
         x, s = ctx.resolved(x, s, node.op)
@@ -372,8 +373,7 @@ def _concatenate(ctx, node, ins):
 @lower_rule("stack")
 def _stack(ctx, node, ins):
     axis = node.params["axis"]
-    first = next(s for _, s in ins if s is not None)
-    first_x, first = ctx.resolved(ins[0][0], first, "stack") if first.partial else (None, first)
+    first = next(s for _, s in ins if s is not None).without_partial()
     args = []
     for x, s in ins:
         x, s = ctx.resolved(x, s, "stack")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from meshwright.models.config import TransformerConfig
 from meshwright.passes.base import Pass, PassContext, register
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +32,7 @@ class Spec:
     partial: tuple[tuple[str, str], ...] = ()  # (axis, "sum"|"max"|"min"): unreduced over axis
 
     @staticmethod
-    def replicated(rank: int) -> "Spec":
+    def replicated(rank: int) -> Spec:
         return Spec(((),) * rank)
 
     def used(self) -> set[str]:
@@ -42,10 +41,10 @@ class Spec:
     def partial_axes(self) -> set[str]:
         return {a for a, _ in self.partial}
 
-    def with_dims(self, dims) -> "Spec":
+    def with_dims(self, dims) -> Spec:
         return Spec(tuple(tuple(d) for d in dims), self.partial)
 
-    def without_partial(self) -> "Spec":
+    def without_partial(self) -> Spec:
         return Spec(self.dims, ())
 
     def is_replicated(self) -> bool:

@@ -12,7 +12,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
+import jax
 
 _cache = os.environ.get("MESHWRIGHT_TEST_CACHE",
                         os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))

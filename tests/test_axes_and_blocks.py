@@ -4,24 +4,24 @@ import functools
 
 import jax
 import pytest
-
-import meshwright as mw
 from meshwright.models import get_config
 from meshwright.passes import PassManager
 from meshwright.passes.infer_axes import axes_of
 from zoo import ZOO
 
+import meshwright as mw
+
 FAMILIES = ("gpt2-tiny", "palm-tiny", "llama-tiny")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def analysed_model(name, scan, phase):
     cfg = get_config(name).replace(scan_layers=scan)
     g = mw.trace_model(cfg, phase=phase)
     return cfg, PassManager(["infer-axes", "find-blocks"], verify=True).run(g)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def analysed_zoo(name):
     fn, args = ZOO[name](jax.random.PRNGKey(0))
     return PassManager(["infer-axes", "find-blocks"], verify=True).run(mw.trace(fn, *args))

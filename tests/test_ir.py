@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-
-import meshwright as mw
 from meshwright.ir import Graph, GraphError, InterpretError, Literal, UnsupportedError
 from zoo import ZOO
 
+import meshwright as mw
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def zoo_case(name):
     fn, args = ZOO[name](jax.random.PRNGKey(0))
     return fn, args, mw.trace(fn, *args)
@@ -267,8 +267,8 @@ def test_reference_models_round_trip(name, scan, phase):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 # Each example runs every primitive eagerly at new shapes (one small XLA compile each): few

@@ -6,15 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import meshwright as mw
 from meshwright.models import build, get_config
 from zoo import ZOO
+
+import meshwright as mw
 
 FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name, phase, scan=True, batch=8):
     model = build(get_config(name).replace(scan_layers=scan))
     args = model.example_args(phase, batch=batch, length=8, key=jax.random.PRNGKey(11))
@@ -139,8 +139,8 @@ def test_graph_after_lower_prints_shardings():
     assert jnp.ones(1).shape == (1,)
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import meshwright as mw
-from meshwright.cli import main
 from meshwright.models import build, get_config
 from meshwright.passes import PassManager, get_pass
 from meshwright.passes.plan import PlanError, config_from_graph
 from meshwright.passes.planner import plan_config
 
+import meshwright as mw
+from meshwright.cli import main
+
 COMPARED = ("ffn_layout", "attention_layout", "mesh", "step_seconds", "latency_seconds", "mfu",
             "breakdown", "weight_bytes_per_chip", "kv_cache_bytes_per_chip", "max_context")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced(name, scan, phase, batch=8):
     cfg = get_config(name).replace(scan_layers=scan)
     return cfg, mw.trace_model(cfg, phase=phase, batch=batch, length=16)

@@ -5,9 +5,9 @@
 
 import jax
 import jax.numpy as jnp
+from meshwright.passes import PassManager
 
 import meshwright as mw
-from meshwright.passes import PassManager
 
 
 def attention(x, wq, wk, wv, wo):

@@ -8,11 +8,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import meshwright as mw  # noqa: E402
+import meshwright as mw
 
 
 def ffn(x, w_in, w_out):
