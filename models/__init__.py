@@ -12,9 +12,14 @@ Hugging Face checkpoints (see meshwright.models.hf and docs/checkpoints.md):
 
     config, params = meshwright.models.from_pretrained("path/to/dir", mesh=None)
     logits = meshwright.models.logits(config, params, tokens)
+
+The bundled demo model (byte-level, trained on the King James Bible; see models/demo.py):
+
+    config, params = meshwright.models.load_demo_model()
 """
 
 from meshwright.models.config import DEFAULT_MODEL, PRESETS, TransformerConfig, get_config
+from meshwright.models.demo import load_demo_model
 from meshwright.models.hf import (
     CheckpointError,
     from_pretrained,
@@ -26,4 +31,4 @@ from meshwright.models.registry import FAMILIES, Model, build, logits, param_sha
 
 __all__ = ["DEFAULT_MODEL", "FAMILIES", "PRESETS", "CheckpointError", "Model",
            "TransformerConfig", "build", "from_pretrained", "get_config", "load_config",
-           "load_tokenizer", "logits", "param_shapes", "split_largest_axis"]
+           "load_demo_model", "load_tokenizer", "logits", "param_shapes", "split_largest_axis"]

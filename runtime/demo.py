@@ -1,0 +1,625 @@
+"""`meshwright demo`: the whole job on the bundled model, in about a minute on a laptop CPU.
+
+    >>> from meshwright.runtime.demo import DemoOptions, run_demo
+    >>> result = run_demo(DemoOptions(requests=6), echo=print)            # doctest: +SKIP
+    >>> result["fused"]["throughput_tokens_per_s"], result["speedup"]     # doctest: +SKIP
+
+What it does, one printed section each:
+
+1. model: load the bundled byte-level PaLM-style model (`models.load_demo_model`), or a
+   Hugging Face checkpoint (`DemoOptions.checkpoint`).
+2. plan: trace its decode step at the serving batch, and let the analytical planner choose
+   the mesh factorisation, FFN and attention layouts for 8 simulated CPU devices.
+3. compile: every engine bucket (decode at 1, 2, 4, 8 rows; prefill at a few prompt lengths)
+   through `mw.shard` on the 8-device mesh -- the seam is the engine's
+   `compile_fn(phase, bucket)`. The FFN layout and mesh of the largest decode bucket are
+   pinned (`force`) on every bucket so the weights are placed once and never move; the
+   attention layout follows the batch (heads for small buckets, batch once it covers the
+   chips), as the planner says.
+4. stream: a few prompts served together, one streamed as it is generated; checked against
+   an unsharded single-device greedy decode.
+5. serve: a Poisson burst of requests (prompts from held-out chapters) with temporal fusion
+   (`fused`), then the same burst with `static` batching in the same engine; throughput and
+   latency side by side.
+
+Device count: 8 simulated CPU devices need `XLA_FLAGS=--xla_force_host_platform_device_count=8`
+before JAX initialises; `ensure_host_devices` sets it (this module imports JAX lazily so it
+can). Timing is the engine's virtual clock: the measured compute time of every iteration,
+idle gaps between arrivals skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+DEVICES = 8
+STREAM_PROMPTS = ("In the beginning God", "The LORD is my shepherd;", "Blessed are the")
+NEWLINE = 10  # the byte that ends a verse: the bundled model's stop token
+
+
+@dataclass
+class DemoOptions:
+    """Settings of `meshwright demo` (the CLI flags of the same names)."""
+
+    requests: int = 24  # requests in the Poisson burst
+    rate: float = 40.0  # their mean arrival rate, requests per second
+    out_len: tuple[int, int] = (24, 96)  # max tokens per request, uniform in [a, b]
+    max_slots: int = 8  # KV slots = the largest decode bucket
+    max_len: int = 128  # KV length per slot (prompt + output)
+    prefill_lengths: tuple[int, ...] = (32, 128)  # padded prompt lengths compiled
+    stream: int = 3  # prompts of the streaming section (0: none)
+    check: bool = True  # compare the streamed completions with unsharded greedy decoding
+    seed: int = 0
+    checkpoint: str | None = None  # a Hugging Face checkpoint directory instead
+    cache_dir: str | None = "auto"  # persistent XLA cache; "auto": ~/.cache/meshwright/xla
+    progress: bool = True  # progress bars on stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+def ensure_host_devices(n: int = DEVICES) -> None:
+    """Ask XLA for `n` simulated CPU devices, if JAX has not initialised yet.
+
+    Adds `--xla_force_host_platform_device_count=n` to XLA_FLAGS unless a count is already
+    there. When JAX is already imported this can no longer change anything; `check_devices`
+    then says what to do.
+    """
+    if "jax" in sys.modules:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def check_devices(n: int = DEVICES) -> list:
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(
+            f"the demo runs on {n} devices, JAX has {len(devices)} ({devices[0].platform}); "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX is imported "
+            "(`meshwright demo` does this itself when it starts a fresh process)")
+    return devices[:n]
+
+
+def _use_compilation_cache(cache_dir: str | None) -> str | None:
+    import jax
+
+    if cache_dir is None:
+        return None
+    if jax.config.jax_compilation_cache_dir:  # the caller's choice wins
+        return jax.config.jax_compilation_cache_dir
+    if cache_dir == "auto":
+        from meshwright.passes.hardware import cache_dir as mw_cache
+
+        cache_dir = str(mw_cache() / "xla")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return cache_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and its text
+
+
+@dataclass
+class DemoModel:
+    """What the demo serves: config, params, and how text becomes tokens."""
+
+    config: object  # TransformerConfig
+    params: dict
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+    stop_tokens: tuple[int, ...]
+    source: str  # "bundled: ..." or the checkpoint directory
+    prompts: list[str] = field(default_factory=list)  # text prompts for the burst
+
+
+def load_model(options: DemoOptions) -> DemoModel:
+    """The bundled model (or `options.checkpoint`) with its tokenizer and burst prompts."""
+    from meshwright.models import demo as bundled
+
+    prompts = burst_prompts(options.requests, seed=options.seed)
+    if options.checkpoint is None:
+        config, params = bundled.load_demo_model()
+        return DemoModel(config, params, bundled.encode, bundled.decode, (NEWLINE,),
+                         "bundled: byte-level, trained on the King James Bible "
+                         "(models/data/README.md)", prompts)
+    from meshwright.models import from_pretrained, load_tokenizer
+
+    config, params = from_pretrained(options.checkpoint, max_len=options.max_len,
+                                     scan_layers=True)
+    tok = load_tokenizer(options.checkpoint)
+    if tok is None:  # no tokenizer.json: bytes, clipped to the vocabulary
+        def encode(text):
+            return [b % config.vocab_size for b in text.encode()]
+
+        decode = bundled.decode
+    else:
+        def encode(text):
+            return tok.encode(text).ids
+
+        def decode(ids):
+            return tok.decode([int(i) for i in ids])
+    return DemoModel(config, params, encode, decode, (), f"checkpoint: {options.checkpoint}",
+                     prompts)
+
+
+def burst_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` prompts: the first 2-6 words of verses from the held-out chapters (never trained
+    on), chosen with `seed`."""
+    import numpy as np
+    from meshwright.models.demo import demo_text
+
+    verses = [v for v in demo_text("heldout").splitlines()
+              if len(v.split()) > 8 and not v[-1].isdigit()]  # skip "Book N" headings
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(len(verses), size=n, replace=n > len(verses)):
+        words = verses[int(i)].split()
+        out.append(" ".join(words[:int(rng.integers(2, 7))]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and compile
+
+
+@dataclass
+class CompiledBucket:
+    phase: str
+    batch: int
+    length: int
+    planned: str  # the planner's own choice for this bucket: "ffn/attention mesh"
+    compiled: str  # what was compiled (after the pin)
+    seconds: float
+    fallbacks: list[str]
+    step: object  # ShardedFunction
+    specs: object  # input PartitionSpecs as the argument tree
+    mesh: object  # the jax Mesh it was compiled for
+
+
+def _layout_name(ffn: str, attention: str, mesh: dict) -> str:
+    return f"{ffn}/{attention} {mesh['x']}x{mesh['y']}x{mesh['z']}"
+
+
+def plan_for(config, *, phase: str, batch: int, context: int):
+    """The analytical planner's choice on the 8 simulated CPU devices (fp32 weights)."""
+    from meshwright.passes.planner import plan_config
+
+    return plan_config(config, hardware="cpu", chips=DEVICES, batch=batch, context=context,
+                       phase=phase, weights="fp32")
+
+
+def choose_pin(plan) -> tuple[dict, str]:
+    """The FFN layout and mesh to force on every bucket, from the decode plan at the largest
+    bucket, and why: the planner's choice when it is weight-stationary; otherwise the
+    cheapest weight-stationary candidate, since weight-gathered layouts split the batch over
+    chips and cannot run the small buckets (batch 1)."""
+    best = plan.best
+    if best.ffn_layout.startswith("ws-"):
+        return ({"ffn": best.ffn_layout, "mesh": best.mesh.to_dict()},
+                f"the planner's choice at batch {plan.batch}")
+    for c in plan.candidates:
+        if c.ffn_layout.startswith("ws-"):
+            why = (f"the cheapest weight-stationary candidate at batch {plan.batch}; the "
+                   f"planner's {best.ffn_layout} splits the batch and cannot run batch 1")
+            return {"ffn": c.ffn_layout, "mesh": c.mesh.to_dict()}, why
+    raise ValueError(f"no weight-stationary layout for {plan.model} on {plan.chips} chips: "
+                     "the demo needs one that runs every bucket")
+
+
+def example_args(model, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
+    """Zero inputs of the engine's step at one bucket (the shapes `compile_fn` serves)."""
+    import jax.numpy as jnp
+
+    cfg = model.config
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.d_head)
+    cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    if phase == "prefill":
+        return params, jnp.zeros((1, length), jnp.int32), cache
+    rows = jnp.zeros((batch,), jnp.int32)
+    return params, rows, cache, rows
+
+
+def compile_buckets(model, params, mesh, buckets, *, pin: dict, max_len: int,
+                    progress: bool = False) -> dict:
+    """`mw.shard` every (phase, Bucket) with `pin` forced; {(phase, bucket): CompiledBucket}."""
+    import jax
+
+    import meshwright as mw
+
+    todo = list(buckets)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(todo, desc="mw.shard", unit="bucket", leave=False, file=sys.stderr)
+    out = {}
+    for phase, bucket in bar if bar is not None else todo:
+        if bar is not None:
+            bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
+        context = max_len if phase == "decode" else bucket.length
+        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=context)
+        step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin)
+        args = example_args(model, params, phase, bucket.batch, bucket.length, max_len)
+        t0 = time.perf_counter()
+        c = step.compiled(*args)
+        seconds = time.perf_counter() - t0
+        specs = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure((args, {})),
+                                             [s.partition_spec() for s in c.in_specs])[0]
+        out[(phase, bucket)] = CompiledBucket(
+            phase, bucket.batch, bucket.length,
+            _layout_name(free.ffn_layout, free.attention_layout, free.mesh),
+            _layout_name(c.ffn_layout, c.attention_layout, c.mesh_shape), seconds,
+            list(c.fallbacks), step, specs, c.jax_mesh)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@dataclass
+class ShardedEngine:
+    """What `sharded_engine` builds."""
+
+    engine: object  # runtime.engine.Engine, every bucket compiled through mw.shard
+    buckets: dict  # (phase, Bucket) -> CompiledBucket
+    weights_moved: list[str]  # buckets whose steps take the weights in another layout
+
+    @property
+    def weights_placed_once(self) -> bool:
+        """Every bucket takes the weights in the layout they were placed in."""
+        return not self.weights_moved
+
+
+def sharded_engine(model, params: dict, devices: Sequence, *, pin: dict | None = None,
+                   max_slots: int = 8, max_len: int = 128,
+                   prefill_lengths: Sequence[int] = (32, 128),
+                   progress: bool = False) -> ShardedEngine:
+    """An `Engine` whose every bucket is `mw.shard`-compiled on a mesh of `devices`.
+
+    `pin` (default: the planner's decode choice at `max_slots` rows) is forced on every
+    bucket: {"ffn": layout, "mesh": {"x", "y", "z"}}. The weights are placed once in that
+    layout; the KV cache at each capacity takes the layout of that decode bucket, so a step
+    reshards nothing it is given.
+    """
+    import jax
+    from meshwright.runtime.engine import Bucket, Engine
+    from meshwright.runtime.scheduler import bucket_sizes
+
+    import meshwright as mw
+
+    if pin is None:
+        pin, _ = choose_pin(plan_for(model.config, phase="decode", batch=max_slots,
+                                     context=max_len))
+    mesh = mw.make_mesh({"x": 2, "y": 2, "z": len(devices) // 4}, devices)
+    lengths = tuple(sorted({n for n in prefill_lengths if n < max_len} | {max_len}))
+    buckets = ([("decode", Bucket(b, max_len)) for b in bucket_sizes(max_slots)]
+               + [("prefill", Bucket(1, n)) for n in lengths])
+    compiled = compile_buckets(model, params, mesh, buckets, pin=pin, max_len=max_len,
+                               progress=progress)
+    biggest = compiled[("decode", Bucket(max_slots, max_len))]
+    moved = [f"{c.phase} {c.batch}x{c.length}" for c in compiled.values()
+             if jax.tree.leaves(c.specs[0]) != jax.tree.leaves(biggest.specs[0])]
+    jmesh = biggest.mesh
+    placed = jax.device_put(params, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(jmesh, s), biggest.specs[0]))
+    cache_specs = {c.batch: c.specs[2]["k"] for c in compiled.values() if c.phase == "decode"}
+
+    def cache_sharding(capacity: int):
+        return jax.sharding.NamedSharding(jmesh, cache_specs[capacity])
+
+    runners = {key: _Runner(c.step) for key, c in compiled.items()}
+    engine = Engine(model, placed, max_slots=max_slots, max_len=max_len,
+                    compile_fn=lambda phase, bucket: runners[(phase, bucket)],
+                    planner_fn=lambda phase, bucket: compiled[(phase, bucket)].compiled,
+                    cache_sharding=cache_sharding, prefill_lengths=lengths, progress=False)
+    return ShardedEngine(engine, compiled, moved)
+
+
+class _Runner:
+    """The engine's step callable for one bucket: the ShardedFunction, called plainly (no
+    `.lower`, so the engine does not compile it a second time through jax.jit's path)."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+
+    def __call__(self, *args):
+        return self.step(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def greedy_reference(config, params, prompt: Sequence[int], max_tokens: int,
+                     stop_tokens: Sequence[int] = (), max_len: int | None = None) -> list[int]:
+    """Greedy decoding of one prompt on one device, unsharded: jitted prefill, then
+    decode_step at batch 1 -- the numerics oracle for the sharded engine."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from meshwright.models import build
+
+    model = build(config)
+    max_len = max_len or config.max_len
+    shape = (config.n_layers, 1, max_len, config.n_kv_heads, config.d_head)
+    cache = {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+    T = len(prompt)
+    padded = np.zeros((1, max_len), np.int32)  # one compiled prompt shape
+    padded[0, :T] = prompt
+    logits, cache = jax.jit(model.prefill)(params, padded, cache)
+    decode = jax.jit(model.decode_step)
+    token = int(jnp.argmax(logits[0, T - 1]))
+    out = [token]
+    while len(out) < max_tokens and token not in stop_tokens:
+        logits, cache = decode(params, np.array([token], np.int32), cache,
+                               np.array([T + len(out) - 1], np.int32))
+        token = int(jnp.argmax(logits[0]))
+        out.append(token)
+    return out
+
+
+def make_burst(dm: DemoModel, options: DemoOptions, max_len: int) -> list:
+    """(arrival_s, Request) pairs: Poisson arrivals at `options.rate`, seeded."""
+    import numpy as np
+    from meshwright.runtime.request import Request
+
+    rng = np.random.default_rng(options.seed + 1)
+    gaps = rng.exponential(1.0 / options.rate, size=options.requests)
+    times = np.concatenate([[0.0], np.cumsum(gaps[1:])]) if options.requests else []
+    lo, hi = options.out_len
+    arrivals = []
+    for i, (t, text) in enumerate(zip(times, dm.prompts)):
+        prompt = tuple(dm.encode(text))[:max_len // 2] or (0,)
+        n_out = min(int(rng.integers(lo, hi + 1)), max_len - len(prompt))
+        arrivals.append((float(t), Request(prompt=prompt, max_tokens=n_out,
+                                           stop_tokens=dm.stop_tokens, name=f"burst{i}")))
+    return arrivals
+
+
+def warm_up_serving(engine, burst: list, tokens: int = 4) -> None:
+    """Serve `burst` cut to `tokens` tokens per request under both policies, untimed.
+
+    The engine compiles its helpers (greedy sampling, KV writes and resizes) at start-up on
+    unsharded zeros; the sharded steps return logits and caches placed on the mesh, so those
+    helpers compile again on first use with the new placements (~0.2 s each). Serving a short
+    version of the workload first moves that out of the measured runs.
+    """
+    import dataclasses
+
+    short = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, tokens)))
+             for t, r in burst]
+    for policy in ("fused", "static"):
+        engine.set_policy(policy)
+        engine.serve(short, clock="virtual")
+    engine.set_policy("fused")
+
+
+METRIC_KEYS = ("policy", "requests_submitted", "requests_completed", "requests_failed",
+               "tokens_generated", "elapsed_s", "throughput_tokens_per_s", "latency_s",
+               "ttft_s", "per_token_s", "buckets_used", "layout_switches", "decode_steps",
+               "prefills", "kv_moves")
+
+
+def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout) -> dict:
+    """Run the demo, printing each section to `out` (None: print nothing); returns the
+    figures (the `meshwright demo --json` object, keys documented in docs/demo.md)."""
+    options = options or DemoOptions()
+
+    def echo(text: str = "") -> None:
+        if out is not None:
+            print(text, file=out, flush=True)
+
+    t_start = time.perf_counter()
+    ensure_host_devices(DEVICES)
+    import jax
+    import numpy as np
+    from meshwright.models import build
+    from meshwright.runtime.request import Request
+
+    import meshwright as mw
+
+    devices = check_devices(DEVICES)
+    xla_cache = _use_compilation_cache(options.cache_dir)
+    result: dict = {"devices": len(devices), "platform": devices[0].platform}
+
+    # ---- 1. model ------------------------------------------------------------------------
+    dm = load_model(options)
+    cfg = dm.config
+    max_len = min(options.max_len, cfg.max_len)
+    model = build(cfg)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dm.params))
+    result["model"] = {"name": cfg.name, "family": cfg.family, "source": dm.source,
+                       "params": n_params, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+                       "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                       "parallel_block": cfg.parallel_block, "vocab_size": cfg.vocab_size,
+                       "max_len": cfg.max_len}
+    echo(_section("1. model"))
+    echo(f"{cfg.name}: {n_params / 1e6:.2f}M parameters ({cfg.dtype}), {cfg.n_layers} layers, "
+         f"d_model {cfg.d_model}, {cfg.n_heads} query heads / {cfg.n_kv_heads} kv head(s), "
+         f"{'parallel' if cfg.parallel_block else 'serial'} blocks, {cfg.activation}, "
+         f"{cfg.positions} positions, vocab {cfg.vocab_size}")
+    echo(f"source: {dm.source}")
+
+    # ---- 2. plan -------------------------------------------------------------------------
+    echo(_section("2. plan"))
+    slots = options.max_slots
+    args = example_args(model, dm.params, "decode", slots, 0, max_len)
+    t0 = time.perf_counter()
+    graph = mw.trace(model.decode_step, *args)
+    plan = mw.plan(graph, hardware="cpu", chips=DEVICES, context=max_len, weights="fp32")
+    plan_s = time.perf_counter() - t0
+    echo(f"traced decode_step at the serving batch ({slots} rows, KV length {max_len}): "
+         f"{len(graph)} equations; planned for {DEVICES} simulated {devices[0].platform} "
+         f"devices in {plan_s:.1f} s")
+    echo(_short_explain(plan.explain()))
+    pin, why = choose_pin(plan)
+    result["plan"] = {k: plan.to_dict()[k] for k in (
+        "ffn_layout", "attention_layout", "mesh", "step_seconds", "mfu", "batch", "context",
+        "phase", "hardware")}
+
+    # ---- 3. compile ----------------------------------------------------------------------
+    echo(_section("3. compile"))
+    t0 = time.perf_counter()
+    served = sharded_engine(model, dm.params, devices, pin=pin, max_slots=slots,
+                            max_len=max_len, prefill_lengths=options.prefill_lengths,
+                            progress=options.progress)
+    compile_s = time.perf_counter() - t0
+    engine, compiled = served.engine, served.buckets
+    echo(f"pinned on every bucket: FFN {pin['ffn']} on mesh x*y*z = {_mesh_text(pin['mesh'])} "
+         f"({why}), so the weights are placed once"
+         + ("" if served.weights_placed_once else
+            f" except for {', '.join(served.weights_moved)}, whose compiled programs take "
+            "them split differently (re-placed on every call)")
+         + "; the attention layout follows the batch")
+    echo(f"{'bucket':<16}{'planner alone':<26}{'compiled':<26}{'seconds':>8}")
+    for c in compiled.values():
+        name = f"{c.phase} {c.batch}x{c.length}"
+        fb = f"  ({len(c.fallbacks)} replicated)" if c.fallbacks else ""
+        echo(f"{name:<16}{c.planned:<26}{c.compiled:<26}{c.seconds:>8.1f}{fb}")
+    cache_note = f" (persistent XLA cache: {xla_cache})" if xla_cache else ""
+    echo(f"{len(compiled)} buckets compiled through mw.shard in {compile_s:.1f} s{cache_note}")
+    result["mesh"] = dict(pin["mesh"])
+    result["pinned"] = {"ffn": pin["ffn"], "mesh": dict(pin["mesh"]), "why": why}
+    result["weights_placed_once"] = served.weights_placed_once
+    result["compile_s"] = compile_s
+    result["buckets"] = [{"phase": c.phase, "batch": c.batch, "length": c.length,
+                          "planned": c.planned, "compiled": c.compiled,
+                          "compile_s": round(c.seconds, 3),
+                          "replicated_fallbacks": len(c.fallbacks)}
+                         for c in compiled.values()]
+
+    # ---- 4. stream -----------------------------------------------------------------------
+    completions = []
+    if options.stream:
+        echo(_section("4. stream"))
+        texts = list(STREAM_PROMPTS[:options.stream])
+        texts += dm.prompts[:max(0, options.stream - len(texts))]
+        handles = []
+        for text in texts:
+            prompt = tuple(dm.encode(text))[:max_len // 2]
+            handles.append(engine.submit(Request(prompt=prompt, max_tokens=max_len // 2,
+                                                 stop_tokens=dm.stop_tokens)))
+        echo(f"{len(texts)} prompts served together (fused); the first streams as it is "
+             "generated:")
+        if out is not None:  # drive the engine by iterating the first request's stream
+            out.write(f"  > {texts[0]}")
+            for token in handles[0]:
+                out.write(dm.decode([token]).replace("\n", ""))
+                out.flush()
+            out.write("\n")
+        for text, h in zip(texts, handles):
+            tokens = h.result().tokens
+            completions.append({"prompt": text, "completion": dm.decode(tokens),
+                                "tokens": list(tokens)})
+        for c in completions[1:]:
+            echo(f"  > {c['prompt']}{c['completion'].rstrip(chr(10))}")
+        if options.check:
+            same = [c["tokens"] == greedy_reference(
+                cfg, dm.params, dm.encode(c["prompt"])[:max_len // 2], max_len // 2,
+                dm.stop_tokens, max_len) for c in completions]
+            result["sharded_equals_unsharded"] = all(same)
+            echo(f"check: sharded greedy == single-device greedy for {sum(same)}/{len(same)} "
+                 "prompts")
+    result["completions"] = completions
+
+    # ---- 5. serve ------------------------------------------------------------------------
+    echo(_section("5. serve: a Poisson burst, temporal fusion vs static batching"))
+    burst = make_burst(dm, options, max_len)
+    lo, hi = options.out_len
+    echo(f"{len(burst)} requests, Poisson arrivals at {options.rate:g}/s, prompts = the "
+         f"first words of held-out verses, up to {lo}-{hi} tokens each"
+         + (", stop at end of verse" if dm.stop_tokens else ""))
+    t0 = time.perf_counter()
+    warm_up_serving(engine, burst)
+    echo(f"(warm-up: the burst with 4 tokens per request, both policies, "
+         f"{time.perf_counter() - t0:.1f} s, not measured)")
+    reports = {}
+    for policy in ("fused", "static"):
+        engine.set_policy(policy)
+        report = engine.serve(burst, clock="virtual", progress=options.progress)
+        reports[policy] = {k: report.metrics.get(k) for k in METRIC_KEYS}
+        if policy == "fused":
+            result["samples"] = [{"prompt": dm.decode(r.prompt), "completion": dm.decode(
+                r.tokens)} for r in report.results[:3]]
+    engine.set_policy("fused")
+    for sample in result["samples"]:
+        echo(f"  > {sample['prompt']}{sample['completion'].rstrip(chr(10))}")
+    echo("")
+    echo(_metrics_table(reports))
+    fused, static = reports["fused"], reports["static"]
+    speedup = {
+        "throughput": _ratio(fused["throughput_tokens_per_s"], static["throughput_tokens_per_s"]),
+        "latency_p50": _ratio(static["latency_s"]["p50"], fused["latency_s"]["p50"]),
+        "latency_p99": _ratio(static["latency_s"]["p99"], fused["latency_s"]["p99"])}
+    echo(f"fused vs static: {speedup['throughput']:.2f}x throughput, "
+         f"{speedup['latency_p50']:.2f}x lower p50 latency, "
+         f"{speedup['latency_p99']:.2f}x lower p99 latency")
+    result.update(fused=fused, static=static, speedup=speedup,
+                  workload={"requests": len(burst), "rate_per_s": options.rate,
+                            "out_len": list(options.out_len), "max_slots": slots,
+                            "max_len": max_len, "clock": "virtual", "seed": options.seed})
+    result["seconds"] = time.perf_counter() - t_start
+    echo(f"\ndemo finished in {result['seconds']:.0f} s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _section(title: str) -> str:
+    return f"\n== {title} " + "=" * max(3, 76 - len(title))
+
+
+def _mesh_text(mesh: dict) -> str:
+    return "x".join(str(mesh[a]) for a in ("x", "y", "z"))
+
+
+def _short_explain(text: str, rows: int = 6) -> str:
+    """The planner's explanation without the list of inapplicable layouts, and at most
+    `rows` candidate rows."""
+    out, in_table, shown = [], False, 0
+    for line in text.splitlines():
+        if line.startswith("not applicable"):
+            break
+        if line.startswith("---"):
+            in_table = True
+        elif in_table and line.startswith(("*", "  ")) and line.strip():
+            shown += 1
+            if shown > rows:
+                continue
+        elif in_table and not line.strip():
+            in_table = False
+        out.append(line)
+    return "\n".join(out).rstrip()
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _metrics_table(reports: dict) -> str:
+    def ms(x):
+        return "-" if x is None else f"{1000 * x:.0f}"
+
+    head = (f"{'policy':<8}{'done':>6}{'tokens':>8}{'tok/s':>8}{'p50 lat ms':>12}"
+            f"{'p99 lat ms':>12}{'p50 ttft ms':>13}{'ms/token':>10}{'steps':>7}  buckets used")
+    lines = [head, "-" * len(head)]
+    for policy, m in reports.items():
+        buckets = " ".join(f"{b}:{n}" for b, n in (m["buckets_used"] or {}).items())
+        lines.append(
+            f"{policy:<8}{m['requests_completed']:>6}{m['tokens_generated']:>8}"
+            f"{m['throughput_tokens_per_s'] or 0:>8.0f}{ms(m['latency_s']['p50']):>12}"
+            f"{ms(m['latency_s']['p99']):>12}{ms(m['ttft_s']['p50']):>13}"
+            f"{ms(m['per_token_s']['p50']):>10}{m['decode_steps']:>7}  {buckets}")
+    return "\n".join(lines)
