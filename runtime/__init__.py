@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "Engine": "engine", "Bucket": "engine", "RequestHandle": "engine", "ServeReport": "engine",
+    "StepClock": "engine",
     "KVCache": "kv_cache", "batch_sharding": "kv_cache",
     "Request": "request", "Result": "request", "SamplingParams": "request",
     "Scheduler": "scheduler", "SchedulerOutput": "scheduler", "plan_moves": "scheduler",
@@ -22,7 +23,7 @@ _EXPORTS = {
 }
 
 __all__ = ["Bucket", "Engine", "KVCache", "Request", "RequestHandle", "Result",
-           "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "Workload",
+           "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "StepClock", "Workload",
            "batch_sharding", "make_workload", "plan_moves", "sample", "summarize"]
 
 

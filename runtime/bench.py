@@ -143,28 +143,35 @@ def sweep(model: str = "palm-tiny", *, intervals: Sequence[float] = (0.001, 0.00
           max_slots: int = 8, max_len: int | None = None, window_s: float = 0.01,
           seed: int = 0, repeats: int = 1, overrides: Sequence[str] = (),
           engine: Engine | None = None, progress: bool = True) -> dict:
-    """Flover's sweep: the same Poisson workload at several mean inter-arrival times, served
-    by every policy; speedup of fused = other policy's workload time / fused's (workload time
-    = first arrival to last token), and the same for p50 latency."""
+    """Flover's sweep: Poisson workloads at several mean inter-arrival times, served by every
+    policy. Speedup of fused = other policy's workload time / fused's (workload time = first
+    arrival to last token), and the same for p50 latency. With `repeats` > 1 each repeat is
+    a different workload (seed + r), policies interleaved; the speedups are medians."""
     if engine is None:
         engine = make_engine(model, max_slots=max_slots, max_len=max_len, overrides=overrides,
                              seed=seed, progress=progress)
     rows = []
     for gap in intervals:
+        per_seed = []
+        for r in range(repeats):
+            runs = compare(engine, {p: {"policy": p, "window_s": window_s} for p in policies},
+                           repeats=1, requests=requests, rate=1.0 / gap, out_len=out_len,
+                           prompt_len=prompt_len, seed=seed + r)
+            per_seed.append({p: {"workload_s": m["tokens_generated"]
+                                 / m["throughput_tokens_per_s"],
+                                 "latency_p50_s": m["latency_s"]["p50"],
+                                 "throughput_tokens_per_s": m["throughput_tokens_per_s"]}
+                             for p, m in runs.items()})
         row = {"mean_interarrival_s": gap}
-        runs = compare(engine, {p: {"policy": p, "window_s": window_s} for p in policies},
-                       repeats=repeats, requests=requests, rate=1.0 / gap, out_len=out_len,
-                       prompt_len=prompt_len, seed=seed)
-        for policy in policies:
-            m = runs[policy]
-            span = m["tokens_generated"] / m["throughput_tokens_per_s"]
-            row[policy] = {"workload_s": span, "latency_p50_s": m["latency_s"]["p50"],
-                           "throughput_tokens_per_s": m["throughput_tokens_per_s"]}
-        for policy in policies:
-            if policy != "fused" and "fused" in policies:
-                row[f"speedup_vs_{policy}"] = row[policy]["workload_s"] / row["fused"]["workload_s"]
-                row[f"p50_speedup_vs_{policy}"] = (row[policy]["latency_p50_s"]
-                                                   / row["fused"]["latency_p50_s"])
+        for p in policies:
+            row[p] = {k: statistics.median(run[p][k] for run in per_seed)
+                      for k in per_seed[0][p]}
+        for p in policies:
+            if p != "fused" and "fused" in policies:
+                row[f"speedup_vs_{p}"] = statistics.median(
+                    run[p]["workload_s"] / run["fused"]["workload_s"] for run in per_seed)
+                row[f"p50_speedup_vs_{p}"] = statistics.median(
+                    run[p]["latency_p50_s"] / run["fused"]["latency_p50_s"] for run in per_seed)
         rows.append(row)
     return {"model": engine.config.name, "requests": requests, "out_len": list(out_len),
             "max_slots": engine.max_slots, "max_len": engine.max_len, "window_s": window_s,
@@ -191,9 +198,11 @@ def plot_sweep(result: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("mean inter-arrival time (s)")
     ax.set_ylabel("fused speedup (x)")
-    ax.set_title(f"Temporal fusion vs batching baselines: {result['model']}, "
-                 f"{result['requests']} requests x {result['out_len'][0]}-"
-                 f"{result['out_len'][1]} tokens", fontsize=9)
+    lo, hi = result["out_len"]
+    tokens = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    ax.set_title(f"Temporal fusion vs batching baselines: {result['model']}\n"
+                 f"{result['requests']} requests x {tokens} tokens, {result['max_slots']} "
+                 f"slots, median of {result['repeats']} workloads", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -242,7 +251,7 @@ def format_sweep(result: dict) -> str:
 # Batch-1 decode against the memory-bandwidth roofline
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 10) -> dict:
+def measure_bandwidth(megabytes: int = 256, repeats: int = 30) -> dict:
     """This machine's memory bandwidth from a large jitted copy, x = x + 1 on a donated buffer
     (every byte read and written once, in place): bytes moved / best time. Without donation
     each call writes a fresh buffer and first-touch page faults halve the figure."""

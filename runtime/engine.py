@@ -107,12 +107,34 @@ class VirtualClock:
         self._t = max(self._t, t)
 
 
-def make_clock(clock: str) -> WallClock | VirtualClock:
+class StepClock(VirtualClock):
+    """Deterministic replay time: every engine iteration takes `step_s` seconds, whatever it
+    really took. For tests and for scheduling studies that must not depend on machine load."""
+
+    def __init__(self, step_s: float = 1e-3) -> None:
+        super().__init__()
+        self.step_s = step_s
+
+    @contextlib.contextmanager
+    def compute(self):
+        try:
+            yield
+        finally:
+            self._t += self.step_s
+
+
+Clock = WallClock | VirtualClock
+
+
+def make_clock(clock: str | Clock) -> Clock:
+    """"wall", "virtual", or a clock object (e.g. StepClock(1e-3)), used as given."""
+    if isinstance(clock, (WallClock, VirtualClock)):
+        return clock
     if clock == "wall":
         return WallClock()
     if clock == "virtual":
         return VirtualClock()
-    raise ValueError(f"clock must be 'wall' or 'virtual', got {clock!r}")
+    raise ValueError(f"clock must be 'wall', 'virtual' or a clock object, got {clock!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +234,7 @@ class Engine:
                  window_s: float = 0.01, max_queue: int = 1024,
                  compile_fn: CompileFn | None = None, planner_fn: PlannerFn | None = None,
                  cache_sharding: ShardingSpec = None,
-                 prefill_lengths: Sequence[int] | None = None, clock: str = "wall",
+                 prefill_lengths: Sequence[int] | None = None, clock: str | Clock = "wall",
                  warmup: bool = True, progress: bool = True) -> None:
         model = _as_model(model)
         cfg = model.config
@@ -483,10 +505,13 @@ class Engine:
         return {rid: int(tokens[slot]) for slot, rid in zip(out.decode_slots, out.decode_ids)}
 
     # ---- replay a workload ------------------------------------------------------------------
-    def serve(self, workload, clock: str = "virtual", progress: bool = False) -> ServeReport:
+    def serve(self, workload, clock: str | Clock = "virtual",
+              progress: bool = False) -> ServeReport:
         """Replay `workload` (a `workload.Workload` or a list of (arrival_s, Request)):
         submit each request at its arrival time, step while there is work, wait (virtual
-        clock: jump) when there is none. Returns the results and the summary metrics."""
+        clock: jump) when there is none. Returns the results and the summary metrics.
+        `clock`: "virtual" (measured compute time, idle gaps skipped), "wall", or a clock
+        object such as `StepClock(1e-3)` (deterministic)."""
         from meshwright.runtime.workload import summarize
 
         arrivals = sorted(getattr(workload, "arrivals", workload), key=lambda a: a[0])

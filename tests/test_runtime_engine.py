@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from meshwright.models import build, get_config
-from meshwright.runtime.engine import Bucket, Engine
+from meshwright.runtime.engine import Bucket, Engine, StepClock
 from meshwright.runtime.kv_cache import batch_sharding
 from meshwright.runtime.request import Request, SamplingParams
 from meshwright.runtime.workload import make_workload
@@ -113,16 +113,26 @@ def arrivals():
 def test_greedy_tokens_equal_running_each_request_alone(palm, arrivals, policy, shuffle):
     model, params, engine = palm
     engine.set_policy(policy, shuffle=shuffle, window_s=0.002)
-    report = engine.serve(arrivals)
+    report = engine.serve(arrivals, clock=StepClock(1e-3))  # deterministic: 1 ms per step
     engine.set_policy("fused")
     assert len(report.results) == len(arrivals)
     near_ties = check_greedy(model, params, [r for _, r in arrivals], report.results)
+    print(f"{policy} shuffle={shuffle}: {len(arrivals)} requests, {near_ties} near-ties")
     assert near_ties <= 2
     m = report.metrics
     assert m["requests_completed"] == len(arrivals) and m["requests_failed"] == 0
     if policy == "fused":
         assert len(m["buckets_used"]) >= 3  # the batch grew and shrank
         assert (m["kv_moves"] > 0) == shuffle  # the shuffle ran (and only with shuffle)
+
+
+def test_step_clock_replays_are_deterministic(palm, arrivals):
+    _, _, engine = palm
+    first = engine.serve(arrivals[:60], clock=StepClock(1e-3))
+    again = engine.serve(arrivals[:60], clock=StepClock(1e-3))
+    assert [(r.tokens, r.token_times_s) for r in first.results] == \
+        [(r.tokens, r.token_times_s) for r in again.results]
+    assert first.metrics["latency_s"] == again.metrics["latency_s"]
 
 
 def test_padded_prefill_matches_the_unpadded_model(palm):
@@ -280,7 +290,7 @@ def test_hooks_see_every_bucket_and_layout_switches_are_counted(palm):
                      ("prefill", Bucket(1, MAX_LEN))]
     arrivals = [(0.0, Request(prompt=(1,), max_tokens=8)),
                 (0.0, Request(prompt=(2,), max_tokens=2))]
-    m = engine.serve(arrivals).metrics
+    m = engine.serve(arrivals, clock=StepClock(1e-3)).metrics
     assert m["buckets_used"] == {"1": 6, "2": 1}
     assert m["layout_switches"] == 1  # bucket 2 -> 1 changed the layout once
     assert m["layouts"]["decode:2x64"] == "attention=batch"
@@ -295,7 +305,7 @@ def test_other_families_match_running_alone(name):
     requests = random_requests(60, seed=4, max_len=32, long_tail=False)
     requests = [r for r in requests if len(r.prompt) + r.max_tokens <= 32]
     arrivals = [((i // 3) * 0.05, r) for i, r in enumerate(requests)]  # groups of 3, lulls
-    report = engine.serve(arrivals)
+    report = engine.serve(arrivals, clock=StepClock(1e-3))
     assert check_greedy(model, params, requests, report.results, max_len=32) <= 1
     assert report.metrics["kv_moves"] > 0
 
