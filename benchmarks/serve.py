@@ -247,7 +247,7 @@ def main() -> dict:
         print("\n== Flover sweep: 32 requests x 256 tokens ==")
         intervals = ((0.001, 0.01, 0.1) if args.quick
                      else (0.0005, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0))
-        out["sweep"] = sweep("palm-tiny", intervals, repeats)
+        out["sweep"] = sweep("palm-tiny", intervals, max(repeats, 5))
     out["seconds"] = time.perf_counter() - t0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
