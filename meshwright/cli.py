@@ -250,6 +250,8 @@ def _run_calibrate(args) -> int:
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=("serve",), help="what to benchmark: serve (the runtime)")
     p.add_argument("--model", default="palm-tiny", help="model preset (default: %(default)s)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="serve a Hugging Face checkpoint directory instead of a preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
@@ -289,7 +291,8 @@ def _run_bench(args) -> int:
     max_len = args.max_len or max(64, -(-(hi + args.prompt_len[1]) // 64) * 64)
     progress = not (args.no_progress or args.json)
     engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=max_len,
-                               overrides=args.set, seed=args.seed, progress=progress)
+                               overrides=args.set, seed=args.seed, progress=progress,
+                               checkpoint=args.checkpoint)
     if args.sweep:
         intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
         result = bench.sweep(engine=engine, intervals=intervals, requests=args.requests,

@@ -29,8 +29,15 @@ POLICIES = ("fused", "static", "dynamic")
 
 def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | None = None,
                 overrides: Sequence[str] = (), seed: int = 0, progress: bool = True,
-                **engine_kwargs) -> Engine:
-    """An engine for a preset (with `key=value` overrides), random weights from `seed`."""
+                checkpoint: str | None = None, **engine_kwargs) -> Engine:
+    """An engine for a preset (with `key=value` overrides), random weights from `seed`; or for
+    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer)."""
+    if checkpoint is not None:
+        from meshwright.models.hf import from_pretrained, load_tokenizer
+
+        cfg, params = from_pretrained(checkpoint, max_len=max_len)
+        return Engine(cfg, params, max_slots=max_slots, max_len=max_len, progress=progress,
+                      tokenizer=load_tokenizer(checkpoint), **engine_kwargs)
     cfg = get_config(model).with_overrides(list(overrides))
     if max_len and max_len > cfg.max_len:
         cfg = cfg.replace(max_len=max_len)

@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -235,7 +235,7 @@ class Engine:
                  compile_fn: CompileFn | None = None, planner_fn: PlannerFn | None = None,
                  cache_sharding: ShardingSpec = None,
                  prefill_lengths: Sequence[int] | None = None, clock: str | Clock = "wall",
-                 warmup: bool = True, progress: bool = True) -> None:
+                 warmup: bool = True, progress: bool = True, tokenizer: Any = None) -> None:
         model = _as_model(model)
         cfg = model.config
         max_len = max_len or cfg.max_len
@@ -249,6 +249,9 @@ class Engine:
             cfg = model.config
         self.model, self.config, self.max_len, self.max_slots = model, cfg, max_len, max_slots
         self.mesh = mesh
+        # text in, text out: a `tokenizers.Tokenizer` (models.load_tokenizer) or anything with
+        # encode(str) -> ids (or an object with .ids) and decode(ids) -> str
+        self.tokenizer = tokenizer
         if params is None:
             params = model.init_params(jax.random.PRNGKey(0))
         if mesh is not None:
@@ -398,14 +401,35 @@ class Engine:
             self._handles[state.request_id] = handle
         return handle
 
-    def generate(self, prompts: Iterable[Sequence[int] | Request], max_tokens: int = 16,
+    def generate(self, prompts: Iterable[str | Sequence[int] | Request], max_tokens: int = 16,
                  sampling: SamplingParams | None = None,
                  stop_tokens: Sequence[int] = ()) -> list[Result]:
-        """Run a list of prompts (token id lists, or Requests) to completion; results in order."""
+        """Run a list of prompts (text, token id lists, or Requests) to completion; results in
+        order. Text needs a tokenizer (`Engine(..., tokenizer=models.load_tokenizer(DIR))`);
+        with one, every Result also carries its generated `text`."""
         handles = [self.submit(p if isinstance(p, Request) else Request(
-            prompt=tuple(p), max_tokens=max_tokens, sampling=sampling or SamplingParams(),
-            stop_tokens=tuple(stop_tokens))) for p in prompts]
-        return [h.result() for h in handles]
+            prompt=tuple(self.encode(p) if isinstance(p, str) else p), max_tokens=max_tokens,
+            sampling=sampling or SamplingParams(), stop_tokens=tuple(stop_tokens)))
+            for p in prompts]
+        results = [h.result() for h in handles]
+        if self.tokenizer is not None:
+            for r in results:
+                r.text = self.decode(r.tokens)
+        return results
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text prompt, with the engine's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: Engine(..., tokenizer=...) "
+                             "(meshwright.models.load_tokenizer(DIR) reads tokenizer.json); "
+                             "or pass token ids")
+        out = self.tokenizer.encode(text)
+        return list(getattr(out, "ids", out))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("decoding text needs a tokenizer: Engine(..., tokenizer=...)")
+        return self.tokenizer.decode(list(ids))
 
     def run_until_idle(self) -> list[Result]:
         """Step until nothing waits or runs; the results delivered meanwhile (and refusals

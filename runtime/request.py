@@ -68,6 +68,7 @@ class Result:
     finish_s: float  # when its last token was produced (refused: when it was refused)
     token_times_s: list[float] = field(default_factory=list)  # when each token was produced
     name: str | None = None  # Request.name
+    text: str | None = None  # the generated tokens decoded, when the engine has a tokenizer
 
     @property
     def ok(self) -> bool:

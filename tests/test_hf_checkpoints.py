@@ -422,3 +422,35 @@ def test_no_safetensors_files(tmp_path, zoo):
     shutil.copy(zoo("gpt2").directory / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match=r"no \*.safetensors files"):
         from_pretrained(tmp_path)
+
+
+def test_engine_and_bench_serve_take_a_checkpoint(zoo, tmp_path, capsys):
+    """The engine serves a loaded checkpoint with its tokenizer (text in, text out), and
+    `meshwright bench serve --checkpoint DIR` runs on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from meshwright.cli import main
+    from meshwright.runtime import Engine
+
+    m = zoo("gpt2")
+    tok = Tokenizer(models.BPE(unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["meshwright shards transformer inference over device meshes"] * 4,
+                            trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["?"],
+                                                show_progress=False))
+    directory = tmp_path / "gpt2-served"
+    shutil.copytree(m.directory, directory)
+    tok.save(str(directory / "tokenizer.json"))
+    engine = Engine(m.config, m.params, max_slots=2, max_len=32, tokenizer=tok, progress=False)
+    (result,) = engine.generate(["shards transformer"], max_tokens=6)
+    ids = np.array([tok.encode("shards transformer").ids], np.int32)
+    ours, _ = _greedy(m.config, m.params, np.repeat(ids, BATCH, 0), 6)
+    assert result.tokens == ours[0].tolist()
+    assert result.text == tok.decode(ours[0].tolist())
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        Engine(m.config, m.params, max_slots=1, max_len=32, progress=False).generate(["hi"])
+    assert main(["bench", "serve", "--checkpoint", str(directory), "--requests", "4",
+                 "--out-len", "2", "4", "--prompt-len", "2", "4", "--max-slots", "2",
+                 "--max-len", "32", "--no-progress", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests_completed"] == out["requests_submitted"] == 4
