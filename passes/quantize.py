@@ -1,0 +1,843 @@
+"""Pass `quantize-int8`: weight-only int8 with per-output-channel scales, on the CPU fast path.
+
+What it matches: the weight operand of every weight dot_general inside the `attention` and
+`ffn` blocks that `find-blocks` found (and, with `unembedding=True`, the projection to the
+vocabulary), traced back through layout operations (convert, transpose, reshape) and scan
+boundaries to the graph input that holds it. Layers in a Python loop give one input per layer;
+layers in a `scan` give one stacked input whose leading `layers` axis is kept.
+
+What it rewrites (one weight input of shape W, contracted over dims C at its use):
+
+    before:  %w:f32[W]                          %y = dot_general %x %w
+    after:   %w.values:i8[W]  %w.scale:f32[W with C -> 1]
+             %xs = max(|x|) over x's contracted dims / 127          (per token, per row)
+             %xq:i8 = clamp(-127, round(x / %xs), 127)
+             %acc:i32 = dot_general[preferred_element_type=int32] %xq %w.values
+             %y = convert(%acc) * %xs * %w.scale                   (in the original dtype)
+
+This is DESIGN.md section 7's fast path: on XLA:CPU, int8 weights multiplied with float
+activations convert the whole weight on every call (~7x slower than float32), while int8 x
+int8 -> int32 runs on the integer GEMM kernels. A matrix-vector product (one activation row,
+i.e. decode at batch 1) would fall onto XLA's slow integer GEMV, so a single row is padded with
+a zero row (measured: 2048x8192 GEMV 43 ms unpadded, 2.2 ms padded, 4.1 ms in float32).
+
+The weights are converted once, at load time (`quantize_params` / `quantize_args`): symmetric,
+scale = max|w| / 127 over the contracted dims, one scale per output channel (every
+non-contracted weight element position). The rewritten graph takes `Int8Weight(values, scale)`
+where the float weight was, so `g(params_q, tokens, ...)` and `jax.jit(g.as_function())` work
+with the same pytree shape as before, one level deeper at the quantized leaves.
+
+    >>> pm = PassManager(["infer-axes", "find-blocks", "quantize-int8"])
+    >>> g = pm.run(mw.trace(model.decode_step, params, tokens, cache, pos),
+    ...            PassContext(options={"example_args": ((params, tokens, cache, pos), {})}))
+    >>> params_q = quantize_params(g, params)        # once, at load time
+    >>> logits, cache = g(params_q, tokens, cache, pos)
+    >>> g.meta["quantize-int8"].numerics             # max/mean |logit error|, top-1 agreement
+
+Weight uses the fast path cannot take (another primitive reads the weight) get the weight
+dequantized in place (correct, slower) and are counted in the report; the tied embedding's
+gather, when the unembedding is quantized, gathers int8 rows and their scales.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.ir import jax_compat as jc
+from meshwright.ir.interpreter import eval_graph
+from meshwright.passes import find_blocks as fb
+from meshwright.passes import infer_axes as ia
+from meshwright.passes.base import Pass, PassContext, register
+
+# the tracing module (`meshwright.ir.trace` the attribute is the function of that name)
+_trace = importlib.import_module("meshwright.ir.trace")
+
+INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation is exact
+# int32 accumulation is exact while contracted size x 127 x 127 < 2**31
+MAX_CONTRACTION = (2 ** 31 - 1) // (INT8_MAX * INT8_MAX)
+_TINY = np.float32(np.finfo(np.float32).tiny)  # scales are at least this (all-zero rows)
+
+
+# ---- the quantized weight and load-time conversion ---------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Int8Weight:
+    """A weight stored as int8 `values` times a float32 `scale` (per output channel).
+
+    `scale` has the weight's rank, with size 1 on the dims the weight is contracted over, so
+    `values * scale` broadcasts back to the weight. A pytree node: its leaves are `values`
+    then `scale`, and graph inputs are named `<path>.values` and `<path>.scale`.
+
+        >>> q = quantize_weight(jnp.ones((4, 3)), axes=(0,))
+        >>> q.values.dtype, q.scale.shape
+        (dtype('int8'), (1, 3))
+    """
+
+    values: Any  # int8, the float weight's shape
+    scale: Any  # float32, the weight's shape with the contracted dims of size 1
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def _scale_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(1 if d in axes else s for d, s in enumerate(shape))
+
+
+def _quantize(w, axes: tuple[int, ...], xp) -> Int8Weight:
+    w32 = w.astype(xp.float32)
+    scale = xp.max(xp.abs(w32), axis=axes, keepdims=True) / xp.float32(INT8_MAX)
+    values = xp.clip(xp.round(w32 / xp.maximum(scale, _TINY)), -INT8_MAX, INT8_MAX)
+    return Int8Weight(values.astype(xp.int8), scale.astype(xp.float32))
+
+
+_quantize_on_devices = jax.jit(functools.partial(_quantize, xp=jnp), static_argnames=("axes",))
+
+
+def quantize_weight(w: Any, axes: Sequence[int]) -> Int8Weight:
+    """Symmetric int8 with one scale per position of the dims NOT in `axes` (the contracted
+    dims): scale = max|w| / 127 over `axes`, values = round(w / scale). Large or sharded jax
+    arrays are converted where they are (one jit per shape); small ones on the host (numpy).
+    A `jax.ShapeDtypeStruct` gives an Int8Weight of ShapeDtypeStructs (for tracing)."""
+    axes = tuple(sorted(int(a) for a in axes))
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return Int8Weight(jax.ShapeDtypeStruct(w.shape, jnp.int8),
+                          jax.ShapeDtypeStruct(_scale_shape(w.shape, axes), jnp.float32))
+    if isinstance(w, jax.Array) and (len(w.sharding.device_set) > 1 or w.size >= 1 << 20):
+        return _quantize_on_devices(w, axes)
+    q = _quantize(np.asarray(w), axes, np)
+    return Int8Weight(jnp.asarray(q.values), jnp.asarray(q.scale))
+
+
+def quantize_args(graph: Graph, *args, **kwargs) -> tuple[tuple, dict]:
+    """The float arguments of the traced function, with every weight the pass quantized
+    replaced by its `Int8Weight`: `(args_q, kwargs_q)` for `graph(*args_q, **kwargs_q)`."""
+    report = _report_of(graph)
+    flat, tree = jax.tree_util.tree_flatten((args, kwargs))
+    if tree != report.float_in_tree:
+        raise ValueError(f"quantize_args: the arguments are structured as {tree}; the graph "
+                         f"was traced for {report.float_in_tree}")
+    by_index = {w.index: w for w in report.weights}
+    out = [quantize_weight(x, by_index[i].reduce_axes) if i in by_index else x
+           for i, x in enumerate(flat)]
+    args_q, kwargs_q = jax.tree_util.tree_unflatten(tree, out)
+    return tuple(args_q), dict(kwargs_q)
+
+
+def quantize_params(graph: Graph, params: Any, argnum: int = 0) -> Any:
+    """Positional argument `argnum` (the parameter pytree) with its quantized weights as
+    `Int8Weight`s; call once at load time. The other arguments pass through unchanged.
+
+        >>> params_q = quantize_params(g, params)
+        >>> logits, cache = g(params_q, tokens, cache, positions)
+    """
+    report = _report_of(graph)
+    args_tree = report.float_in_tree.children()[0]
+    arg_trees = args_tree.children()
+    if not 0 <= argnum < len(arg_trees):
+        raise ValueError(f"argnum {argnum}: the traced function took {len(arg_trees)} "
+                         "positional arguments")
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    if tree != arg_trees[argnum]:
+        raise ValueError(f"quantize_params: params are structured as {tree}; argument "
+                         f"{argnum} was traced as {arg_trees[argnum]}")
+    offset = sum(t.num_leaves for t in arg_trees[:argnum])
+    by_index = {w.index - offset: w for w in report.weights}
+    out = [quantize_weight(x, by_index[i].reduce_axes) if i in by_index else x
+           for i, x in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+# ---- emitting a jnp function into a graph ------------------------------------------------------
+
+
+def emit_function(graph: Graph, fn: Callable, inputs: Sequence[Value | Literal],
+                  source: str | None = None, jit_group: int | None = None) -> list[Value]:
+    """Insert the equations of `fn(*inputs)` (any jnp/lax code) into `graph`; returns the
+    values standing for fn's outputs. Inlined like tracing does; the new nodes carry `source`
+    (e.g. the line of the equation they replace) and `jit_group`.
+
+        >>> (y,) = emit_function(g, lambda a, b: jnp.tanh(a @ b), [x, w], source=node.source)
+        >>> g.replace_all_uses_with(node.out, y)
+    """
+    structs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in inputs]
+    closed = jax.make_jaxpr(fn)(*structs)
+    jaxpr = closed.jaxpr
+    env: dict[Any, Any] = dict(zip(jaxpr.invars, inputs))
+    for var, const in zip(jaxpr.constvars, closed.consts):
+        env[var] = _trace._constant_operand(graph, const, var.aval)
+    _trace._emit(graph, jaxpr, env, group=None, groups=itertools.count(), outer_source=source)
+    outs = [_trace._read(env, v) for v in jaxpr.outvars]
+    stop = {v.id for v in inputs if isinstance(v, Value)}
+    for node in _nodes_between(outs, stop):
+        node.source = source
+        node.meta.pop("jit_group", None)
+        if jit_group is not None:
+            node.meta["jit_group"] = jit_group
+    return outs
+
+
+def _nodes_between(outs: Sequence[Any], stop: set[int]) -> list[Node]:
+    """The equations that compute `outs` from values in `stop` (the ones just emitted)."""
+    seen: dict[int, Node] = {}
+    frontier = [v for v in outs if isinstance(v, Value)]
+    while frontier:
+        v = frontier.pop()
+        if v.id in stop or v.producer.op in ("input", "constant") or id(v.producer) in seen:
+            continue
+        seen[id(v.producer)] = v.producer
+        frontier.extend(w for w in v.producer.inputs if isinstance(w, Value))
+    return list(seen.values())
+
+
+# ---- the fast-path matmul ----------------------------------------------------------------------
+
+
+def quantize_rows(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric int8 per row (per token): `(xq int8, scale f32)`, the scale keeping
+    x's rank with size 1 on `axes` (the contracted dims), `x ~= xq * scale`."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / np.float32(INT8_MAX)
+    ratio = jnp.round(xf / jnp.maximum(scale, _TINY))  # an all-zero row stays zero
+    return lax.clamp(np.float32(-INT8_MAX), ratio, np.float32(INT8_MAX)).astype(jnp.int8), scale
+
+
+def int8_matmul(xq: jax.Array, x_scale: jax.Array, values: jax.Array, scale: jax.Array,
+                dimension_numbers, weight_side: int, out_dtype: Any) -> jax.Array:
+    """int8 x int8 -> int32 `dot_general` of quantized activations and weights (operand order
+    as `weight_side` says), rescaled by both scales (keepdims shapes) to `out_dtype`.
+    No batch dimensions (projections have none)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    assert not lb and not rb
+    x_contract, w_contract = (rc, lc) if weight_side == 0 else (lc, rc)
+    x_free = [d for d in range(xq.ndim) if d not in x_contract]
+    w_free = [d for d in range(values.ndim) if d not in w_contract]
+    # One activation row is a matrix-vector product, which XLA:CPU runs ~20x slower in int8
+    # than an int8 GEMM with two rows: pad a zero row and drop its result.
+    x_shape = [xq.shape[d] for d in x_free]
+    w_shape = [values.shape[d] for d in w_free]
+    pad = bool(x_free) and math.prod(x_shape) == 1
+    if pad:
+        config = [(0, 1 if d == x_free[0] else 0, 0) for d in range(xq.ndim)]
+        xq = lax.pad(xq, np.int8(0), config)
+    operands = (values, xq) if weight_side == 0 else (xq, values)
+    acc = lax.dot_general(*operands, dimension_numbers, preferred_element_type=jnp.int32)
+    x_first = weight_side == 1  # output dims: lhs free dims, then rhs free dims
+    if pad:
+        acc = lax.slice_in_dim(acc, 0, 1, axis=0 if x_first else len(w_free))
+    if x_first:
+        xs = x_scale.reshape(x_shape + [1] * len(w_free))
+        ws = scale.reshape(w_shape)
+    else:
+        xs = x_scale.reshape(x_shape)
+        ws = scale.reshape(w_shape + [1] * len(x_free))
+    return (acc.astype(jnp.float32) * xs * ws).astype(out_dtype)
+
+
+def int8_dot_general(x: jax.Array, values: jax.Array, scale: jax.Array,
+                     dimension_numbers, weight_side: int, out_dtype: Any) -> jax.Array:
+    """`dot_general(x, w)` for `w = values * scale` on the fast path: `quantize_rows` then
+    `int8_matmul`. What the pass emits for each projection, as a plain jnp function.
+
+        >>> w = quantize_weight(w_f32, axes=(0,))           # (E, F): one scale per column
+        >>> y = int8_dot_general(x, w.values, w.scale, (((1,), (0,)), ((), ())), 1, x.dtype)
+    """
+    (lc, rc), _ = dimension_numbers
+    xq, xs = quantize_rows(x, tuple(rc if weight_side == 0 else lc))
+    return int8_matmul(xq, xs, values, scale, dimension_numbers, weight_side, out_dtype)
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedInput:
+    """One float weight input replaced by int8 values and float32 scales."""
+
+    path: str  # argument path, e.g. "params.layers.wq"
+    index: int  # position among the float program's flat inputs
+    shape: tuple[int, ...]
+    dtype: str  # the float dtype it had
+    reduce_axes: tuple[int, ...]  # contracted dims: the scale has size 1 there
+    layers_axis: int | None  # the stacked-layers axis of a scanned weight (kept, never reduced)
+    dots: int  # dot_generals now on the int8 fast path (a scan body's counts once)
+    dequantized_uses: int  # other uses, given the dequantized weight
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return _scale_shape(self.shape, self.reduce_axes)
+
+
+@dataclass
+class Int8Numerics:
+    """Quantized vs float logits on random prompts (the same weights, the same prompts)."""
+
+    positions: int  # logit rows compared (tokens x prompts)
+    prompts: int  # calls of the program, each with fresh random token ids
+    max_abs_error: float
+    mean_abs_error: float
+    logit_std: float  # standard deviation of the float logits: the scale errors are read on
+    max_abs_logit: float
+    top1_agreement: float  # fraction of rows whose argmax is unchanged
+    # fraction of rows whose float top-2 gap is below 2 x max_abs_error: the near-ties that
+    # an error this size can flip (every flip is one of them)
+    near_ties: float
+
+    @property
+    def max_relative_error(self) -> float:
+        return self.max_abs_error / self.logit_std
+
+    @property
+    def mean_relative_error(self) -> float:
+        return self.mean_abs_error / self.logit_std
+
+
+@dataclass
+class Int8Report:
+    """`graph.meta["quantize-int8"]`: what was quantized, the bytes, the numerical effect."""
+
+    weights: list[QuantizedInput]
+    skipped: list[str]  # selected weight matmuls left in float, and why
+    int8_dots: int  # dot_generals rewritten (scan bodies counted once)
+    float_in_tree: Any = field(repr=False)  # pytree structure of the float program's args
+    numerics: Int8Numerics | None = None  # None: no example_args in ctx.options
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the quantized weights as floats, as int8 values, and of their scales."""
+        out = {"float": 0, "int8": 0, "scales": 0}
+        for w in self.weights:
+            n = math.prod(w.shape)
+            out["float"] += n * np.dtype(w.dtype).itemsize
+            out["int8"] += n
+            out["scales"] += math.prod(w.scale_shape) * 4
+        return out
+
+    def to_dict(self) -> dict:
+        return {"weights": [w.path for w in self.weights], "skipped": list(self.skipped),
+                "int8_dots": self.int8_dots, "weight_bytes": self.weight_bytes(),
+                "numerics": None if self.numerics is None else {
+                    **self.numerics.__dict__,
+                    "max_relative_error": self.numerics.max_relative_error,
+                    "mean_relative_error": self.numerics.mean_relative_error}}
+
+
+def _report_of(graph: Graph) -> Int8Report:
+    report = graph.meta.get("quantize-int8")
+    if not isinstance(report, Int8Report):
+        raise TypeError(f"graph {graph.name!r} has not been through the 'quantize-int8' pass")
+    return report
+
+
+# ---- matching: which weights, contracted over which dims ----------------------------------------
+
+
+class _Skip(Exception):
+    """A weight use the rewrite does not take; the message says why."""
+
+
+_SAME = frozenset({"convert_element_type", "copy", "reduce_precision"})
+_VIEWS = _SAME | {"transpose", "reshape"}
+
+
+def _reshape_groups(sin: Sequence[int], sout: Sequence[int]) -> list[tuple[list, list]]:
+    """Minimal runs of input and output dims with equal products: ([in dims], [out dims])."""
+    groups, i, j = [], 0, 0
+    while i < len(sin) or j < len(sout):
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < len(sin):
+            gi, pi, i = [i], sin[i], i + 1
+        if j < len(sout):
+            gj, pj, j = [j], sout[j], j + 1
+        while pi != pj:
+            if pi < pj and i < len(sin):
+                gi.append(i)
+                pi, i = pi * sin[i], i + 1
+            elif j < len(sout):
+                gj.append(j)
+                pj, j = pj * sout[j], j + 1
+            else:
+                raise _Skip(f"reshape {list(sin)} -> {list(sout)}")
+        groups.append((gi, gj))
+    return groups
+
+
+def _map_reshape(shape_from, shape_to, reduced: frozenset) -> frozenset:
+    """Dims of `shape_to` reduced when `reduced` dims of `shape_from` are; a run mixing
+    reduced and kept dims (of size > 1) cannot carry per-channel scales."""
+    out = set()
+    for gi, gj in _reshape_groups(shape_from, shape_to):
+        big = [d for d in gi if shape_from[d] > 1]
+        hits = [d in reduced for d in big]
+        if any(hits) and not all(hits):
+            raise _Skip(f"a reshape {list(shape_from)} -> {list(shape_to)} mixes contracted "
+                        "and kept dims")
+        if big and all(hits):
+            out.update(gj)
+    return frozenset(out)
+
+
+def _big(reduced, shape) -> frozenset:
+    return frozenset(d for d in reduced if shape[d] > 1)
+
+
+def _scan_parents(g: Graph, out: dict[int, Node] | None = None) -> dict[int, Node]:
+    """id(body graph) -> the scan node that owns it."""
+    out = {} if out is None else out
+    for node in g.equations():
+        for body in node.region_graphs():
+            out[id(body)] = node
+            _scan_parents(body, out)
+    return out
+
+
+def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
+    """Follow a weight operand back to a top-level input: (input, reduced dims there,
+    layers axis there or None)."""
+    layers = None
+    while True:
+        p = v.producer
+        if p.op == "input":
+            owner = parents.get(id(p.graph))
+            if owner is None:
+                return v, reduced, layers
+            if owner.op != "scan":
+                raise _Skip(f"the weight enters a {owner.op} region")
+            i = p.graph.inputs.index(v)
+            n_consts, n_carry = owner.params["num_consts"], owner.params["num_carry"]
+            if n_consts <= i < n_consts + n_carry:
+                raise _Skip("the weight is a scan carry")
+            outer = owner.inputs[i]
+            if not isinstance(outer, Value):
+                raise _Skip("the weight is a literal")
+            if i >= n_consts + n_carry:  # per-layer slice of a stacked weight
+                reduced = frozenset(d + 1 for d in reduced)
+                layers = 0  # the stacked-layers axis, in the outer operand's dims
+            v = outer
+        elif p.op in _SAME:
+            v = p.inputs[0]
+        elif p.op == "transpose":
+            perm = p.params["permutation"]
+            reduced = frozenset(perm[d] for d in reduced)
+            layers = None if layers is None else perm[layers]
+            v = p.inputs[0]
+        elif p.op == "reshape" and not p.params.get("dimensions"):
+            src = p.inputs[0]
+            reduced = _map_reshape(v.shape, src.shape, reduced)
+            layers = None
+            v = src
+        else:
+            raise _Skip(f"the weight comes out of {p.op}")
+        if not isinstance(v, Value):
+            raise _Skip("the weight is a literal")
+
+
+@dataclass
+class _Origin:
+    input: Value
+    reduced: frozenset
+    layers: int | None
+    dots: list[Node]
+
+
+def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
+    prog = fb._prog(graph)
+    wanted = set(kinds) | ({"unembedding"} if unembedding else set())
+    selected: list[Node] = []
+    for b in graph.meta["blocks"].blocks:
+        if b.kind in wanted:
+            selected += [n for n in b.nodes if fb._is_weight_dot(prog, n) and n not in selected]
+    parents = _scan_parents(graph)
+    origins: dict[int, _Origin] = {}
+    skipped: list[str] = []
+    for dot in selected:
+        where = f"dot_general -> {list(dot.out.shape)} at {dot.source or '?'}"
+        try:
+            k = ia._weight_side(prog, dot)
+            w = dot.inputs[k]
+            (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
+            if lb or rb:
+                raise _Skip("it has batch dimensions")
+            if not (np.issubdtype(w.dtype, np.floating) or str(w.dtype) == "bfloat16"):
+                raise _Skip(f"the weight is {w.dtype}")
+            contract = tuple(lc if k == 0 else rc)
+            if math.prod(w.shape[d] for d in contract) > MAX_CONTRACTION:
+                raise _Skip("the contraction is too long for exact int32 accumulation")
+            src, reduced, layers = _trace_back(w, frozenset(contract), parents)
+        except _Skip as e:
+            skipped.append(f"{where}: {e}")
+            continue
+        o = origins.setdefault(src.id, _Origin(src, reduced, layers, []))
+        if _big(o.reduced, src.shape) != _big(reduced, src.shape):
+            skipped.append(f"{where}: the weight {_path(src)} is contracted over other dims "
+                           "elsewhere")
+            continue
+        o.dots.append(dot)
+    return [o for o in origins.values() if o.dots], skipped
+
+
+def _path(v: Value) -> str:
+    return v.producer.params.get("path") or f"input{v.producer.graph.inputs.index(v)}"
+
+
+# ---- rewriting ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rewrite:
+    selected: set  # the dot nodes to put on the fast path
+    dots: int = 0  # rewritten so far
+    dequantized: int = 0  # uses given the dequantized weight so far
+    values: set = field(default_factory=set)  # ids of the int8 inputs (top level and bodies)
+    rows: dict = field(default_factory=dict)  # (activation id, dims) -> its (xq, scale) values
+
+
+def _emit_like(graph: Graph, node: Node, fn, inputs) -> list[Value]:
+    return emit_function(graph, fn, inputs, source=node.source,
+                         jit_group=node.meta.get("jit_group"))
+
+
+def _push(graph: Graph, old: Value, q: Value, s: Value, reduced: frozenset, dtype,
+          rw: _Rewrite) -> None:
+    """Make every user of the float weight `old` use (q, s) instead, rule by rule."""
+    for user in graph.users(old):
+        positions = [k for k, v in enumerate(user.inputs) if v is old]
+        try:
+            if user.op in _SAME:
+                _push(graph, user.out, q, s, reduced, user.out.dtype, rw)
+            elif user.op == "transpose":
+                perm = user.params["permutation"]
+                transpose = functools.partial(lax.transpose, permutation=perm)
+                (q2,) = _emit_like(graph, user, transpose, [q])
+                (s2,) = _emit_like(graph, user, transpose, [s])
+                inv = frozenset(i for i, d in enumerate(perm) if d in reduced)
+                _push(graph, user.out, q2, s2, inv, dtype, rw)
+            elif user.op == "reshape" and not user.params.get("dimensions"):
+                new = _map_reshape(old.shape, user.out.shape, reduced)
+                shape_s = _scale_shape(user.out.shape, new)
+                (q2,) = _emit_like(graph, user, functools.partial(jnp.reshape, shape=user.out.shape),
+                                   [q])
+                (s2,) = _emit_like(graph, user, functools.partial(jnp.reshape, shape=shape_s),
+                                   [s])
+                _push(graph, user.out, q2, s2, new, dtype, rw)
+            elif user.op == "dot_general" and user in rw.selected and len(positions) == 1:
+                _rewrite_dot(graph, user, positions[0], q, s, reduced, rw)
+            elif user.op == "scan":
+                _push_into_scan(graph, user, old, q, s, reduced, dtype, rw)
+            elif user.op == "gather" and positions == [0]:
+                _rewrite_gather(graph, user, q, s, dtype)
+            else:
+                raise _Skip(user.op)
+            if user.op in _VIEWS and not graph.users(user.out) and not graph.is_output(user.out):
+                graph.remove_node(user)  # a view of the float weight, now unused
+        except _Skip:
+            (w,) = _emit_like(graph, user, lambda a, b: (a.astype(jnp.float32) * b).astype(dtype),
+                              [q, s])
+            for k in positions:
+                graph.set_input(user, k, w)
+            rw.dequantized += 1
+    if graph.is_output(old):  # a weight returned as it is: returned dequantized
+        (w,) = emit_function(graph, lambda a, b: (a.astype(jnp.float32) * b).astype(dtype),
+                             [q, s])
+        graph.replace_all_uses_with(old, w)
+        rw.dequantized += 1
+
+
+def _rewrite_dot(graph: Graph, dot: Node, k: int, q: Value, s: Value, reduced: frozenset,
+                 rw: _Rewrite) -> None:
+    dn = dot.params["dimension_numbers"]
+    contract = dn[0][k]
+    if _big(reduced, q.shape) != _big(frozenset(contract), q.shape):
+        raise _Skip("contracted over other dims than the scales")
+    x = dot.inputs[1 - k]
+    x_contract = tuple(dn[0][1 - k])
+    # q, k and v (gate and up) read the same activation: quantize its rows once
+    key = (x.id, x_contract)
+    if key not in rw.rows:
+        rows = _emit_like(graph, dot, functools.partial(quantize_rows, axes=x_contract), [x])
+        if "axes" in x.producer.meta:
+            rows[0].producer.meta["axes"] = [x.producer.meta["axes"][x.index]]
+        rw.rows[key] = rows
+    xq, xs = rw.rows[key]
+    out_dtype = dot.out.dtype
+
+    def fn(xq, xs, values, scale):
+        return int8_matmul(xq, xs, values, scale, dn, k, out_dtype)
+
+    (y,) = _emit_like(graph, dot, fn, [xq, xs, q, s])
+    new_dot = next(n for n in _nodes_between([y], {xq.id, xs.id, q.id, s.id})
+                   if n.op == "dot_general")
+    new_dot.meta["note"] = "int8"
+    for key in ("block", "operand_target"):
+        if key in dot.meta:
+            new_dot.meta[key] = dot.meta[key]
+    if new_dot.out.shape == dot.out.shape:
+        for key in ("axes", "target"):  # the sharded sum is reduced in int32 (exact): the
+            if key in dot.meta:         # scales are the same on every shard of the contraction
+                new_dot.meta[key] = dot.meta[key]
+    for key in ("axes", "target"):
+        if key in dot.meta:
+            y.producer.meta[key] = dot.meta[key]
+    graph.replace_all_uses_with(dot.out, y)
+    graph.remove_node(dot)
+    rw.dots += 1
+
+
+def _rewrite_gather(graph: Graph, node: Node, q: Value, s: Value, dtype) -> None:
+    """Rows of a quantized table: gather the int8 rows and their scales, multiply."""
+    idx = node.inputs[1]
+    params_s = dict(node.params, slice_sizes=tuple(
+        min(n, size) for n, size in zip(node.params["slice_sizes"], s.shape)))
+    # out-of-range rows: 0 x the scale's fill (NaN by default), as the float table would give
+    params_q = dict(node.params, fill_value=0) if "fill_value" in node.params else node.params
+    gq = graph.add_node(node.primitive, [q, idx], params_q, source=node.source).out
+    gs = graph.add_node(node.primitive, [s, idx], params_s, source=node.source).out
+    for n in (gq.producer, gs.producer):
+        if "jit_group" in node.meta:
+            n.meta["jit_group"] = node.meta["jit_group"]
+    (rows,) = _emit_like(graph, node,
+                         lambda a, b: (a.astype(jnp.float32) * b).astype(dtype), [gq, gs])
+    if "target" in node.meta:
+        rows.producer.meta["target"] = node.meta["target"]
+    graph.replace_all_uses_with(node.out, rows)
+    graph.remove_node(node)
+
+
+def _push_into_scan(graph: Graph, scan: Node, old: Value, q: Value, s: Value,
+                    reduced: frozenset, dtype, rw: _Rewrite) -> None:
+    """Pass (q, s) into the scan body in place of `old` (as consts or per-layer slices)."""
+    n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
+    positions = [k for k, v in enumerate(scan.inputs) if v is old]
+    if any(n_consts <= k < n_consts + n_carry for k in positions):
+        raise _Skip("a scan carry")
+    body: Graph = scan.regions["jaxpr"]
+    inputs, body_inputs = list(scan.inputs), list(body.inputs)
+    linear = list(scan.params.get("linear", ()))  # older JAX: one flag per operand
+    work = []
+    for k in sorted(positions, reverse=True):  # insert from the back: indices stay valid
+        xs = k >= n_consts + n_carry
+        bq = body.add_input(_aval(q.shape[1:] if xs else q.shape, q.dtype))
+        rw.values.add(bq.id)
+        bs = body.add_input(_aval(s.shape[1:] if xs else s.shape, s.dtype))
+        inner = frozenset(d - 1 for d in reduced if d > 0) if xs else reduced
+        work.append((body_inputs[k], bq, bs, inner))
+        inputs[k:k + 1] = [q, s]
+        if linear:
+            linear[k:k + 1] = [linear[k], False]
+        body_inputs[k:k + 1] = [bq, bs]
+        if k < n_consts:
+            n_consts += 1
+    body.inputs = body_inputs
+    params = dict(scan.params, num_consts=n_consts)
+    if linear:
+        params["linear"] = tuple(linear)
+    new = graph.add_node(scan.primitive, inputs, params,
+                         out_avals=[o.aval for o in scan.outputs], regions=scan.regions,
+                         source=scan.source)
+    new.meta.update(scan.meta)
+    for a, b in zip(scan.outputs, new.outputs):
+        graph.replace_all_uses_with(a, b)
+    graph.remove_node(scan)
+    for inner_old, bq, bs, inner in work:
+        _label_like(inner_old, bq, bs, inner)
+        _push(body, inner_old, bq, bs, inner, dtype, rw)
+        body.remove_node(inner_old.producer)
+
+
+def _aval(shape, dtype):
+    return jc.shaped_array(tuple(shape), dtype)
+
+
+def _label_like(old: Value, q: Value, s: Value, reduced: frozenset) -> None:
+    """Axis roles and sharding targets of a replaced weight input, for q and its scales."""
+    meta = old.producer.meta
+    if "axes" in meta:
+        roles = meta["axes"][0]
+        q.producer.meta["axes"] = [roles]
+        s.producer.meta["axes"] = [tuple("1" if d in reduced else r
+                                         for d, r in enumerate(roles))]
+    if "target" in meta and meta["target"] and meta["target"][0] is not None:
+        spec = meta["target"][0]
+        q.producer.meta["target"] = [spec]
+        s.producer.meta["target"] = [_scale_spec(spec, reduced)]
+
+
+def _scale_spec(spec: Any, reduced: frozenset) -> Any:
+    return spec.with_dims(() if d in reduced else a for d, a in enumerate(spec.dims))
+
+
+def _rewrite_input(graph: Graph, o: _Origin, rw: _Rewrite) -> tuple[Value, Value]:
+    old = o.input
+    pos = graph.inputs.index(old)
+    path = old.producer.params.get("path")
+    q = graph.add_input(_aval(old.shape, np.int8), f"{path}.values" if path else None)
+    s = graph.add_input(_aval(_scale_shape(old.shape, o.reduced), np.float32),
+                        f"{path}.scale" if path else None)
+    rw.values.add(q.id)
+    rest = [v for v in graph.inputs if v is not q and v is not s]
+    graph.inputs = rest[:pos] + [q, s] + rest[pos + 1:]
+    _label_like(old, q, s, o.reduced)
+    _push(graph, old, q, s, o.reduced, old.dtype, rw)
+    graph.remove_node(old.producer)
+    return q, s
+
+
+def _dead_code(graph: Graph) -> None:
+    graph.eliminate_dead_code()
+    for node in graph.equations():
+        for body in node.region_graphs():
+            _dead_code(body)
+
+
+# ---- numerics -----------------------------------------------------------------------------------
+
+
+def _token_inputs(graph: Graph) -> list[Value]:
+    """Top-level integer inputs that index the vocabulary table (the prompt's token ids)."""
+    found: list[Value] = []
+    for b in graph.meta["blocks"].of_kind("embedding"):
+        for node in b.nodes:
+            if node.graph is not graph:
+                continue
+            frontier, seen = [node.inputs[1]], set()
+            while frontier:
+                v = frontier.pop()
+                if not isinstance(v, Value) or v.id in seen:
+                    continue
+                seen.add(v.id)
+                if v.producer.op == "input":
+                    if np.issubdtype(v.dtype, np.integer) and v not in found:
+                        found.append(v)
+                    continue
+                frontier.extend(v.producer.inputs)
+    return found
+
+
+def _logits_output(graph: Graph) -> int:
+    for i, o in enumerate(graph.outputs):
+        axes = o.producer.meta.get("axes") if isinstance(o, Value) else None
+        if axes and axes[o.index] and axes[o.index][-1] == "vocab":
+            return i
+    return 0
+
+
+def _prompts(graph: Graph, flat: list, tokens: list[int], vocab: int, calls: int, seed: int):
+    key = jax.random.PRNGKey(seed)
+    for c in range(calls):
+        args = list(flat)
+        for j, i in enumerate(tokens):
+            k = jax.random.fold_in(jax.random.fold_in(key, c), j)
+            args[i] = jax.random.randint(k, np.shape(flat[i]), 0, vocab, flat[i].dtype)
+        yield args
+
+
+def _top2_gap(logits: np.ndarray) -> np.ndarray:
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def _run_all(graph: Graph, batches) -> list[np.ndarray]:
+    fn = jax.jit(lambda *xs: eval_graph(graph, list(xs)))
+    return [[np.asarray(o) for o in fn(*args)] for args in batches]
+
+
+# ---- the pass -----------------------------------------------------------------------------------
+
+
+def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
+                  unembedding: bool = False, example_args: tuple | None = None,
+                  positions: int = 256, seed: int = 0) -> Graph:
+    """Rewrite `graph` in place (see the module docstring); returns it. With `example_args`
+    (`(args, kwargs)` as traced, float weights), measures the logit error on random prompts
+    of at least `positions` rows into `graph.meta["quantize-int8"].numerics`."""
+    if "axes" not in graph.meta or "blocks" not in graph.meta:
+        raise ValueError("quantize-int8 needs the blocks: run 'infer-axes' and 'find-blocks' "
+                         "first")
+    float_in_tree = graph.in_tree
+    origins, skipped = _select(graph, tuple(blocks), unembedding)
+    n_flat = len(graph.inputs)
+    index = {v.id: i for i, v in enumerate(graph.inputs)}
+
+    measure = example_args is not None and positions > 0
+    if measure:
+        flat, tree = jax.tree_util.tree_flatten(example_args)
+        if tree != float_in_tree or len(flat) != n_flat:
+            raise ValueError(f"example_args are structured as {tree}; the graph was traced "
+                             f"for {float_in_tree}")
+        out_i = _logits_output(graph)
+        per_call = math.prod(graph.outputs[out_i].shape[:-1]) or 1
+        token_values = _token_inputs(graph)
+        tokens = [index[v.id] for v in token_values]
+        # fresh token ids per call; without an embedding lookup, the example inputs once
+        calls = -(-positions // per_call) if tokens else 1
+        vocab = graph.meta["axes"].sizes.get("vocab", 2)
+        reference = _run_all(graph, _prompts(graph, flat, tokens, vocab, calls, seed))
+
+    rw = _Rewrite(selected={d for o in origins for d in o.dots})
+    weights = []
+    for o in sorted(origins, key=lambda o: index[o.input.id]):
+        before = (rw.dots, rw.dequantized)
+        _rewrite_input(graph, o, rw)
+        weights.append(QuantizedInput(
+            path=_path(o.input), index=index[o.input.id], shape=o.input.shape,
+            dtype=str(o.input.dtype), reduce_axes=tuple(sorted(o.reduced)),
+            layers_axis=o.layers, dots=rw.dots - before[0],
+            dequantized_uses=rw.dequantized - before[1]))
+    _dead_code(graph)
+    if "weight_values" in graph.meta:  # what `lower` treats as weights
+        graph.meta["weight_values"] = set(graph.meta["weight_values"]) | rw.values
+    if "in_specs" in graph.meta and all("target" in v.producer.meta for v in graph.inputs):
+        graph.meta["in_specs"] = [v.producer.meta["target"][0] for v in graph.inputs]
+    quantized = {w.index for w in weights}
+    graph.in_tree = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(
+        float_in_tree, [Int8Weight(0, 0) if i in quantized else 0 for i in range(n_flat)]))
+    report = Int8Report(weights=weights, skipped=skipped, int8_dots=rw.dots,
+                        float_in_tree=float_in_tree)
+    graph.meta["quantize-int8"] = report
+
+    if measure:
+        args_q, kwargs_q = quantize_args(graph, *example_args[0], **example_args[1])
+        flat_q = jax.tree_util.tree_leaves((args_q, kwargs_q))
+        tokens_q = [graph.inputs.index(v) for v in token_values]
+        got = _run_all(graph, _prompts(graph, flat_q, tokens_q, vocab, calls, seed))
+        ref = np.concatenate([r[out_i].reshape(-1, r[out_i].shape[-1]) for r in reference])
+        new = np.concatenate([r[out_i].reshape(-1, r[out_i].shape[-1]) for r in got])
+        ref, new = ref.astype(np.float32), new.astype(np.float32)
+        err = np.abs(ref - new)
+        report.numerics = Int8Numerics(
+            positions=int(ref.shape[0]), prompts=calls, max_abs_error=float(err.max()),
+            mean_abs_error=float(err.mean()), logit_std=float(ref.std()),
+            max_abs_logit=float(np.abs(ref).max()),
+            top1_agreement=float(np.mean(ref.argmax(-1) == new.argmax(-1))),
+            near_ties=float(np.mean(_top2_gap(ref) < 2 * err.max())))
+    return graph
+
+
+@register
+@dataclass(frozen=True)
+class QuantizeInt8(Pass):
+    """Weight-only int8 (per-output-channel scales) on the projections of attention and
+    feed-forward blocks, computed as int8 x int8 -> int32 with per-token activation scales.
+    Reads `ctx.options["example_args"]` (`(args, kwargs)`) to report the logit error."""
+
+    name = "quantize-int8"
+    unembedding: bool = False  # also the projection to the vocabulary (tied: the embedding too)
+    positions: int = 256  # logit rows compared on random prompts (0: do not measure)
+    seed: int = 0  # of the random prompts
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
+        return quantize_int8(graph, unembedding=self.unembedding,
+                             example_args=ctx.options.get("example_args"),
+                             positions=self.positions, seed=self.seed)
