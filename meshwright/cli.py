@@ -331,9 +331,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests in the Poisson burst (default: %(default)s)")
     p.add_argument("--rate", type=float, default=40.0,
                    help="mean arrivals per second of the burst (default: %(default)s)")
-    p.add_argument("--out-len", type=int, nargs=2, default=(24, 96), metavar=("A", "B"),
-                   help="max tokens per request, uniform in [A, B] (default: 24 96)")
-    p.add_argument("--max-len", type=int, default=128,
+    p.add_argument("--out-len", type=int, nargs=2, default=(16, 192), metavar=("A", "B"),
+                   help="max tokens per request, uniform in [A, B] (default: 16 192)")
+    p.add_argument("--max-len", type=int, default=256,
                    help="KV length per slot, prompt + output (default: %(default)s)")
     p.add_argument("--stream", type=int, default=3,
                    help="prompts of the streaming section, 0 for none (default: %(default)s)")

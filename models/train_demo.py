@@ -1,7 +1,7 @@
 """Train the bundled demo model (`meshwright.models.load_demo_model`) from scratch.
 
-    python models/train_demo.py                  # ~5 minutes on 2 CPU cores; writes the weights
-    python models/train_demo.py --steps 50 --out /tmp/m.safetensors   # a quick smoke run
+    python models/train_demo.py        # 2000 steps: 25-35 minutes on 2 CPU cores; writes the weights
+    python models/train_demo.py --steps 400 --out /tmp/m.safetensors  # a shorter, weaker run
 
 A byte-level PaLM-style decoder (`models/demo.py: DEMO_CONFIG`: 4 parallel blocks,
 multiquery attention, SwiGLU, RoPE, tied embeddings) learns next-byte prediction on the
@@ -94,7 +94,7 @@ def evaluate(model, params, data: np.ndarray, length: int, batch: int = 16) -> t
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=DEMO_CONFIG.max_len, help="window, bytes")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

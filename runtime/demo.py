@@ -39,6 +39,7 @@ from typing import TextIO
 
 DEVICES = 8
 STREAM_PROMPTS = ("In the beginning God", "The LORD is my shepherd;", "Blessed are the")
+STREAM_TOKENS = 72  # at most, per streamed prompt
 NEWLINE = 10  # the byte that ends a verse: the bundled model's stop token
 
 
@@ -48,10 +49,10 @@ class DemoOptions:
 
     requests: int = 24  # requests in the Poisson burst
     rate: float = 40.0  # their mean arrival rate, requests per second
-    out_len: tuple[int, int] = (24, 96)  # max tokens per request, uniform in [a, b]
+    out_len: tuple[int, int] = (16, 192)  # max tokens per request, uniform in [a, b]
     max_slots: int = 8  # KV slots = the largest decode bucket
-    max_len: int = 128  # KV length per slot (prompt + output)
-    prefill_lengths: tuple[int, ...] = (32, 128)  # padded prompt lengths compiled
+    max_len: int = 256  # KV length per slot (prompt + output)
+    prefill_lengths: tuple[int, ...] = (32,)  # padded prompt lengths compiled (and max_len)
     stream: int = 3  # prompts of the streaming section (0: none)
     check: bool = True  # compare the streamed completions with unsharded greedy decoding
     seed: int = 0
@@ -133,9 +134,10 @@ def load_model(options: DemoOptions) -> DemoModel:
         return DemoModel(config, params, bundled.encode, bundled.decode, (NEWLINE,),
                          "bundled: byte-level, trained on the King James Bible "
                          "(models/data/README.md)", prompts)
-    from meshwright.models import from_pretrained, load_tokenizer
+    from meshwright.models import from_pretrained, load_config, load_tokenizer
 
-    config, params = from_pretrained(options.checkpoint, max_len=options.max_len,
+    longest = load_config(options.checkpoint).max_len  # its position limit (config.json only)
+    config, params = from_pretrained(options.checkpoint, max_len=min(options.max_len, longest),
                                      scan_layers=True)
     tok = load_tokenizer(options.checkpoint)
     if tok is None:  # no tokenizer.json: bytes, clipped to the vocabulary
@@ -410,10 +412,49 @@ METRIC_KEYS = ("policy", "requests_submitted", "requests_completed", "requests_f
                "prefills", "kv_moves")
 
 
+def stream_completions(engine, dm: DemoModel, texts: Sequence[str], max_len: int,
+                       out: TextIO | None) -> list[dict]:
+    """Submit every prompt at once (they decode together), stream the first one's tokens to
+    `out` as they are produced (iterating its handle drives the engine), and return every
+    completion: {"prompt", "completion", "tokens"}."""
+    from meshwright.runtime.request import Request
+
+    n = min(STREAM_TOKENS, max_len // 2)
+    handles = [engine.submit(Request(prompt=tuple(dm.encode(text))[:max_len // 2],
+                                     max_tokens=n, stop_tokens=dm.stop_tokens))
+               for text in texts]
+    if out is not None and handles:
+        out.write(f"  > {texts[0]}")
+        for token in handles[0]:
+            out.write(dm.decode([token]).replace("\n", ""))
+            out.flush()
+        out.write("\n")
+    return [{"prompt": text, "completion": dm.decode(h.result().tokens),
+             "tokens": list(h.result().tokens)} for text, h in zip(texts, handles)]
+
+
+def compare_policies(engine, burst: list, policies: Sequence[str] = ("fused", "static"),
+                     progress: bool = False) -> tuple[dict, dict]:
+    """Serve the same burst under each policy (after an untimed warm-up); returns
+    ({policy: metrics}, {policy: results})."""
+    warm_up_serving(engine, burst)
+    reports, results = {}, {}
+    for policy in policies:
+        engine.set_policy(policy)
+        report = engine.serve(burst, clock="virtual", progress=progress)
+        reports[policy] = {k: report.metrics.get(k) for k in METRIC_KEYS}
+        results[policy] = report.results
+    engine.set_policy("fused")
+    return reports, results
+
+
 def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout) -> dict:
     """Run the demo, printing each section to `out` (None: print nothing); returns the
     figures (the `meshwright demo --json` object, keys documented in docs/demo.md)."""
     options = options or DemoOptions()
+    if options.requests < 1 or options.rate <= 0 or options.max_slots < 1:
+        raise ValueError(f"the demo needs requests >= 1, rate > 0 and max_slots >= 1; got "
+                         f"{options.requests}, {options.rate}, {options.max_slots}")
 
     def echo(text: str = "") -> None:
         if out is not None:
@@ -424,7 +465,6 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     import jax
     import numpy as np
     from meshwright.models import build
-    from meshwright.runtime.request import Request
 
     import meshwright as mw
 
@@ -499,34 +539,22 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
                          for c in compiled.values()]
 
     # ---- 4. stream -----------------------------------------------------------------------
-    completions = []
+    completions: list[dict] = []
+    result["sharded_equals_unsharded"] = None  # not checked
     if options.stream:
         echo(_section("4. stream"))
         texts = list(STREAM_PROMPTS[:options.stream])
         texts += dm.prompts[:max(0, options.stream - len(texts))]
-        handles = []
-        for text in texts:
-            prompt = tuple(dm.encode(text))[:max_len // 2]
-            handles.append(engine.submit(Request(prompt=prompt, max_tokens=max_len // 2,
-                                                 stop_tokens=dm.stop_tokens)))
         echo(f"{len(texts)} prompts served together (fused); the first streams as it is "
              "generated:")
-        if out is not None:  # drive the engine by iterating the first request's stream
-            out.write(f"  > {texts[0]}")
-            for token in handles[0]:
-                out.write(dm.decode([token]).replace("\n", ""))
-                out.flush()
-            out.write("\n")
-        for text, h in zip(texts, handles):
-            tokens = h.result().tokens
-            completions.append({"prompt": text, "completion": dm.decode(tokens),
-                                "tokens": list(tokens)})
+        completions = stream_completions(engine, dm, texts, max_len, out)
         for c in completions[1:]:
             echo(f"  > {c['prompt']}{c['completion'].rstrip(chr(10))}")
         if options.check:
             same = [c["tokens"] == greedy_reference(
-                cfg, dm.params, dm.encode(c["prompt"])[:max_len // 2], max_len // 2,
-                dm.stop_tokens, max_len) for c in completions]
+                cfg, dm.params, dm.encode(c["prompt"])[:max_len // 2],
+                min(STREAM_TOKENS, max_len // 2), dm.stop_tokens, max_len)
+                for c in completions]
             result["sharded_equals_unsharded"] = all(same)
             echo(f"check: sharded greedy == single-device greedy for {sum(same)}/{len(same)} "
                  "prompts")
@@ -539,19 +567,10 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     echo(f"{len(burst)} requests, Poisson arrivals at {options.rate:g}/s, prompts = the "
          f"first words of held-out verses, up to {lo}-{hi} tokens each"
          + (", stop at end of verse" if dm.stop_tokens else ""))
-    t0 = time.perf_counter()
-    warm_up_serving(engine, burst)
-    echo(f"(warm-up: the burst with 4 tokens per request, both policies, "
-         f"{time.perf_counter() - t0:.1f} s, not measured)")
-    reports = {}
-    for policy in ("fused", "static"):
-        engine.set_policy(policy)
-        report = engine.serve(burst, clock="virtual", progress=options.progress)
-        reports[policy] = {k: report.metrics.get(k) for k in METRIC_KEYS}
-        if policy == "fused":
-            result["samples"] = [{"prompt": dm.decode(r.prompt), "completion": dm.decode(
-                r.tokens)} for r in report.results[:3]]
-    engine.set_policy("fused")
+    echo("(served once untimed with 4 tokens per request first, to warm up)")
+    reports, results = compare_policies(engine, burst, progress=options.progress)
+    result["samples"] = [{"prompt": dm.decode(r.prompt), "completion": dm.decode(r.tokens)}
+                         for r in results["fused"][:3]]
     for sample in result["samples"]:
         echo(f"  > {sample['prompt']}{sample['completion'].rstrip(chr(10))}")
     echo("")
