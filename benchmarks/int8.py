@@ -5,10 +5,11 @@
 
 1. Speed. A PaLM-style model big enough that reading the weights dominates a decode step
    (4 parallel layers, d_model 2048, d_ff 8192, 16 heads of 128, multiquery, vocabulary 32000;
-   1.2 GB of float32 weights, random), one token at batch 1, layers as a scan. Three programs:
-   the model's own `jax.jit(decode_step)` in float32; the quantized graph (attention and FFN
-   projections int8); the same with the unembedding int8 too. Calls are interleaved round by
-   round (the machine is shared) and the median per program is reported.
+   1.2 GB of float32 weights, random), one token at batch 1, layers as a scan and as a Python
+   loop. Five programs: the model's own `jax.jit(decode_step)` in float32; the quantized graph
+   (attention and FFN projections int8, default layout "auto"); the same with the unembedding
+   int8 too; the first with its int8 values stored "as-is" and "contracted-last". Calls are
+   interleaved round by round (the machine is shared); the median per program is reported.
 2. Numerics. Logit error and top-1 agreement of the tiny reference models (palm, gpt2, llama)
    with random weights, and after a short training run on a synthetic Markov source (two
    likely successors per token, 0.8/0.2), where the logits mean something: a random-init
@@ -45,12 +46,12 @@ def tree_bytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
-def quantized_program(model, args, unembedding: bool):
+def quantized_program(model, args, unembedding: bool, layout: str):
     g = mw.trace(model.decode_step, *args)
     t0 = time.perf_counter()
     g = PassManager(["infer-axes", "find-blocks",
-                     get_pass("quantize-int8", unembedding=unembedding, positions=0)],
-                    verify=True).run(g)
+                     get_pass("quantize-int8", unembedding=unembedding, layout=layout,
+                              positions=0)], verify=True).run(g)
     pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     params_q = jax.block_until_ready(quantize_params(g, args[0]))
@@ -69,12 +70,15 @@ def logit_errors(reference: np.ndarray, other: np.ndarray) -> dict:
 def speed(scan: bool, repeats: int, prompts: int) -> dict:
     config = BIG.replace(scan_layers=scan)
     model = build(config)
-    args = model.example_args("decode", batch=1)
+    args = jax.block_until_ready(model.example_args("decode", batch=1))  # init is async
     params = args[0]
     programs = {"float32": (jax.jit(model.decode_step), params)}
     info = {"float32": {"weight_bytes": tree_bytes(params)}}
-    for name, unembedding in (("int8", False), ("int8+unembedding", True)):
-        g, params_q, pass_s, convert_s = quantized_program(model, args, unembedding)
+    for name, unembedding, layout in (("int8", False, "auto"),
+                                      ("int8+unembedding", True, "auto"),
+                                      ("int8, as-is layout", False, "as-is"),
+                                      ("int8, contracted-last", False, "contracted-last")):
+        g, params_q, pass_s, convert_s = quantized_program(model, args, unembedding, layout)
         report = g.meta["quantize-int8"]
         wb = report.weight_bytes()
         programs[name] = (jax.jit(g.as_function()), params_q)
@@ -199,13 +203,13 @@ def main() -> None:
     result = {"config": {k: getattr(BIG, k) for k in (
         "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "d_head", "vocab_size")},
         "batch": 1, "repeats": args.repeats, "speed": []}
-    print(f"{'layers':6s} {'program':18s} {'weights MB':>10s} {'median ms':>10s} {'min ms':>8s} "
+    print(f"{'layers':6s} {'program':22s} {'weights MB':>10s} {'median ms':>10s} {'min ms':>8s} "
           f"{'p90 ms':>8s} {'vs f32':>7s}")
     for scan in (True, False):
         r = speed(scan, args.repeats, prompts=args.prompts)
         result["speed"].append(r)
         for name, p in r["programs"].items():
-            print(f"{r['layers']:6s} {name:18s} {p['weight_bytes'] / 1e6:10.1f} "
+            print(f"{r['layers']:6s} {name:22s} {p['weight_bytes'] / 1e6:10.1f} "
                   f"{p['step_ms_median']:10.1f} {p['step_ms_min']:8.1f} {p['step_ms_p90']:8.1f} "
                   f"{p['speedup_vs_float32']:6.2f}x", flush=True)
     r = result["speed"][0]

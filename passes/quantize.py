@@ -25,7 +25,10 @@ The weights are converted once, at load time (`quantize_params` / `quantize_args
 scale = max|w| / 127 over the contracted dims, one scale per output channel (every
 non-contracted weight element position). The rewritten graph takes `Int8Weight(values, scale)`
 where the float weight was, so `g(params_q, tokens, ...)` and `jax.jit(g.as_function())` work
-with the same pytree shape as before, one level deeper at the quantized leaves.
+with the same pytree shape as before, one level deeper at the quantized leaves. The int8
+values of a weight a matmul reads directly are stored transposed, contracted dims last (faster
+on XLA:CPU; `layout` option); a transpose between the weight and its matmul then only renames
+dims, it moves no data.
 
     >>> pm = PassManager(["infer-axes", "find-blocks", "quantize-int8"])
     >>> g = pm.run(mw.trace(model.decode_step, params, tokens, cache, pos),
@@ -41,6 +44,7 @@ gather, when the unembedding is quantized, gathers int8 rows and their scales.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -72,54 +76,73 @@ _TINY = np.float32(np.finfo(np.float32).tiny)  # scales are at least this (all-z
 # ---- the quantized weight and load-time conversion ---------------------------------------------
 
 
-@jax.tree_util.register_dataclass
 @dataclass
 class Int8Weight:
     """A weight stored as int8 `values` times a float32 `scale` (per output channel).
 
-    `scale` has the weight's rank, with size 1 on the dims the weight is contracted over, so
-    `values * scale` broadcasts back to the weight. A pytree node: its leaves are `values`
-    then `scale`, and graph inputs are named `<path>.values` and `<path>.scale`.
+    `scale` has the weight's shape with size 1 on the dims it is contracted over. `values`
+    holds the weight's dims in the order `layout` (values dim i is weight dim layout[i]); the
+    pass keeps the weight's own order unless asked for `contracted_last`. A pytree node:
+    leaves `values` then `scale` (graph inputs `<path>.values`, `<path>.scale`); `layout` is
+    static.
 
         >>> q = quantize_weight(jnp.ones((4, 3)), axes=(0,))
-        >>> q.values.dtype, q.scale.shape
-        (dtype('int8'), (1, 3))
+        >>> q.values.shape, q.scale.shape, q.layout
+        ((4, 3), (1, 3), (0, 1))
     """
 
-    values: Any  # int8, the float weight's shape
-    scale: Any  # float32, the weight's shape with the contracted dims of size 1
+    values: Any  # int8, the float weight's dims in the order `layout`
+    scale: Any  # float32, the float weight's shape with the contracted dims of size 1
+    layout: tuple[int, ...] = ()  # values = quantized weight transposed by this
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+        values = jnp.transpose(self.values, np.argsort(self.layout)) if self.layout else \
+            self.values
+        return (values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+jax.tree_util.register_dataclass(Int8Weight, data_fields=["values", "scale"],
+                                 meta_fields=["layout"])
 
 
 def _scale_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
     return tuple(1 if d in axes else s for d, s in enumerate(shape))
 
 
-def _quantize(w, axes: tuple[int, ...], xp) -> Int8Weight:
+def contracted_last(ndim: int, axes: Sequence[int]) -> tuple[int, ...]:
+    """The layout with the kept dims first (in order), then the contracted ones."""
+    return tuple(d for d in range(ndim) if d not in axes) + tuple(sorted(axes))
+
+
+def _quantize(w, axes: tuple[int, ...], layout: tuple[int, ...], xp) -> Int8Weight:
     w32 = w.astype(xp.float32)
     scale = xp.max(xp.abs(w32), axis=axes, keepdims=True) / xp.float32(INT8_MAX)
     values = xp.clip(xp.round(w32 / xp.maximum(scale, _TINY)), -INT8_MAX, INT8_MAX)
-    return Int8Weight(values.astype(xp.int8), scale.astype(xp.float32))
+    return Int8Weight(xp.transpose(values.astype(xp.int8), layout), scale.astype(xp.float32),
+                      layout)
 
 
-_quantize_on_devices = jax.jit(functools.partial(_quantize, xp=jnp), static_argnames=("axes",))
+_quantize_on_devices = jax.jit(functools.partial(_quantize, xp=jnp),
+                               static_argnames=("axes", "layout"))
 
 
-def quantize_weight(w: Any, axes: Sequence[int]) -> Int8Weight:
+def quantize_weight(w: Any, axes: Sequence[int],
+                    layout: Sequence[int] | None = None) -> Int8Weight:
     """Symmetric int8 with one scale per position of the dims NOT in `axes` (the contracted
-    dims): scale = max|w| / 127 over `axes`, values = round(w / scale). Large or sharded jax
-    arrays are converted where they are (one jit per shape); small ones on the host (numpy).
-    A `jax.ShapeDtypeStruct` gives an Int8Weight of ShapeDtypeStructs (for tracing)."""
+    dims): scale = max|w| / 127 over `axes`, values = round(w / scale), stored in `layout`
+    (default: the weight's own order). Large or sharded jax arrays are converted where they are
+    (one jit per shape); small ones on the host (numpy). A `jax.ShapeDtypeStruct` gives an
+    Int8Weight of ShapeDtypeStructs (for tracing)."""
     axes = tuple(sorted(int(a) for a in axes))
+    layout = tuple(range(len(w.shape))) if layout is None else tuple(layout)
     if isinstance(w, jax.ShapeDtypeStruct):
-        return Int8Weight(jax.ShapeDtypeStruct(w.shape, jnp.int8),
-                          jax.ShapeDtypeStruct(_scale_shape(w.shape, axes), jnp.float32))
+        return Int8Weight(jax.ShapeDtypeStruct([w.shape[d] for d in layout], jnp.int8),
+                          jax.ShapeDtypeStruct(_scale_shape(w.shape, axes), jnp.float32),
+                          layout)
     if isinstance(w, jax.Array) and (len(w.sharding.device_set) > 1 or w.size >= 1 << 20):
-        return _quantize_on_devices(w, axes)
-    q = _quantize(np.asarray(w), axes, np)
-    return Int8Weight(jnp.asarray(q.values), jnp.asarray(q.scale))
+        return _quantize_on_devices(w, axes, layout)
+    q = _quantize(np.asarray(w), axes, layout, np)
+    return Int8Weight(jnp.asarray(np.ascontiguousarray(q.values)), jnp.asarray(q.scale), layout)
 
 
 def quantize_args(graph: Graph, *args, **kwargs) -> tuple[tuple, dict]:
@@ -131,8 +154,8 @@ def quantize_args(graph: Graph, *args, **kwargs) -> tuple[tuple, dict]:
         raise ValueError(f"quantize_args: the arguments are structured as {tree}; the graph "
                          f"was traced for {report.float_in_tree}")
     by_index = {w.index: w for w in report.weights}
-    out = [quantize_weight(x, by_index[i].reduce_axes) if i in by_index else x
-           for i, x in enumerate(flat)]
+    out = [quantize_weight(x, by_index[i].reduce_axes, by_index[i].layout) if i in by_index
+           else x for i, x in enumerate(flat)]
     args_q, kwargs_q = jax.tree_util.tree_unflatten(tree, out)
     return tuple(args_q), dict(kwargs_q)
 
@@ -156,8 +179,8 @@ def quantize_params(graph: Graph, params: Any, argnum: int = 0) -> Any:
                          f"{argnum} was traced as {arg_trees[argnum]}")
     offset = sum(t.num_leaves for t in arg_trees[:argnum])
     by_index = {w.index - offset: w for w in report.weights}
-    out = [quantize_weight(x, by_index[i].reduce_axes) if i in by_index else x
-           for i, x in enumerate(leaves)]
+    out = [quantize_weight(x, by_index[i].reduce_axes, by_index[i].layout) if i in by_index
+           else x for i, x in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -247,17 +270,32 @@ def int8_matmul(xq: jax.Array, x_scale: jax.Array, values: jax.Array, scale: jax
     return (acc.astype(jnp.float32) * xs * ws).astype(out_dtype)
 
 
-def int8_dot_general(x: jax.Array, values: jax.Array, scale: jax.Array,
-                     dimension_numbers, weight_side: int, out_dtype: Any) -> jax.Array:
-    """`dot_general(x, w)` for `w = values * scale` on the fast path: `quantize_rows` then
-    `int8_matmul`. What the pass emits for each projection, as a plain jnp function.
+def stored_dimension_numbers(dimension_numbers, weight_side: int, layout: Sequence[int]):
+    """`dimension_numbers` of a dot_general with the float weight, for its stored int8 values.
+    The weight's kept dims must stay in order (the output's dims would move otherwise)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    contract = lc if weight_side == 0 else rc
+    kept = [d for d in layout if d not in contract]
+    if kept != sorted(kept):
+        raise ValueError(f"layout {tuple(layout)} reorders the kept dims {sorted(kept)}")
+    stored = tuple(list(layout).index(c) for c in contract)
+    return ((stored, rc), (lb, rb)) if weight_side == 0 else ((lc, stored), (lb, rb))
+
+
+def int8_dot_general(x: jax.Array, w: Int8Weight, dimension_numbers, weight_side: int,
+                     out_dtype: Any) -> jax.Array:
+    """`dot_general(x, w)` (operand order as `weight_side` says, dims as for the float
+    weight) on the fast path: `quantize_rows` then `int8_matmul`. What the pass emits for each
+    projection, as a plain jnp function.
 
         >>> w = quantize_weight(w_f32, axes=(0,))           # (E, F): one scale per column
-        >>> y = int8_dot_general(x, w.values, w.scale, (((1,), (0,)), ((), ())), 1, x.dtype)
+        >>> y = int8_dot_general(x, w, (((1,), (0,)), ((), ())), 1, x.dtype)  # ~ x @ w_f32
     """
     (lc, rc), _ = dimension_numbers
     xq, xs = quantize_rows(x, tuple(rc if weight_side == 0 else lc))
-    return int8_matmul(xq, xs, values, scale, dimension_numbers, weight_side, out_dtype)
+    layout = w.layout or tuple(range(w.values.ndim))
+    dn = stored_dimension_numbers(dimension_numbers, weight_side, layout)
+    return int8_matmul(xq, xs, w.values, w.scale, dn, weight_side, out_dtype)
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -272,6 +310,7 @@ class QuantizedInput:
     shape: tuple[int, ...]
     dtype: str  # the float dtype it had
     reduce_axes: tuple[int, ...]  # contracted dims: the scale has size 1 there
+    layout: tuple[int, ...]  # the int8 values hold the weight's dims in this order
     layers_axis: int | None  # the stacked-layers axis of a scanned weight (kept, never reduced)
     dots: int  # dot_generals now on the int8 fast path (a scan body's counts once)
     dequantized_uses: int  # other uses, given the dequantized weight
@@ -405,14 +444,14 @@ def _scan_parents(g: Graph, out: dict[int, Node] | None = None) -> dict[int, Nod
 
 def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
     """Follow a weight operand back to a top-level input: (input, reduced dims there,
-    layers axis there or None)."""
-    layers = None
+    layers axis there or None, whether the way passed a reshape, whether it entered a scan)."""
+    layers, reshaped, scanned = None, False, False
     while True:
         p = v.producer
         if p.op == "input":
             owner = parents.get(id(p.graph))
             if owner is None:
-                return v, reduced, layers
+                return v, reduced, layers, reshaped, scanned
             if owner.op != "scan":
                 raise _Skip(f"the weight enters a {owner.op} region")
             i = p.graph.inputs.index(v)
@@ -420,6 +459,7 @@ def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
             if n_consts <= i < n_consts + n_carry:
                 raise _Skip("the weight is a scan carry")
             outer = owner.inputs[i]
+            scanned = True
             if not isinstance(outer, Value):
                 raise _Skip("the weight is a literal")
             if i >= n_consts + n_carry:  # per-layer slice of a stacked weight
@@ -436,7 +476,7 @@ def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
         elif p.op == "reshape" and not p.params.get("dimensions"):
             src = p.inputs[0]
             reduced = _map_reshape(v.shape, src.shape, reduced)
-            layers = None
+            layers, reshaped = None, True
             v = src
         else:
             raise _Skip(f"the weight comes out of {p.op}")
@@ -450,6 +490,8 @@ class _Origin:
     reduced: frozenset
     layers: int | None
     dots: list[Node]
+    permutable: bool = True  # no reshape on the way to a dot: can store contracted dims last
+    scanned: bool = False  # a scan slices it (or reads it) on the way to a dot
 
 
 def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
@@ -475,7 +517,8 @@ def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
             contract = tuple(lc if k == 0 else rc)
             if math.prod(w.shape[d] for d in contract) > MAX_CONTRACTION:
                 raise _Skip("the contraction is too long for exact int32 accumulation")
-            src, reduced, layers = _trace_back(w, frozenset(contract), parents)
+            src, reduced, layers, reshaped, scanned = _trace_back(w, frozenset(contract),
+                                                                  parents)
         except _Skip as e:
             skipped.append(f"{where}: {e}")
             continue
@@ -485,6 +528,8 @@ def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
                            "elsewhere")
             continue
         o.dots.append(dot)
+        o.permutable = o.permutable and not reshaped
+        o.scanned = o.scanned or scanned
     return [o for o in origins.values() if o.dots], skipped
 
 
@@ -504,63 +549,89 @@ class _Rewrite:
     rows: dict = field(default_factory=dict)  # (activation id, dims) -> its (xq, scale) values
 
 
+@dataclass(frozen=True)
+class _Q:
+    """A float weight value as int8 `values` (its dims in the order `layout`) and `scale`
+    (in the weight's own dims, size 1 on the `reduced` ones); `dtype` is the weight's."""
+
+    values: Value
+    scale: Value
+    reduced: frozenset
+    layout: tuple[int, ...]
+    dtype: Any
+
+    def plain(self) -> bool:
+        return self.layout == tuple(range(len(self.layout)))
+
+
 def _emit_like(graph: Graph, node: Node, fn, inputs) -> list[Value]:
     return emit_function(graph, fn, inputs, source=node.source,
                          jit_group=node.meta.get("jit_group"))
 
 
-def _push(graph: Graph, old: Value, q: Value, s: Value, reduced: frozenset, dtype,
-          rw: _Rewrite) -> None:
-    """Make every user of the float weight `old` use (q, s) instead, rule by rule."""
+def _dequantize(values, scale, layout, dtype):
+    if layout != tuple(range(len(layout))):
+        values = jnp.transpose(values, np.argsort(layout))
+    return (values.astype(jnp.float32) * scale).astype(dtype)
+
+
+def _push(graph: Graph, old: Value, w: _Q, rw: _Rewrite) -> None:
+    """Make every user of the float weight `old` use its int8 form `w` instead, by rule."""
     for user in graph.users(old):
         positions = [k for k, v in enumerate(user.inputs) if v is old]
         try:
             if user.op in _SAME:
-                _push(graph, user.out, q, s, reduced, user.out.dtype, rw)
-            elif user.op == "transpose":
+                _push(graph, user.out, dataclasses.replace(w, dtype=user.out.dtype), rw)
+            elif user.op == "transpose":  # values stay put: only the layout is renamed
                 perm = user.params["permutation"]
-                transpose = functools.partial(lax.transpose, permutation=perm)
-                (q2,) = _emit_like(graph, user, transpose, [q])
-                (s2,) = _emit_like(graph, user, transpose, [s])
-                inv = frozenset(i for i, d in enumerate(perm) if d in reduced)
-                _push(graph, user.out, q2, s2, inv, dtype, rw)
-            elif user.op == "reshape" and not user.params.get("dimensions"):
-                new = _map_reshape(old.shape, user.out.shape, reduced)
+                inverse = np.argsort(perm)
+                (s2,) = _emit_like(graph, user, functools.partial(lax.transpose,
+                                                                  permutation=perm), [w.scale])
+                _push(graph, user.out, _Q(
+                    w.values, s2, frozenset(i for i, d in enumerate(perm) if d in w.reduced),
+                    tuple(int(inverse[d]) for d in w.layout), w.dtype), rw)
+            elif user.op == "reshape" and not user.params.get("dimensions") and w.plain():
+                new = _map_reshape(old.shape, user.out.shape, w.reduced)
                 shape_s = _scale_shape(user.out.shape, new)
-                (q2,) = _emit_like(graph, user, functools.partial(jnp.reshape, shape=user.out.shape),
-                                   [q])
+                (q2,) = _emit_like(graph, user, functools.partial(
+                    jnp.reshape, shape=user.out.shape), [w.values])
                 (s2,) = _emit_like(graph, user, functools.partial(jnp.reshape, shape=shape_s),
-                                   [s])
-                _push(graph, user.out, q2, s2, new, dtype, rw)
+                                   [w.scale])
+                _push(graph, user.out, _Q(q2, s2, new, tuple(range(len(user.out.shape))),
+                                          w.dtype), rw)
             elif user.op == "dot_general" and user in rw.selected and len(positions) == 1:
-                _rewrite_dot(graph, user, positions[0], q, s, reduced, rw)
+                _rewrite_dot(graph, user, positions[0], w, rw)
             elif user.op == "scan":
-                _push_into_scan(graph, user, old, q, s, reduced, dtype, rw)
-            elif user.op == "gather" and positions == [0]:
-                _rewrite_gather(graph, user, q, s, dtype)
+                _push_into_scan(graph, user, old, w, rw)
+            elif user.op == "gather" and positions == [0] and w.plain():
+                _rewrite_gather(graph, user, w)
             else:
                 raise _Skip(user.op)
             if user.op in _VIEWS and not graph.users(user.out) and not graph.is_output(user.out):
                 graph.remove_node(user)  # a view of the float weight, now unused
         except _Skip:
-            (w,) = _emit_like(graph, user, lambda a, b: (a.astype(jnp.float32) * b).astype(dtype),
-                              [q, s])
+            (deq,) = _emit_like(graph, user, functools.partial(
+                _dequantize, layout=w.layout, dtype=w.dtype), [w.values, w.scale])
             for k in positions:
-                graph.set_input(user, k, w)
+                graph.set_input(user, k, deq)
             rw.dequantized += 1
     if graph.is_output(old):  # a weight returned as it is: returned dequantized
-        (w,) = emit_function(graph, lambda a, b: (a.astype(jnp.float32) * b).astype(dtype),
-                             [q, s])
-        graph.replace_all_uses_with(old, w)
+        (deq,) = emit_function(graph, functools.partial(_dequantize, layout=w.layout,
+                                                        dtype=w.dtype), [w.values, w.scale])
+        graph.replace_all_uses_with(old, deq)
         rw.dequantized += 1
 
 
-def _rewrite_dot(graph: Graph, dot: Node, k: int, q: Value, s: Value, reduced: frozenset,
-                 rw: _Rewrite) -> None:
+def _rewrite_dot(graph: Graph, dot: Node, k: int, w: _Q, rw: _Rewrite) -> None:
     dn = dot.params["dimension_numbers"]
     contract = dn[0][k]
-    if _big(reduced, q.shape) != _big(frozenset(contract), q.shape):
+    shape = dot.inputs[k].shape
+    if _big(w.reduced, shape) != _big(frozenset(contract), shape):
         raise _Skip("contracted over other dims than the scales")
+    try:
+        dn_stored = stored_dimension_numbers(dn, k, w.layout)
+    except ValueError as e:
+        raise _Skip(str(e)) from None
     x = dot.inputs[1 - k]
     x_contract = tuple(dn[0][1 - k])
     # q, k and v (gate and up) read the same activation: quantize its rows once
@@ -574,15 +645,19 @@ def _rewrite_dot(graph: Graph, dot: Node, k: int, q: Value, s: Value, reduced: f
     out_dtype = dot.out.dtype
 
     def fn(xq, xs, values, scale):
-        return int8_matmul(xq, xs, values, scale, dn, k, out_dtype)
+        return int8_matmul(xq, xs, values, scale, dn_stored, k, out_dtype)
 
-    (y,) = _emit_like(graph, dot, fn, [xq, xs, q, s])
-    new_dot = next(n for n in _nodes_between([y], {xq.id, xs.id, q.id, s.id})
+    (y,) = _emit_like(graph, dot, fn, [xq, xs, w.values, w.scale])
+    new_dot = next(n for n in _nodes_between([y], {xq.id, xs.id, w.values.id, w.scale.id})
                    if n.op == "dot_general")
     new_dot.meta["note"] = "int8"
     for key in ("block", "operand_target"):
         if key in dot.meta:
             new_dot.meta[key] = dot.meta[key]
+    if "operand_target" in dot.meta and k in dot.meta["operand_target"]:
+        target = dict(dot.meta["operand_target"])
+        target[k] = _permuted_spec(target[k], w.layout)
+        new_dot.meta["operand_target"] = target
     if new_dot.out.shape == dot.out.shape:
         for key in ("axes", "target"):  # the sharded sum is reduced in int32 (exact): the
             if key in dot.meta:         # scales are the same on every shard of the contraction
@@ -595,18 +670,19 @@ def _rewrite_dot(graph: Graph, dot: Node, k: int, q: Value, s: Value, reduced: f
     rw.dots += 1
 
 
-def _rewrite_gather(graph: Graph, node: Node, q: Value, s: Value, dtype) -> None:
+def _rewrite_gather(graph: Graph, node: Node, w: _Q) -> None:
     """Rows of a quantized table: gather the int8 rows and their scales, multiply."""
     idx = node.inputs[1]
     params_s = dict(node.params, slice_sizes=tuple(
-        min(n, size) for n, size in zip(node.params["slice_sizes"], s.shape)))
+        min(n, size) for n, size in zip(node.params["slice_sizes"], w.scale.shape)))
     # out-of-range rows: 0 x the scale's fill (NaN by default), as the float table would give
     params_q = dict(node.params, fill_value=0) if "fill_value" in node.params else node.params
-    gq = graph.add_node(node.primitive, [q, idx], params_q, source=node.source).out
-    gs = graph.add_node(node.primitive, [s, idx], params_s, source=node.source).out
+    gq = graph.add_node(node.primitive, [w.values, idx], params_q, source=node.source).out
+    gs = graph.add_node(node.primitive, [w.scale, idx], params_s, source=node.source).out
     for n in (gq.producer, gs.producer):
         if "jit_group" in node.meta:
             n.meta["jit_group"] = node.meta["jit_group"]
+    dtype = w.dtype
     (rows,) = _emit_like(graph, node,
                          lambda a, b: (a.astype(jnp.float32) * b).astype(dtype), [gq, gs])
     if "target" in node.meta:
@@ -615,24 +691,29 @@ def _rewrite_gather(graph: Graph, node: Node, q: Value, s: Value, dtype) -> None
     graph.remove_node(node)
 
 
-def _push_into_scan(graph: Graph, scan: Node, old: Value, q: Value, s: Value,
-                    reduced: frozenset, dtype, rw: _Rewrite) -> None:
-    """Pass (q, s) into the scan body in place of `old` (as consts or per-layer slices)."""
+def _push_into_scan(graph: Graph, scan: Node, old: Value, w: _Q, rw: _Rewrite) -> None:
+    """Pass the int8 weight into the scan body in place of `old` (a const or per-layer
+    slices: then the stored layout must keep the layers axis first)."""
     n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
     positions = [k for k, v in enumerate(scan.inputs) if v is old]
     if any(n_consts <= k < n_consts + n_carry for k in positions):
         raise _Skip("a scan carry")
+    if any(k >= n_consts + n_carry for k in positions) and w.layout[0] != 0:
+        raise _Skip("the scanned axis is not the first one stored")
     body: Graph = scan.regions["jaxpr"]
     inputs, body_inputs = list(scan.inputs), list(body.inputs)
     linear = list(scan.params.get("linear", ()))  # older JAX: one flag per operand
     work = []
     for k in sorted(positions, reverse=True):  # insert from the back: indices stay valid
         xs = k >= n_consts + n_carry
+        q, s = w.values, w.scale
         bq = body.add_input(_aval(q.shape[1:] if xs else q.shape, q.dtype))
         rw.values.add(bq.id)
         bs = body.add_input(_aval(s.shape[1:] if xs else s.shape, s.dtype))
-        inner = frozenset(d - 1 for d in reduced if d > 0) if xs else reduced
-        work.append((body_inputs[k], bq, bs, inner))
+        inner = _Q(bq, bs, frozenset(d - 1 for d in w.reduced if d > 0),
+                   tuple(d - 1 for d in w.layout[1:]), w.dtype) if xs else \
+            _Q(bq, bs, w.reduced, w.layout, w.dtype)
+        work.append((body_inputs[k], inner))
         inputs[k:k + 1] = [q, s]
         if linear:
             linear[k:k + 1] = [linear[k], False]
@@ -650,9 +731,9 @@ def _push_into_scan(graph: Graph, scan: Node, old: Value, q: Value, s: Value,
     for a, b in zip(scan.outputs, new.outputs):
         graph.replace_all_uses_with(a, b)
     graph.remove_node(scan)
-    for inner_old, bq, bs, inner in work:
-        _label_like(inner_old, bq, bs, inner)
-        _push(body, inner_old, bq, bs, inner, dtype, rw)
+    for inner_old, inner in work:
+        _label_like(inner_old, inner)
+        _push(body, inner_old, inner, rw)
         body.remove_node(inner_old.producer)
 
 
@@ -660,38 +741,47 @@ def _aval(shape, dtype):
     return jc.shaped_array(tuple(shape), dtype)
 
 
-def _label_like(old: Value, q: Value, s: Value, reduced: frozenset) -> None:
-    """Axis roles and sharding targets of a replaced weight input, for q and its scales."""
+def _label_like(old: Value, w: _Q) -> None:
+    """Axis roles and sharding targets of a replaced weight input, for its values (in their
+    layout) and its scales."""
     meta = old.producer.meta
+    q, s = w.values.producer, w.scale.producer
     if "axes" in meta:
         roles = meta["axes"][0]
-        q.producer.meta["axes"] = [roles]
-        s.producer.meta["axes"] = [tuple("1" if d in reduced else r
-                                         for d, r in enumerate(roles))]
+        q.meta["axes"] = [tuple(roles[d] for d in w.layout)]
+        s.meta["axes"] = [tuple("1" if d in w.reduced else r for d, r in enumerate(roles))]
     if "target" in meta and meta["target"] and meta["target"][0] is not None:
         spec = meta["target"][0]
-        q.producer.meta["target"] = [spec]
-        s.producer.meta["target"] = [_scale_spec(spec, reduced)]
+        q.meta["target"] = [_permuted_spec(spec, w.layout)]
+        s.meta["target"] = [spec.with_dims(() if d in w.reduced else a
+                                           for d, a in enumerate(spec.dims))]
 
 
-def _scale_spec(spec: Any, reduced: frozenset) -> Any:
-    return spec.with_dims(() if d in reduced else a for d, a in enumerate(spec.dims))
+def _permuted_spec(spec: Any, layout: tuple[int, ...]) -> Any:
+    return spec.with_dims(spec.dims[d] for d in layout)
 
 
-def _rewrite_input(graph: Graph, o: _Origin, rw: _Rewrite) -> tuple[Value, Value]:
+def _rewrite_input(graph: Graph, o: _Origin, rw: _Rewrite, layout_rule: str) -> tuple[int, ...]:
+    """Replace a float weight input by int8 values and scales; returns the values' layout."""
     old = o.input
     pos = graph.inputs.index(old)
     path = old.producer.params.get("path")
-    q = graph.add_input(_aval(old.shape, np.int8), f"{path}.values" if path else None)
+    ndim = len(old.shape)
+    transpose = o.permutable and (layout_rule == "contracted-last" or (
+        layout_rule == "auto" and not o.scanned))
+    layout = contracted_last(ndim, o.reduced) if transpose else tuple(range(ndim))
+    q = graph.add_input(_aval([old.shape[d] for d in layout], np.int8),
+                        f"{path}.values" if path else None)
     s = graph.add_input(_aval(_scale_shape(old.shape, o.reduced), np.float32),
                         f"{path}.scale" if path else None)
     rw.values.add(q.id)
     rest = [v for v in graph.inputs if v is not q and v is not s]
     graph.inputs = rest[:pos] + [q, s] + rest[pos + 1:]
-    _label_like(old, q, s, o.reduced)
-    _push(graph, old, q, s, o.reduced, old.dtype, rw)
+    w = _Q(q, s, o.reduced, layout, old.dtype)
+    _label_like(old, w)
+    _push(graph, old, w, rw)
     graph.remove_node(old.producer)
-    return q, s
+    return layout
 
 
 def _dead_code(graph: Graph) -> None:
@@ -756,15 +846,30 @@ def _run_all(graph: Graph, batches) -> list[np.ndarray]:
 # ---- the pass -----------------------------------------------------------------------------------
 
 
+# How the int8 values are stored. On XLA:CPU (benchmarks/int8.py, decode at batch 1), contracted
+# dims last is faster for weights a matmul reads directly (Python-loop layers: 1.60x over
+# float32 against 1.35x) and slower for weights a scan slices (1.20x against 2.37x); "auto"
+# takes the faster one for each weight.
+LAYOUTS = ("auto", "as-is", "contracted-last")
+
+
 def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
-                  unembedding: bool = False, example_args: tuple | None = None,
-                  positions: int = 256, seed: int = 0) -> Graph:
-    """Rewrite `graph` in place (see the module docstring); returns it. With `example_args`
-    (`(args, kwargs)` as traced, float weights), measures the logit error on random prompts
-    of at least `positions` rows into `graph.meta["quantize-int8"].numerics`."""
+                  unembedding: bool = False, layout: str = "auto",
+                  example_args: tuple | None = None, positions: int = 256,
+                  seed: int = 0) -> Graph:
+    """Rewrite `graph` in place (see the module docstring); returns it. `layout`: how the
+    int8 values are stored, "as-is" (the weight's dims in order), "contracted-last" (where no
+    reshape lies between weight and matmul) or "auto" (contracted-last unless a scan slices
+    the weight; see LAYOUTS). With `example_args` (`(args, kwargs)` as
+    traced, float weights), measures the logit error on random prompts of at least
+    `positions` rows into `graph.meta["quantize-int8"].numerics`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if "axes" not in graph.meta or "blocks" not in graph.meta:
         raise ValueError("quantize-int8 needs the blocks: run 'infer-axes' and 'find-blocks' "
                          "first")
+    if "quantize-int8" in graph.meta:
+        raise ValueError(f"graph {graph.name!r} has already been through 'quantize-int8'")
     float_in_tree = graph.in_tree
     origins, skipped = _select(graph, tuple(blocks), unembedding)
     n_flat = len(graph.inputs)
@@ -789,10 +894,11 @@ def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
     weights = []
     for o in sorted(origins, key=lambda o: index[o.input.id]):
         before = (rw.dots, rw.dequantized)
-        _rewrite_input(graph, o, rw)
+        weights_layout = _rewrite_input(graph, o, rw, layout)
         weights.append(QuantizedInput(
             path=_path(o.input), index=index[o.input.id], shape=o.input.shape,
             dtype=str(o.input.dtype), reduce_axes=tuple(sorted(o.reduced)),
+            layout=weights_layout,
             layers_axis=o.layers, dots=rw.dots - before[0],
             dequantized_uses=rw.dequantized - before[1]))
     _dead_code(graph)
@@ -800,9 +906,10 @@ def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
         graph.meta["weight_values"] = set(graph.meta["weight_values"]) | rw.values
     if "in_specs" in graph.meta and all("target" in v.producer.meta for v in graph.inputs):
         graph.meta["in_specs"] = [v.producer.meta["target"][0] for v in graph.inputs]
-    quantized = {w.index for w in weights}
+    layouts = {w.index: w.layout for w in weights}
     graph.in_tree = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(
-        float_in_tree, [Int8Weight(0, 0) if i in quantized else 0 for i in range(n_flat)]))
+        float_in_tree, [Int8Weight(0, 0, layouts[i]) if i in layouts else 0
+                        for i in range(n_flat)]))
     report = Int8Report(weights=weights, skipped=skipped, int8_dots=rw.dots,
                         float_in_tree=float_in_tree)
     graph.meta["quantize-int8"] = report
@@ -834,10 +941,11 @@ class QuantizeInt8(Pass):
 
     name = "quantize-int8"
     unembedding: bool = False  # also the projection to the vocabulary (tied: the embedding too)
+    layout: str = "auto"  # int8 values stored "auto", "as-is" or "contracted-last" (LAYOUTS)
     positions: int = 256  # logit rows compared on random prompts (0: do not measure)
     seed: int = 0  # of the random prompts
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
-        return quantize_int8(graph, unembedding=self.unembedding,
+        return quantize_int8(graph, unembedding=self.unembedding, layout=self.layout,
                              example_args=ctx.options.get("example_args"),
                              positions=self.positions, seed=self.seed)

@@ -19,6 +19,7 @@ from meshwright.passes import PassManager, get_pass
 from meshwright.passes.base import PassContext
 from meshwright.passes.quantize import (
     Int8Weight,
+    contracted_last,
     emit_function,
     int8_dot_general,
     quantize_params,
@@ -214,8 +215,8 @@ def test_weight_bytes_per_device():
 
 
 GOLDEN_FFN = """\
-ffn(%x:f32[1,8]{1,embed}, %w_in.values:i8[8,32]{embed,mlp}, %w_in.scale:f32[1,32]{1,mlp}, \
-%w_out.values:i8[32,8]{mlp,embed}, %w_out.scale:f32[1,8]{1,embed}) {
+ffn(%x:f32[1,8]{1,embed}, %w_in.values:i8[32,8]{mlp,embed}, %w_in.scale:f32[1,32]{1,mlp}, \
+%w_out.values:i8[8,32]{embed,mlp}, %w_out.scale:f32[1,8]{1,embed}) {
   %0:f32[1,8] = abs %x
   %1:f32[1] = reduce_max[axes=(1,)] %0
   %2:f32[1,1] = broadcast_in_dim[broadcast_dimensions=(0,), shape=(1, 1)] %1
@@ -226,9 +227,15 @@ ffn(%x:f32[1,8]{1,embed}, %w_in.values:i8[8,32]{embed,mlp}, %w_in.scale:f32[1,32
   %7:f32[1,8] = clamp -127.0:f32[] %6 127.0:f32[]
   %8:i8[1,8]{1,embed} = convert_element_type[new_dtype=int8, weak_type=False] %7
   %9:i8[2,8] = pad[padding_config=((0, 1, 0), (0, 0, 0))] %8 0:i8[]
-  %10:i32[2,32] = dot_general[dimension_numbers=(((1,), (0,)), ((), ())), \
+  %10:i32[2,32] = dot_general[dimension_numbers=(((1,), (1,)), ((), ())), \
 preferred_element_type=int32] %9 %w_in.values  # block=ffn.0; int8
   %11:i32[1,32] = slice[limit_indices=(1, 32), start_indices=(0, 0), strides=(1, 1)] %10
+  %12:f32[32] = reshape[new_sizes=(32,)] %w_in.scale
+  %13:f32[1,32] = convert_element_type[new_dtype=float32, weak_type=False] %11
+  %14:f32[1,32] = mul %13 %3
+  %15:f32[1,32] = broadcast_in_dim[broadcast_dimensions=(1,), shape=(1, 32)] %12
+  %16:f32[1,32]{1,mlp} = mul %14 %15
+  %17:f32[1,32]{1,mlp} = max %16 0.0:f32[]
 """
 
 
@@ -256,21 +263,23 @@ def test_reference_model_text_after_the_pass():
     assert "i32[16,16,192]" in text  # the fused QKV projection accumulates in int32
 
 
+@pytest.mark.parametrize("layout", [None, contracted_last(3, (0, 1))])
 @pytest.mark.parametrize("weight_side", [0, 1])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int8_dot_general_matches_float(weight_side, rows):
-    """Per-token activations x per-channel weights; two contracted dims; one row is padded."""
+def test_int8_dot_general_matches_float(weight_side, rows, layout):
+    """Per-token activations x per-channel weights; two contracted dims; one row is padded;
+    int8 values stored as they are or with the contracted dims last."""
     kx, kw = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.normal(kx, (rows, 4, 16))  # contract (1, 2) of x with (0, 1) of w
     w = jax.random.normal(kw, (4, 16, 24)) * 0.05
-    q = quantize_weight(w, axes=(0, 1))
+    q = quantize_weight(w, axes=(0, 1), layout=layout)
     if weight_side == 1:
         dn = (((1, 2), (0, 1)), ((), ()))
-        got = int8_dot_general(x, q.values, q.scale, dn, 1, jnp.float32)
+        got = int8_dot_general(x, q, dn, 1, jnp.float32)
         want = jax.lax.dot_general(x, w, dn)
     else:
         dn = (((0, 1), (1, 2)), ((), ()))
-        got = int8_dot_general(x, q.values, q.scale, dn, 0, jnp.float32)
+        got = int8_dot_general(x, q, dn, 0, jnp.float32)
         want = jax.lax.dot_general(w, x, dn)
     assert got.shape == want.shape
     assert float(jnp.abs(got - want).max()) <= 0.03 * float(jnp.abs(want).max())
@@ -282,8 +291,24 @@ def test_quantize_weight_is_per_output_channel():
     assert q.values.dtype == jnp.int8 and q.scale.shape == (3, 1, 48)
     assert int(jnp.abs(q.values).max()) == 127
     assert bool(jnp.all(jnp.abs(q.dequantize() - w) <= q.scale / 2 + 1e-7))
+    t = quantize_weight(w, axes=(1,), layout=contracted_last(3, (1,)))
+    assert t.values.shape == (3, 48, 64) and t.layout == (0, 2, 1)  # layers axis stays first
+    np.testing.assert_array_equal(t.dequantize(), q.dequantize())
     spec = quantize_weight(jax.ShapeDtypeStruct((3, 64, 48), jnp.bfloat16), axes=(1,))
     assert spec.values.dtype == jnp.int8 and spec.scale.shape == (3, 1, 48)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_contracted_last_layout_computes_the_same(name):
+    """Storing the int8 values with the contracted dims last only renames dimensions."""
+    model, args = example(name, True, "decode")
+    outs = []
+    for layout in ("as-is", "contracted-last"):
+        g = run_pass(model, "decode", args, positions=0, unembedding=True, layout=layout)
+        outs.append(jax.jit(g.as_function())(quantize_params(g, args[0]), *args[1:])[0])
+        layouts = [w.layout for w in g.meta["quantize-int8"].weights]
+    assert (0, 2, 1) in layouts  # a stacked (layers, in, out) weight stored (layers, out, in)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
 def test_emit_function_inserts_a_jnp_function():
@@ -305,13 +330,16 @@ def test_errors_are_clear():
     g = quantized("palm-tiny", True, "decode")[2]
     with pytest.raises(ValueError, match="params are structured as"):
         quantize_params(g, {"not": "the params"})
+    with pytest.raises(Exception, match="has already been through 'quantize-int8'"):
+        PassManager(["quantize-int8"]).run(g)
     with pytest.raises(TypeError, match="has not been through the 'quantize-int8' pass"):
         quantize_params(mw.trace(lambda x: x, jnp.ones(2)), jnp.ones(2))
 
 
 def test_sharding_annotations_follow_the_weights():
-    """After `annotate`, the int8 values keep the weight's spec, the scales drop the contracted
-    dims from it, and `lower` sees the new inputs in `in_specs` and `weight_values`."""
+    """After `annotate`, the int8 values keep the weight's spec (in their layout), the scales
+    drop the contracted dims from it, and `lower` sees the new inputs in `in_specs` and
+    `weight_values`."""
     from meshwright.passes.sharding import Spec
 
     def ffn(x, w_in, w_out):
@@ -325,6 +353,7 @@ def test_sharding_annotations_follow_the_weights():
     g.meta["in_specs"] = list(specs)
     g.meta["weight_values"] = {v.id for v in g.inputs[1:]}
     g = PassManager(["quantize-int8"], verify=True).run(g)
-    assert g.meta["in_specs"] == [specs[0], specs[1], Spec(((), ("y", "z"))),
-                                  specs[2], Spec(((), ("x",)))]
+    # the int8 values are stored contracted dims last: their spec is permuted alike
+    assert g.meta["in_specs"] == [specs[0], Spec((("y", "z"), ("x",))), Spec(((), ("y", "z"))),
+                                  Spec((("x",), ("y", "z"))), Spec(((), ("x",)))]
     assert {v.id for v in g.inputs if v.dtype == np.int8} <= g.meta["weight_values"]
