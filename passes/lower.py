@@ -121,7 +121,8 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
     dims = tuple(best.dims[i] if out.shape[i] > 1 else () for i in range(rank))
     partials = {s.partial for _, _, s in arrays}
     keep_partial = _partial_passes(node, ins, partials)
-    target = Spec(dims, next(iter(partials)) if keep_partial else ())
+    # the partial operands all share one partial set; the others are () (not partial)
+    target = Spec(dims, next((p for p in partials if p), ()) if keep_partial else ())
     def wanted(v):
         return tuple(target.dims[i] if v.shape[i] == out.shape[i] else () for i in range(rank))
 
