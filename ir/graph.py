@@ -51,7 +51,21 @@ class GraphError(Exception):
     """A malformed graph (raised by `Graph.verify`) or a misuse of the Graph API."""
 
 
-class Value:
+class _Typed:
+    """shape and dtype of anything with an `aval`."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.aval.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.aval.dtype)
+
+
+class Value(_Typed):
     """An SSA value: produced once (by `producer`, output number `index`), used any number of times.
 
     A `Literal` scalar has no producer and is printed inline; see `Literal`.
@@ -65,20 +79,13 @@ class Value:
         self.producer = producer
         self.index = index
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.aval.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.aval.dtype)
 
     def __repr__(self) -> str:
         op = self.producer.op if self.producer is not None else "?"
         return f"<Value #{self.id} {format_aval(self.aval)} from {op}>"
 
 
-class Literal:
+class Literal(_Typed):
     """An inline scalar constant operand (JAX's Literal), e.g. the 0.5 in `mul 0.5 x`."""
 
     __slots__ = ("aval", "value")
@@ -87,13 +94,6 @@ class Literal:
         self.value = value
         self.aval = aval
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.aval.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.aval.dtype)
 
     def __repr__(self) -> str:
         return f"{_format_scalar(self.value)}:{format_aval(self.aval)}"

@@ -34,6 +34,20 @@ PASS_MODULES: dict[str, str] = {
 }
 
 
+def rule_registry(table: dict) -> Callable:
+    """A decorator factory filling a per-primitive rule table: `@rule("add", "sub")`."""
+
+    def rule(*names: str) -> Callable:
+        def register_rule(fn: Callable) -> Callable:
+            for n in names:
+                table[n] = fn
+            return fn
+
+        return register_rule
+
+    return rule
+
+
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its `name`."""
     if cls.name in PASSES and PASSES[cls.name] is not cls:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshwright.ir import Graph, Literal, Node, Value
-from meshwright.passes.base import Pass, PassContext, register
+from meshwright.passes.base import Pass, PassContext, register, rule_registry
 
 ROLES = ("batch", "length", "kv_length", "embed", "heads", "kv_heads", "head_dim", "mlp",
          "vocab", "layers", "groups", "fused")
@@ -169,13 +169,7 @@ Rule = Callable[[AxisContext, Node], None]
 AXIS_RULES: dict[str, Rule] = {}
 
 
-def axis_rule(*names: str):
-    def register_rule(fn: Rule) -> Rule:
-        for n in names:
-            AXIS_RULES[n] = fn
-        return fn
-
-    return register_rule
+axis_rule = rule_registry(AXIS_RULES)  # @axis_rule("prim", ...) registers a rule
 
 
 def _elementwise_or_unknown(ctx: AxisContext, node: Node) -> None:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.ir.interpreter import region_jaxpr
+from meshwright.passes.base import rule_registry
 from meshwright.passes.sharding import Emitter, MeshInfo, Spec, reshard
 
 _LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose",
@@ -75,13 +76,7 @@ Rule = Callable[[LowerContext, Node, list[Local]], list[Local]]
 LOWER_RULES: dict[str, Rule] = {}
 
 
-def lower_rule(*names: str):
-    def register_rule(fn: Rule) -> Rule:
-        for n in names:
-            LOWER_RULES[n] = fn
-        return fn
-
-    return register_rule
+lower_rule = rule_registry(LOWER_RULES)  # @lower_rule("prim", ...) registers a rule
 
 
 def _bind(node: Node, args: list, **param_updates):
