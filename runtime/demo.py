@@ -11,11 +11,11 @@ What it does, one printed section each:
 2. plan: trace its decode step at the serving batch, and let the analytical planner choose
    the mesh factorisation, FFN and attention layouts for 8 simulated CPU devices.
 3. compile: every engine bucket (decode at 1, 2, 4, 8 rows; prefill at a few prompt lengths)
-   through `mw.shard` on the 8-device mesh -- the seam is the engine's
-   `compile_fn(phase, bucket)`. The FFN layout and mesh of the largest decode bucket are
-   pinned (`force`) on every bucket so the weights are placed once and never move; the
-   attention layout follows the batch (heads for small buckets, batch once it covers the
-   chips), as the planner says.
+   through `mw.shard` on the 8-device mesh, each in the layout the planner picks for it
+   (`runtime/layouts.py`): one mesh and one stored weight layout for the engine, so the
+   weights are placed once and no bucket switch moves them; among the layouts that share
+   those weights, each bucket runs the planner's cheapest (today: the attention layout
+   follows the batch, over heads for small buckets and over batch once it covers the chips).
 4. stream: a few prompts served together, one streamed as it is generated; checked against
    an unsharded single-device greedy decode.
 5. serve: a Poisson burst of requests (prompts from held-out chapters) with temporal fusion
@@ -58,6 +58,7 @@ class DemoOptions:
     seed: int = 0
     checkpoint: str | None = None  # a Hugging Face checkpoint directory instead
     cache_dir: str | None = "auto"  # persistent XLA cache; "auto": ~/.cache/meshwright/xla
+    hardware: str = "cpu"  # the profile the planner prices layouts with (e.g. "tpu-v4")
     progress: bool = True  # progress bars on stderr
 
 
@@ -172,7 +173,9 @@ def burst_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan and compile
+# A pinned build: one FFN layout and mesh forced on every bucket. The demo itself builds its
+# engine with `layouts.sharded_engine` (a layout per bucket); these remain for callers that
+# compile the buckets themselves (the multi-process engine, `runtime/distributed_engine.py`).
 
 
 @dataclass
@@ -282,62 +285,6 @@ class ShardedEngine:
         return not self.weights_moved
 
 
-def sharded_engine(model, params: dict, devices: Sequence, *, pin: dict | None = None,
-                   max_slots: int = 8, max_len: int = 128,
-                   prefill_lengths: Sequence[int] = (32, 128),
-                   progress: bool = False) -> ShardedEngine:
-    """An `Engine` whose every bucket is `mw.shard`-compiled on a mesh of `devices`.
-
-    `pin` (default: the planner's decode choice at `max_slots` rows) is forced on every
-    bucket: {"ffn": layout, "mesh": {"x", "y", "z"}}. The weights are placed once in that
-    layout; the KV cache at each capacity takes the layout of that decode bucket, so a step
-    reshards nothing it is given.
-    """
-    import jax
-    from meshwright.runtime.engine import Bucket, Engine
-    from meshwright.runtime.scheduler import bucket_sizes
-
-    import meshwright as mw
-
-    if pin is None:
-        pin, _ = choose_pin(plan_for(model.config, phase="decode", batch=max_slots,
-                                     context=max_len))
-    mesh = mw.make_mesh({"x": 2, "y": 2, "z": len(devices) // 4}, devices)
-    lengths = tuple(sorted({n for n in prefill_lengths if n < max_len} | {max_len}))
-    buckets = ([("decode", Bucket(b, max_len)) for b in bucket_sizes(max_slots)]
-               + [("prefill", Bucket(1, n)) for n in lengths])
-    compiled = compile_buckets(model, params, mesh, buckets, pin=pin, max_len=max_len,
-                               progress=progress)
-    biggest = compiled[("decode", Bucket(max_slots, max_len))]
-    moved = [f"{c.phase} {c.batch}x{c.length}" for c in compiled.values()
-             if jax.tree.leaves(c.specs[0]) != jax.tree.leaves(biggest.specs[0])]
-    jmesh = biggest.mesh
-    placed = jax.device_put(params, jax.tree.map(
-        lambda s: jax.sharding.NamedSharding(jmesh, s), biggest.specs[0]))
-    cache_specs = {c.batch: c.specs[2]["k"] for c in compiled.values() if c.phase == "decode"}
-
-    def cache_sharding(capacity: int):
-        return jax.sharding.NamedSharding(jmesh, cache_specs[capacity])
-
-    runners = {key: _Runner(c.step) for key, c in compiled.items()}
-    engine = Engine(model, placed, max_slots=max_slots, max_len=max_len,
-                    compile_fn=lambda phase, bucket: runners[(phase, bucket)],
-                    planner_fn=lambda phase, bucket: compiled[(phase, bucket)].compiled,
-                    cache_sharding=cache_sharding, prefill_lengths=lengths, progress=False)
-    return ShardedEngine(engine, compiled, moved)
-
-
-class _Runner:
-    """The engine's step callable for one bucket: the ShardedFunction, called plainly (no
-    `.lower`, so the engine does not compile it a second time through jax.jit's path)."""
-
-    def __init__(self, step) -> None:
-        self.step = step
-
-    def __call__(self, *args):
-        return self.step(*args)
-
-
 # ---------------------------------------------------------------------------------------------
 # Serving
 
@@ -388,28 +335,10 @@ def make_burst(dm: DemoModel, options: DemoOptions, max_len: int) -> list:
     return arrivals
 
 
-def warm_up_serving(engine, burst: list, tokens: int = 4) -> None:
-    """Serve `burst` cut to `tokens` tokens per request under both policies, untimed.
-
-    The engine compiles its helpers (greedy sampling, KV writes and resizes) at start-up on
-    unsharded zeros; the sharded steps return logits and caches placed on the mesh, so those
-    helpers compile again on first use with the new placements (~0.2 s each). Serving a short
-    version of the workload first moves that out of the measured runs.
-    """
-    import dataclasses
-
-    short = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, tokens)))
-             for t, r in burst]
-    for policy in ("fused", "static"):
-        engine.set_policy(policy)
-        engine.serve(short, clock="virtual")
-    engine.set_policy("fused")
-
-
 METRIC_KEYS = ("policy", "requests_submitted", "requests_completed", "requests_failed",
                "tokens_generated", "elapsed_s", "throughput_tokens_per_s", "latency_s",
                "ttft_s", "per_token_s", "buckets_used", "layout_switches", "decode_steps",
-               "prefills", "kv_moves")
+               "prefills", "kv_moves", "layouts_ran")
 
 
 def stream_completions(engine, dm: DemoModel, texts: Sequence[str], max_len: int,
@@ -435,9 +364,9 @@ def stream_completions(engine, dm: DemoModel, texts: Sequence[str], max_len: int
 
 def compare_policies(engine, burst: list, policies: Sequence[str] = ("fused", "static"),
                      progress: bool = False) -> tuple[dict, dict]:
-    """Serve the same burst under each policy (after an untimed warm-up); returns
-    ({policy: metrics}, {policy: results})."""
-    warm_up_serving(engine, burst)
+    """Serve the same burst under each policy; returns ({policy: metrics}, {policy:
+    results}). Nothing compiles while serving (the engine compiled its helpers at start-up
+    on the steps' own outputs), so there is no warm-up run."""
     reports, results = {}, {}
     for policy in policies:
         engine.set_policy(policy)
@@ -496,47 +425,47 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     args = example_args(model, dm.params, "decode", slots, 0, max_len)
     t0 = time.perf_counter()
     graph = mw.trace(model.decode_step, *args)
-    plan = mw.plan(graph, hardware="cpu", chips=DEVICES, context=max_len, weights="fp32")
+    plan = mw.plan(graph, hardware=options.hardware, chips=DEVICES, context=max_len,
+                   weights="fp32")
     plan_s = time.perf_counter() - t0
     echo(f"traced decode_step at the serving batch ({slots} rows, KV length {max_len}): "
          f"{len(graph)} equations; planned for {DEVICES} simulated {devices[0].platform} "
          f"devices in {plan_s:.1f} s")
     echo(_short_explain(plan.explain()))
-    pin, why = choose_pin(plan)
     result["plan"] = {k: plan.to_dict()[k] for k in (
         "ffn_layout", "attention_layout", "mesh", "step_seconds", "mfu", "batch", "context",
         "phase", "hardware")}
 
     # ---- 3. compile ----------------------------------------------------------------------
     echo(_section("3. compile"))
+    from meshwright.runtime.layouts import sharded_engine
+
     t0 = time.perf_counter()
-    served = sharded_engine(model, dm.params, devices, pin=pin, max_slots=slots,
-                            max_len=max_len, prefill_lengths=options.prefill_lengths,
-                            progress=options.progress)
+    engine = sharded_engine(model, dm.params, devices, hardware=options.hardware,
+                            max_slots=slots, max_len=max_len,
+                            prefill_lengths=options.prefill_lengths, progress=options.progress)
     compile_s = time.perf_counter() - t0
-    engine, compiled = served.engine, served.buckets
-    echo(f"pinned on every bucket: FFN {pin['ffn']} on mesh x*y*z = {_mesh_text(pin['mesh'])} "
-         f"({why}), so the weights are placed once"
-         + ("" if served.weights_placed_once else
-            f" except for {', '.join(served.weights_moved)}, whose compiled programs take "
-            "them split differently (re-placed on every call)")
-         + "; the attention layout follows the batch")
-    echo(f"{'bucket':<16}{'planner alone':<26}{'compiled':<26}{'seconds':>8}")
-    for c in compiled.values():
-        name = f"{c.phase} {c.batch}x{c.length}"
-        fb = f"  ({len(c.fallbacks)} replicated)" if c.fallbacks else ""
-        echo(f"{name:<16}{c.planned:<26}{c.compiled:<26}{c.seconds:>8.1f}{fb}")
+    layouts = engine.layout_plan
+    echo(layouts.explain_header())
+    echo(_compile_table(engine))
+    weights_once = weights_placed_once(engine)
     cache_note = f" (persistent XLA cache: {xla_cache})" if xla_cache else ""
-    echo(f"{len(compiled)} buckets compiled through mw.shard in {compile_s:.1f} s{cache_note}")
-    result["mesh"] = dict(pin["mesh"])
-    result["pinned"] = {"ffn": pin["ffn"], "mesh": dict(pin["mesh"]), "why": why}
-    result["weights_placed_once"] = served.weights_placed_once
+    echo(f"{len(engine.layouts)} buckets compiled through mw.shard in {compile_s:.1f} s"
+         f"{cache_note}; " + ("every bucket takes the weights as they were placed, so no "
+                              "bucket switch moves them" if weights_once else
+                              f"moved on every call of: {', '.join(engine.weights_moved)}"))
+    aside = layouts.set_aside_text()
+    if aside:
+        echo(aside)
+    result["mesh"] = dict(layouts.mesh)
+    result["layout_plan"] = {"hardware": layouts.hardware, "mesh": dict(layouts.mesh),
+                             "stored": layouts.stored_text, "reference": layouts.reference}
+    result["weights_placed_once"] = weights_once
     result["compile_s"] = compile_s
-    result["buckets"] = [{"phase": c.phase, "batch": c.batch, "length": c.length,
-                          "planned": c.planned, "compiled": c.compiled,
-                          "compile_s": round(c.seconds, 3),
-                          "replicated_fallbacks": len(c.fallbacks)}
-                         for c in compiled.values()]
+    result["buckets"] = [
+        {**c, "compile_s": round(engine._steps[(c["phase"], _bucket(c))].seconds, 3),
+         "replicated_fallbacks": len(engine._steps[(c["phase"], _bucket(c))].record.fallbacks)}
+        for c in layouts.to_dict()]
 
     # ---- 4. stream -----------------------------------------------------------------------
     completions: list[dict] = []
@@ -567,7 +496,6 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     echo(f"{len(burst)} requests, Poisson arrivals at {options.rate:g}/s, prompts = the "
          f"first words of held-out verses, up to {lo}-{hi} tokens each"
          + (", stop at end of verse" if dm.stop_tokens else ""))
-    echo("(served once untimed with 4 tokens per request first, to warm up)")
     reports, results = compare_policies(engine, burst, progress=options.progress)
     result["samples"] = [{"prompt": dm.decode(r.prompt), "completion": dm.decode(r.tokens)}
                          for r in results["fused"][:3]]
@@ -580,6 +508,9 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
         "throughput": _ratio(fused["throughput_tokens_per_s"], static["throughput_tokens_per_s"]),
         "latency_p50": _ratio(static["latency_s"]["p50"], fused["latency_s"]["p50"]),
         "latency_p99": _ratio(static["latency_s"]["p99"], fused["latency_s"]["p99"])}
+    echo(f"layouts in the fused run: {_layouts_ran_text(fused['layouts_ran'])}; "
+         f"{fused['layout_switches']} layout switches over {fused['decode_steps']} decode "
+         "steps")
     echo(f"fused vs static: {speedup['throughput']:.2f}x throughput, "
          f"{speedup['latency_p50']:.2f}x lower p50 latency, "
          f"{speedup['latency_p99']:.2f}x lower p99 latency")
@@ -594,6 +525,49 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
 
 # ---------------------------------------------------------------------------------------------
 # Formatting
+
+
+def weights_placed_once(engine) -> bool:
+    """Every compiled step takes the engine's weights exactly as they were placed."""
+    import jax
+
+    params = jax.tree.leaves(engine.params)
+    for step in engine._steps.values():
+        wanted = jax.tree.leaves(step.in_shardings[0])
+        if len(wanted) != len(params) or not all(
+                x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(params, wanted)):
+            return False
+    return not engine.weights_moved
+
+
+def _bucket(c: dict):
+    from meshwright.runtime.engine import Bucket
+
+    return Bucket(c["batch"], c["length"])
+
+
+def _compile_table(engine) -> str:
+    plan = engine.layout_plan
+    head = (f"{'bucket':<16}{'runs':<14}{'planner, free':<22}{'predicted ms':>13}"
+            f"{'compile s':>11}  why")
+    lines = [head, "-" * len(head)]
+    for key, c in plan.choices.items():
+        step = engine._steps[key]
+        lines.append(f"{c.phase + ' ' + str(c.batch) + 'x' + str(c.length):<16}{c.name:<14}"
+                     f"{c.free:<22}{c.predicted_s * 1e3:>13.4g}{step.seconds:>11.1f}  {c.why}")
+    return "\n".join(lines)
+
+
+def _layouts_ran_text(ran: dict) -> str:
+    by_layout: dict[str, list] = {}
+    for key, r in ran.items():
+        phase, shape = key.split(":")
+        if phase == "decode" and r["steps"]:
+            by_layout.setdefault(r["layout"], []).append((int(shape.split("x")[0]),
+                                                          r["steps"]))
+    return ", ".join(f"{layout} {sum(n for _, n in rows)} steps (rows "
+                     f"{'/'.join(str(b) for b, _ in rows)})"
+                     for layout, rows in by_layout.items()) or "none"
 
 
 def _section(title: str) -> str:

@@ -14,7 +14,7 @@ place (`compile_fn`):
     decode_step(bucket rows)               # every live request, at its own position
     scheduler.update(out, sampled, now)    # finished requests leave and are delivered
 
-The seam for the sharded compiler (`mw.shard`, written later):
+The seam for the sharded compiler (`mw.shard`; `runtime/layouts.py` builds an engine on it):
 
 - `compile_fn(phase, bucket) -> callable` is called once per (phase, bucket) at start-up.
   `bucket` is a `Bucket(batch, length)`: decode buckets are (1, 2, 4, ..., max_slots) rows
@@ -23,9 +23,18 @@ The seam for the sharded compiler (`mw.shard`, written later):
   prefill(params, tokens (1, length), cache) and decode_step(params, tokens (batch,), cache,
   positions (batch,)), with cache {"k", "v"} (n_layers, batch, max_len, kv_heads, d_head),
   and returns (logits, cache); the engine donates the cache it passes. The default is
-  `jax.jit(model.fn(phase), donate_argnums=2)`, compiled ahead of time.
-- `planner_fn(phase, bucket) -> str` names the layout of each compiled bucket (default:
-  "replicated"); the engine counts how often consecutive decode steps change layout
+  `jax.jit(model.fn(phase), donate_argnums=2)`, compiled ahead of time. A callable with an
+  `in_shardings` attribute (the argument tree of the shardings it takes, e.g.
+  `layouts.CompiledStep`) tells the engine where to put things: the weights are placed once
+  with the first such step's weight shardings (a step that wants them split otherwise is
+  listed in `engine.weights_moved`: its calls move them), the KV cache at each capacity
+  takes that decode bucket's cache sharding, a prefill's fresh cache its bucket's, and the
+  helpers around the steps (sampling, KV writes, moves, resizes) are compiled at start-up on
+  the steps' real outputs, so nothing compiles on first use. Its `layout` and `why`
+  attributes name the bucket's layout when there is no `planner_fn`.
+- `planner_fn(phase, bucket) -> str` names the layout of each compiled bucket (default: the
+  step's `layout`, else "replicated"); the engine counts how often consecutive decode steps
+  change layout
   (`stats.layout_switches`). Weights are placed once (`params` as given, replicated over
   `mesh` if one is given), never moved on a bucket switch.
 - `cache_sharding`: None, a `jax.sharding.Sharding`, or capacity -> Sharding (see
@@ -195,6 +204,7 @@ class EngineStats:
     tokens: int = 0  # tokens produced
     buckets_used: Counter = field(default_factory=Counter)  # decode bucket -> steps
     layout_switches: int = 0  # consecutive decode steps with different layouts
+    runs: Counter = field(default_factory=Counter)  # (phase, Bucket) -> calls of its step
     seconds: Counter = field(default_factory=Counter)  # wall time per part of the iteration
 
 
@@ -271,8 +281,18 @@ class Engine:
         self.clock = make_clock(clock)
         self.stats = EngineStats()
         self._steps: dict[tuple[str, Bucket], Callable] = {}
-        self._zero_cache_fn = None
-        self.layouts: dict[tuple[str, Bucket], str] = {}
+        self._zero_cache_fns: dict[Any, Callable] = {}  # sharding -> jitted zero 1-slot cache
+        self.layouts: dict[tuple[str, Bucket], str] = {}  # (phase, bucket) -> layout name
+        self.layout_why: dict[tuple[str, Bucket], str] = {}  # and why (the step's `why`)
+        self.layout_plan = None  # the EngineLayouts, when built by layouts.sharded_engine
+        self.weights_moved: list[str] = []  # buckets whose steps take the weights split
+        #                                     otherwise than placed (moved on every call)
+        self._weight_shardings = None  # how the weights were placed (from a step)
+        self._cache_shardings: dict[int, Any] = {}  # capacity -> a decode step's KV sharding
+        self._prefill_shardings: dict[int, Any] = {}  # prompt length -> its cache sharding
+        self._prefill_outputs: dict[Any, dict] = {}  # (sharding, shape) -> a prefill's
+        #                                               output cache, to warm the KV writes on
+        self._user_cache_sharding = cache_sharding
         self._last_layout: str | None = None
         self._handles: dict[int, RequestHandle] = {}
         self._done: list[Result] = []
@@ -322,6 +342,7 @@ class Engine:
             if bar is not None:
                 bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
             self._step_fn(phase, bucket)
+        self._warm_kv()
         self.stats.seconds["compile"] += time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -331,23 +352,52 @@ class Engine:
         fn = self._steps.get(key)
         if fn is None:
             fn = self.compile_fn(phase, bucket)
+            shardings = getattr(fn, "in_shardings", None)
+            if shardings is not None:
+                self._adopt_shardings(phase, bucket, shardings)
             args = self._example_args(phase, bucket)
             if hasattr(fn, "lower"):  # jax.jit-like: compile ahead of time
                 fn.lower(*args).compile()
-            # One call on zeros: compiles any other callable (e.g. mw.shard), and fills jit's
-            # dispatch cache (a first call takes ~15 ms more than the next ones).
-            jax.block_until_ready(fn(*_zeros_like(args)))
-            self._warm_helpers(phase, bucket)
+            # One call on zeros placed as the step takes them: compiles any other callable,
+            # fills jit's dispatch cache (a first call takes ~15 ms more than the next ones),
+            # and gives the helpers real outputs to compile on.
+            outs = jax.block_until_ready(fn(*_zeros_like(args)))
+            self._warm_helpers(phase, bucket, outs)
             self._steps[key] = fn
             layout = self.planner_fn(phase, bucket) if self.planner_fn else None
-            self.layouts[key] = layout or "replicated"
+            self.layouts[key] = layout or getattr(fn, "layout", None) or "replicated"
+            self.layout_why[key] = getattr(fn, "why", "") or ""
         return fn
+
+    def _adopt_shardings(self, phase: str, bucket: Bucket, shardings: tuple) -> None:
+        """Place the weights (once) and the KV cache as a compiled step takes them."""
+        weights, cache = shardings[0], shardings[2]
+        if self._weight_shardings is None:
+            self.params = jax.device_put(self.params, weights)
+            self._weight_shardings = weights
+        elif not _same_shardings(self.params, weights):
+            self.weights_moved.append(f"{phase} {bucket.batch}x{bucket.length}")
+        if phase == "decode":
+            self._cache_shardings[bucket.batch] = cache["k"]
+            self.kv.set_sharding(self._kv_sharding)  # re-places the current arrays
+        else:
+            self._prefill_shardings[bucket.length] = cache["k"]
+
+    def _kv_sharding(self, capacity: int):
+        """The KV cache's sharding at `capacity` slots: the decode step's, once compiled
+        (before that, the `cache_sharding` given)."""
+        if capacity in self._cache_shardings:
+            return self._cache_shardings[capacity]
+        given = self._user_cache_sharding
+        if callable(given) and not isinstance(given, jax.sharding.Sharding):
+            return given(capacity)
+        return given
 
     def _example_args(self, phase: str, bucket: Bucket) -> tuple:
         cfg = self.config
         cache_shape = (cfg.n_layers, bucket.batch, self.max_len, cfg.n_kv_heads, cfg.d_head)
         sharding = (self.kv.sharding_for(bucket.batch) if phase == "decode"
-                    else self._prefill_cache_sharding())
+                    else self._prefill_cache_sharding(bucket.length))
         kv = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(cfg.dtype), sharding=sharding)
         cache = {"k": kv, "v": kv}
         if phase == "prefill":
@@ -355,35 +405,47 @@ class Engine:
         rows = jax.ShapeDtypeStruct((bucket.batch,), jnp.int32)
         return (self.params, rows, cache, rows)
 
-    def _warm_helpers(self, phase: str, bucket: Bucket) -> None:
-        """Compile what runs around a step at this shape: the greedy sampler, and for decode
-        buckets the cache's write/move/resize. (The full sampler -- temperature, top-k,
-        top-p -- compiles on first use: greedy-only serving never needs it.)"""
-        V = self.config.vocab_size
+    def _warm_helpers(self, phase: str, bucket: Bucket, outs) -> None:
+        """Compile what runs around a step, on the step's own outputs (so with the shardings
+        it returns): the greedy sampler, and a prefill's fresh cache. (The full sampler --
+        temperature, top-k, top-p -- compiles on first use: greedy-only serving never needs
+        it.) The KV writes, moves and resizes are compiled by `_warm_kv`."""
+        logits, cache = outs
         if phase == "decode":
-            greedy(jnp.zeros((bucket.batch, V), jnp.float32)).block_until_ready()
-            warm_up(self.kv, bucket.batch)
+            greedy(logits).block_until_ready()
         else:
-            greedy_at(jnp.zeros((1, bucket.length, V), jnp.float32),
-                      np.zeros(1, np.int32)).block_until_ready()
-            jax.block_until_ready(self._zero_cache())
+            greedy_at(logits, np.zeros(1, np.int32)).block_until_ready()
+            jax.block_until_ready(self._zero_cache(bucket.length))
+            self._prefill_outputs.setdefault((cache["k"].sharding, cache["k"].shape), cache)
 
-    def _prefill_cache_sharding(self):
-        return self.kv.sharding_for(1)
+    def _warm_kv(self) -> None:
+        """Compile the cache's write (of every kind of prefill output), move and resizes at
+        every decode capacity, with the shardings the compiled steps take."""
+        news = list(self._prefill_outputs.values()) or [None]
+        for phase, bucket in self._steps:
+            if phase == "decode":
+                for new in news:
+                    warm_up(self.kv, bucket.batch, new=new)
 
-    def _zero_cache(self) -> dict[str, jax.Array]:
-        """A fresh zero one-slot cache for a prefill (one dispatch; the prefill donates it)."""
-        if self._zero_cache_fn is None:
+    def _prefill_cache_sharding(self, length: int):
+        return self._prefill_shardings.get(length, self.kv.sharding_for(1))
+
+    def _zero_cache(self, length: int) -> dict[str, jax.Array]:
+        """A fresh zero one-slot cache for a prefill at this prompt length (one dispatch; the
+        prefill donates it), placed as that prefill step takes it."""
+        sharding = self._prefill_cache_sharding(length)
+        fn = self._zero_cache_fns.get(sharding)
+        if fn is None:
             cfg = self.config
             shape = (cfg.n_layers, 1, self.max_len, cfg.n_kv_heads, cfg.d_head)
 
             def zeros():
                 return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
-            sharding = self._prefill_cache_sharding()
-            self._zero_cache_fn = (jax.jit(zeros) if sharding is None
-                                   else jax.jit(zeros, out_shardings=sharding))
-        return self._zero_cache_fn()
+            fn = (jax.jit(zeros) if sharding is None
+                  else jax.jit(zeros, out_shardings=sharding))
+            self._zero_cache_fns[sharding] = fn
+        return fn()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: Request, on_token: Callable[[int, int], None] | None = None, *,
@@ -503,8 +565,10 @@ class Engine:
         length = next(n for n in self.prefill_lengths if n >= T)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :T] = p.prompt
-        fn = self._step_fn("prefill", Bucket(1, length))
-        logits, cache = fn(self.params, tokens, self._zero_cache())  # (1, length, V)
+        bucket = Bucket(1, length)
+        fn = self._step_fn("prefill", bucket)
+        logits, cache = fn(self.params, tokens, self._zero_cache(length))  # (1, length, V)
+        self.stats.runs[("prefill", bucket)] += 1
         self.kv.update(p.slot, 0, cache["k"], cache["v"])
         request = self.scheduler.get(p.request_id).request
         return int(sample_tokens(logits, [request.sampling], [0], last=[T - 1])[0])
@@ -526,6 +590,7 @@ class Engine:
         tokens = sample_tokens(logits, params, indices)
         self.stats.decode_steps += 1
         self.stats.buckets_used[out.bucket] += 1
+        self.stats.runs[("decode", bucket)] += 1
         return {rid: int(tokens[slot]) for slot, rid in zip(out.decode_slots, out.decode_ids)}
 
     # ---- replay a workload ------------------------------------------------------------------
@@ -584,6 +649,14 @@ class ServeReport:
 
     results: list[Result]  # one per submitted request, in submission order
     metrics: dict  # see workload.summarize
+
+
+def _same_shardings(tree, shardings) -> bool:
+    """Every array of `tree` is placed as `shardings` (a matching tree) says."""
+    leaves, wanted = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+    return len(leaves) == len(wanted) and all(
+        getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim)
+        for x, s in zip(leaves, wanted))
 
 
 def _zeros_like(args: tuple) -> tuple:

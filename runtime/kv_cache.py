@@ -1,7 +1,6 @@
 """The serving KV cache: K and V of every layer for a set of slots, one sequence per slot.
 
     >>> import jax.numpy as jnp
-import numpy as np
     >>> kv = KVCache(n_layers=2, max_slots=8, max_len=16, n_kv_heads=1, d_head=4)
     >>> kv.resize(4)                      # keep slots 0..3 on device: the bucket of 4 rows
     >>> kv.update(slot=2, pos=0, k=jnp.ones((2, 3, 1, 4)), v=jnp.ones((2, 3, 1, 4)))
@@ -38,8 +37,7 @@ from meshwright.runtime.scheduler import bucket_for, bucket_sizes
 ShardingSpec = Sharding | Callable[[int], Sharding | None] | None
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write(cache: dict, new: dict, slot: jax.Array, pos: jax.Array) -> dict:
+def _write_impl(cache: dict, new: dict, slot: jax.Array, pos: jax.Array) -> dict:
     """cache[name][:, slot, pos:pos+T] = new[name] for (L, T, K, D) or (L, 1, T, K, D) values."""
     out = {}
     for name, c in cache.items():
@@ -50,18 +48,15 @@ def _write(cache: dict, new: dict, slot: jax.Array, pos: jax.Array) -> dict:
     return out
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _move(cache: dict, src: jax.Array, dst: jax.Array) -> dict:
+def _move_impl(cache: dict, src: jax.Array, dst: jax.Array) -> dict:
     """cache[name][:, dst] = cache[name][:, src]."""
     return {name: jax.lax.dynamic_update_slice_in_dim(
         c, jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1), dst, axis=1)
         for name, c in cache.items()}
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _resize(cache: dict, capacity: int) -> dict:
-    """Keep slots [0, capacity) (shrink) or append zero slots (grow). Not donated: the shapes
-    differ, so XLA could not reuse the old buffers anyway; they are freed after the copy."""
+def _resize_impl(cache: dict, capacity: int) -> dict:
+    """Keep slots [0, capacity) (shrink) or append zero slots (grow)."""
     out = {}
     for name, c in cache.items():
         if capacity <= c.shape[1]:
@@ -71,6 +66,31 @@ def _resize(cache: dict, capacity: int) -> dict:
             pad[1] = (0, capacity - c.shape[1])
             out[name] = jnp.pad(c, pad)
     return out
+
+
+@functools.cache
+def _jitted(kind: str, sharding: Sharding | None, capacity: int = 0) -> Callable:
+    """The jitted write / move (donated: in place) or resize (to `capacity`; not donated,
+    the shapes differ) whose output has `sharding` (None: wherever XLA puts it), so the
+    cache stays placed as the next model step takes it, without a reshard."""
+    out = {} if sharding is None else {"out_shardings": sharding}
+    if kind == "write":
+        return jax.jit(_write_impl, donate_argnums=(0,), **out)
+    if kind == "move":
+        return jax.jit(_move_impl, donate_argnums=(0,), **out)
+    return jax.jit(functools.partial(_resize_impl, capacity=capacity), **out)
+
+
+def _write(cache: dict, new: dict, slot, pos, sharding: Sharding | None = None) -> dict:
+    return _jitted("write", sharding)(cache, new, slot, pos)
+
+
+def _move(cache: dict, src, dst, sharding: Sharding | None = None) -> dict:
+    return _jitted("move", sharding)(cache, src, dst)
+
+
+def _resize(cache: dict, capacity: int, sharding: Sharding | None = None) -> dict:
+    return _jitted("resize", sharding, capacity)(cache)
 
 
 def batch_sharding(mesh: Mesh, axis: str) -> Callable[[int], Sharding]:
@@ -85,21 +105,23 @@ def batch_sharding(mesh: Mesh, axis: str) -> Callable[[int], Sharding]:
     return sharding
 
 
-def warm_up(kv: KVCache, capacity: int) -> None:
+def warm_up(kv: KVCache, capacity: int, new: dict | None = None) -> None:
     """Compile and run once the write/move at `capacity` slots and the resizes from it to every
-    other bucket, on scratch arrays (`kv` is untouched), so nothing compiles while serving."""
-    sharding = kv.sharding_for(capacity)
-
+    other bucket, on scratch arrays (`kv` is untouched), so nothing compiles while serving.
+    `new`: K/V to write, placed as the prefill step returns them (default: one zero slot)."""
     def zeros(slots):
         z = jnp.zeros((kv.n_layers, slots, kv.max_len, kv.n_kv_heads, kv.d_head), kv.dtype)
-        return z if sharding is None or slots != capacity else jax.device_put(z, sharding)
+        sharding = kv.sharding_for(slots)
+        return z if sharding is None else jax.device_put(z, sharding)
 
+    sharding = kv.sharding_for(capacity)
     cache = {"k": zeros(capacity), "v": zeros(capacity)}
-    cache = _write(cache, {"k": zeros(1), "v": zeros(1)}, np.int32(0), np.int32(0))
-    cache = _move(cache, np.int32(0), np.int32(0))
+    cache = _write(cache, new if new is not None else {"k": zeros(1), "v": zeros(1)},
+                   np.int32(0), np.int32(0), sharding)
+    cache = _move(cache, np.int32(0), np.int32(0), sharding)
     for other in kv.buckets:
         if other != capacity:
-            jax.block_until_ready(_resize(cache, other))
+            jax.block_until_ready(_resize(cache, other, kv.sharding_for(other)))
     jax.block_until_ready(cache)
 
 
@@ -172,21 +194,29 @@ class KVCache:
         T = k.shape[-3]
         if not 0 <= pos <= self.max_len - T:
             raise ValueError(f"positions {pos}..{pos + T - 1} outside max_len={self.max_len}")
-        self._cache = _write(self._cache, {"k": k, "v": v}, np.int32(slot), np.int32(pos))
+        self._cache = _write(self._cache, {"k": k, "v": v}, np.int32(slot), np.int32(pos),
+                             self.sharding_for(self.capacity))
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` onto slot `dst` (the memory shuffle); `src` keeps stale data."""
         self._check_slot(src)
         self._check_slot(dst)
         if src != dst:
-            self._cache = _move(self._cache, np.int32(src), np.int32(dst))
+            self._cache = _move(self._cache, np.int32(src), np.int32(dst),
+                                self.sharding_for(self.capacity))
 
     def resize(self, capacity: int) -> None:
         """Keep `capacity` slots on device: slots >= capacity are dropped (they must be free),
         new slots are zero. No-op when unchanged."""
         self._check_capacity(capacity)
         if capacity != self.capacity:
-            self._cache = self._place(_resize(self._cache, capacity))
+            self._cache = _resize(self._cache, capacity, self.sharding_for(capacity))
+
+    def set_sharding(self, sharding: ShardingSpec) -> None:
+        """Change how the arrays are placed (a Sharding, capacity -> Sharding, or None) and
+        re-place the current ones accordingly."""
+        self.sharding = sharding
+        self._cache = self._place(self._cache)
 
     def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
         """K and V of one slot, (n_layers, max_len, K, D) each (for tests and debugging)."""

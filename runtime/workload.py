@@ -148,4 +148,8 @@ def summarize(results: Sequence[Result], *, policy: str, elapsed_s: float, stats
     if layouts is not None:
         out["layouts"] = {f"{phase}:{b.batch}x{b.length}": layout
                           for (phase, b), layout in layouts.items()}
+        if stats is not None:  # which layout ran how often: {bucket: {"layout", "steps"}}
+            out["layouts_ran"] = {f"{phase}:{b.batch}x{b.length}": {
+                "layout": layout, "steps": stats.runs.get((phase, b), 0)}
+                for (phase, b), layout in layouts.items()}
     return out

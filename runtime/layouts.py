@@ -1,0 +1,388 @@
+"""Layouts that follow the batch: every engine bucket compiled through `mw.shard` in the layout
+the planner picks for it, on one mesh, with the weights placed once.
+
+    >>> from meshwright.runtime.layouts import sharded_engine
+    >>> engine = sharded_engine(model, params, jax.devices()[:8], hardware="cpu",
+    ...                         max_slots=8, max_len=64)                  # doctest: +SKIP
+    >>> print(engine.layout_plan.table())                                 # doctest: +SKIP
+
+The rule (Pope et al. keep one stored weight layout so that prefill and decode can switch
+layouts without moving weights; DESIGN.md section 5):
+
+1. Plan every (phase, bucket) freely: the analytical planner over every mesh factorisation,
+   FFN layout and attention layout (`plan_config`).
+2. Fix the engine's mesh and stored weight layout from the free choice at the *reference
+   bucket*, the largest decode bucket (the batch the engine runs under load). If some bucket
+   has no layout that shares those weights (a weight-gathered layout splits the batch and
+   cannot run batch 1), take the reference bucket's next candidate that every bucket can
+   share, and say so.
+3. Every bucket then runs the cheapest candidate *on that mesh* whose stored weights are
+   those placed: the same role -> mesh axes map for every weight (`Layout.stored`, with axes
+   of size 1 dropped, which is exactly what `spec_for` sees). Candidates that would store a
+   weight differently are set aside with the weight and split named, e.g. "vocab over (z, y)
+   instead of (x, z, y)".
+
+With today's lowering the embedding table's split differs between every two FFN layouts that
+are not the same program (ws-2d stores V_xzy, wg-x V_zy, wg-xy V_z, wg-xyz V), and ws-1d
+stores the layer weights as E F_xyz: on one mesh only the attention layout (heads or batch)
+can change between buckets without moving a weight. `EngineLayouts.explain()` lists what was
+set aside per bucket and why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+AXES = ("x", "y", "z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def stored_weights(ffn: str, mesh: dict) -> tuple:
+    """How `ffn` stores the weights on `mesh`: sorted (role, axes) pairs, axes of size 1
+    dropped (they split nothing). Equal keys give equal weight shardings."""
+    from meshwright.passes.sharding import make_layout
+
+    stored = make_layout(ffn, "heads").stored
+    return tuple(sorted((role, tuple(a for a in axes if mesh.get(a, 1) > 1))
+                        for role, axes in stored.items()))
+
+
+def describe_stored(key: tuple) -> str:
+    """'embed (x), heads (z, y), ...' for a `stored_weights` key."""
+    return ", ".join(f"{role} over ({', '.join(axes)})" if axes else f"{role} whole"
+                     for role, axes in key)
+
+
+def _difference(key: tuple, placed: tuple) -> str:
+    """'heads, mlp over (z, y) not (x, y, z); vocab over (z) not (x, y, z)'."""
+    mine, theirs = dict(key), dict(placed)
+    groups: dict[tuple, list[str]] = {}
+    for role in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(role, ()), theirs.get(role, ())
+        if a != b:
+            groups.setdefault((a, b), []).append(role)
+    return "; ".join(f"{', '.join(roles)} over ({', '.join(a) or 'nothing'}) not "
+                     f"({', '.join(b) or 'nothing'})" for (a, b), roles in groups.items())
+
+
+def _mesh_text(mesh: dict) -> str:
+    return "x".join(str(mesh[a]) for a in AXES)
+
+
+@dataclass
+class LayoutChoice:
+    """What one (phase, bucket) runs, and why."""
+
+    phase: str
+    batch: int  # rows
+    length: int  # decode: KV length; prefill: padded prompt length
+    ffn: str  # FFN layout compiled
+    attention: str  # attention layout compiled
+    mesh: dict  # the engine's mesh {"x", "y", "z"}
+    predicted_s: float  # the planner's step time for it
+    free: str  # the planner's own choice over every mesh: "ffn/attention XxYxZ"
+    free_s: float  # its predicted step time
+    runner_up: str | None  # the next sharing candidate, "ffn/attention (+x%)"
+    set_aside: list[str] = field(default_factory=list)  # cheaper candidates on this mesh that
+    #                                                      store weights differently, and how
+
+    @property
+    def name(self) -> str:
+        """'ffn/attention' (the engine's layout label)."""
+        return f"{self.ffn}/{self.attention}"
+
+    @property
+    def why(self) -> str:
+        """One sentence: the planner's free choice, or why another layout runs."""
+        here = f"{self.name} {_mesh_text(self.mesh)}"
+        slower = 100 * (self.predicted_s / self.free_s - 1)
+        if self.free == here:
+            head = "the planner's own choice"
+        elif self.free.split(" ")[0] == self.name:
+            head = (f"the planner's layout, on the engine's mesh (free: {self.free}, "
+                    f"{slower:+.1f}% predicted)")
+        else:
+            head = (f"free choice {self.free} stores weights differently; best layout "
+                    f"sharing them ({slower:+.1f}% predicted)")
+        if self.runner_up:
+            head += f"; next: {self.runner_up}"
+        return head
+
+
+@dataclass
+class EngineLayouts:
+    """The engine's mesh, its stored weight layout, and every bucket's layout."""
+
+    hardware: str
+    chips: int
+    mesh: dict  # {"x", "y", "z"}
+    stored: tuple  # stored_weights key of the placed weights
+    reference: str  # how the mesh and stored layout were chosen
+    choices: dict  # (phase, Bucket) -> LayoutChoice
+
+    def choice(self, phase: str, bucket) -> LayoutChoice:
+        return self.choices[(phase, bucket)]
+
+    def table(self, steps: dict | None = None) -> str:
+        """One line per bucket: the layout that runs, the free choice, the predicted step, and
+        (given {(phase, bucket): count}) how many steps ran it."""
+        head = (f"{'bucket':<16}{'runs':<14}{'planner, free':<22}{'predicted ms':>13}"
+                + (f"{'steps':>8}" if steps is not None else "") + "  why")
+        lines = [head, "-" * len(head)]
+        for (phase, bucket), c in self.choices.items():
+            n = f"{steps.get((phase, bucket), 0):>8}" if steps is not None else ""
+            lines.append(f"{phase + ' ' + str(c.batch) + 'x' + str(c.length):<16}"
+                         f"{c.name:<14}{c.free:<22}{c.predicted_s * 1e3:>13.4g}{n}  {c.why}")
+        return "\n".join(lines)
+
+    @property
+    def stored_text(self) -> str:
+        return describe_stored(self.stored)
+
+    def explain_header(self) -> str:
+        """Mesh, how the weights are placed, and how that was chosen."""
+        return (f"mesh {_mesh_text(self.mesh)} on {self.chips} x {self.hardware}; weights "
+                f"placed once: {self.stored_text}\n{self.reference}")
+
+    def set_aside_text(self) -> str:
+        """The cheaper candidates each bucket set aside because they store weights
+        otherwise ('' when none)."""
+        aside = [c for c in self.choices.values() if c.set_aside]
+        if not aside:
+            return ""
+        lines = [("set aside because they store weights differently (a bucket switch would "
+                  "move them):")]
+        for c in aside:
+            lines.append(f"  {c.phase} {c.batch}x{c.length}: " + " | ".join(c.set_aside))
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        """The table, and what was set aside per bucket because it stores weights otherwise."""
+        aside = self.set_aside_text()
+        return "\n".join([self.explain_header(), "", self.table()]
+                         + (["", aside] if aside else []))
+
+    def to_dict(self) -> list[dict]:
+        return [{"phase": c.phase, "batch": c.batch, "length": c.length, "layout": c.name,
+                 "mesh": dict(c.mesh), "predicted_s": c.predicted_s, "free": c.free,
+                 "free_s": c.free_s, "why": c.why, "set_aside": list(c.set_aside)}
+                for c in self.choices.values()]
+
+
+def _context(phase: str, bucket) -> int:
+    return bucket.length  # decode: KV length; prefill: the padded prompt
+
+
+def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu",
+                 weights: str = "fp32", mesh: dict | None = None) -> EngineLayouts:
+    """Choose the engine's mesh and stored weight layout, then each bucket's layout (see the
+    module docstring). `buckets` are (phase, Bucket) pairs; `mesh` pins the factorisation
+    (the stored layout is then the reference bucket's best on it)."""
+    from meshwright.passes.cost_model import Workload
+    from meshwright.passes.hardware import get_hardware
+    from meshwright.passes.planner import evaluate_all, plan_config
+
+    buckets = list(buckets)
+    hw = get_hardware(hardware)
+    free, cands = {}, {}
+    for phase, bucket in buckets:
+        free[(phase, bucket)] = plan_config(config, hardware=hw, chips=chips,
+                                            batch=bucket.batch, context=_context(phase, bucket),
+                                            phase=phase, weights=weights)
+        ok, _ = evaluate_all(config, hw, chips, Workload(bucket.batch, _context(phase, bucket),
+                                                         phase, weights))
+        cands[(phase, bucket)] = [c for c in ok if c.fits]
+    decode = [(p, b) for p, b in buckets if p == "decode"]
+    ref = max(decode or buckets, key=lambda k: (k[0] == "decode", k[1].batch, k[1].length))
+
+    def family(c) -> tuple[dict, tuple]:
+        m = c.mesh.to_dict()
+        return m, stored_weights(c.ffn_layout, m)
+
+    def sharing(key, m, stored):
+        return [c for c in cands[key] if c.mesh.to_dict() == m
+                and stored_weights(c.ffn_layout, m) == stored]
+
+    ref_cands = cands[ref] if mesh is None else [c for c in cands[ref]
+                                                 if c.mesh.to_dict() == mesh]
+    if not ref_cands:
+        raise ValueError(f"no layout of {config.name} fits {chips} x {hw.name}"
+                         + (f" on mesh {_mesh_text(mesh)}" if mesh else ""))
+    best_ref = ref_cands[0]
+    chosen, skipped = None, []
+    for c in ref_cands:
+        m, stored = family(c)
+        missing = [k for k in buckets if not sharing(k, m, stored)]
+        if not missing:
+            chosen = c
+            break
+        if len(skipped) < 3:
+            skipped.append(f"{c.ffn_layout}/{c.attention_layout} {_mesh_text(m)} cannot run "
+                           f"{missing[0][0]} {missing[0][1].batch}x{missing[0][1].length}")
+    if chosen is None:
+        raise ValueError(f"no stored weight layout of {config.name} on {chips} x {hw.name} "
+                         "serves every bucket: " + "; ".join(skipped))
+    m, stored = family(chosen)
+    ref_name = f"{ref[0]} {ref[1].batch}x{ref[1].length}"
+    if chosen is best_ref:
+        reference = (f"mesh and stored layout: the planner's choice at the reference bucket "
+                     f"{ref_name} ({chosen.ffn_layout}/{chosen.attention_layout})")
+    else:
+        reference = (f"mesh and stored layout: {chosen.ffn_layout}/{chosen.attention_layout} "
+                     f"{_mesh_text(m)}, the cheapest candidate at the reference bucket "
+                     f"{ref_name} whose stored weights every bucket can run with "
+                     f"({'; '.join(skipped)})")
+    if mesh is not None:
+        reference += f"; mesh pinned to {_mesh_text(mesh)} by the caller"
+    choices = {}
+    for key in buckets:
+        phase, bucket = key
+        share = sharing(key, m, stored)
+        best = share[0]
+        f = free[key].best
+        aside = []
+        for c in cands[key]:
+            if c.step_s >= best.step_s:
+                break
+            if c.mesh.to_dict() == m and (c.ffn_layout, c.attention_layout) not in {
+                    tuple(a.split(" ")[0].split("/")) for a in aside}:
+                aside.append(f"{c.ffn_layout}/{c.attention_layout} "
+                             f"({100 * (c.step_s / best.step_s - 1):+.1f}%) stores "
+                             + _difference(stored_weights(c.ffn_layout, m), stored))
+        nxt = share[1] if len(share) > 1 else None
+        choices[key] = LayoutChoice(
+            phase, bucket.batch, bucket.length, best.ffn_layout, best.attention_layout, m,
+            best.step_s, f"{f.ffn_layout}/{f.attention_layout} {_mesh_text(f.mesh.to_dict())}",
+            f.step_s,
+            None if nxt is None else f"{nxt.ffn_layout}/{nxt.attention_layout} "
+            f"({100 * (nxt.step_s / best.step_s - 1):+.1f}%)", aside)
+    return EngineLayouts(hw.name, chips, m, stored, reference, choices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling: one mw.shard program per bucket, handed to the engine with its shardings
+
+
+class CompiledStep:
+    """One bucket's program, as the engine's `compile_fn` returns it.
+
+    Called like the model's step (`prefill(params, tokens, cache)`, `decode_step(params,
+    tokens, cache, positions)`) -> (logits, cache). `in_shardings` is the argument tree of
+    the shardings the program takes (the engine places the weights and the KV cache with them
+    once; a differently placed argument is moved on every call, which the engine reports);
+    `out_shardings` the same for the outputs. `layout` and `why` name the layout for the
+    engine's per-bucket table.
+    """
+
+    def __init__(self, compiled, layout: str, why: str = "", seconds: float = 0.0) -> None:
+        import jax
+        from jax.sharding import NamedSharding
+
+        self.record = compiled  # passes.compiler.Compiled
+        self.layout = layout
+        self.why = why
+        self.seconds = seconds  # mw.shard: trace, passes, lower, XLA compile
+        mesh = compiled.jax_mesh
+        self._in = [NamedSharding(mesh, s.partition_spec()) for s in compiled.in_specs]
+        self._out = [NamedSharding(mesh, s.partition_spec()) for s in compiled.out_specs]
+        self._in_tree = None
+        self._out_tree = compiled.graph.out_tree
+        self._call = compiled.compiled
+        self._jax = jax
+
+    def bind(self, example_args: tuple) -> CompiledStep:
+        """Remember the argument tree (the engine's args at this bucket)."""
+        self._in_tree = self._jax.tree_util.tree_structure((tuple(example_args), {}))
+        return self
+
+    @property
+    def in_shardings(self) -> tuple:
+        args, _ = self._jax.tree_util.tree_unflatten(self._in_tree, self._in)
+        return args
+
+    @property
+    def out_shardings(self):
+        return self._jax.tree_util.tree_unflatten(self._out_tree, self._out)
+
+    def __call__(self, *args):
+        flat = self._jax.tree_util.tree_leaves((args, {}))
+        placed = [x if getattr(x, "sharding", s) == s else self._jax.device_put(x, s)
+                  for x, s in zip(flat, self._in)]
+        return self._jax.tree_util.tree_unflatten(self._out_tree, self._call(*placed))
+
+
+class ShardedCompiler:
+    """The engine's `compile_fn`: `mw.shard` each (phase, bucket) with the layout
+    `plan_layouts` chose for it, forced on the engine's mesh."""
+
+    def __init__(self, model, params: dict, devices: Sequence, layouts: EngineLayouts,
+                 max_len: int, hardware: str = "cpu") -> None:
+        self.model, self.params, self.devices = model, params, list(devices)
+        self.layouts, self.max_len, self.hardware = layouts, max_len, hardware
+
+    def __call__(self, phase: str, bucket) -> CompiledStep:
+        from meshwright.passes.compiler import make_mesh
+
+        import meshwright as mw
+
+        c = self.layouts.choice(phase, bucket)
+        mesh = make_mesh(c.mesh, self.devices)
+        step = mw.shard(self.model.fn(phase), mesh=mesh, phase=phase, hardware=self.hardware,
+                        force={"ffn": c.ffn, "attention": c.attention, "mesh": c.mesh})
+        args = example_args(self.model.config, self.params, phase, bucket.batch,
+                            bucket.length, self.max_len)
+        t0 = time.perf_counter()
+        compiled = step.compiled(*args)
+        seconds = time.perf_counter() - t0
+        if (compiled.ffn_layout, compiled.attention_layout) != (c.ffn, c.attention):
+            raise RuntimeError(f"mw.shard compiled {compiled.ffn_layout}/"
+                               f"{compiled.attention_layout}, the plan said {c.name}")
+        return CompiledStep(compiled, c.name, c.why, seconds).bind(args)
+
+
+def example_args(config, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
+    """Zero arguments (and the real weights) of the engine's step at one bucket (what `compile_fn` serves)."""
+    import jax.numpy as jnp
+
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
+    cache = {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+    if phase == "prefill":
+        return params, jnp.zeros((1, length), jnp.int32), cache
+    rows = jnp.zeros((batch,), jnp.int32)
+    return params, rows, cache, rows
+
+
+def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "cpu",
+                   mesh: dict | None = None, max_slots: int = 8, max_len: int = 128,
+                   prefill_lengths: Sequence[int] | None = None, weights: str | None = None,
+                   progress: bool = False, **engine_kwargs):
+    """An `Engine` whose every bucket is `mw.shard`-compiled on a mesh of `devices` in the
+    layout `plan_layouts` picks for it (planned with the `hardware` profile). The weights are
+    placed once, the KV cache takes each decode bucket's cache sharding.
+    `engine.layout_plan` is the EngineLayouts; `engine.layouts_ran()` counts steps per
+    layout."""
+    from meshwright.models import Model, build
+    from meshwright.runtime.engine import Bucket, Engine, prefill_lengths_for
+    from meshwright.runtime.scheduler import bucket_sizes
+
+    model = model if isinstance(model, Model) else build(model)
+    cfg = model.config
+    lengths = tuple(sorted({n for n in (prefill_lengths or prefill_lengths_for(max_len))
+                            if n < max_len} | {max_len}))
+    buckets = ([("decode", Bucket(b, max_len)) for b in bucket_sizes(max_slots)]
+               + [("prefill", Bucket(1, n)) for n in lengths])
+    weights = weights or ("bf16" if cfg.dtype == "bfloat16" else "fp32")
+    plan = plan_layouts(cfg, buckets, chips=len(devices), hardware=hardware, weights=weights,
+                        mesh=mesh)
+    compile_fn: Callable = ShardedCompiler(model, params, devices, plan, max_len,
+                                           hardware=hardware)
+    engine = Engine(model, params, max_slots=max_slots, max_len=max_len,
+                    compile_fn=compile_fn, prefill_lengths=lengths, progress=progress,
+                    **engine_kwargs)
+    engine.layout_plan = plan
+    return engine
