@@ -529,15 +529,10 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
 
 def weights_placed_once(engine) -> bool:
     """Every compiled step takes the engine's weights exactly as they were placed."""
-    import jax
+    from meshwright.runtime.engine import _same_shardings
 
-    params = jax.tree.leaves(engine.params)
-    for step in engine._steps.values():
-        wanted = jax.tree.leaves(step.in_shardings[0])
-        if len(wanted) != len(params) or not all(
-                x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(params, wanted)):
-            return False
-    return not engine.weights_moved
+    return not engine.weights_moved and all(
+        _same_shardings(engine.params, step.in_shardings[0]) for step in engine._steps.values())
 
 
 def _bucket(c: dict):

@@ -373,7 +373,11 @@ class Engine:
         """Place the weights (once) and the KV cache as a compiled step takes them."""
         weights, cache = shardings[0], shardings[2]
         if self._weight_shardings is None:
-            self.params = jax.device_put(self.params, weights)
+            tree = jax.tree_util.tree_structure(self.params)
+            placed = [x if s is None else jax.device_put(x, s)  # None: the step converts it
+                      for x, s in zip(tree.flatten_up_to(self.params),
+                                      tree.flatten_up_to(weights))]
+            self.params = jax.tree_util.tree_unflatten(tree, placed)
             self._weight_shardings = weights
         elif not _same_shardings(self.params, weights):
             self.weights_moved.append(f"{phase} {bucket.batch}x{bucket.length}")
@@ -652,11 +656,12 @@ class ServeReport:
 
 
 def _same_shardings(tree, shardings) -> bool:
-    """Every array of `tree` is placed as `shardings` (a matching tree) says."""
-    leaves, wanted = jax.tree.leaves(tree), jax.tree.leaves(shardings)
-    return len(leaves) == len(wanted) and all(
-        getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim)
-        for x, s in zip(leaves, wanted))
+    """Every array of `tree` is placed as `shardings` (a matching tree; None: converted and
+    placed by the step itself, so not compared) says."""
+    treedef = jax.tree_util.tree_structure(tree)
+    return all(s is None or (getattr(x, "sharding", None) is not None
+                             and x.sharding.is_equivalent_to(s, x.ndim))
+               for x, s in zip(treedef.flatten_up_to(tree), treedef.flatten_up_to(shardings)))
 
 
 def _zeros_like(args: tuple) -> tuple:

@@ -274,12 +274,15 @@ class CompiledStep:
     Called like the model's step (`prefill(params, tokens, cache)`, `decode_step(params,
     tokens, cache, positions)`) -> (logits, cache). `in_shardings` is the argument tree of
     the shardings the program takes (the engine places the weights and the KV cache with them
-    once; a differently placed argument is moved on every call, which the engine reports);
-    `out_shardings` the same for the outputs. `layout` and `why` name the layout for the
+    once; a differently placed argument is moved on every call, which the engine reports).
+    An argument the program converts when it is placed (`Compiled.load_transforms`: an
+    interleaved fused weight, int8) has None there: `Compiled.place` converts and places it
+    once per array and keeps the result. `layout` and `why` name the layout for the
     engine's per-bucket table.
     """
 
-    def __init__(self, compiled, layout: str, why: str = "", seconds: float = 0.0) -> None:
+    def __init__(self, compiled, example_args: tuple, layout: str, why: str = "",
+                 seconds: float = 0.0) -> None:
         import jax
         from jax.sharding import NamedSharding
 
@@ -288,31 +291,36 @@ class CompiledStep:
         self.why = why
         self.seconds = seconds  # mw.shard: trace, passes, lower, XLA compile
         mesh = compiled.jax_mesh
-        self._in = [NamedSharding(mesh, s.partition_spec()) for s in compiled.in_specs]
-        self._out = [NamedSharding(mesh, s.partition_spec()) for s in compiled.out_specs]
-        self._in_tree = None
+        flat, self._in_tree = jax.tree_util.tree_flatten((tuple(example_args), {}))
+        self._transforms = getattr(compiled, "load_transforms", None) or {}
+        self._in, k = [], 0
+        for i, x in enumerate(flat):  # caller's argument i -> the program's argument k
+            steps = self._transforms.get(i)
+            if not steps:
+                self._in.append(NamedSharding(mesh, compiled.in_specs[k].partition_spec()))
+                k += 1
+                continue
+            self._in.append(None)
+            ys = [x]  # how many program arguments it becomes (int8: values and scales)
+            for step in steps:
+                ys = [z for y in ys for z in step(y)]
+            k += len(ys)
         self._out_tree = compiled.graph.out_tree
         self._call = compiled.compiled
         self._jax = jax
-
-    def bind(self, example_args: tuple) -> CompiledStep:
-        """Remember the argument tree (the engine's args at this bucket)."""
-        self._in_tree = self._jax.tree_util.tree_structure((tuple(example_args), {}))
-        return self
 
     @property
     def in_shardings(self) -> tuple:
         args, _ = self._jax.tree_util.tree_unflatten(self._in_tree, self._in)
         return args
 
-    @property
-    def out_shardings(self):
-        return self._jax.tree_util.tree_unflatten(self._out_tree, self._out)
-
     def __call__(self, *args):
         flat = self._jax.tree_util.tree_leaves((args, {}))
-        placed = [x if getattr(x, "sharding", s) == s else self._jax.device_put(x, s)
-                  for x, s in zip(flat, self._in)]
+        if self._transforms:
+            placed = self.record.place(flat)
+        else:
+            placed = [x if getattr(x, "sharding", s) == s else self._jax.device_put(x, s)
+                      for x, s in zip(flat, self._in)]
         return self._jax.tree_util.tree_unflatten(self._out_tree, self._call(*placed))
 
 
@@ -342,7 +350,7 @@ class ShardedCompiler:
         if (compiled.ffn_layout, compiled.attention_layout) != (c.ffn, c.attention):
             raise RuntimeError(f"mw.shard compiled {compiled.ffn_layout}/"
                                f"{compiled.attention_layout}, the plan said {c.name}")
-        return CompiledStep(compiled, c.name, c.why, seconds).bind(args)
+        return CompiledStep(compiled, args, c.name, c.why, seconds)
 
 
 def example_args(config, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
