@@ -157,6 +157,9 @@ def _meta_suffix(node: Node) -> str:
     note = node.meta.get("note")
     if note:
         parts.append(str(note))
+    looped = node.meta.get("collective_einsum")  # the collective-einsum pass's decision
+    if looped is not None:
+        parts.append(str(looped))
     collectives = node.meta.get("collectives")
     if collectives:
         parts.append("collectives: " + ", ".join(collectives))

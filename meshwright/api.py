@@ -104,7 +104,8 @@ def make_mesh(shape, devices=None):
 
 
 def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = None,
-          weights: str = "native", passes=None, force: dict | None = None):
+          weights: str = "native", passes=None, force: dict | None = None,
+          collective_einsum="auto"):
     """Compile a function for a device mesh and run it there; decorator or call form.
 
         >>> @mw.shard(mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}), force={"ffn": "ws-2d"})
@@ -112,8 +113,12 @@ def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = Non
         >>> logits, cache = step(params, tokens, cache, positions)
         >>> step.explain(params, tokens, cache, positions)   # why this layout; what ran replicated
         >>> step.report(params, tokens, cache, positions)    # predicted vs measured collective bytes
+
+    `collective_einsum`: "auto" (loop a matmul's all-gather / reduce-scatter as ppermute
+    steps where the hardware profile says the overlap pays; on the simulated CPU mesh it
+    never does), "on", "off", or a configured `CollectiveEinsum` pass.
     """
     from meshwright.passes.compiler import shard as _shard
 
     return _shard(fn, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
-                  passes=passes, force=force)
+                  passes=passes, force=force, collective_einsum=collective_einsum)

@@ -45,7 +45,19 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", action="store_true", help="layers as a scan (--set scan_layers=true)")
     p.add_argument("--after", metavar="PASS", default="trace",
                    help="show the graph after this pass: trace (default), infer-axes, "
-                        "find-blocks, plan, annotate, lower")
+                        "find-blocks, plan, annotate, collective-einsum, lower")
+    p.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"),
+                   help="compare the graph text after two passes (unified diff), e.g. "
+                        "--diff annotate collective-einsum")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="--diff in two columns instead of a unified diff")
+    p.add_argument("--width", type=int, default=200,
+                   help="--side-by-side: total width (default: %(default)s)")
+    p.add_argument("--collective-einsum", choices=("auto", "on", "off"), default="auto",
+                   help="looped collective einsums: auto (where the hardware profile says "
+                        "overlap pays), on, off (default: %(default)s)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile the lowering prices with (default: cpu)")
     p.add_argument("--mesh", default="2x2x2", metavar="XxYxZ",
                    help="mesh for --after annotate/lower (simulated CPU devices; "
                         "default: %(default)s)")
@@ -57,8 +69,8 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="print op counts, FLOPs and bytes")
 
 
-def _lowered_graph(cfg, args):
-    """The graph with every value's sharding, as mw.shard lowers it on the --mesh."""
+def _sharded_step(cfg, args):
+    """(the mw.shard step, its example arguments), as mw.shard lowers the model on --mesh."""
     import jax
 
     from meshwright import api
@@ -76,8 +88,9 @@ def _lowered_graph(cfg, args):
         force["attention"] = args.force_attention
     if "ffn" not in force or "attention" not in force:
         force = {k: v for k, v in force.items() if k != "mesh"}  # the planner picks the mesh
-    step = api.shard(model.fn(args.phase), mesh=mesh, force=force)
-    return step.graph(*xs, after="lower")
+    step = api.shard(model.fn(args.phase), mesh=mesh, force=force, hardware=args.hardware,
+                     collective_einsum=args.collective_einsum)
+    return step, xs
 
 
 @_command("inspect", "print the dataflow graph of a bundled model")
@@ -89,8 +102,22 @@ def _run_inspect(args) -> int:
     cfg = get_config(name).with_overrides(args.set)
     if args.scan:
         cfg = cfg.replace(scan_layers=True)
-    if args.after in ("annotate", "lower"):
-        graph = _lowered_graph(cfg, args)
+    if args.diff:
+        step, xs = _sharded_step(cfg, args)
+        text = step.diff(*xs, before=args.diff[0], after=args.diff[1],
+                         side_by_side=args.side_by_side, width=args.width)
+        if args.json:
+            _print_json({"model": cfg.name, "phase": args.phase, "diff": args.diff,
+                         "lines": text.splitlines()})
+        else:
+            print(text or f"(no difference between {args.diff[0]} and {args.diff[1]})")
+        return 0
+    text = None
+    if args.after in ("annotate", "collective-einsum", "lower"):
+        step, xs = _sharded_step(cfg, args)
+        graph = step.graph(*xs, after="lower")
+        if args.after != "lower" and not args.source:
+            text = step.graph_text(*xs, after=args.after)
     else:
         graph = api.trace_model(cfg, phase=args.phase, batch=args.batch, length=args.length)
         graph = api.run_passes_until(graph, args.after)
@@ -109,7 +136,7 @@ def _run_inspect(args) -> int:
             out["dot"] = args.dot
         _print_json(out)
         return 0
-    print(graph.format(source=args.source))
+    print(text or graph.format(source=args.source))
     if args.summary:
         print()
         print(graph.format_summary())

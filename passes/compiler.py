@@ -100,7 +100,9 @@ class ShardedFunction:
 
     def __init__(self, fn: Callable, mesh=None, phase: str = "auto", hardware: str | None = None,
                  weights: str = "native", passes: list | None = None,
-                 force: dict | None = None):
+                 force: dict | None = None, collective_einsum="auto"):
+        from meshwright.passes.collective_einsum import CollectiveEinsum
+
         if phase not in ("auto", "prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or 'auto', got {phase!r}")
         force = dict(force or {})
@@ -120,6 +122,10 @@ class ShardedFunction:
         self.weights = weights
         self.passes = passes
         self.force = force
+        # looped collective einsums: "auto" (where the hardware profile says overlap pays;
+        # never on the simulated CPU mesh), "on", "off", or a configured CollectiveEinsum pass
+        self.collective_einsum = collective_einsum if isinstance(
+            collective_einsum, CollectiveEinsum) else CollectiveEinsum(mode=collective_einsum)
         self._cache: dict[Any, Compiled] = {}
         functools.update_wrapper(self, fn)
 
@@ -176,6 +182,13 @@ class ShardedFunction:
         t0 = time.perf_counter()
         annotate(g, layout, mesh_info)
         timings["annotate"] = time.perf_counter() - t0
+        g.meta["pass_text"] = {"annotate": g.format()}  # for step.diff(); ~5 ms
+        from meshwright.passes.collective_einsum import collective_einsum
+
+        t0 = time.perf_counter()
+        collective_einsum(g, mesh_info, self.collective_einsum, self.hardware)
+        timings["collective-einsum"] = time.perf_counter() - t0
+        g.meta["pass_text"]["collective-einsum"] = g.format()
         in_specs, out_specs = g.meta["in_specs"], g.meta["out_specs"]
         result = Lowered()
         emitter = Emitter(mesh_info)
@@ -289,18 +302,41 @@ class ShardedFunction:
             lines += [f"  - {f}" for f in c.fallbacks]
         else:
             lines.append("nothing ran replicated")
+        if c.graph.meta.get("collective_einsum_note"):
+            lines.append(c.graph.meta["collective_einsum_note"])
+            lines += [f"  - {d}" for d in c.graph.meta.get("collective_einsum", [])]
         return "\n".join(lines)
 
     def graph(self, *args, after: str = "lower", **kwargs) -> Graph:
         """The graph after a named pass: trace, infer-axes, find-blocks, plan, annotate, lower."""
-        order = ["trace", "infer-axes", "find-blocks", "plan", "annotate", "lower"]
+        order = ["trace", "infer-axes", "find-blocks", "plan", "annotate", "collective-einsum",
+                 "lower"]
         if after not in order:
             raise ValueError(f"unknown pass {after!r}; the pipeline is {', '.join(order)}")
-        if after in ("plan", "annotate", "lower"):
+        if after in ("plan", "annotate", "collective-einsum", "lower"):
             return self.compiled(*args, **kwargs).graph
         from meshwright.api import run_passes_until
 
         return run_passes_until(trace(self.fn, *args, **kwargs), after)
+
+    def diff(self, *args, before: str = "annotate", after: str = "collective-einsum",
+             side_by_side: bool = False, width: int = 200, **kwargs) -> str:
+        """The graph text after pass `before` against after pass `after`: a unified diff, or
+        two columns (`side_by_side=True`). See `meshwright.ir.diff`."""
+        from meshwright.ir.diff import diff_text
+
+        return diff_text(self.graph_text(*args, after=before, **kwargs),
+                         self.graph_text(*args, after=after, **kwargs), before, after,
+                         side_by_side=side_by_side, width=width)
+
+    def graph_text(self, *args, after: str = "lower", **kwargs) -> str:
+        """The graph's text as it was right after a named pass (annotate and
+        collective-einsum are kept from the compilation; the others printed anew)."""
+        if after in ("plan", "annotate", "collective-einsum"):
+            texts = self.compiled(*args, **kwargs).graph.meta["pass_text"]
+            # plan's and annotate's results are not part of the text: the same text
+            return texts["annotate" if after == "plan" else after]
+        return self.graph(*args, after=after, **kwargs).format()
 
     def lower(self, *args, **kwargs):
         """The jax Lowered program (`.as_text()` is its StableHLO; `.compile()`), as jax.jit."""
@@ -330,11 +366,11 @@ class ShardedFunction:
 
 def shard(fn: Callable | None = None, *, mesh=None, phase: str = "auto",
           hardware: str | None = None, weights: str = "native", passes: list | None = None,
-          force: dict | None = None):
+          force: dict | None = None, collective_einsum="auto"):
     """Compile `fn` for a device mesh: decorator (`@mw.shard(mesh=...)`) or call
     (`mw.shard(fn, mesh=...)`). Options as in DESIGN.md section 1."""
     def wrap(f):
         return ShardedFunction(f, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
-                               passes=passes, force=force)
+                               passes=passes, force=force, collective_einsum=collective_einsum)
 
     return wrap(fn) if fn is not None else wrap

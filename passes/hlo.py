@@ -7,6 +7,12 @@ Bytes follow the cost model's convention (`passes/cost_model.py`): an all-gather
 output per device, a reduce-scatter its input, an all-to-all and an all-reduce their operand,
 a collective-permute its operand. XLA on CPU may rewrite a reduce-scatter as an all-reduce
 plus a dynamic slice: what is really there is counted, under its real kind.
+
+`wire` counts what each device sends instead (ring algorithms over groups of K devices):
+(K-1)/K of an all-gather's output, a reduce-scatter's input or an all-to-all's operand, twice
+that for an all-reduce, all of a collective-permute's operand. A looped collective einsum
+(N-1 ppermutes of one block each) sends exactly what the all-gather or reduce-scatter it
+replaces sends, so the two programs are compared on `wire`.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ def collective_bytes(hlo: str) -> dict:
     comps, entry = _parse(hlo)
     by_kind: dict[str, int] = defaultdict(int)
     count: dict[str, int] = defaultdict(int)
+    wire: dict[str, float] = defaultdict(float)
 
     def visit(name: str, times: int, depth: int = 0) -> None:
         if depth > 50 or name not in comps:
@@ -85,6 +92,7 @@ def collective_bytes(hlo: str) -> dict:
                         for a in args.split(",")) or _shape_bytes(result)
                 by_kind[kind] += nbytes * times
                 count[kind] += times
+                wire[kind] += nbytes * times * _wire_fraction(kind, line)
             if opcode == "while":
                 trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 n = int(trip.group(1)) if trip else 1
@@ -106,4 +114,25 @@ def collective_bytes(hlo: str) -> dict:
     if entry is not None:
         visit(entry, 1)
     return {"total": int(sum(by_kind.values())), "by_kind": dict(by_kind),
-            "count": dict(count)}
+            "count": dict(count), "wire": round(sum(wire.values())),
+            "wire_by_kind": {k: round(v) for k, v in wire.items()}}
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group: `replica_groups={{0,2},{1,3}}` or `replica_groups=[2,2]<=[4]`."""
+    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if m:
+        return int(m.group(2))
+    return 1
+
+
+def _wire_fraction(kind: str, line: str) -> float:
+    if kind == "collective-permute":
+        pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[-1])
+        return 1.0 if any(a != b for a, b in pairs) else 0.0
+    k = _group_size(line)
+    share = (k - 1) / k if k > 1 else 0.0
+    return 2 * share if kind == "all-reduce" else share

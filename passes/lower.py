@@ -505,17 +505,38 @@ def _scatter(ctx, node, ins):
 @lower_rule("dot_general")
 def _dot_general(ctx, node, ins):
     (lx, ls), (rx, rs) = ins
+    want_l, want_r = dot_operand_specs(node, ls, rs)
+    if node.meta.get("collective_einsum") is not None:  # a looped collective einsum
+        from meshwright.passes.collective_einsum import lower_looped
+
+        looped = lower_looped(ctx, node, ins, (want_l, want_r))
+        if looped is not None:
+            return looped
+    lx, ls = _operand_to(ctx, lx, ls, want_l)
+    rx, rs = _operand_to(ctx, rx, rs, want_r)
+    return [(_bind(node, [lx, rx])[0], dot_output_spec(node, ls, rs))]
+
+
+def _operand_to(ctx, x, spec: Spec, want: Spec):
+    if spec == want:
+        return x, spec
+    x, spec = ctx.resolved(x, spec, "matmul operand")
+    return ctx.to(x, spec, want, "matmul operand"), want
+
+
+def dot_operand_specs(node: Node, ls: Spec, rs: Spec) -> tuple[Spec, Spec]:
+    """The specs a dot_general computes on, given its operands' specs: annotate's operand
+    targets, and the other operand aligned with the reference one (the weight, else the more
+    sharded) on its contracting and batch dims. One partial operand may stay partial (the
+    product is linear in it); not two."""
     targets = node.meta.get("operand_target", {})
     if 0 in targets:
-        lx, ls = ctx.resolved(lx, ls, "matmul operand")
-        lx, ls = ctx.to(lx, ls, targets[0], "matmul operand"), targets[0]
+        ls = targets[0]
     if 1 in targets:
-        rx, rs = ctx.resolved(rx, rs, "matmul operand")
-        rx, rs = ctx.to(rx, rs, targets[1], "matmul operand"), targets[1]
+        rs = targets[1]
     (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-    # One partial operand may stay partial (the product is linear in it); not two.
     if ls.partial and rs.partial:
-        rx, rs = ctx.resolved(rx, rs, "matmul")
+        rs = rs.without_partial()
     weight = _weight_operand(node)
     ref = weight if weight is not None else (
         0 if sum(map(len, ls.dims)) >= sum(map(len, rs.dims)) else 1)
@@ -534,20 +555,21 @@ def _dot_general(ctx, node, ins):
     for d in range(len(specs[other])):  # an axis once per operand
         specs[other][d] = tuple(a for a in specs[other][d] if a not in seen)
         seen.update(specs[other][d])
-    ops = [(lx, ls), (rx, rs)]
-    x, s = ops[other]
-    want = Spec(tuple(specs[other]), s.partial)
-    if want.dims != s.dims:
-        x, s = ctx.resolved(x, s, "matmul operand")
-        x = ctx.to(x, s, Spec(want.dims), "matmul operand")
-        s = Spec(want.dims)
-    ops[other] = (x, s)
-    (lx, ls), (rx, rs) = ops
+    out = [ls, rs]
+    if tuple(specs[other]) != out[other].dims:
+        out[other] = Spec(tuple(specs[other]))
+    return out[0], out[1]
+
+
+def dot_output_spec(node: Node, ls: Spec, rs: Spec) -> Spec:
+    """The result's spec: batch, then lhs free, then rhs free dims; partial over the axes of
+    the contracted dims (and over the operands' partial axes)."""
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
     out_dims = [ls.dims[i] for i in lb]
     out_dims += [ls.dims[i] for i in range(len(ls.dims)) if i not in lc and i not in lb]
     out_dims += [rs.dims[j] for j in range(len(rs.dims)) if j not in rc and j not in rb]
     partial = list(ls.partial) + list(rs.partial) + [(a, "sum") for i in lc for a in ls.dims[i]]
-    return [(_bind(node, [lx, rx])[0], Spec(tuple(out_dims), tuple(partial)))]
+    return Spec(tuple(out_dims), tuple(partial))
 
 
 def _weight_operand(node: Node) -> int | None:

@@ -144,6 +144,12 @@ class Emitter:
         self._record("all-to-all", axes, x, note)
         return jax.lax.all_to_all(x, _axis_name(axes), split, concat, tiled=True)
 
+    def ppermute(self, x, axes: Axes, perm: list[tuple[int, int]], note=""):
+        """Send each device's x to another along `axes`; `perm` pairs are ppermute's own
+        device indices over `axes` (see `collective_einsum.ring_perm`)."""
+        self._record("collective-permute", axes, x, note)
+        return jax.lax.ppermute(x, _axis_name(axes), perm=perm)
+
     def local_slice(self, x, axes: Axes, dim: int):
         """The shard of dim this device holds along axes (no communication)."""
         parts = self.mesh.count(axes)
