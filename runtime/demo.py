@@ -453,7 +453,8 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     echo(f"{len(engine.layouts)} buckets compiled through mw.shard in {compile_s:.1f} s"
          f"{cache_note}; " + ("every bucket takes the weights as they were placed, so no "
                               "bucket switch moves them" if weights_once else
-                              f"moved on every call of: {', '.join(engine.weights_moved)}"))
+                              "a second copy of the weights (placed once) is kept for: "
+                              f"{', '.join(engine.weight_copies)}"))
     aside = layouts.set_aside_text()
     if aside:
         echo(aside)
@@ -531,7 +532,7 @@ def weights_placed_once(engine) -> bool:
     """Every compiled step takes the engine's weights exactly as they were placed."""
     from meshwright.runtime.engine import _same_shardings
 
-    return not engine.weights_moved and all(
+    return not engine.weight_copies and all(
         _same_shardings(engine.params, step.in_shardings[0]) for step in engine._steps.values())
 
 

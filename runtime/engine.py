@@ -285,8 +285,8 @@ class Engine:
         self.layouts: dict[tuple[str, Bucket], str] = {}  # (phase, bucket) -> layout name
         self.layout_why: dict[tuple[str, Bucket], str] = {}  # and why (the step's `why`)
         self.layout_plan = None  # the EngineLayouts, when built by layouts.sharded_engine
-        self.weights_moved: list[str] = []  # buckets whose steps take the weights split
-        #                                     otherwise than placed (moved on every call)
+        self.weight_copies: list[str] = []  # buckets whose steps take the weights split
+        #                                     otherwise than placed (each keeps its own copy)
         self._weight_shardings = None  # how the weights were placed (from a step)
         self._cache_shardings: dict[int, Any] = {}  # capacity -> a decode step's KV sharding
         self._prefill_shardings: dict[int, Any] = {}  # prompt length -> its cache sharding
@@ -380,7 +380,7 @@ class Engine:
             self.params = jax.tree_util.tree_unflatten(tree, placed)
             self._weight_shardings = weights
         elif not _same_shardings(self.params, weights):
-            self.weights_moved.append(f"{phase} {bucket.batch}x{bucket.length}")
+            self.weight_copies.append(f"{phase} {bucket.batch}x{bucket.length}")
         if phase == "decode":
             self._cache_shardings[bucket.batch] = cache["k"]
             self.kv.set_sharding(self._kv_sharding)  # re-places the current arrays

@@ -32,6 +32,7 @@ set aside per bucket and why.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -124,6 +125,7 @@ class EngineLayouts:
     stored: tuple  # stored_weights key of the placed weights
     reference: str  # how the mesh and stored layout were chosen
     choices: dict  # (phase, Bucket) -> LayoutChoice
+    share_weights: bool = True  # every bucket's layout stores the weights as placed
 
     def choice(self, phase: str, bucket) -> LayoutChoice:
         return self.choices[(phase, bucket)]
@@ -146,8 +148,13 @@ class EngineLayouts:
 
     def explain_header(self) -> str:
         """Mesh, how the weights are placed, and how that was chosen."""
-        return (f"mesh {_mesh_text(self.mesh)} on {self.chips} x {self.hardware}; weights "
-                f"placed once: {self.stored_text}\n{self.reference}")
+        if self.share_weights:
+            placed = f"weights placed once: {self.stored_text}"
+        else:
+            n = len({stored_weights(c.ffn, c.mesh) for c in self.choices.values()})
+            placed = f"weights in {n} stored layout(s), one copy each"
+        return (f"mesh {_mesh_text(self.mesh)} on {self.chips} x {self.hardware}; {placed}\n"
+                f"{self.reference}")
 
     def set_aside_text(self) -> str:
         """The cheaper candidates each bucket set aside because they store weights
@@ -179,10 +186,14 @@ def _context(phase: str, bucket) -> int:
 
 
 def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu",
-                 weights: str = "fp32", mesh: dict | None = None) -> EngineLayouts:
+                 weights: str = "fp32", mesh: dict | None = None,
+                 share_weights: bool = True) -> EngineLayouts:
     """Choose the engine's mesh and stored weight layout, then each bucket's layout (see the
     module docstring). `buckets` are (phase, Bucket) pairs; `mesh` pins the factorisation
-    (the stored layout is then the reference bucket's best on it)."""
+    (the stored layout is then the reference bucket's best on it). `share_weights=False`
+    drops rule 3's restriction: every bucket runs its cheapest layout on the mesh, and a
+    bucket whose layout stores the weights otherwise keeps its own copy of them (placed once;
+    memory, not traffic) -- to see what the restriction costs."""
     from meshwright.passes.cost_model import Workload
     from meshwright.passes.hardware import get_hardware
     from meshwright.passes.planner import evaluate_all, plan_config
@@ -206,7 +217,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
 
     def sharing(key, m, stored):
         return [c for c in cands[key] if c.mesh.to_dict() == m
-                and stored_weights(c.ffn_layout, m) == stored]
+                and (not share_weights or stored_weights(c.ffn_layout, m) == stored)]
 
     ref_cands = cands[ref] if mesh is None else [c for c in cands[ref]
                                                  if c.mesh.to_dict() == mesh]
@@ -239,6 +250,9 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
                      f"({'; '.join(skipped)})")
     if mesh is not None:
         reference += f"; mesh pinned to {_mesh_text(mesh)} by the caller"
+    if not share_weights:
+        reference += ("; weights NOT shared (share_weights=False): a bucket whose layout "
+                      "stores them otherwise keeps its own copy")
     choices = {}
     for key in buckets:
         phase, bucket = key
@@ -261,7 +275,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
             f.step_s,
             None if nxt is None else f"{nxt.ffn_layout}/{nxt.attention_layout} "
             f"({100 * (nxt.step_s / best.step_s - 1):+.1f}%)", aside)
-    return EngineLayouts(hw.name, chips, m, stored, reference, choices)
+    return EngineLayouts(hw.name, chips, m, stored, reference, choices, share_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +322,8 @@ class CompiledStep:
         self._out_tree = compiled.graph.out_tree
         self._call = compiled.compiled
         self._jax = jax
+        self._n_weights = len(jax.tree_util.tree_leaves(example_args[0]))
+        self._copies: dict[int, tuple] = {}  # weight index -> (weakref to it, its copy)
 
     @property
     def in_shardings(self) -> tuple:
@@ -319,9 +335,21 @@ class CompiledStep:
         if self._transforms:
             placed = self.record.place(flat)
         else:
-            placed = [x if getattr(x, "sharding", s) == s else self._jax.device_put(x, s)
-                      for x, s in zip(flat, self._in)]
+            placed = [x if getattr(x, "sharding", s) == s else self._put(i, x, s)
+                      for i, (x, s) in enumerate(zip(flat, self._in))]
         return self._jax.tree_util.tree_unflatten(self._out_tree, self._call(*placed))
+
+    def _put(self, i: int, x, sharding):
+        """An argument placed otherwise than this program takes it. A weight (an argument that
+        comes back as the same array on every call) is placed once and the copy kept while
+        the original lives; anything else is put on the mesh each call."""
+        hit = self._copies.get(i)
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        placed = self._jax.device_put(x, sharding)
+        if i < self._n_weights:
+            self._copies[i] = (weakref.ref(x), placed)
+        return placed
 
 
 class ShardedCompiler:
@@ -366,12 +394,15 @@ def example_args(config, params, phase: str, batch: int, length: int, max_len: i
 
 
 def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "cpu",
-                   mesh: dict | None = None, max_slots: int = 8, max_len: int = 128,
+                   mesh: dict | None = None, share_weights: bool = True,
+                   max_slots: int = 8, max_len: int = 128,
                    prefill_lengths: Sequence[int] | None = None, weights: str | None = None,
                    progress: bool = False, **engine_kwargs):
     """An `Engine` whose every bucket is `mw.shard`-compiled on a mesh of `devices` in the
     layout `plan_layouts` picks for it (planned with the `hardware` profile). The weights are
-    placed once, the KV cache takes each decode bucket's cache sharding.
+    placed once, the KV cache takes each decode bucket's cache sharding. With
+    `share_weights=False` a bucket may run a layout that stores the weights otherwise
+    (`engine.weight_copies` lists those; each keeps a copy).
     `engine.layout_plan` is the EngineLayouts; `engine.layouts_ran()` counts steps per
     layout."""
     from meshwright.models import Model, build
@@ -386,7 +417,7 @@ def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "c
                + [("prefill", Bucket(1, n)) for n in lengths])
     weights = weights or ("bf16" if cfg.dtype == "bfloat16" else "fp32")
     plan = plan_layouts(cfg, buckets, chips=len(devices), hardware=hardware, weights=weights,
-                        mesh=mesh)
+                        mesh=mesh, share_weights=share_weights)
     compile_fn: Callable = ShardedCompiler(model, params, devices, plan, max_len,
                                            hardware=hardware)
     engine = Engine(model, params, max_slots=max_slots, max_len=max_len,

@@ -79,7 +79,7 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     assert engine.layouts[("decode", Bucket(8, MAX_LEN))] == "ws-1d/batch"
     assert engine.layouts[("decode", Bucket(1, MAX_LEN))] == "ws-1d/heads"
     # a bucket switch moves no weights: every step takes them exactly as placed
-    assert weights_placed_once(engine) and not engine.weights_moved
+    assert weights_placed_once(engine) and not engine.weight_copies
     specs = {tuple(s.spec for s in jax.tree.leaves(step.in_shardings[0]))
              for step in engine._steps.values()}
     assert len(specs) == 1
@@ -106,4 +106,30 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     assert engine.kv.capacity in (1, 2, 4, 8)
     want = [greedy_reference(config, params, p, 24, (NEWLINE,), max_len=MAX_LEN)
             for p in prompts]
+    assert got == want
+
+
+def test_without_sharing_weights_the_ffn_layout_follows_the_batch_too(demo_model):
+    """tpu-v4 planning on the same 8 simulated devices, restriction off: batch 1 runs
+    ws-1d/heads, batch 8 wg-xyz/batch (the weights gathered per layer, the batch split over
+    every chip), each with its own placed copy of the weights; the tokens are still those of
+    each request alone. Compiled lazily: only the buckets this run uses (1 and 8 rows)."""
+    config, params = demo_model
+    engine = sharded_engine(build(config), params, jax.devices()[:8], hardware="tpu-v4",
+                            share_weights=False, max_slots=8, max_len=MAX_LEN,
+                            prefill_lengths=(MAX_LEN,), warmup=False)
+    assert engine.layout_plan.choice("decode", Bucket(1, MAX_LEN)).name == "ws-1d/heads"
+    assert engine.layout_plan.choice("decode", Bucket(8, MAX_LEN)).name == "wg-xyz/batch"
+    prompts = [bundled.encode(p) for p in burst_prompts(8, seed=5)]
+    first = engine.submit(Request(prompt=tuple(prompts[0]), max_tokens=12))
+    for _ in range(3):
+        engine.step()  # alone: bucket 1
+    rest = [engine.submit(Request(prompt=tuple(p), max_tokens=8)) for p in prompts[1:]]
+    got = [h.result().tokens for h in [first, *rest]]
+    engine.run_until_idle()
+    assert set(engine.stats.buckets_used) == {1, 8}
+    assert engine.stats.layout_switches == 2  # 1 row -> 8 rows -> the first request alone
+    assert engine.weight_copies == [f"decode 8x{MAX_LEN}"]
+    want = [greedy_reference(config, params, p, n, max_len=MAX_LEN)
+            for p, n in zip(prompts, [12] + [8] * 7)]
     assert got == want
