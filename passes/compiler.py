@@ -11,6 +11,7 @@ shapes, dtypes). Everything it builds is in a `Compiled` record.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from meshwright.ir import Graph, trace
 from meshwright.passes.annotate import annotate
 from meshwright.passes.base import PassManager
 from meshwright.passes.hlo import collective_bytes
+from meshwright.passes.interleave import interleave_fused
 from meshwright.passes.lower import LowerContext, Lowered, lower_graph
 from meshwright.passes.sharding import (
     LAYOUT_NAMES_ATTENTION,
@@ -89,10 +91,46 @@ class Compiled:
     fallbacks: list[str] = field(default_factory=list)
     predicted: Any = None  # CandidateCost of the chosen layout
     timings: dict[str, float] = field(default_factory=dict)
+    # caller's flat argument index -> conversions applied once at load time (interleaved fused
+    # weights, int8); each maps one array to a list of arrays (int8: values, scale)
+    load_transforms: dict[int, list] = field(default_factory=dict)
+    _converted: dict = field(default_factory=dict, repr=False)
 
     def place(self, flat_args: list) -> list:
-        return [jax.device_put(x, NamedSharding(self.jax_mesh, s.partition_spec()))
-                for x, s in zip(flat_args, self.in_specs)]
+        """The caller's flat arguments as the program takes them: converted (once per weight
+        array: the result is kept while the array lives) and put on the mesh."""
+        out: list = []
+        for i, x in enumerate(flat_args):
+            steps = self.load_transforms.get(i)
+            if not steps:
+                out.append(self._put(x, len(out)))
+                continue
+            hit = self._converted.get(i)
+            if hit is not None and hit[0]() is x:
+                out += hit[1]
+                continue
+            ys = [x]
+            for step in steps:
+                ys = [z for y in ys for z in step(y)]
+            placed = [self._put(y, len(out) + k) for k, y in enumerate(ys)]
+            try:
+                self._converted[i] = (weakref.ref(x), placed)
+            except TypeError:  # not weak-referenceable (a Python scalar): convert every call
+                pass
+            out += placed
+        return out
+
+    def _put(self, x, k: int):
+        return jax.device_put(x, NamedSharding(self.jax_mesh, self.in_specs[k].partition_spec()))
+
+    def describe_load_transforms(self) -> list[str]:
+        paths = self.graph.meta.get("float_input_paths", [])
+        lines = []
+        for i, steps in sorted(self.load_transforms.items()):
+            name = paths[i] if i < len(paths) else f"argument {i}"
+            lines.append(f"{name}: " + "; ".join(getattr(s, "describe", lambda: str(s))()
+                                                for s in steps))
+        return lines
 
 
 class ShardedFunction:
@@ -183,6 +221,21 @@ class ShardedFunction:
         annotate(g, layout, mesh_info)
         timings["annotate"] = time.perf_counter() - t0
         g.meta["pass_text"] = {"annotate": g.format()}  # for step.diff(); ~5 ms
+        g.meta["float_input_paths"] = [v.producer.params.get("path", f"argument {i}")
+                                       for i, v in enumerate(g.inputs)]
+        t0 = time.perf_counter()
+        interleave_fused(g, mesh_info)
+        timings["interleave-fused"] = time.perf_counter() - t0
+        transforms = {i: list(steps) for i, steps in g.meta.get("load_transforms", {}).items()}
+        if self.weights == "int8":
+            from meshwright.passes.quantize import Int8Quantizer, quantize_int8
+
+            t0 = time.perf_counter()
+            quantize_int8(g)
+            for w in g.meta["quantize-int8"].weights:
+                transforms.setdefault(w.index, []).append(Int8Quantizer(w.reduce_axes,
+                                                                        w.layout))
+            timings["quantize-int8"] = time.perf_counter() - t0
         from meshwright.passes.collective_einsum import collective_einsum
 
         t0 = time.perf_counter()
@@ -195,7 +248,7 @@ class ShardedFunction:
 
         def per_device(*flat_locals):
             emitter.records.clear()
-            ctx = LowerContext(mesh_info, emitter, result)
+            ctx = LowerContext(mesh_info, emitter, result, attention)
             outs, specs = lower_graph(ctx, g, list(flat_locals), in_specs)
             return [ctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
 
@@ -204,11 +257,9 @@ class ShardedFunction:
                                 out_specs=[s.partition_spec() for s in out_specs],
                                 check_vma=False)
         jitted = jax.jit(program)
-        flat, _ = jax.tree_util.tree_flatten((args, kwargs))
-        structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype")
-                                        else np.asarray(x).dtype,
+        structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
                                         sharding=NamedSharding(jmesh, s.partition_spec()))
-                   for x, s in zip(flat, in_specs)]
+                   for v, s in zip(g.inputs, in_specs)]
         t0 = time.perf_counter()
         lowered = jitted.lower(*structs)
         timings["lower"] = time.perf_counter() - t0
@@ -220,7 +271,7 @@ class ShardedFunction:
                         in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
                         compiled=compiled, records=list(emitter.records),
                         fallbacks=list(result.fallbacks), predicted=predicted,
-                        timings=timings)
+                        timings=timings, load_transforms=transforms)
 
     def _choose(self, config, work, phase):
         """(plan, ffn, attention, mesh shape, predicted cost): the planner's choice, with
@@ -297,6 +348,10 @@ class ShardedFunction:
                      f"{'x'.join(str(c.mesh_shape[a]) for a in AXES)} (x, y, z)")
         if self.force:
             lines.append(f"forced by the caller: {self.force}")
+        converted = c.describe_load_transforms()
+        if converted:
+            lines.append("weights converted once, when placed on the mesh:")
+            lines += [f"  - {t}" for t in converted]
         if c.fallbacks:
             lines.append("ran replicated (correct, not sharded):")
             lines += [f"  - {f}" for f in c.fallbacks]
@@ -360,6 +415,8 @@ class ShardedFunction:
             "layouts": {"ffn": c.ffn_layout, "attention": c.attention_layout,
                         "mesh": dict(c.mesh_shape)},
             "replicated_fallbacks": list(c.fallbacks),
+            "load_transforms": c.describe_load_transforms(),
+            "weights": self.weights,
             "timings_s": dict(c.timings),
         }
 

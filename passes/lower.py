@@ -39,13 +39,17 @@ class Lowered:
 
 
 class LowerContext:
-    def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered):
+    def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered, attention: str = "heads"):
         self.mesh = mesh
         self.em = em
         self.result = result
         # (array, from, to) -> resharded array: q, k and v projections of one normed input
         # gather it once. The array is kept alive with its entry so its id stays unique.
         self._reshards: dict[tuple, tuple] = {}
+        # id(local output of a broadcast_in_dim) -> (output, node, local input, its spec): a
+        # broadcast operand that must move is re-broadcast from its (small) moved input.
+        self.broadcasts: dict[int, tuple] = {}
+        self.attention = attention  # the attention layout ("heads" or "batch")
 
     def fallback(self, node: Node, why: str) -> None:
         msg = f"{node.op} at {node.source or '?'}: {why}"
@@ -111,8 +115,14 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
     if not arrays or any(o.shape != out.shape for o in node.outputs) or any(
             len(v.shape) not in (0, rank) for v in node.inputs if not isinstance(v, Literal)):
         return _replicated(ctx, node, ins, f"no sharding rule for {node.op}")
-    # The dominant spec: the operand with the most sharded axes.
-    _, _, best = max(arrays, key=lambda t: (sum(len(d) for d in t[2].dims), -t[0]))
+    # The dominant spec: the one that moves the fewest elements (a broadcast operand moves its
+    # input), then the operand with the most sharded axes.
+    def moved(cand: Spec) -> int:
+        return sum(_source_size(ctx, x, node.inputs[k]) for k, x, s in arrays
+                   if _moves(s.without_partial(), cand.without_partial()))
+
+    _, _, best = min(arrays, key=lambda t: (moved(t[2]), -sum(len(d) for d in t[2].dims),
+                                            t[0]))
     dims = tuple(best.dims[i] if out.shape[i] > 1 else () for i in range(rank))
     partials = {s.partial for _, _, s in arrays}
     keep_partial = _partial_passes(node, ins, partials)
@@ -135,7 +145,7 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
             args.append(x)
             continue
         x, s = ctx.resolved(x, s, node.op)
-        args.append(ctx.to(x, s, Spec(want_dims), node.op))
+        args.append(_to_operand(ctx, x, s, Spec(want_dims), node.op))
     if not keep_partial:
         target = Spec(target.dims)
     return [(o, target) for o in _bind(node, args)]
@@ -209,8 +219,16 @@ def _reshape(ctx, node, ins):
             continue
         if len(gi) == 1 and len(gj) >= 1:
             axes = need[gi[0]]
-            if sout[gj[0]] % ctx.mesh.count(axes) == 0:
-                out_dims[gj[0]] = axes  # a split: the major output dim keeps the sharding
+            # a split: the major output dim keeps the sharding (its major axes, when the dim
+            # is too small for all of them: the minor axes are gathered)
+            keep = len(axes)
+            while keep and sout[gj[0]] % ctx.mesh.count(axes[:keep]):
+                keep -= 1
+            if keep < len(axes) and ctx.attention != "heads":
+                keep = 0  # attention over batch gathers the heads anyway: gather them here
+            if keep:
+                need[gi[0]] = tuple(axes[:keep])
+                out_dims[gj[0]] = tuple(axes[:keep])
                 continue
         elif len(gj) == 1 and sharded == [gi[0]]:
             out_dims[gj[0]] = need[gi[0]]  # a merge whose major input dim is sharded
@@ -245,7 +263,40 @@ def _broadcast(ctx, node, ins):
         out_spec = Spec(tuple(dims))
     local = ctx.mesh.local_shape(out.shape, out_spec)
     rest = [a for a, _ in ins[1:]]
-    return [(_bind(node, [x, *rest], shape=tuple(local), sharding=None)[0], out_spec)]
+    y = _bind(node, [x, *rest], shape=tuple(local), sharding=None)[0]
+    if spec is not None and not out_spec.partial and not rest:
+        ctx.broadcasts[id(y)] = (y, node, x, want)
+    return [(y, out_spec)]
+
+
+def _moves(src: Spec, dst: Spec) -> bool:
+    """Whether resharding src -> dst moves data (not only slicing local blocks)."""
+    if src.partial:
+        return True
+    return any(tuple(t[:len(f)]) != tuple(f) for f, t in zip(src.dims, dst.dims))
+
+
+def _source_size(ctx, x, v: Value) -> int:
+    """Elements that must move to reshard operand v: a broadcast's input, else v itself."""
+    hit = ctx.broadcasts.get(id(x))
+    if hit is not None and hit[0] is x:
+        return math.prod(hit[1].inputs[0].shape)
+    return math.prod(v.shape)
+
+
+def _to_operand(ctx, x, s: Spec, want: Spec, note: str):
+    """ctx.to, but a broadcast operand that must move re-broadcasts its moved input."""
+    hit = ctx.broadcasts.get(id(x))
+    if hit is None or hit[0] is not x or not _moves(s, want):
+        return ctx.to(x, s, want, note)
+    _, node, src, src_spec = hit
+    bdims = node.params["broadcast_dimensions"]
+    in_shape, out_shape = node.inputs[0].shape, node.out.shape
+    src_want = Spec(tuple(want.dims[od] if in_shape[i] == out_shape[od] else ()
+                          for i, od in enumerate(bdims)))
+    src = ctx.to(src, src_spec, src_want, note)
+    local = ctx.mesh.local_shape(out_shape, want)
+    return _bind(node, [src], shape=tuple(local), sharding=None)[0]
 
 
 @lower_rule("transpose")
@@ -382,7 +433,17 @@ def _stack(ctx, node, ins):
 @lower_rule("split")
 def _split(ctx, node, ins):
     x, spec = ins[0]
-    x, spec = _unshard_dims(ctx, node, x, spec, {node.params["axis"]})
+    axis = node.params["axis"]
+    inter = node.meta.get("interleave")
+    if inter is not None:  # a fused weight stored interleaved: every shard holds each part
+        x, spec = ctx.resolved(x, spec, "split")
+        axes = tuple(inter["axes"])
+        want = spec.with_dims(axes if i == axis else d for i, d in enumerate(spec.dims))
+        x = ctx.to(x, spec, want, "split")
+        n = ctx.mesh.count(axes)
+        return [(o, want) for o in _bind(node, [x], sizes=tuple(s // n for s in
+                                                               inter["sizes"]))]
+    x, spec = _unshard_dims(ctx, node, x, spec, {axis})
     return [(o, spec) for o in _bind(node, [x])]
 
 

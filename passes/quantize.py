@@ -145,6 +145,23 @@ def quantize_weight(w: Any, axes: Sequence[int],
     return Int8Weight(jnp.asarray(np.ascontiguousarray(q.values)), jnp.asarray(q.scale), layout)
 
 
+@dataclass(frozen=True)
+class Int8Quantizer:
+    """One weight's load-time conversion (`mw.shard(weights="int8")`): float array ->
+    [int8 values, float32 scales], the graph inputs that replaced it."""
+
+    reduce_axes: tuple[int, ...]
+    layout: tuple[int, ...]
+
+    def __call__(self, w) -> list:
+        q = quantize_weight(w, self.reduce_axes, self.layout)
+        return [q.values, q.scale]
+
+    def describe(self) -> str:
+        return (f"int8 per output channel (scale over dims {list(self.reduce_axes)}), values "
+                f"stored as dims {list(self.layout)}")
+
+
 def quantize_args(graph: Graph, *args, **kwargs) -> tuple[tuple, dict]:
     """The float arguments of the traced function, with every weight the pass quantized
     replaced by its `Int8Weight`: `(args_q, kwargs_q)` for `graph(*args_q, **kwargs_q)`."""
