@@ -86,7 +86,7 @@ def test_the_weight_gathered_layout_keeps_no_all_gather():
 
 
 def test_the_cpu_mesh_keeps_plain_collectives_and_says_why():
-    model, args, want = case("palm-tiny")
+    _, args, want = case("palm-tiny")
     step, _ = plain_hlo("palm-tiny", "ws-2d")
     assert_close(step(*args), want)
     g = step.compiled(*args).graph
