@@ -113,3 +113,11 @@ def closed(jaxpr: Any) -> Any:
     if isinstance(jaxpr, ClosedJaxpr):
         return jaxpr
     return ClosedJaxpr(jaxpr, [])
+
+
+def distributed_client() -> Any:
+    """The coordination service client of `jax.distributed` (key-value store, barriers), or
+    None before `jax.distributed.initialize`. JAX has no public name for it."""
+    from jax._src import distributed
+
+    return distributed.global_state.client

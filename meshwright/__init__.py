@@ -16,9 +16,13 @@ __version__ = "0.1.0"
 
 _API = {name: "meshwright.api" for name in ("trace", "trace_model", "plan", "shard", "make_mesh")}
 _SUBMODULES = ("ir", "models", "passes", "runtime")
+# `mw.distributed`: multi-process jobs (runtime/distributed.py); `mw.load_exported`: an
+# artifact of `step.export` / `meshwright export` (passes/export.py)
+_ALIASES = {"distributed": "meshwright.runtime.distributed"}
+_API["load_exported"] = "meshwright.passes.export"
 
-__all__ = ["__version__", "ir", "make_mesh", "models", "passes", "plan", "runtime", "shard",
-           "trace", "trace_model"]
+__all__ = ["__version__", "distributed", "ir", "load_exported", "make_mesh", "models", "passes",
+           "plan", "runtime", "shard", "trace", "trace_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +30,8 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_API[name]), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"meshwright.{name}")
+    if name in _ALIASES:
+        return importlib.import_module(_ALIASES[name])
     raise AttributeError(f"module 'meshwright' has no attribute {name!r}")
 
 

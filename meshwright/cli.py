@@ -389,6 +389,123 @@ def _run_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# meshwright launch -n N [--devices-per-process K] -- COMMAND ...
+
+
+def _add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--processes", type=int, required=True,
+                   help="how many processes to start")
+    p.add_argument("--devices-per-process", type=int, default=None, metavar="K",
+                   help="simulated CPU devices in each process (XLA_FLAGS); default: as set")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="a process silent this long counts as lost, and the others stop "
+                        "(MESHWRIGHT_TIMEOUT_S; default 60)")
+    p.add_argument("--port", type=int, default=None,
+                   help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="stop the whole job after this long (exit code 124)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the program every process runs")
+
+
+@_command("launch", "start N local processes of one multi-process job (jax.distributed)")
+def _run_launch(args) -> int:
+    from meshwright.runtime.launch import launch
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    result = launch(cmd, args.processes, devices_per_process=args.devices_per_process,
+                    timeout_s=args.timeout, port=args.port, deadline_s=args.deadline,
+                    out=None if args.json else sys.stdout, keep_output=args.json)
+    if args.json:
+        _print_json({"returncode": result.returncode, "returncodes": result.returncodes,
+                     "failed_process": result.failed, "seconds": round(result.seconds, 3),
+                     "output": {str(k): v for k, v in result.output.items()}})
+    return result.returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# meshwright export MODEL --platform tpu --mesh 4x4x4 --phase decode --batch B --out FILE
+
+
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="palm-tiny",
+                   help="model preset (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set d_model=256 (repeatable)")
+    p.add_argument("--platform", action="append", choices=("tpu", "cuda", "rocm", "cpu"),
+                   help="platform to lower for (repeatable; default: tpu)")
+    p.add_argument("--mesh", default="4x4x4", metavar="XxYxZ",
+                   help="the target mesh (default: %(default)s)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile the planner prices (default: tpu-v4 for tpu, "
+                        "h100 for cuda, cpu for cpu)")
+    p.add_argument("--phase", choices=("prefill", "decode"), default="decode")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--length", type=int, default=128,
+                   help="prompt length (prefill) (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache length (default: the config's max_len)")
+    p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout")
+    p.add_argument("--force-attention", metavar="LAYOUT", help="pin the attention layout")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the artifact; the manifest goes to FILE.json")
+
+
+def _mesh_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh takes XxYxZ, e.g. 4x4x4; got {text!r}") from None
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise ValueError(f"--mesh takes one to three positive sizes, e.g. 4x4x4; got {text!r}")
+    return sizes + (1,) * (3 - len(sizes))
+
+
+@_command("export", "lower the sharded program for a TPU or GPU mesh (jax.export); write it")
+def _run_export(args) -> int:
+    import os
+
+    sizes = _mesh_sizes(args.mesh)
+    n = sizes[0] * sizes[1] * sizes[2]
+    if "jax" not in sys.modules:  # simulate as many CPU devices as the target mesh has
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if "xla_force_host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [
+            f"--xla_force_host_platform_device_count={max(n, 8)}"])
+    from meshwright.passes.export import export_model
+
+    platforms = tuple(args.platform or ("tpu",))
+    program = export_model(args.model, platforms=platforms, mesh=sizes, phase=args.phase,
+                           batch=args.batch, length=args.length, max_len=args.max_len,
+                           hardware=args.hardware, overrides=args.set,
+                           force_ffn=args.force_ffn, force_attention=args.force_attention)
+    manifest_path = program.save(args.out)
+    m = program.manifest
+    counted = program.collectives()
+    summary = {"artifact": args.out, "manifest": str(manifest_path), "bytes": m["bytes"],
+               "platforms": m["platforms"], "mesh": m["mesh"], "layouts": m["layouts"],
+               "collectives_in_stablehlo": counted, "collectives_emitted":
+               m["collectives_emitted"], "predicted": m["predicted"]}
+    if args.json:
+        _print_json(summary)
+        return 0
+    cfg = m["model_config"] or {}
+    print(f"exported {cfg.get('name', args.model)} {args.phase} (batch {args.batch}) for "
+          f"{', '.join(platforms)} on a {'x'.join(map(str, sizes))} mesh: FFN "
+          f"{m['layouts']['ffn']}, attention {m['layouts']['attention']}")
+    print(f"wrote {args.out} ({m['bytes']} bytes of serialized StableHLO) and {manifest_path}")
+    print(f"{'collective':<20}{'in StableHLO':>14}{'bytes/device':>14}{'lowering emitted':>18}")
+    for kind in sorted(set(counted["count"]) | set(m["collectives_emitted"])):
+        emitted = m["collectives_emitted"].get(kind, {"count": 0})
+        print(f"{kind:<20}{counted['count'].get(kind, 0):>14}"
+              f"{counted['bytes'].get(kind, 0):>14}{emitted['count']:>18}")
+    predicted = (m["predicted"] or {}).get("comm_bytes_per_chip")
+    print(f"collective bytes per device: {counted['total_bytes']} in StableHLO, "
+          f"{predicted if predicted is not None else '-'} predicted by the cost model")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

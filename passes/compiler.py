@@ -420,6 +420,14 @@ class ShardedFunction:
             "timings_s": dict(c.timings),
         }
 
+    def export(self, *args, platforms: tuple[str, ...] = ("tpu",)):
+        """The compiled program at these arguments (arrays or jax.ShapeDtypeStructs), lowered
+        for `platforms` with `jax.export`: an `ExportedProgram` to `.save(FILE)` and load with
+        `mw.load_exported(FILE)`. See passes/export.py."""
+        from meshwright.passes.export import export_sharded
+
+        return export_sharded(self, *args, platforms=platforms)
+
 
 def shard(fn: Callable | None = None, *, mesh=None, phase: str = "auto",
           hardware: str | None = None, weights: str = "native", passes: list | None = None,

@@ -1,0 +1,356 @@
+"""Export a sharded program for a TPU or GPU mesh with `jax.export`, and load it back.
+
+    >>> step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 4, "y": 4, "z": 4}),
+    ...                 hardware="tpu-v4")                                   # doctest: +SKIP
+    >>> program = step.export(params, tokens, cache, positions, platforms=("tpu",))
+    >>> program.save("decode.mwx")      # decode.mwx (serialized) + decode.mwx.json (manifest)
+    >>> program = mw.load_exported("decode.mwx")       # on a TPU slice with 64 chips
+    >>> logits, cache = program(params, tokens, cache, positions)
+
+The artifact is the planned, rewritten, lowered program -- the explicit per-device
+`shard_map` program with every collective written out -- as serialized StableHLO, lowered
+for the named platforms. It lowers on any machine: the mesh only has to exist, so on a
+CPU-only machine simulate as many CPU devices as the mesh has
+(`XLA_FLAGS=--xla_force_host_platform_device_count=64`). The manifest next to it (JSON) says
+what it is: mesh, layouts, every input's and output's shape, dtype and sharding, the model
+config, the collectives the lowering emitted and the cost model's prediction, and the
+meshwright and JAX versions. Serialization needs the `flatbuffers` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+FORMAT = "meshwright-export/1"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+AXES = ("x", "y", "z")
+
+
+def _manifest_path(path: str | Path) -> Path:
+    return Path(f"{path}.json")
+
+
+@dataclass
+class ExportedProgram:
+    """A `jax.export.Exported` sharded program and its manifest; call it like the function."""
+
+    exported: Any  # jax.export.Exported
+    manifest: dict
+
+    # ---- saving ---------------------------------------------------------------------------
+    def serialize(self) -> bytes:
+        try:
+            return bytes(self.exported.serialize())
+        except ImportError as e:  # jax.export imports flatbuffers only here
+            raise ImportError(f"serializing an exported program needs the flatbuffers "
+                              f"package: pip install flatbuffers ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact to `path` and the manifest to `path`.json; returns the manifest
+        path."""
+        data = self.serialize()
+        Path(path).write_bytes(data)
+        manifest = dict(self.manifest, artifact=Path(path).name, bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest())
+        self.manifest = manifest
+        out = _manifest_path(path)
+        out.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        return out
+
+    # ---- inspecting -----------------------------------------------------------------------
+    def stablehlo(self) -> str:
+        """The module's StableHLO text."""
+        return self.exported.mlir_module()
+
+    def collectives(self) -> dict:
+        """The collectives in the StableHLO (`stablehlo_collectives`)."""
+        return stablehlo_collectives(self.stablehlo())
+
+    # ---- running --------------------------------------------------------------------------
+    def mesh(self, devices=None):
+        """A mesh of the manifest's shape over `devices` (default: jax.devices())."""
+        from meshwright.passes.compiler import make_mesh
+
+        return make_mesh(self.manifest["mesh"], devices)
+
+    def __call__(self, *args, mesh=None):
+        """Run the program on a mesh of the exported shape (default: the first devices of
+        this job), placing the arguments as the manifest says."""
+        platform = jax.devices()[0].platform
+        platform = {"gpu": "cuda"}.get(platform, platform)
+        if platform not in self.exported.platforms:
+            raise ValueError(
+                f"this program was exported for {', '.join(self.exported.platforms)}, and "
+                f"this process runs on {platform}: run it where those devices are, or export "
+                f"it again with platforms=('{platform}',) (meshwright export --platform "
+                f"{platform})")
+        mesh = mesh if mesh is not None else self.mesh()
+        n = self.manifest["devices"]
+        if mesh.devices.size != n:
+            raise ValueError(f"this program runs on {n} devices; the mesh has "
+                             f"{mesh.devices.size}")
+        flat, tree = jax.tree_util.tree_flatten(args)
+        if tree != self.exported.in_tree.children()[0]:
+            raise ValueError(f"the arguments do not have the exported structure: got {tree}, "
+                             f"exported {self.exported.in_tree.children()[0]}")
+        specs = [jax.sharding.PartitionSpec(*_spec_from_json(i["spec"]))
+                 for i in self.manifest["inputs"]]
+        from meshwright.runtime.distributed import put
+
+        placed = [put(x, NamedSharding(mesh, s)) for x, s in zip(flat, specs)]
+        return self.exported.call(*jax.tree_util.tree_unflatten(tree, placed))
+
+
+def load_exported(path: str | Path) -> ExportedProgram:
+    """Read an artifact written by `ExportedProgram.save` / `meshwright export` (and its
+    manifest, `path`.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no exported program at {path}")
+    manifest_path = _manifest_path(path)
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{path} has no manifest next to it ({manifest_path.name}); "
+                                "it is written with the artifact by ExportedProgram.save")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path} is not a {FORMAT} manifest "
+                         f"(format {manifest.get('format')!r})")
+    data = path.read_bytes()
+    if manifest.get("sha256") and hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{path} does not match the checksum in {manifest_path.name}: the "
+                         "file was changed or truncated; export it again")
+    try:
+        exported = jax.export.deserialize(bytearray(data))
+    except ImportError as e:
+        raise ImportError(f"reading an exported program needs the flatbuffers package: "
+                          f"pip install flatbuffers ({e})") from None
+    return ExportedProgram(exported, manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting
+
+
+def _spec_json(spec) -> list:
+    return [list(d) if isinstance(d, tuple) else d for d in spec]
+
+
+def _spec_from_json(spec: list) -> list:
+    return [tuple(d) if isinstance(d, list) else d for d in spec]
+
+
+def _config_json(config) -> dict | None:
+    if config is None:
+        return None
+    return asdict(config) if is_dataclass(config) else dict(config)
+
+
+def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> ExportedProgram:
+    """`step.export(*args, platforms=...)`: lower the compiled program of `step` (a
+    ShardedFunction) at these arguments for `platforms` with `jax.export`."""
+    import meshwright
+
+    platforms = tuple(platforms)
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ValueError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
+                         f"choose from {', '.join(PLATFORMS)}")
+    c = step.compiled(*args)
+    if getattr(c, "load_transforms", None):
+        raise ValueError(
+            "this program converts some weights when they are loaded ("
+            + "; ".join(c.describe_load_transforms())
+            + "), which an exported program cannot carry; export it with weights='native'")
+    flat, in_tree = jax.tree_util.tree_flatten(args)
+    shardings = [NamedSharding(c.jax_mesh, s.partition_spec()) for s in c.in_specs]
+    structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype")
+                                    else np.asarray(x).dtype, sharding=sh)
+               for x, sh in zip(flat, shardings)]
+    out_tree = c.graph.out_tree
+
+    def program(*call_args):
+        outs = c.jitted(*jax.tree_util.tree_leaves(call_args))
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    exported = jax.export.export(jax.jit(program), platforms=platforms)(
+        *jax.tree_util.tree_unflatten(in_tree, structs))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    out_avals = exported.out_avals
+    emitted: dict[str, dict] = defaultdict(lambda: {"count": 0, "bytes": 0})
+    for r in c.records:
+        emitted[r.kind]["count"] += 1
+        emitted[r.kind]["bytes"] += r.bytes
+    predicted = c.predicted
+    manifest = {
+        "format": FORMAT,
+        "platforms": list(platforms),
+        "mesh": {a: int(c.mesh_shape[a]) for a in AXES},
+        "devices": int(np.prod([c.mesh_shape[a] for a in AXES])),
+        "layouts": {"ffn": c.ffn_layout, "attention": c.attention_layout},
+        "phase": step.phase,
+        "hardware": step.hardware,
+        "inputs": [{"path": p, "shape": list(s.shape), "dtype": str(s.dtype),
+                    "spec": _spec_json(spec.partition_spec())}
+                   for p, s, spec in zip(paths, structs, c.in_specs)],
+        "outputs": [{"shape": list(a.shape), "dtype": str(a.dtype),
+                     "spec": _spec_json(spec.partition_spec())}
+                    for a, spec in zip(out_avals, c.out_specs)],
+        "model_config": _config_json(c.config),
+        "collectives_emitted": dict(emitted),
+        "predicted": None if predicted is None else {
+            "comm_bytes_per_chip": int(predicted.comm_bytes_per_chip),
+            "step_seconds": float(getattr(predicted, "step_seconds", 0.0) or 0.0)},
+        "replicated_fallbacks": list(c.fallbacks),
+        "meshwright_version": meshwright.__version__,
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        "calling_convention_version": exported.calling_convention_version,
+    }
+    return ExportedProgram(exported, manifest)
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting collectives in StableHLO text
+
+_STABLEHLO_KINDS = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
+                    "all_reduce": "all-reduce", "all_to_all": "all-to-all",
+                    "collective_permute": "collective-permute"}
+_MLIR_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+               "ui32": 4, "ui8": 1, "i1": 1, "f8E4M3FN": 1, "f8E5M2": 1}
+_FUNC = re.compile(r"^\s*func\.func\s+(?:public\s+|private\s+)?@([\w.$\-]+)")
+_OP = re.compile(r'"?stablehlo\.(all_gather|reduce_scatter|all_reduce|all_to_all|'
+                 r'collective_permute)"?')
+_CALL = re.compile(r"(?:func\.)?call\s+@([\w.$\-]+)")
+_TENSOR = re.compile(r"tensor<([0-9x]*)x?([a-zA-Z][a-zA-Z0-9]*)>")
+
+
+def _tensor_bytes(text: str) -> int:
+    m = _TENSOR.search(text)
+    if not m:
+        return 0
+    dims, dtype = m.groups()
+    n = int(np.prod([int(d) for d in dims.split("x") if d])) if dims else 1
+    return n * _MLIR_BYTES.get(dtype, 4)
+
+
+def stablehlo_collectives(text: str) -> dict:
+    """{"count": {kind: n}, "bytes": {kind: bytes}, "loops": n} per device per call, from a
+    StableHLO module's text (`Exported.mlir_module()`, `Lowered.as_text()`).
+
+    Kinds and byte conventions as `passes/hlo.py`: all-gather counts its result, the others
+    their operand. A function's collectives count once per call from `main`. Collectives
+    inside a `stablehlo.while` count once per appearance (StableHLO does not state trip
+    counts); `loops` counts the while loops, so a caller knows when that matters.
+    """
+    funcs: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _FUNC.match(line)
+        if m:
+            current = m.group(1)
+            funcs[current] = []
+        if current is not None:
+            funcs[current].append(line)
+
+    def own(name: str) -> tuple[dict, dict, list[str], int]:
+        count, nbytes, calls, loops = defaultdict(int), defaultdict(int), [], 0
+        lines = funcs.get(name, [])
+        for i, line in enumerate(lines):
+            op = _OP.search(line)
+            if op:
+                kind = _STABLEHLO_KINDS[op.group(1)]
+                count[kind] += 1
+                # the op's type ends it: "... : (tensor<..>) -> tensor<..>", maybe lines later
+                j = i
+                while j < len(lines) - 1 and "->" not in lines[j]:
+                    j += 1
+                operand, _, result = lines[j].rpartition("->")
+                operand = operand.rsplit(" : ", 1)[-1]
+                nbytes[kind] += _tensor_bytes(result if kind == "all-gather" else operand)
+            loops += "stablehlo.while" in line
+            calls += _CALL.findall(line)
+        return count, nbytes, calls, loops
+
+    total_count: dict[str, int] = defaultdict(int)
+    total_bytes: dict[str, int] = defaultdict(int)
+    loops = 0
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        nonlocal loops
+        if depth > 50 or name not in funcs:
+            return
+        count, nbytes, calls, own_loops = own(name)
+        loops += own_loops
+        for k, v in count.items():
+            total_count[k] += v * times
+            total_bytes[k] += nbytes[k] * times
+        for callee in calls:
+            visit(callee, times, depth + 1)
+
+    visit("main" if "main" in funcs else next(iter(funcs), ""), 1)
+    return {"count": dict(total_count), "bytes": dict(total_bytes),
+            "total_bytes": int(sum(total_bytes.values())), "loops": loops}
+
+
+# ---------------------------------------------------------------------------------------------
+# A bundled model, planned and exported (`meshwright export`)
+
+DEFAULT_HARDWARE = {"tpu": "tpu-v4", "cuda": "h100", "rocm": "h100", "cpu": "cpu"}
+
+
+def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
+                 mesh: tuple[int, int, int] = (4, 4, 4), phase: str = "decode", batch: int = 8,
+                 length: int = 128, max_len: int | None = None, hardware: str | None = None,
+                 overrides: tuple[str, ...] | list[str] = (), force_ffn: str | None = None,
+                 force_attention: str | None = None) -> ExportedProgram:
+    """Plan a model preset for `mesh` on `hardware`, lower it, and export it for `platforms`.
+
+    Only shapes are needed: the weights and the cache are `jax.ShapeDtypeStruct`s, so a
+    large model exports without its parameters in memory. The mesh must exist here (on a
+    CPU-only machine, simulate `X*Y*Z` devices before JAX starts; `meshwright export` does).
+    """
+    from meshwright.models import build, get_config
+    from meshwright.passes.compiler import make_mesh, shard
+
+    config = get_config(model).with_overrides(list(overrides))
+    if max_len is not None:
+        config = config.replace(max_len=max_len)
+    built = build(config)
+    n = int(np.prod(mesh))
+    if jax.device_count() < n:
+        raise ValueError(f"a {'x'.join(map(str, mesh))} mesh needs {n} devices and JAX has "
+                         f"{jax.device_count()}: on CPU set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={n} before JAX starts "
+                         "(meshwright export does this itself)")
+    args = jax.eval_shape(lambda key: built.example_args(phase, batch=batch, length=length,
+                                                         key=key), jax.random.PRNGKey(0))
+    # the mesh is the target's (a 4x4x4 slice is a 4x4x4 torus); the planner picks the layouts
+    force = {k: v for k, v in (("ffn", force_ffn), ("attention", force_attention)) if v}
+    force["mesh"] = tuple(mesh)
+    hardware = hardware or DEFAULT_HARDWARE[platforms[0]]
+    step = shard(built.fn(phase), mesh=make_mesh(dict(zip(AXES, mesh))), phase=phase,
+                 hardware=hardware, force=force)
+    program = export_sharded(step, *args, platforms=platforms)
+    # the preset's own config (the traced graph's is named after the step function)
+    program.manifest["model_config"] = _config_json(config)
+    program.manifest["model"] = config.name
+    return program

@@ -1,0 +1,135 @@
+"""One process of the multi-process jobs in test_distributed.py (run by `meshwright launch`).
+
+    python tests/distributed_job.py OUT_DIR layouts serve checkpoint   # parts to run
+
+Every process runs the same parts in the same order. Process 0 writes what it measured to
+OUT_DIR/result.json and the sharded outputs to OUT_DIR/layouts.npz; the test compares them
+with the same programs run in one process. `kill` runs guarded steps forever (the test kills
+a process). Kept small: the tiny models, a persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import meshwright as mw
+
+info = mw.distributed.initialize()
+
+import jax
+import numpy as np
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "MESHWRIGHT_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# (model, phase, ffn, attention, mesh): every FFN layout and both attention layouts
+LAYOUTS = [
+    ("palm-tiny", "decode", "ws-1d", "heads", (1, 1, 8)),
+    ("palm-tiny", "decode", "ws-2d", "batch", (2, 2, 2)),
+    ("palm-tiny", "decode", "wg-x", "heads", (2, 2, 2)),
+    ("llama-tiny", "decode", "wg-xy", "batch", (2, 2, 2)),
+    ("gpt2-tiny", "prefill", "wg-xyz", "heads", (2, 2, 2)),
+]
+
+
+def layout_args(name, phase):
+    from meshwright.models import build, get_config
+
+    model = build(get_config(name).replace(scan_layers=True))
+    return model, model.example_args(phase, batch=8, length=8, key=jax.random.PRNGKey(11))
+
+
+def run_layouts(result: dict, out_dir: str) -> None:
+    arrays, rows = {}, []
+    for i, (name, phase, ffn, attention, mesh) in enumerate(LAYOUTS):
+        model, args = layout_args(name, phase)
+        t0 = time.perf_counter()
+        step = mw.shard(model.fn(phase), force={"ffn": ffn, "attention": attention,
+                                                "mesh": mesh})
+        with mw.distributed.guard(f"layout {ffn}/{attention}"):
+            out = mw.distributed.gather(step(*args))
+        want = jax.jit(model.fn(phase))(*args)  # unsharded, on this process's first device
+        err = max(float(np.max(np.abs(a - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
+        sharded = [not leaf.is_fully_addressable for leaf in jax.tree.leaves(
+            step.compiled(*args).place(jax.tree.leaves(args)))]
+        for k, leaf in enumerate(jax.tree.leaves(out)):
+            arrays[f"{i}_{k}"] = leaf
+        rows.append({"model": name, "phase": phase, "ffn": ffn, "attention": attention,
+                     "mesh": list(mesh), "max_abs_err_vs_unsharded": err,
+                     "inputs_spanning_processes": sum(sharded),
+                     "seconds": time.perf_counter() - t0})
+    result["layouts"] = rows
+    if info.is_leader:
+        np.savez(os.path.join(out_dir, "layouts.npz"), **arrays)
+
+
+def serve_workload():
+    from meshwright.runtime.workload import make_workload
+
+    return make_workload(12, rate=400.0, out_len=(2, 12), prompt_len=(2, 10),
+                         vocab_size=256, seed=3)
+
+
+def run_serve(result: dict) -> None:
+    from meshwright.models import build, get_config
+    from meshwright.runtime.distributed_engine import distributed_sharded_engine
+    from meshwright.runtime.engine import StepClock
+
+    model = build(get_config("palm-tiny").replace(scan_layers=True))
+    params = jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a,
+                          model.init_params(jax.random.PRNGKey(0)))
+    t0 = time.perf_counter()
+    served = distributed_sharded_engine(
+        model, params, pin={"ffn": "ws-2d", "mesh": {"x": 2, "y": 2, "z": 2}}, max_slots=4,
+        max_len=32, prefill_lengths=(16,))
+    engine = served.engine
+    compile_s = time.perf_counter() - t0
+    if engine.is_leader:
+        report = engine.serve(serve_workload(), clock=StepClock(1e-3))
+        engine.stop_followers()
+        result["serve"] = {"tokens": [r.tokens for r in report.results],
+                           "finish": [r.finish_reason for r in report.results],
+                           "decode_steps": report.metrics["decode_steps"],
+                           "kv_moves": report.metrics["kv_moves"],
+                           "buckets_used": report.metrics["buckets_used"],
+                           "compile_s": compile_s}
+    else:
+        result["followed_steps"] = engine.follow()
+
+
+def run_kill(result: dict) -> None:
+    """Guarded collective steps until killed; prints each step (the test waits for them)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = mw.make_mesh({"x": jax.device_count()})
+    f = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "x"), mesh=mesh, in_specs=P("x"),
+                              out_specs=P()))
+    x = mw.distributed.put(np.ones(jax.device_count(), np.float32),
+                           NamedSharding(mesh, P("x")))
+    for i in range(10**6):
+        with mw.distributed.guard(f"kill-test step {i}"):
+            jax.block_until_ready(f(x))
+        print(f"step {i}", flush=True)
+        time.sleep(0.05)
+
+
+def main() -> None:
+    out_dir, parts = sys.argv[1], sys.argv[2:]
+    result = {"process_id": info.process_id, "num_processes": info.num_processes,
+              "devices": jax.device_count(), "local_devices": jax.local_device_count()}
+    for part in parts:
+        {"layouts": lambda: run_layouts(result, out_dir), "serve": lambda: run_serve(result),
+         "kill": lambda: run_kill(result)}[part]()
+    with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
+        json.dump(result, f)
+    mw.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
