@@ -1,18 +1,22 @@
-"""Serving benchmarks on the tiny models, one CPU device. Prints tables, writes JSON.
+"""Serving benchmarks on the tiny models, one CPU device or a simulated mesh. Prints tables,
+writes JSON.
 
     python benchmarks/serve.py                 # everything; results/serve.json, docs/img PNG
     python benchmarks/serve.py --only policies # one part: policies, between, shuffle,
                                                #   steps, layouts, roofline, sweep
     python benchmarks/serve.py --quick         # fewer rates and repeats (a smoke run)
+    python benchmarks/serve.py --devices 8 --only policies --only between --only shuffle \
+        --only steps --only layouts            # every bucket mw.shard-compiled on 8 simulated
+                                               #   devices (results under "mesh8")
 
 Parts:
 - policies: fused vs static vs dynamic at several Poisson arrival rates, output lengths
   uniform in [16, 256] (max_len 320): throughput, p50/p99 latency, and fused's ratio to each.
 - shuffle: fused with and without the memory shuffle on widely varying output lengths
   [2, 300] on gpt2-tiny (multi-head, so a decode step's cost grows with its bucket).
-- layouts: the layout per bucket from `bench.cost_model_planner` (the analytical planner's
-  choice for an 8-chip CPU mesh) and the layout switches of a fused run. PLACEHOLDER: every
-  bucket still runs replicated on one device; the names are predictions.
+- layouts: the layout per bucket that actually ran on the mesh (`layouts.sharded_engine`,
+  planned with the cpu profile and with tpu-v4's, with and without the one-stored-layout
+  restriction), its steps in a fused run, and the layout switches. Needs --devices > 1.
 - steps: the compiled decode step's time per bucket (1..32 rows): where batching stops
   being free on this CPU.
 - roofline: batch-1 decode latency vs (weight + KV bytes per step) / measured bandwidth.
@@ -28,13 +32,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and "--devices" in sys.argv:  # simulated devices: before JAX starts
+    _n = sys.argv[sys.argv.index("--devices") + 1]
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={_n}").strip()
+
 import jax
-from meshwright.models import get_config
 from meshwright.runtime import bench
+
+DEVICES = 1  # set by --devices
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "serve.json"
@@ -42,7 +54,7 @@ PNG = ROOT.parent / "docs" / "img" / "serve_sweep.png"
 
 
 def policies(model: str, rates, requests: int, repeats: int) -> dict:
-    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    engine = bench.make_engine(model, max_slots=8, max_len=320, devices=DEVICES)
     rows = []
     for rate in rates:
         row = {"rate_per_s": rate}
@@ -77,7 +89,7 @@ def print_policy_row(model: str, row: dict) -> None:
 def between_capacities(model: str, rates, requests: int, repeats: int) -> dict:
     """Rates above static's capacity but below fused's: static's queue grows for the whole run,
     so its latency grows with the run's length while fused's does not."""
-    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    engine = bench.make_engine(model, max_slots=8, max_len=320, devices=DEVICES)
     rows = []
     for rate in rates:
         row = {"rate_per_s": rate}
@@ -101,7 +113,7 @@ def between_capacities(model: str, rates, requests: int, repeats: int) -> dict:
 
 
 def shuffle(model: str, rates, requests: int, repeats: int) -> dict:
-    engine = bench.make_engine(model, max_slots=8, max_len=320)
+    engine = bench.make_engine(model, max_slots=8, max_len=320, devices=DEVICES)
     rows = []
     for rate in rates:
         row = {"rate_per_s": rate}
@@ -145,7 +157,8 @@ def _mean_bucket(buckets_used: dict) -> float:
 def step_costs(models) -> dict:
     out = {}
     for model in models:
-        engine = bench.make_engine(model, max_slots=32, max_len=320)
+        engine = bench.make_engine(model, max_slots=32 if DEVICES == 1 else 8, max_len=320,
+                                   devices=DEVICES, prefill_lengths=(320,))
         costs = bench.decode_step_times(engine)
         out[model] = {str(b): c for b, c in costs.items()}
         print(f"{model} decode step at max_len 320, best (median) per bucket: " + ", ".join(
@@ -155,21 +168,32 @@ def step_costs(models) -> dict:
 
 
 def layouts(model: str) -> dict:
-    cfg = get_config(model).replace(max_len=320)
-    planner = bench.cost_model_planner(cfg, chips=8, hardware="cpu")
-    engine = bench.make_engine(model, max_slots=8, max_len=320, planner_fn=planner)
-    m = bench.serve_bench(engine=engine, policy="fused", requests=64, rate=40.0,
-                          out_len=(16, 256), progress=False)
-    print(f"{model}: layout per bucket (analytical planner, 8-chip CPU mesh; PLACEHOLDER, "
-          "not executed):")
-    for key, layout in m["layouts"].items():
-        print(f"  {key:>16}: {layout}")
-    print(f"  fused run at 40 req/s: {m['layout_switches']} layout switches over "
-          f"{m['decode_steps']} decode steps, buckets {m['buckets_used']}")
-    return {"model": model, "planner": "cost_model_planner(chips=8, hardware='cpu')",
-            "placeholder": True, "layouts": m["layouts"],
-            "layout_switches": m["layout_switches"], "decode_steps": m["decode_steps"],
-            "buckets_used": m["buckets_used"]}
+    """What ran per bucket on the mesh: the cpu profile's plan (weights placed once), and
+    tpu-v4's with and without the one-stored-layout rule."""
+    out = {}
+    for label, hardware, share in (("cpu", "cpu", True), ("tpu-v4", "tpu-v4", True),
+                                   ("tpu-v4-unshared", "tpu-v4", False)):
+        engine = bench.make_engine(model, max_slots=8, max_len=320, devices=DEVICES,
+                                   hardware=hardware, share_weights=share, progress=False,
+                                   prefill_lengths=(32, 320))
+        m = bench.serve_bench(engine=engine, policy="fused", requests=64, rate=40.0,
+                              out_len=(16, 256), progress=False)
+        print(f"\n{model}, planned for {hardware}"
+              + ("" if share else " without the one-stored-layout rule") + ":")
+        print(engine.layout_plan.explain())
+        print(bench.format_layouts(m))
+        print(f"fused run at 40 req/s: {m['layout_switches']} layout switches over "
+              f"{m['decode_steps']} decode steps, {m['throughput_tokens_per_s']:.0f} tok/s, "
+              f"per token p50 {m['per_token_s']['p50'] * 1e3:.2f} ms")
+        out[label] = {"hardware": hardware, "share_weights": share,
+                      "explain": engine.layout_plan.explain(),
+                      "layout_plan": m["layout_plan"], "layouts_ran": m["layouts_ran"],
+                      "weight_copies": m["weight_copies"],
+                      "layout_switches": m["layout_switches"],
+                      "decode_steps": m["decode_steps"], "buckets_used": m["buckets_used"],
+                      "throughput_tokens_per_s": m["throughput_tokens_per_s"],
+                      "per_token_p50_s": m["per_token_s"]["p50"]}
+    return {"model": model, "devices": DEVICES, **out}
 
 
 ROOFLINE_MODELS = [
@@ -208,36 +232,59 @@ PARTS = ("policies", "between", "shuffle", "steps", "layouts", "roofline", "swee
 
 
 def main() -> dict:
+    global DEVICES
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=PARTS, action="append")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="every bucket mw.shard-compiled on N simulated devices")
+    parser.add_argument("--rates", help="comma-separated arrival rates of `policies`")
+    parser.add_argument("--between-rates", help="comma-separated rates of `between`")
     args = parser.parse_args()
-    parts = args.only or PARTS
+    DEVICES = args.devices
+    parts = args.only or (PARTS if DEVICES == 1 else
+                          ("policies", "between", "shuffle", "steps", "layouts"))
     repeats = args.repeats or (1 if args.quick else 3)
-    rates = (20, 60, 1000) if args.quick else (10, 25, 40, 55, 70, 100, 200, 1000)
-    out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    mesh = DEVICES > 1
+    # the mesh's capacity is ~6x lower here (8 simulated devices share 2 cores)
+    rates = ((20, 60, 1000) if not mesh else (3, 10, 1000)) if args.quick else \
+        ((10, 25, 40, 55, 70, 100, 200, 1000) if not mesh else (3, 6, 9, 12, 1000))
+    if args.rates:
+        rates = tuple(float(r) for r in args.rates.split(","))
+    between = ((50, 60, 65) if not mesh else (8, 9.5)) if not args.quick else \
+        ((60,) if not mesh else (10,))
+    if args.between_rates:
+        between = tuple(float(r) for r in args.between_rates.split(","))
+    shuffle_rates = (15, 25, 35) if not mesh else (4, 7, 10)
+    whole = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out = whole if not mesh else whole.setdefault(f"mesh{DEVICES}", {})
     out.update({"python": platform.python_version(), "jax": jax.__version__,
-                "machine": platform.machine(), "devices": str(jax.devices()),
+                "machine": platform.machine(), "devices": str(jax.devices()[:DEVICES]),
                 "date": time.strftime("%Y-%m-%d %H:%M")})
     t0 = time.perf_counter()
     if "policies" in parts:
         print("== fused vs static vs dynamic, output lengths [16, 256] ==")
-        out["policies"] = [policies("palm-tiny", rates, 128, repeats),
-                           policies("gpt2-tiny", rates[::2], 128, repeats)]
+        out["policies"] = [policies("palm-tiny", rates, 128, repeats)]
+        if not mesh:
+            out["policies"].append(policies("gpt2-tiny", rates[::2], 128, repeats))
     if "between" in parts:
         print("\n== between static's and fused's capacity: longer runs ==")
-        out["between"] = between_capacities("palm-tiny", (50, 60, 65) if not args.quick
-                                            else (60,), 512 if not args.quick else 128,
+        out["between"] = between_capacities("palm-tiny", between,
+                                            512 if not args.quick else 128,
                                             max(1, repeats - 1))
     if "shuffle" in parts:
         print("\n== memory shuffle on / off, output lengths [2, 300] ==")
-        out["shuffle"] = shuffle("gpt2-tiny", (15, 25, 35) if not args.quick else (25,), 128,
-                                 repeats + 2)
+        # on the mesh: palm-tiny (gpt2-tiny's sharded step is 5-12 ms here, too slow to repeat)
+        out["shuffle"] = shuffle("gpt2-tiny" if not mesh else "palm-tiny",
+                                 shuffle_rates if not args.quick else shuffle_rates[1:2], 128,
+                                 repeats + 2 if not mesh else repeats)
     if "steps" in parts:
         print("\n== decode step time per bucket ==")
         out["steps"] = step_costs(("palm-tiny", "gpt2-tiny"))
     if "layouts" in parts:
+        if not mesh:
+            raise SystemExit("the layouts part needs --devices N (N > 1)")
         print("\n== layout per bucket ==")
         out["layouts"] = layouts("palm-tiny")
     if "roofline" in parts:
@@ -250,7 +297,7 @@ def main() -> dict:
         out["sweep"] = sweep("palm-tiny", intervals, max(repeats, 5))
     out["seconds"] = time.perf_counter() - t0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    RESULTS.write_text(json.dumps(whole, indent=2, sort_keys=True, default=str))
     print(f"\nwrote {RESULTS} ({out['seconds']:.0f} s)")
     return out
 

@@ -308,10 +308,23 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="FILE", help="--sweep: draw the speedups to this PNG")
     p.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--devices", type=int, default=1,
+                   help="compile every bucket with mw.shard on this many (simulated CPU) "
+                        "devices, each in the planner's layout (default: 1, plain jax.jit)")
+    p.add_argument("--hardware", default="cpu",
+                   help="--devices: the profile the planner prices layouts with "
+                        "(default: %(default)s; e.g. tpu-v4)")
+    p.add_argument("--no-share-weights", action="store_true",
+                   help="--devices: let each bucket run its cheapest layout even if it stores "
+                        "the weights otherwise (that bucket keeps its own copy)")
 
 
 @_command("bench", "benchmarks: `bench serve` replays a Poisson workload through the runtime")
 def _run_bench(args) -> int:
+    if args.devices > 1:  # simulated CPU devices: the flag must be set before JAX starts
+        from meshwright.runtime.demo import ensure_host_devices
+
+        ensure_host_devices(args.devices)
     from meshwright.runtime import bench
 
     lo, hi = args.out_len
@@ -319,7 +332,9 @@ def _run_bench(args) -> int:
     progress = not (args.no_progress or args.json)
     engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=max_len,
                                overrides=args.set, seed=args.seed, progress=progress,
-                               checkpoint=args.checkpoint)
+                               checkpoint=args.checkpoint, devices=args.devices,
+                               hardware=args.hardware,
+                               share_weights=not args.no_share_weights)
     if args.sweep:
         intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
         result = bench.sweep(engine=engine, intervals=intervals, requests=args.requests,

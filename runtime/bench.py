@@ -29,22 +29,42 @@ POLICIES = ("fused", "static", "dynamic")
 
 def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | None = None,
                 overrides: Sequence[str] = (), seed: int = 0, progress: bool = True,
-                checkpoint: str | None = None, **engine_kwargs) -> Engine:
+                checkpoint: str | None = None, devices: int = 1, hardware: str = "cpu",
+                share_weights: bool = True, **engine_kwargs) -> Engine:
     """An engine for a preset (with `key=value` overrides), random weights from `seed`; or for
-    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer)."""
+    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer).
+
+    `devices` > 1: every bucket `mw.shard`-compiled on that many devices in the layout the
+    planner (with the `hardware` profile) picks for it, weights placed once
+    (`layouts.sharded_engine`; on CPU the simulated devices must exist before JAX starts:
+    XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+    tokenizer = None
     if checkpoint is not None:
         from meshwright.models.hf import from_pretrained, load_tokenizer
 
         cfg, params = from_pretrained(checkpoint, max_len=max_len)
-        return Engine(cfg, params, max_slots=max_slots, max_len=max_len, progress=progress,
-                      tokenizer=load_tokenizer(checkpoint), **engine_kwargs)
-    cfg = get_config(model).with_overrides(list(overrides))
-    if max_len and max_len > cfg.max_len:
-        cfg = cfg.replace(max_len=max_len)
-    m = build(cfg)
-    params = m.init_params(jax.random.PRNGKey(seed))
+        tokenizer = load_tokenizer(checkpoint)
+        m = build(cfg)
+    else:
+        cfg = get_config(model).with_overrides(list(overrides))
+        if max_len and max_len > cfg.max_len:
+            cfg = cfg.replace(max_len=max_len)
+        m = build(cfg)
+        params = m.init_params(jax.random.PRNGKey(seed))
+    if devices > 1:
+        from meshwright.runtime.layouts import sharded_engine
+
+        available = jax.devices()
+        if len(available) < devices:
+            raise ValueError(f"--devices {devices}: JAX has {len(available)} device(s); on CPU "
+                             f"set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+                             "before JAX starts")
+        return sharded_engine(m, params, available[:devices], hardware=hardware,
+                              share_weights=share_weights, max_slots=max_slots,
+                              max_len=max_len or m.config.max_len, progress=progress,
+                              tokenizer=tokenizer, **engine_kwargs)
     return Engine(m, params, max_slots=max_slots, max_len=max_len, progress=progress,
-                  **engine_kwargs)
+                  tokenizer=tokenizer, **engine_kwargs)
 
 
 def cost_model_planner(config, *, chips: int = 8, hardware: str = "cpu",
@@ -110,8 +130,17 @@ def serve_bench(model: str = "palm-tiny", *, policy: str = "fused", requests: in
     out = _median_metrics(runs) if repeats > 1 else runs[0]
     out.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
                max_len=engine.max_len, window_s=window_s if policy == "dynamic" else None,
-               clock=clock)
+               clock=clock, **layout_info(engine))
     return out
+
+
+def layout_info(engine: Engine) -> dict:
+    """Devices, mesh and per-bucket layout plan of an engine (for the metrics)."""
+    plan = engine.layout_plan
+    if plan is None:
+        return {"devices": 1 if engine.mesh is None else engine.mesh.size}
+    return {"devices": plan.chips, "hardware": plan.hardware, "mesh": dict(plan.mesh),
+            "layout_plan": plan.to_dict(), "weight_copies": list(engine.weight_copies)}
 
 
 def compare(engine: Engine, variants: dict[str, dict], *, repeats: int = 3,
@@ -139,7 +168,7 @@ def compare(engine: Engine, variants: dict[str, dict], *, repeats: int = 3,
     for label, results in runs.items():
         m = _median_metrics(results) if repeats > 1 else results[0]
         m.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
-                 max_len=engine.max_len, clock=clock)
+                 max_len=engine.max_len, clock=clock, **layout_info(engine))
         out[label] = m
     return out
 
@@ -238,6 +267,25 @@ def format_metrics(m: dict) -> str:
         (f"decode steps per bucket: {m.get('buckets_used')}; kv moves {m.get('kv_moves')}; "
         f"layout switches {m.get('layout_switches')}"),
     ]
+    if m.get("layout_plan"):
+        lines.append(format_layouts(m))
+    return "\n".join(lines)
+
+
+def format_layouts(m: dict) -> str:
+    """Per bucket: the layout that ran, how many steps, the planner's free choice and why."""
+    ran = m.get("layouts_ran") or {}
+    mesh = m["mesh"]
+    head = (f"layout per bucket ({m['devices']} devices, mesh {mesh['x']}x{mesh['y']}x"
+            f"{mesh['z']}, planned for {m['hardware']}"
+            + (f"; own weight copies: {', '.join(m['weight_copies'])}"
+               if m.get("weight_copies") else "; weights placed once") + "):")
+    lines = [head, f"  {'bucket':<15}{'ran':<14}{'steps':>7}  {'planner, free':<22}why"]
+    for c in m["layout_plan"]:
+        key = f"{c['phase']}:{c['batch']}x{c['length']}"
+        steps = ran.get(key, {}).get("steps", 0)
+        lines.append(f"  {c['phase'] + ' ' + str(c['batch']) + 'x' + str(c['length']):<15}"
+                     f"{c['layout']:<14}{steps:>7}  {c['free']:<22}{c['why']}")
     return "\n".join(lines)
 
 
@@ -340,6 +388,9 @@ def decode_step_times(engine: Engine, repeats: int = 40) -> dict[int, dict]:
         cfg = engine.config
         shape = (cfg.n_layers, bucket.batch, engine.max_len, cfg.n_kv_heads, cfg.d_head)
         cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+        sharding = engine.kv.sharding_for(bucket.batch)
+        if sharding is not None:  # placed as the step takes it: no reshard in the timing
+            cache = jax.device_put(cache, sharding)
         tokens = np.zeros(bucket.batch, np.int32)
         positions = np.full(bucket.batch, engine.max_len // 2, np.int32)
         times = []

@@ -133,3 +133,17 @@ def test_without_sharing_weights_the_ffn_layout_follows_the_batch_too(demo_model
     want = [greedy_reference(config, params, p, n, max_len=MAX_LEN)
             for p, n in zip(prompts, [12] + [8] * 7)]
     assert got == want
+
+
+def test_bench_serve_prints_the_layout_per_bucket(demo_model):
+    from meshwright.runtime.bench import format_layouts
+
+    plan = plan_layouts(demo_model[0], _buckets(), chips=8, hardware="cpu")
+    metrics = {"devices": 8, "hardware": "cpu", "mesh": plan.mesh, "weight_copies": [],
+               "layout_plan": plan.to_dict(),
+               "layouts_ran": {"decode:8x256": {"layout": "ws-1d/batch", "steps": 5}}}
+    lines = format_layouts(metrics).splitlines()
+    assert "mesh 1x1x8" in lines[0] and "weights placed once" in lines[0]
+    row = next(line for line in lines if "decode 8x256" in line).split()
+    assert row[2:4] == ["ws-1d/batch", "5"]
+    assert len(lines) == 2 + len(plan.choices)
