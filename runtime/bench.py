@@ -67,29 +67,6 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
                   tokenizer=tokenizer, **engine_kwargs)
 
 
-def cost_model_planner(config, *, chips: int = 8, hardware: str = "cpu",
-                       weights: str = "fp32", prefill_context: int = 16):
-    """A `planner_fn` for the engine that asks the analytical planner which layout it would
-    choose for each bucket on a `chips`-chip mesh ("ffn-layout/attention-layout").
-
-    PLACEHOLDER: the engine runs every bucket with the default compile_fn (one device); these
-    names are predictions only, until the sharded compiler (`mw.shard`) compiles each bucket
-    in its layout. Decode buckets are planned at context max_len, prefill at
-    `prefill_context` tokens."""
-    from meshwright.passes.planner import plan_config
-
-    def planner_fn(phase, bucket):
-        context = bucket.length if phase == "decode" else prefill_context
-        try:
-            p = plan_config(config, hardware=hardware, chips=chips, batch=bucket.batch,
-                            context=context, phase=phase, weights=weights)
-        except ValueError as e:
-            return f"unplanned ({e})"
-        return f"{p.ffn_layout}/{p.attention_layout}"
-
-    return planner_fn
-
-
 def _median_metrics(runs: list[dict]) -> dict:
     """Field-by-field median of several runs' metrics (numbers and {p50, ...} dicts)."""
     out = dict(runs[-1])
