@@ -241,8 +241,11 @@ class Graph:
 
     def topo_order(self) -> list[Node]:
         """Nodes in a deterministic topological order (ties broken by creation order)."""
-        order = nx.lexicographical_topological_sort(self._nx, key=lambda n: n)
-        return [self._nx.nodes[n]["node"] for n in order]
+        cached = getattr(self, "_topo", None)  # every mutation bumps `version`
+        if cached is None or cached[0] != self.version:
+            order = nx.lexicographical_topological_sort(self._nx, key=lambda n: n)
+            cached = self._topo = (self.version, [self._nx.nodes[n]["node"] for n in order])
+        return list(cached[1])
 
     def equations(self) -> list[Node]:
         """The nodes that compute something (not inputs or constants), in topological order."""
