@@ -1,7 +1,8 @@
 """Every layout on the simulated 8-device mesh: collective bytes predicted, emitted by the
 explicit lowering, counted in its compiled HLO, and counted in the GSPMD baseline (the same
-input shardings given to plain `jax.jit`, XLA's partitioner inserting the collectives); step
-time sharded vs unsharded.
+layout written the ordinary way: `jax.jit` with the inputs placed alike and every activation
+and gathered weight pinned by `with_sharding_constraint`, XLA's partitioner inserting the
+collectives); step time sharded, GSPMD and unsharded.
 
     python benchmarks/layouts.py [--models palm-tiny,llama-tiny] [--phases decode] [--quick]
 
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from meshwright.models import build, get_config
+from meshwright.passes.gspmd import gspmd_program
 from meshwright.passes.hlo import collective_bytes
 
 import meshwright as mw
@@ -45,17 +47,15 @@ def timed(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gspmd_baseline(fn, args, compiled) -> int:
-    """Plain jax.jit with our input/output shardings; XLA's partitioner does the rest."""
-    mesh = compiled.jax_mesh
-    tree = jax.tree_util.tree_structure(args)
-    in_shardings = jax.tree_util.tree_unflatten(
-        tree, [NamedSharding(mesh, s.partition_spec()) for s in compiled.in_specs])
-    out_tree = compiled.graph.out_tree
-    out_shardings = jax.tree_util.tree_unflatten(
-        out_tree, [NamedSharding(mesh, s.partition_spec()) for s in compiled.out_specs])
-    lowered = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings).lower(*args)
-    return collective_bytes(lowered.compile().as_text())["total"]
+def gspmd_baseline(args, compiled):
+    """The same layout the ordinary way (`meshwright.passes.gspmd`: jax.jit, the parameters
+    placed alike, every activation and gathered weight pinned with with_sharding_constraint,
+    XLA's partitioner inserting the collectives): (collective bytes, placed args, program)."""
+    program = gspmd_program(compiled)
+    flat = [jax.device_put(x, NamedSharding(compiled.jax_mesh, s.partition_spec()))
+            for x, s in zip(jax.tree.leaves(args), compiled.in_specs)]
+    hlo = program.lower(*flat).compile().as_text()
+    return collective_bytes(hlo)["total"], flat, program
 
 
 def main(argv=None) -> int:
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     ffns = ("ws-2d", "wg-xy") if args.quick else FFNS
     rows = []
     header = (f"{'model':11} {'phase':7} {'ffn':7} {'attn':5} {'predicted':>9} {'emitted':>9} "
-              f"{'measured':>9} {'meas/pred':>9} {'gspmd':>9} {'step ms':>8} {'1-dev ms':>8} "
+              f"{'measured':>9} {'meas/pred':>9} {'gspmd':>9} {'step ms':>8} {'gspmd ms':>8} "
+              f"{'1-dev ms':>8} "
               f"{'ratio':>6} {'max err':>8}")
     print(header)
     print("-" * len(header))
@@ -93,11 +94,13 @@ def main(argv=None) -> int:
                     c = step.compiled(*xs)
                     placed = c.place(jax.tree.leaves(xs))
                     step_s = timed(c.compiled, placed, args.repeats)
-                    base = gspmd_baseline(fn, xs, c)
+                    base, base_flat, base_fn = gspmd_baseline(xs, c)
+                    base_s = timed(base_fn, base_flat, args.repeats)
                     row = {"model": name, "phase": phase, "ffn": ffn, "attention": attention,
                            "mesh": dict(c.mesh_shape), "predicted_bytes": rep["predicted"],
                            "emitted_bytes": rep["emitted"], "measured_bytes": rep["measured"],
                            "measured_by_kind": rep["by_kind"], "gspmd_bytes": base,
+                           "gspmd_step_s": base_s,
                            "step_s": step_s, "single_device_step_s": single_s,
                            "max_abs_error": err}
                     rows.append(row)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                     ratio = f"{rep['measured'] / pred:.2f}" if pred else "-"
                     print(f"{name:11} {phase:7} {ffn:7} {attention:5} {pred or 0:9d} "
                           f"{rep['emitted']:9d} {rep['measured']:9d} {ratio:>9} {base:9d} "
-                          f"{step_s * 1e3:8.2f} {single_s * 1e3:8.2f} "
+                          f"{step_s * 1e3:8.2f} {base_s * 1e3:8.2f} {single_s * 1e3:8.2f} "
                           f"{step_s / single_s:6.2f} {err:8.1e}", flush=True)
     out = os.path.join(os.path.dirname(__file__), "results", "layouts.json")
     with open(out, "w") as f:

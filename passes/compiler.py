@@ -121,7 +121,12 @@ class Compiled:
         return out
 
     def _put(self, x, k: int):
-        return jax.device_put(x, NamedSharding(self.jax_mesh, self.in_specs[k].partition_spec()))
+        sharding = NamedSharding(self.jax_mesh, self.in_specs[k].partition_spec())
+        if self.jax_mesh.is_multi_process:  # each process builds only its own devices' blocks
+            from meshwright.runtime.distributed import put
+
+            return put(x, sharding)
+        return jax.device_put(x, sharding)
 
     def describe_load_transforms(self) -> list[str]:
         paths = self.graph.meta.get("float_input_paths", [])
@@ -248,7 +253,9 @@ class ShardedFunction:
 
         def per_device(*flat_locals):
             emitter.records.clear()
-            ctx = LowerContext(mesh_info, emitter, result, attention)
+            ctx = LowerContext(mesh_info, emitter, result, attention,
+                               tuple(a for a in layout.attention_batch
+                                     if mesh_info.sizes.get(a, 1) > 1))
             outs, specs = lower_graph(ctx, g, list(flat_locals), in_specs)
             return [ctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
 
@@ -300,10 +307,17 @@ class ShardedFunction:
             best = plan.best
             return (plan, best.ffn_layout, best.attention_layout,
                     {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}, best)
+        mesh_shape = self._forced_mesh_shape()
+        # the planner's best candidate on the pinned mesh (the pins on ffn/attention hold)
+        on_mesh = [cand for cand in (plan.candidates if plan else [])
+                   if (cand.mesh.x, cand.mesh.y, cand.mesh.z) ==
+                   tuple(mesh_shape[a] for a in AXES)]
+        if on_mesh:
+            best = on_mesh[0]
+            return plan, best.ffn_layout, best.attention_layout, mesh_shape, best
         ffn = self.force.get("ffn") or (plan.best.ffn_layout if plan else "ws-2d")
         attention = self.force.get("attention") or (plan.best.attention_layout if plan
                                                     else "heads")
-        mesh_shape = self._forced_mesh_shape()
         predicted = None
         try:
             predicted = evaluate(config, get_hardware(self.hardware),

@@ -39,7 +39,8 @@ class Lowered:
 
 
 class LowerContext:
-    def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered, attention: str = "heads"):
+    def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered, attention: str = "heads",
+                 attention_batch: tuple = ()):
         self.mesh = mesh
         self.em = em
         self.result = result
@@ -50,6 +51,7 @@ class LowerContext:
         # broadcast operand that must move is re-broadcast from its (small) moved input.
         self.broadcasts: dict[int, tuple] = {}
         self.attention = attention  # the attention layout ("heads" or "batch")
+        self.attention_batch = attention_batch  # batch axes inside batch-sharded attention
 
     def fallback(self, node: Node, why: str) -> None:
         msg = f"{node.op} at {node.source or '?'}: {why}"
@@ -204,6 +206,22 @@ def _reshape_groups(sin, sout):
     return groups
 
 
+def _free_batch_dim(node, sin, sout, need, ctx, moving: int):
+    """(input dim, output dim) of an unsharded `batch` dim the reshape keeps whole and that
+    attention's batch axes can split, or None."""
+    axes = tuple(ctx.attention_batch)
+    v = node.inputs[0]
+    roles = (v.producer.meta.get("axes") or [None] * (v.index + 1))[v.index]
+    if not axes or not roles or any(set(d) & set(axes) for k, d in enumerate(need)
+                                     if k != moving):
+        return None
+    for gi, gj in _reshape_groups(sin, sout):
+        if len(gi) == 1 and len(gj) == 1 and roles[gi[0]] == "batch" and \
+                not need[gi[0]] and sin[gi[0]] % ctx.mesh.count(axes) == 0:
+            return gi[0], gj[0]
+    return None
+
+
 @lower_rule("reshape")
 def _reshape(ctx, node, ins):
     (x, spec), = ins[:1]
@@ -225,7 +243,15 @@ def _reshape(ctx, node, ins):
             while keep and sout[gj[0]] % ctx.mesh.count(axes[:keep]):
                 keep -= 1
             if keep < len(axes) and ctx.attention != "heads":
-                keep = 0  # attention over batch gathers the heads anyway: gather them here
+                # attention over batch: the heads move onto the batch dim (all-to-all) in the
+                # axes attention wants it in, if it can take them; else they are gathered
+                b = _free_batch_dim(node, sin, sout, need, ctx, gi[0])
+                if b is not None:
+                    need[gi[0]] = ()
+                    need[b[0]] = tuple(ctx.attention_batch)
+                    out_dims[b[1]] = tuple(ctx.attention_batch)
+                    continue
+                keep = 0
             if keep:
                 need[gi[0]] = tuple(axes[:keep])
                 out_dims[gj[0]] = tuple(axes[:keep])
