@@ -38,7 +38,11 @@ def run(name, phase, ffn, attention, mesh, scan=True):
 @pytest.mark.parametrize("attention", ["heads", "batch"])
 def test_every_layout_on_a_2x2x2_mesh(ffn, attention):
     step, args = run("palm-tiny", "decode", ffn, attention, (2, 2, 2))
-    assert step.report(*args)["replicated_fallbacks"] == []
+    report = step.report(*args)
+    assert report["replicated_fallbacks"] == []
+    bytes_ = report["collective_bytes"]
+    if bytes_["predicted"] is not None:  # wg-xyz/heads: the cost model has no such layout
+        assert abs(bytes_["measured"] / bytes_["predicted"] - 1) < 0.10
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "palm-tiny", "llama-tiny"])
@@ -81,15 +85,37 @@ def test_the_planner_chooses_when_nothing_is_forced():
     assert "lowered with FFN" in step.explain(*args)
 
 
-# The layouts whose HLO collective bytes are within 10% of the cost model today; the whole
-# table (and why the others differ) is benchmarks/layouts.py and docs/lowering.md.
-@pytest.mark.parametrize("name,ffn,attention,mesh", [
-    ("palm-tiny", "ws-2d", "heads", (2, 2, 2)), ("palm-tiny", "wg-x", "heads", (2, 2, 2)),
-    ("llama-tiny", "ws-1d", "batch", (2, 2, 2)), ("llama-tiny", "wg-x", "batch", (2, 2, 2))])
-def test_collective_bytes_match_the_cost_model(name, ffn, attention, mesh):
-    step, args = run(name, "decode", ffn, attention, mesh)
+# Every layout of every reference model is within 10% of the cost model in
+# benchmarks/layouts.py (docs/lowering.md); here the GPT-2 (fused QKV) and Llama (GQA) cases
+# that needed interleaved weights and heads moved onto batch.
+@pytest.mark.parametrize("name,ffn,attention", [
+    ("gpt2-tiny", "ws-2d", "heads"), ("gpt2-tiny", "ws-2d", "batch"),
+    ("gpt2-tiny", "ws-1d", "batch"), ("llama-tiny", "ws-2d", "batch"),
+    ("llama-tiny", "wg-x", "batch")])
+def test_collective_bytes_match_the_cost_model(name, ffn, attention):
+    step, args = run(name, "decode", ffn, attention, (2, 2, 2))
     bytes_ = step.report(*args)["collective_bytes"]
     assert bytes_["predicted"] and abs(bytes_["measured"] / bytes_["predicted"] - 1) < 0.10
+
+
+@pytest.mark.parametrize("name,ffn,attention", [
+    ("palm-tiny", "wg-xy", "batch"), ("gpt2-tiny", "ws-2d", "heads")])
+def test_no_more_bytes_than_the_gspmd_baseline(name, ffn, attention):
+    """The same layout written with with_sharding_constraint and partitioned by XLA computes
+    the same thing and moves at least as many bytes as the explicit lowering."""
+    from jax.sharding import NamedSharding
+    from meshwright.passes.gspmd import gspmd_program
+    from meshwright.passes.hlo import collective_bytes
+
+    step, args = run(name, "decode", ffn, attention, (2, 2, 2))
+    c = step.compiled(*args)
+    flat = [jax.device_put(x, NamedSharding(c.jax_mesh, s.partition_spec()))
+            for x, s in zip(jax.tree_util.tree_leaves(args), c.in_specs)]
+    baseline = gspmd_program(c)
+    assert_close(jax.tree_util.tree_unflatten(c.graph.out_tree, baseline(*flat)),
+                 case(name, "decode")[2])
+    gspmd = collective_bytes(baseline.lower(*flat).compile().as_text())["total"]
+    assert step.report(*args)["collective_bytes"]["measured"] <= gspmd
 
 
 @pytest.mark.parametrize("style", ["einsum", "fused_qkv", "flax"])
