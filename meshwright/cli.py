@@ -384,6 +384,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="DIR",
                    help="serve a Hugging Face checkpoint directory instead of the bundled model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hardware", default="cpu",
+                   help="profile the planner prices each bucket's layout with (default: "
+                        "%(default)s; e.g. tpu-v4: still runs on the simulated CPU mesh)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -395,7 +398,7 @@ def _run_demo(args) -> int:
     options = demo.DemoOptions(
         requests=args.requests, rate=args.rate, out_len=tuple(args.out_len),
         max_len=args.max_len, stream=args.stream, check=not args.no_check,
-        checkpoint=args.checkpoint, seed=args.seed,
+        checkpoint=args.checkpoint, seed=args.seed, hardware=args.hardware,
         progress=not (args.no_progress or args.json))
     result = demo.run_demo(options, out=None if args.json else sys.stdout)
     if args.json:
