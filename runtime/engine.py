@@ -27,16 +27,16 @@ The seam for the sharded compiler (`mw.shard`; `runtime/layouts.py` builds an en
   `in_shardings` attribute (the argument tree of the shardings it takes, e.g.
   `layouts.CompiledStep`) tells the engine where to put things: the weights are placed once
   with the first such step's weight shardings (a step that wants them split otherwise is
-  listed in `engine.weights_moved`: its calls move them), the KV cache at each capacity
+  listed in `engine.weight_copies`: it keeps its own copy, placed once), the KV cache at each
+  capacity
   takes that decode bucket's cache sharding, a prefill's fresh cache its bucket's, and the
   helpers around the steps (sampling, KV writes, moves, resizes) are compiled at start-up on
   the steps' real outputs, so nothing compiles on first use. Its `layout` and `why`
   attributes name the bucket's layout when there is no `planner_fn`.
 - `planner_fn(phase, bucket) -> str` names the layout of each compiled bucket (default: the
   step's `layout`, else "replicated"); the engine counts how often consecutive decode steps
-  change layout
-  (`stats.layout_switches`). Weights are placed once (`params` as given, replicated over
-  `mesh` if one is given), never moved on a bucket switch.
+  change layout (`stats.layout_switches`). Without a sharded step the weights are `params`
+  as given (replicated over `mesh` if one is given); they never move on a bucket switch.
 - `cache_sharding`: None, a `jax.sharding.Sharding`, or capacity -> Sharding (see
   `kv_cache.batch_sharding`); the KV cache is re-placed when its bucket changes.
 """
