@@ -101,8 +101,12 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     last = None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return
+            with socket.create_connection((host, int(port)), timeout=1.0) as conn:
+                # a port in the ephemeral range can "connect" to itself (TCP simultaneous
+                # open) when nothing listens on it: that is no coordinator
+                if conn.getsockname() != conn.getpeername():
+                    return
+                last = ConnectionRefusedError(f"nothing listens on {address}")
         except OSError as e:
             last = e
             time.sleep(0.1)
@@ -162,10 +166,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}")
     if not 0 <= process_id < num_processes:
         raise DistributedError(f"process id {process_id} is outside 0..{num_processes - 1}")
-    if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("", "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if process_id != 0:  # process 0 starts the coordinator itself
         _wait_for_coordinator(coordinator_address, timeout_s)
+    if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes,
         process_id=process_id, initialization_timeout=max(1, int(timeout_s)),
@@ -239,10 +243,11 @@ def fail(message: str) -> None:
 class Monitor(threading.Thread):
     """Heartbeats through the key-value store, and deadlines on guarded operations.
 
-    Every `timeout_s / 6` it writes its own beat and reads everyone's. A peer whose beat has
-    not changed for `timeout_s` (and that has not said it exited) is lost; so is the
-    coordinator when the store cannot be reached. The main thread's `guard(what)` sections
-    must end within `timeout_s`.
+    A beat thread writes this process's beat and reads everyone's every `timeout_s / 6`;
+    this thread judges, so a coordinator that stops answering (its calls block) is noticed
+    too. Lost: a peer whose beat has not changed for `timeout_s` (unless it said it exited),
+    the coordinator when no exchange with it has succeeded for `timeout_s`, and this
+    process's own `guard(what)` section when it lasts longer than `timeout_s`.
     """
 
     def __init__(self, process: ProcessInfo) -> None:
@@ -252,7 +257,9 @@ class Monitor(threading.Thread):
         self.interval_s = max(0.05, min(1.0, process.timeout_s / 6))
         self._stop_event = threading.Event()
         self._guard: tuple[str, float] | None = None
-        self._beat = 0
+        self._beats: dict[str, str] = {}
+        self._exchanged = time.monotonic()  # last successful exchange with the coordinator
+        self._error: str | None = None
 
     def guard(self, what: str):
         return _Guard(self, what)
@@ -266,24 +273,36 @@ class Monitor(threading.Thread):
     def _key(self, pid: int) -> str:
         return f"{_KEY}/alive/{pid}"
 
-    def run(self) -> None:
+    def _beat_loop(self) -> None:
         import jax
 
         client = _client()
+        me, beat = self.process.process_id, 0
+        while not self._stop_event.is_set():
+            try:
+                beat += 1
+                client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
+                self._beats = dict(client.key_value_dir_get(f"{_KEY}/alive/"))
+                self._exchanged = time.monotonic()
+            except jax.errors.JaxRuntimeError as e:  # the coordinator (process 0) is gone
+                self._error = str(e).splitlines()[0][:200]
+                return
+            self._stop_event.wait(self.interval_s)
+
+    def run(self) -> None:
+        threading.Thread(target=self._beat_loop, name="meshwright-heartbeat",
+                         daemon=True).start()
         me = self.process.process_id
-        seen: dict[int, tuple[str, float]] = {}
+        seen: dict[int, tuple[str | None, float]] = {}
         while not self._stop_event.wait(self.interval_s):
             now = time.monotonic()
-            try:
-                self._beat += 1
-                client.key_value_set(self._key(me), str(self._beat), allow_overwrite=True)
-                beats = dict(client.key_value_dir_get(f"{_KEY}/alive/"))
-            except jax.errors.JaxRuntimeError as e:  # the coordinator (process 0) is gone
+            if self._error is not None or now - self._exchanged > self.timeout_s:
                 if self._stop_event.is_set():
                     return
-                fail(f"lost the coordinator at {self.process.coordinator} (process 0 "
-                     f"died or cannot be reached): {str(e).splitlines()[0][:200]}")
-                return
+                why = self._error or f"no answer for {now - self._exchanged:.1f} s"
+                fail(f"lost the coordinator at {self.process.coordinator} (process 0 died, "
+                     f"hangs or cannot be reached: {why})")
+            beats = self._beats
             for pid in range(self.process.num_processes):
                 if pid == me:
                     continue

@@ -1,11 +1,11 @@
 """One process of the multi-process jobs in test_distributed.py (run by `meshwright launch`).
 
-    python tests/distributed_job.py OUT_DIR layouts serve checkpoint   # parts to run
+    python tests/distributed_job.py OUT_DIR layouts=0,1,2 serve checkpoint   # parts to run
 
-Every process runs the same parts in the same order. Process 0 writes what it measured to
-OUT_DIR/result.json and the sharded outputs to OUT_DIR/layouts.npz; the test compares them
-with the same programs run in one process. `kill` runs guarded steps forever (the test kills
-a process). Kept small: the tiny models, a persistent compilation cache.
+Every process runs the same parts in the same order and writes what it measured to
+OUT_DIR/resultN.json; process 0 also writes the sharded outputs to OUT_DIR/layouts.npz; the
+test compares them with the same functions run in one process. `kill` runs guarded steps
+until the test kills a process. Kept small: the tiny models, a persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ import os
 import sys
 import time
 
-import meshwright as mw
-
-info = mw.distributed.initialize()
-
 import jax
 import numpy as np
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "MESHWRIGHT_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import meshwright as mw
+
+info = None  # this process's mw.distributed.ProcessInfo, set by main()
 
 # (model, phase, ffn, attention, mesh): every FFN layout and both attention layouts
 LAYOUTS = [
@@ -43,9 +39,10 @@ def layout_args(name, phase):
     return model, model.example_args(phase, batch=8, length=8, key=jax.random.PRNGKey(11))
 
 
-def run_layouts(result: dict, out_dir: str) -> None:
+def run_layouts(result: dict, out_dir: str, which: list[int]) -> None:
     arrays, rows = {}, []
-    for i, (name, phase, ffn, attention, mesh) in enumerate(LAYOUTS):
+    for i in which:
+        name, phase, ffn, attention, mesh = LAYOUTS[i]
         model, args = layout_args(name, phase)
         t0 = time.perf_counter()
         step = mw.shard(model.fn(phase), force={"ffn": ffn, "attention": attention,
@@ -59,7 +56,7 @@ def run_layouts(result: dict, out_dir: str) -> None:
             step.compiled(*args).place(jax.tree.leaves(args)))]
         for k, leaf in enumerate(jax.tree.leaves(out)):
             arrays[f"{i}_{k}"] = leaf
-        rows.append({"model": name, "phase": phase, "ffn": ffn, "attention": attention,
+        rows.append({"index": i, "model": name, "phase": phase, "ffn": ffn, "attention": attention,
                      "mesh": list(mesh), "max_abs_err_vs_unsharded": err,
                      "inputs_spanning_processes": sum(sharded),
                      "seconds": time.perf_counter() - t0})
@@ -71,7 +68,7 @@ def run_layouts(result: dict, out_dir: str) -> None:
 def serve_workload():
     from meshwright.runtime.workload import make_workload
 
-    return make_workload(12, rate=400.0, out_len=(2, 12), prompt_len=(2, 10),
+    return make_workload(10, rate=400.0, out_len=(2, 8), prompt_len=(2, 7),
                          vocab_size=256, seed=3)
 
 
@@ -86,7 +83,7 @@ def run_serve(result: dict) -> None:
     t0 = time.perf_counter()
     served = distributed_sharded_engine(
         model, params, pin={"ffn": "ws-2d", "mesh": {"x": 2, "y": 2, "z": 2}}, max_slots=4,
-        max_len=32, prefill_lengths=(16,))
+        max_len=16, prefill_lengths=(16,))
     engine = served.engine
     compile_s = time.perf_counter() - t0
     if engine.is_leader:
@@ -95,6 +92,7 @@ def run_serve(result: dict) -> None:
         result["serve"] = {"tokens": [r.tokens for r in report.results],
                            "finish": [r.finish_reason for r in report.results],
                            "decode_steps": report.metrics["decode_steps"],
+                           "steps": engine.stats.steps,
                            "kv_moves": report.metrics["kv_moves"],
                            "buckets_used": report.metrics["buckets_used"],
                            "compile_s": compile_s}
@@ -119,13 +117,49 @@ def run_kill(result: dict) -> None:
         time.sleep(0.05)
 
 
+def run_checkpoint(result: dict) -> None:
+    """`checkpoint_io.place` (what `from_pretrained` uses) on a sharding over every process's
+    devices: each process reads only its own devices' blocks."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from meshwright.models import checkpoint_io
+
+    full = np.arange(16 * 24, dtype=np.float32).reshape(16, 24)
+    reads = []
+
+    class Recorded(checkpoint_io.Constant):
+        def read(self, index):
+            reads.append([[s.start, s.stop] for s in index])
+            return super().read(index)
+
+    mesh = mw.make_mesh({"x": 2, "y": 2, "z": 2})
+    sharding = NamedSharding(mesh, P(("x", "y"), "z"))  # 4 x 2 blocks of (4, 12)
+    placed = checkpoint_io.place(Recorded(full), sharding, np.float32)
+    mine = sorted({tuple(map(tuple, ([s.start, s.stop] for s in
+                                     checkpoint_io.normalize_index(idx, full.shape))))
+                   for idx in sharding.addressable_devices_indices_map(full.shape).values()})
+    result["checkpoint"] = {
+        "reads": sorted(tuple(map(tuple, r)) for r in reads) == mine,
+        "blocks_read": len(reads), "rows_read": sum(r[0][1] - r[0][0] for r in reads),
+        "equal": bool(np.array_equal(mw.distributed.gather(placed), full))}
+
+
 def main() -> None:
+    global info
+    info = mw.distributed.initialize()
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "MESHWRIGHT_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     out_dir, parts = sys.argv[1], sys.argv[2:]
     result = {"process_id": info.process_id, "num_processes": info.num_processes,
               "devices": jax.device_count(), "local_devices": jax.local_device_count()}
     for part in parts:
-        {"layouts": lambda: run_layouts(result, out_dir), "serve": lambda: run_serve(result),
-         "kill": lambda: run_kill(result)}[part]()
+        name, _, arg = part.partition("=")
+        if name == "layouts":
+            run_layouts(result, out_dir, [int(i) for i in arg.split(",")] if arg
+                        else list(range(len(LAYOUTS))))
+        else:
+            {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint}[name](result)
     with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
         json.dump(result, f)
     mw.distributed.shutdown()

@@ -1,0 +1,203 @@
+"""Several processes, one mesh: every layout, serving, checkpoint reads and failures, run as
+real multi-process jobs on 127.0.0.1 (tests/distributed_job.py is the program they run).
+
+Two jobs share the work, each checking several things so that few processes start:
+2 processes x 4 devices (four layouts, greedy serving of a Poisson workload, checkpoint
+blocks) and 4 processes x 2 devices (the fifth FFN layout, checkpoint blocks). Together
+they cover every FFN layout and both attention layouts; this process (8 simulated devices)
+runs the same functions unsharded and serves the same workload to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from distributed_job import LAYOUTS, layout_args, serve_workload
+from meshwright.runtime import distributed as dist
+from meshwright.runtime.launch import launch, spawn, stop
+
+import meshwright as mw
+
+JOB = str(Path(__file__).with_name("distributed_job.py"))
+DEADLINE_S = 400  # a job that takes longer has hung: fail instead of waiting
+
+
+def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
+    result = launch([sys.executable, JOB, str(tmp), *parts], processes,
+                    devices_per_process=devices, timeout_s=60, deadline_s=DEADLINE_S,
+                    out=None, keep_output=True)
+    log = "\n".join(f"[p{p}] {line}" for p, lines in result.output.items() for line in lines
+                    if "Gloo" not in line)
+    assert result.returncode == 0, log[-4000:]
+    return [json.loads((tmp / f"result{p}.json").read_text()) for p in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def job_2x4(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job2x4")
+    return tmp, run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve")
+
+
+@pytest.fixture(scope="module")
+def job_4x2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job4x2")
+    return tmp, run_job(tmp, 4, 2, "layouts=4", "checkpoint")
+
+
+def check_layouts(tmp: Path, results: list[dict]) -> list[str]:
+    arrays = np.load(tmp / "layouts.npz")
+    checked = []
+    for row in results[0]["layouts"]:
+        i = row["index"]
+        name, phase, ffn, attention, _ = LAYOUTS[i]
+        model, args = layout_args(name, phase)
+        want = jax.tree.leaves(jax.jit(model.fn(phase))(*args))  # one process, one device
+        for k, leaf in enumerate(want):
+            np.testing.assert_allclose(arrays[f"{i}_{k}"], np.asarray(leaf), rtol=2e-5,
+                                       atol=2e-5, err_msg=f"{name} {phase} {ffn}/{attention}")
+        # the inputs really were laid out over both processes' devices
+        assert row["inputs_spanning_processes"] > 0
+        checked.append(f"{ffn}/{attention}")
+    for r in results:  # every process got the same numbers
+        assert [x["max_abs_err_vs_unsharded"] for x in r["layouts"]] == \
+            [x["max_abs_err_vs_unsharded"] for x in results[0]["layouts"]]
+    return checked
+
+
+def test_layouts_on_2_processes_x_4_devices(job_2x4):
+    tmp, results = job_2x4
+    assert [(r["num_processes"], r["local_devices"], r["devices"]) for r in results] == \
+        [(2, 4, 8)] * 2
+    assert check_layouts(tmp, results) == ["ws-1d/heads", "ws-2d/batch", "wg-x/heads",
+                                           "wg-xy/batch"]
+
+
+def test_layouts_on_4_processes_x_2_devices(job_4x2):
+    tmp, results = job_4x2
+    assert [(r["num_processes"], r["local_devices"]) for r in results] == [(4, 2)] * 4
+    assert check_layouts(tmp, results) == ["wg-xyz/heads"]
+
+
+def test_each_process_reads_only_its_checkpoint_blocks(job_2x4, job_4x2):
+    for (_, results), blocks in ((job_2x4, 4), (job_4x2, 2)):
+        for r in results:
+            # (16, 24) split 4 x 2 over 8 devices: each process reads its devices' blocks
+            assert r["checkpoint"] == {"reads": True, "blocks_read": blocks,
+                                       "rows_read": 4 * blocks, "equal": True}
+
+
+def test_greedy_serving_equals_single_process(job_2x4):
+    from meshwright.models import build, get_config
+    from meshwright.runtime.engine import Engine, StepClock
+
+    _, results = job_2x4
+    served = results[0]["serve"]
+    model = build(get_config("palm-tiny").replace(scan_layers=True))
+    params = jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a,
+                          model.init_params(jax.random.PRNGKey(0)))
+    engine = Engine(model, params, max_slots=4, max_len=16, prefill_lengths=(16,),
+                    progress=False)
+    report = engine.serve(serve_workload(), clock=StepClock(1e-3))
+    assert served["tokens"] == [r.tokens for r in report.results]
+    assert served["decode_steps"] == report.metrics["decode_steps"]
+    assert served["kv_moves"] == report.metrics["kv_moves"] > 0  # the shuffle ran
+    assert results[1]["followed_steps"] == served["steps"] > served["decode_steps"]
+
+
+def _pump(proc, lines):
+    for raw in iter(proc.stdout.readline, b""):
+        lines.append(raw.decode(errors="replace"))
+
+
+@pytest.mark.parametrize("victim,how", [(1, signal.SIGKILL), (0, signal.SIGSTOP)])
+def test_a_lost_process_stops_the_others(tmp_path, victim, how):
+    """Kill one process mid-run (or freeze the coordinator's): the others exit with
+    EXIT_PEER_LOST and a message naming what was lost, within the timeout."""
+    timeout_s = 3.0
+    procs = spawn([sys.executable, JOB, str(tmp_path), "kill"], 2, devices_per_process=2,
+                  timeout_s=timeout_s)
+    lines = [[], []]
+    pumps = [threading.Thread(target=_pump, args=(p, out), daemon=True)
+             for p, out in zip(procs, lines)]
+    for t in pumps:
+        t.start()
+    try:
+        t0 = time.monotonic()
+        while not all(any(x.startswith("step 2") for x in out) for out in lines):
+            assert time.monotonic() - t0 < 120, lines
+            assert all(p.poll() is None for p in procs), lines
+            time.sleep(0.05)
+        os.kill(procs[victim].pid, how)
+        killed = time.monotonic()
+        survivor = procs[1 - victim]
+        code = survivor.wait(timeout=3 * timeout_s + 10)
+        waited = time.monotonic() - killed
+    finally:
+        stop(procs)
+    for t in pumps:
+        t.join(timeout=5)
+    text = "".join(lines[1 - victim])
+    assert code == dist.EXIT_PEER_LOST, text[-2000:]
+    assert waited < 2 * timeout_s + 3, waited
+    assert f"meshwright.distributed: process {1 - victim}: error:" in text
+    assert ("process 1 has sent no heartbeat" in text or "did not finish within" in text
+            if victim == 1 else "did not finish within" in text
+            or "lost the coordinator" in text)
+
+
+def test_unreachable_coordinator_is_a_clear_error():
+    from meshwright.runtime.launch import free_port
+
+    port = free_port()
+    with pytest.raises(dist.DistributedError, match=f"could not reach the coordinator at "
+                       f"127.0.0.1:{port} within 0.5 s.*start process 0"):
+        dist.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout_s=0.5)
+    with pytest.raises(dist.DistributedError, match="need a coordinator address"):
+        dist.initialize(num_processes=2, process_id=1)
+
+
+def test_launch_streams_output_and_stops_the_others_when_one_fails(capsys):
+    from meshwright.cli import main
+
+    code = ("import os, sys, time; pid = os.environ['MESHWRIGHT_PROCESS_ID']; "
+            "print('hello from', pid, os.environ['MESHWRIGHT_NUM_PROCESSES'], "
+            "os.environ['MESHWRIGHT_COORDINATOR'], flush=True); "
+            "sys.exit(7) if pid == '1' else time.sleep(60)")
+    t0 = time.monotonic()
+    assert main(["launch", "-n", "2", "--", sys.executable, "-c", code]) == 7
+    assert time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert "[p1] hello from 1 2 127.0.0.1:" in out
+    assert "[p0] hello from 0 2 127.0.0.1:" in out
+    assert "meshwright launch: process 1 exited with code 7; stopped process 0" in out
+    ok = launch([sys.executable, "-c", "print('fine')"], 3, out=None, keep_output=True)
+    assert ok.returncode == 0 and ok.returncodes == [0, 0, 0]
+    assert ok.output == {0: ["fine"], 1: ["fine"], 2: ["fine"]}
+
+
+def test_one_process_job_needs_no_coordinator():
+    info = dist.info()
+    assert (info.process_id, info.num_processes, info.is_leader) == (0, 1, True)
+    assert dist.broadcast({"a": 1}) == {"a": 1}
+    with dist.guard("anything"):  # a no-op without a monitor
+        pass
+    x = dist.put(np.arange(8.0), jax.sharding.NamedSharding(
+        mw.make_mesh({"x": 8}), jax.sharding.PartitionSpec("x")))
+    assert np.array_equal(dist.gather({"x": x})["x"], np.arange(8.0))
+
+
+def test_subprocess_helpers_are_importable_without_jax():
+    code = "import sys, meshwright.runtime.launch; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.stdout.strip() == "False", out.stderr

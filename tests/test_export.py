@@ -1,0 +1,136 @@
+"""Export: a PaLM-style model planned for a 4x4x4 TPU v4 mesh lowers for tpu and cuda here
+(a subprocess with 64 simulated CPU devices), its StableHLO holds the collectives the
+lowering emitted and the cost model predicts; a cpu export round-trips through
+mw.load_exported with the live program's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from meshwright.models import build, get_config
+from meshwright.passes.export import load_exported, stablehlo_collectives
+
+import meshwright as mw
+
+# PaLM-style (parallel blocks, multiquery, SwiGLU, RoPE), small enough to export in seconds
+PALM_SET = ["d_model=256", "d_ff=1024", "n_heads=16", "vocab_size=512"]
+
+
+@pytest.fixture(scope="module")
+def exported_64(tmp_path_factory):
+    """`meshwright export ... --mesh 4x4x4` for tpu and for cuda, in one fresh process: the
+    same plan (TPU v4), lowered for each platform."""
+    tmp = tmp_path_factory.mktemp("export")
+    code = (
+        "import sys\n"
+        "from meshwright.cli import main\n"
+        "for platform in ('tpu', 'cuda'):\n"
+        "    args = ['export', 'palm-tiny', '--platform', platform, '--mesh', '4x4x4',\n"
+        "            '--hardware', 'tpu-v4', '--phase', 'decode', '--batch', '64', '--json',\n"
+        f"            '--out', {str(tmp)!r} + f'/palm.{{platform}}.mwx']\n"
+        f"    for s in {PALM_SET!r}:\n"
+        "        args += ['--set', s]\n"
+        "    assert main(args) == 0\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # meshwright export sets 64 devices itself
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    decoder, text, summaries = json.JSONDecoder(), out.stdout.strip(), []
+    while text:  # one JSON object per export
+        obj, end = decoder.raw_decode(text)
+        summaries.append(obj)
+        text = text[end:].strip()
+    return tmp, summaries
+
+
+def test_palm_exports_for_tpu_and_cuda_on_a_4x4x4_mesh(exported_64):
+    tmp, summaries = exported_64
+    assert [s["platforms"] for s in summaries] == [["tpu"], ["cuda"]]
+    for s in summaries:
+        assert s["mesh"] == {"x": 4, "y": 4, "z": 4}
+        manifest = json.loads((tmp / f"palm.{s['platforms'][0]}.mwx.json").read_text())
+        assert manifest["format"] == "meshwright-export/1"
+        assert manifest["devices"] == 64 and manifest["model"] == "palm-tiny"
+        assert manifest["model_config"]["d_model"] == 256
+        assert manifest["model_config"]["parallel_block"] is True
+        assert manifest["jax_version"] == jax.__version__
+        assert manifest["meshwright_version"] == mw.__version__
+        assert manifest["layouts"]["ffn"] and manifest["layouts"]["attention"]
+        assert len(manifest["inputs"]) > 10 and all("spec" in i for i in manifest["inputs"])
+        assert manifest["bytes"] == (tmp / manifest["artifact"]).stat().st_size
+
+
+def test_tpu_stablehlo_holds_the_predicted_collectives(exported_64):
+    tmp, summaries = exported_64
+    tpu = summaries[0]
+    counted, emitted = tpu["collectives_in_stablehlo"], tpu["collectives_emitted"]
+    assert counted["loops"] == 0  # layers unrolled: every collective counted once is right
+    assert counted["count"] == {k: v["count"] for k, v in emitted.items()}
+    assert counted["bytes"] == {k: v["bytes"] for k, v in emitted.items()}
+    predicted = tpu["predicted"]["comm_bytes_per_chip"]
+    assert abs(counted["total_bytes"] / predicted - 1) < 0.01
+    # the same count from the deserialized artifact's own module text
+    program = load_exported(tmp / "palm.tpu.mwx")
+    assert program.collectives() == counted
+    assert program.exported.platforms == ("tpu",)
+    with pytest.raises(ValueError, match="exported for tpu, and this process runs on cpu"):
+        program(*[np.zeros(i["shape"], i["dtype"]) for i in program.manifest["inputs"]])
+
+
+def test_cpu_export_round_trips_with_the_live_logits(tmp_path):
+    model = build(get_config("palm-tiny"))
+    args = model.example_args("decode", batch=8, key=jax.random.PRNGKey(3))
+    step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}),
+                    force={"ffn": "ws-2d", "attention": "batch", "mesh": (2, 2, 2)})
+    live = step(*args)
+    program = step.export(*args, platforms=("cpu",))
+    program.save(tmp_path / "step.mwx")
+    loaded = mw.load_exported(tmp_path / "step.mwx")
+    assert loaded.manifest["layouts"] == {"ffn": "ws-2d", "attention": "batch"}
+    got = loaded(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(live)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # shapes alone export too (no weights in memory)
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    assert step.export(*structs, platforms=("cpu",)).collectives() == program.collectives()
+
+
+def test_bad_artifacts_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no exported program"):
+        mw.load_exported(tmp_path / "missing.mwx")
+    (tmp_path / "a.mwx").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match="has no manifest"):
+        mw.load_exported(tmp_path / "a.mwx")
+    (tmp_path / "a.mwx.json").write_text(json.dumps({"format": "meshwright-export/1",
+                                                     "sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        mw.load_exported(tmp_path / "a.mwx")
+
+
+def test_stablehlo_counter_on_a_small_module():
+    text = """module @m {
+  func.func public @main(%arg0: tensor<4x8xf32>) -> (tensor<16x8xf32>) {
+    %0 = call @body(%arg0) : (tensor<4x8xf32>) -> tensor<16x8xf32>
+    %1 = call @body(%arg0) : (tensor<4x8xf32>) -> tensor<16x8xf32>
+    return %0 : tensor<16x8xf32>
+  }
+  func.func private @body(%arg0: tensor<4x8xf32>) -> (tensor<16x8xf32>) {
+    %0 = "stablehlo.all_gather"(%arg0) <{all_gather_dim = 0 : i64}> : (tensor<4x8xf32>) -> tensor<16x8xf32>
+    %1 = "stablehlo.all_reduce"(%arg0) ({
+    ^bb0(%a: tensor<f32>, %b: tensor<f32>):
+      %2 = stablehlo.add %a, %b : tensor<f32>
+      stablehlo.return %2 : tensor<f32>
+    }) : (tensor<4x8xf32>) -> tensor<4x8xf32>
+    return %0 : tensor<16x8xf32>
+  }
+}"""
+    counted = stablehlo_collectives(text)
+    assert counted["count"] == {"all-gather": 2, "all-reduce": 2}
+    assert counted["bytes"] == {"all-gather": 2 * 16 * 8 * 4, "all-reduce": 2 * 4 * 8 * 4}
