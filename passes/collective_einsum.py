@@ -307,15 +307,17 @@ def lower_looped(ctx, node: Node, ins, wants) -> list | None:
 
     meta = node.meta.get("collective_einsum")
     specs = [ins[0][1], ins[1][1]]
-    gather = None
+    gathers = []  # (bytes gathered, operand, groups); the bigger one is looped
     for k in (0, 1):
         groups = pure_gather(specs[k], wants[k])
         if groups is None:
             continue
         if ctx._reshards.get((id(ins[k][0]), specs[k], wants[k], ctx.em.trips)) is not None:
             continue  # a sibling matmul already gathered it
-        gather = (k, groups)
-        break
+        size = math.prod(ctx.mesh.local_shape(node.inputs[k].shape, wants[k]))
+        gathers.append((size * np.dtype(node.inputs[k].dtype).itemsize, k, groups))
+    gathers.sort(key=lambda t: -t[0])
+    gather = (gathers[0][1], gathers[0][2]) if gathers else None
     others_ok = all(specs[k] == wants[k] or pure_gather(specs[k], wants[k]) is not None
                     for k in (0, 1))
     out_spec = dot_output_spec(node, *wants)
@@ -335,7 +337,9 @@ def lower_looped(ctx, node: Node, ins, wants) -> list | None:
             axes = tuple(a for _, g in groups for a in g)
             n = ctx.mesh.count(axes)
             nbytes = math.prod(local[k]) * np.dtype(node.inputs[k].dtype).itemsize
-            kept = (f"reduce-scatter({','.join(scatter[1])})",) if scatter else ()
+            kept = tuple(f"all-gather({','.join(a for _, g in groups_ for a in g)})"
+                         for _, _, groups_ in gathers[1:])
+            kept += (f"reduce-scatter({','.join(scatter[1])})",) if scatter else ()
             node.meta["collective_einsum"] = _decide(meta, "all-gather", axes,
                                                      [d for d, _ in groups], k, nbytes, n,
                                                      flops, dtype, kept, ctx.em.trips)
