@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from meshwright.ir.diff import diff_text
 from meshwright.models import build, get_config
-from meshwright.passes import PassManager
+from meshwright.passes import PassManager, get_pass
 from meshwright.passes.collective_einsum import CollectiveEinsum
 from meshwright.passes.hlo import collective_bytes
+from meshwright.passes.plan import config_from_graph, workload_from_graph
 
 import meshwright as mw
 
@@ -28,7 +29,16 @@ k = jax.random.split(jax.random.PRNGKey(0), 3)
 toy = (jax.random.normal(k[0], (4, 16)), jax.random.normal(k[1], (16, 64)) / 4,
        jax.random.normal(k[2], (64, 16)) / 8)
 
-print("== annotate: the anchors it writes (ws-2d, heads, 2x2x2), toy FFN")
+print("== plan: palm-tiny decode (batch 8) traced, planned for 8 simulated CPU devices")
+model = build(get_config("palm-tiny").replace(scan_layers=True))
+args = model.example_args("decode", batch=8, length=8, key=jax.random.PRNGKey(0))
+g = PassManager(["infer-axes", "find-blocks"]).run(mw.trace(model.decode_step, *args))
+print(config_from_graph(g))
+print(workload_from_graph(g))
+g = PassManager([get_pass("plan", hardware="cpu", chips=8)], verify=True).run(g)
+print("\n".join(g.meta["plan"].explain().splitlines()[:16]))
+
+print("\n== annotate: the anchors it writes (ws-2d, heads, 2x2x2), toy FFN")
 step = mw.shard(ffn, force={"ffn": "ws-2d", "attention": "heads", "mesh": (2, 2, 2)})
 g = step.graph(*toy, after="annotate")
 for v, spec in zip(g.inputs, g.meta["in_specs"]):
@@ -43,8 +53,6 @@ for node, _ in g.walk():
 print(f"  outputs {[str(s) for s in g.meta['out_specs']]}")
 
 print("\n== fuse-parallel-block: palm-tiny (layers as a scan), decode")
-model = build(get_config("palm-tiny").replace(scan_layers=True))
-args = model.example_args("decode", batch=8, length=8, key=jax.random.PRNGKey(0))
 g = PassManager(["infer-axes", "find-blocks"]).run(mw.trace(model.decode_step, *args))
 before = str(g)
 g = PassManager(["fuse-parallel-block"], verify=True).run(g)
