@@ -241,6 +241,7 @@ def main() -> dict:
                         help="every bucket mw.shard-compiled on N simulated devices")
     parser.add_argument("--rates", help="comma-separated arrival rates of `policies`")
     parser.add_argument("--between-rates", help="comma-separated rates of `between`")
+    parser.add_argument("--shuffle-rates", help="comma-separated rates of `shuffle`")
     args = parser.parse_args()
     DEVICES = args.devices
     parts = args.only or (PARTS if DEVICES == 1 else
@@ -257,47 +258,59 @@ def main() -> dict:
     if args.between_rates:
         between = tuple(float(r) for r in args.between_rates.split(","))
     shuffle_rates = (15, 25, 35) if not mesh else (4, 7, 10)
+    if args.shuffle_rates:
+        shuffle_rates = tuple(float(r) for r in args.shuffle_rates.split(","))
     whole = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     out = whole if not mesh else whole.setdefault(f"mesh{DEVICES}", {})
     out.update({"python": platform.python_version(), "jax": jax.__version__,
                 "machine": platform.machine(), "devices": str(jax.devices()[:DEVICES]),
                 "date": time.strftime("%Y-%m-%d %H:%M")})
     t0 = time.perf_counter()
+
+    def save() -> None:  # after every part, so a long run interrupted keeps what it measured
+        out["seconds"] = time.perf_counter() - t0
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(whole, indent=2, sort_keys=True, default=str))
+
     if "policies" in parts:
         print("== fused vs static vs dynamic, output lengths [16, 256] ==")
         out["policies"] = [policies("palm-tiny", rates, 128, repeats)]
         if not mesh:
             out["policies"].append(policies("gpt2-tiny", rates[::2], 128, repeats))
+        save()
     if "between" in parts:
         print("\n== between static's and fused's capacity: longer runs ==")
         out["between"] = between_capacities("palm-tiny", between,
                                             512 if not args.quick else 128,
                                             max(1, repeats - 1))
+        save()
     if "shuffle" in parts:
         print("\n== memory shuffle on / off, output lengths [2, 300] ==")
         # on the mesh: palm-tiny (gpt2-tiny's sharded step is 5-12 ms here, too slow to repeat)
         out["shuffle"] = shuffle("gpt2-tiny" if not mesh else "palm-tiny",
                                  shuffle_rates if not args.quick else shuffle_rates[1:2], 128,
                                  repeats + 2 if not mesh else repeats)
+        save()
     if "steps" in parts:
         print("\n== decode step time per bucket ==")
         out["steps"] = step_costs(("palm-tiny", "gpt2-tiny"))
+        save()
     if "layouts" in parts:
         if not mesh:
             raise SystemExit("the layouts part needs --devices N (N > 1)")
         print("\n== layout per bucket ==")
         out["layouts"] = layouts("palm-tiny")
+        save()
     if "roofline" in parts:
         print("\n== batch-1 decode vs the memory-bandwidth roofline ==")
         out["roofline"] = roofline()
+        save()
     if "sweep" in parts:
         print("\n== Flover sweep: 32 requests x 256 tokens ==")
         intervals = ((0.001, 0.01, 0.1) if args.quick
                      else (0.0005, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0))
         out["sweep"] = sweep("palm-tiny", intervals, max(repeats, 5))
-    out["seconds"] = time.perf_counter() - t0
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(whole, indent=2, sort_keys=True, default=str))
+    save()
     print(f"\nwrote {RESULTS} ({out['seconds']:.0f} s)")
     return out
 
