@@ -329,13 +329,22 @@ class _Guard:
         self.monitor._guard = (self.what, time.monotonic())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.monitor._guard = None
+        import jax
+
+        if exc_type is not None and issubclass(exc_type, jax.errors.JaxRuntimeError):
+            # a collective whose peer went away fails here (gloo: the connection closed);
+            # JAX's exit would then wait for that peer, so stop now with a clear message
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            fail(f"{self.what} failed: {first[:300]} (another process died or its "
+                 "connection broke)")
 
 
 def guard(what: str):
     """A context manager: `what` must finish within the timeout, or this process stops with
-    a clear error (a no-op in a one-process job).
+    a clear error; a JAX runtime error inside it (a collective whose peer is gone) stops it
+    at once with the same kind of message. A no-op in a one-process job.
 
         >>> with mw.distributed.guard("decode step 12"):         # doctest: +SKIP
         ...     logits, cache = step(params, tokens, cache, positions)
