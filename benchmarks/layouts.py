@@ -5,6 +5,7 @@ and gathered weight pinned by `with_sharding_constraint`, XLA's partitioner inse
 collectives); step time sharded, GSPMD and unsharded.
 
     python benchmarks/layouts.py [--models palm-tiny,llama-tiny] [--phases decode] [--quick]
+    python benchmarks/layouts.py --markdown benchmarks/results/layouts.json   # the docs table
 
 Prints a table and writes benchmarks/results/layouts.json. The 8 devices share 2 CPU cores:
 step times measure lowering overhead, not speed-up.
@@ -58,14 +59,35 @@ def gspmd_baseline(args, compiled):
     return collective_bytes(hlo)["total"], flat, program
 
 
+def markdown(path: str) -> str:
+    """The results file as the table in docs/lowering.md."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    out = ["| model | phase | FFN | attention | predicted | measured | measured/predicted | "
+           "GSPMD baseline | measured/GSPMD |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pred = r["predicted_bytes"]
+        ratio = f"{r['measured_bytes'] / pred:.2f}" if pred else "-"
+        out.append(f"| {r['model']} | {r['phase']} | {r['ffn']} | {r['attention']} | "
+                   f"{pred if pred else 'n/a'} | {r['measured_bytes']} | {ratio} | "
+                   f"{r['gspmd_bytes']} | {r['measured_bytes'] / r['gspmd_bytes']:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--markdown", metavar="JSON",
+                   help="print the table of an earlier run's results file and exit")
     p.add_argument("--models", default="palm-tiny,llama-tiny,gpt2-tiny")
     p.add_argument("--phases", default="decode,prefill")
     p.add_argument("--mesh", default="2x2x2", help="x*y*z of the simulated mesh")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="ws-2d and wg-xy only")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     mesh = tuple(int(v) for v in args.mesh.split("x"))
     ffns = ("ws-2d", "wg-xy") if args.quick else FFNS
     rows = []

@@ -334,10 +334,11 @@ def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: s
                               "Q,K,V heads->batch"))
         out.append(Collective("all-to-all", rest, t * q_width / mesh.n * a,
                               "attention out batch->heads"))
-    elif attention == "heads" and k < mesh.size(rest) and rest and ffn != "ws-1d":
+    elif attention == "heads" and k < mesh.size(rest) and rest and not (
+            ffn == "ws-1d" and k == 1):
         # Multiquery / GQA over heads: every chip needs the K/V heads its queries use. In
-        # ws-1d every chip already holds the whole input B.L.E, so it projects the (few)
-        # K/V heads itself from replicated K/V weights: nothing to move.
+        # ws-1d with one K/V head every chip already holds the whole input B.L.E and
+        # projects that head itself from the (small, replicated) K/V weights: nothing moves.
         per_chip_tokens = t / max(1, mesh.size(gathered))
         out.append(Collective("all-gather", rest, per_chip_tokens * 2 * d * a,
                               "K,V replicated for heads"))
