@@ -131,6 +131,7 @@ def main(argv=None) -> int:
             placed = c.place(jax.tree.leaves(xs))
             eight_s = timed(c.compiled, placed, args.repeats)
             count = collective_bytes(c.compiled.as_text())["count"]
+            count = sum(count.values()) if isinstance(count, dict) else int(count)
             layout = f"{c.ffn_layout}/{c.attention_layout}"
             row = {"model": name, "params": n_params, "batch": args.batch,
                    "single_device_step_s": one_s, "roofline_s": roof_s,
