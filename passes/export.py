@@ -184,7 +184,8 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
 
     exported = jax.export.export(jax.jit(program), platforms=platforms)(
         *jax.tree_util.tree_unflatten(in_tree, structs))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    paths = [_arg_name(step.fn, p[0].idx) + jax.tree_util.keystr(p[1:])
+             for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
     out_avals = exported.out_avals
     emitted: dict[str, dict] = defaultdict(lambda: {"count": 0, "bytes": 0})
     for r in c.records:
@@ -217,6 +218,18 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
         "calling_convention_version": exported.calling_convention_version,
     }
     return ExportedProgram(exported, manifest)
+
+
+def _arg_name(fn, index: int) -> str:
+    """The name of positional parameter `index` of `fn` ("params"), else "args[index]"."""
+    import inspect
+
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    return names[index] if index < len(names) else f"args[{index}]"
 
 
 def _jaxlib_version() -> str | None:

@@ -33,6 +33,7 @@ meshwright adds is small:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -182,7 +183,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if monitor and num_processes > 1:
         _state["monitor"] = Monitor(info)
         _state["monitor"].start()
+        # a process that ends without shutdown() has still exited normally: say so before
+        # JAX's own exit handler (registered earlier, so run later) waits for the others
+        atexit.register(_mark_exited)
     return info
+
+
+def _mark_exited() -> None:
+    monitor = _state["monitor"]
+    if monitor is not None:
+        monitor.stop()
 
 
 def info() -> ProcessInfo:
