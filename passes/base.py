@@ -31,6 +31,7 @@ PASS_MODULES: dict[str, str] = {
     "plan": "meshwright.passes.plan",
     "quantize-int8": "meshwright.passes.quantize",
     "fuse-parallel-block": "meshwright.passes.fuse",
+    "collective-einsum": "meshwright.passes.collective_einsum",
 }
 
 
