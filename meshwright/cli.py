@@ -102,6 +102,11 @@ def _run_inspect(args) -> int:
     cfg = get_config(name).with_overrides(args.set)
     if args.scan:
         cfg = cfg.replace(scan_layers=True)
+    shown = ("trace", "infer-axes", "find-blocks", "plan", "annotate", "collective-einsum",
+             "lower")
+    for name in [args.after, *(args.diff or [])]:
+        if name not in shown:
+            raise ValueError(f"unknown pass {name!r}; the pipeline is: {', '.join(shown)}")
     if args.diff:
         step, xs = _sharded_step(cfg, args)
         text = step.diff(*xs, before=args.diff[0], after=args.diff[1],
