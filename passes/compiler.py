@@ -422,7 +422,9 @@ class ShardedFunction:
         if c.predicted is not None:
             predicted = int(c.predicted.comm_bytes_per_chip)
         return {
+            # "wire": bytes each device sends (comparable with and without collective-einsum)
             "collective_bytes": {"measured": measured["total"], "predicted": predicted,
+                                 "wire": measured["wire"],
                                  "emitted": sum(emitted.values()),
                                  "by_kind": measured["by_kind"], "count": measured["count"],
                                  "emitted_by_kind": emitted},

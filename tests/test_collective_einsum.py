@@ -72,6 +72,7 @@ def test_looped_program_equals_the_original_with_the_same_bytes(name, ffn, direc
     assert after["count"]["collective-permute"] == permutes
     assert "collective-permute" not in before["count"]
     assert after["wire"] == before["wire"]  # the same bytes leave every device
+    assert step.report(*args)["collective_bytes"]["wire"] == before["wire"]
     for kind in ("all-reduce", "all-to-all"):
         assert after["count"].get(kind) == before["count"].get(kind)
 
