@@ -377,7 +377,9 @@ class ShardedFunction:
         return "\n".join(lines)
 
     def graph(self, *args, after: str = "lower", **kwargs) -> Graph:
-        """The graph after a named pass: trace, infer-axes, find-blocks, plan, annotate, lower."""
+        """The graph after a named pass: trace, infer-axes, find-blocks (each run anew), or plan,
+        annotate, collective-einsum, lower (the compiled graph, which carries every pass's
+        annotations; `graph_text` has the text as it was right after each)."""
         order = ["trace", "infer-axes", "find-blocks", "plan", "annotate", "collective-einsum",
                  "lower"]
         if after not in order:
