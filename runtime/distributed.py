@@ -120,7 +120,8 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, timeout_s: float | None = None,
-               local_device_count: int | None = None, monitor: bool = True) -> ProcessInfo:
+               local_device_count: int | None = None, detect_cluster: bool = False,
+               monitor: bool = True) -> ProcessInfo:
     """Join a multi-process job: `jax.distributed.initialize`, plus failure handling.
 
     Arguments left out come from the environment `meshwright launch` sets (see the module
@@ -129,7 +130,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     use gloo. `local_device_count` simulates that many CPU devices in this process (only
     before JAX has initialised its backend; `meshwright launch --devices-per-process` sets
     it through XLA_FLAGS instead). `timeout_s` (default `MESHWRIGHT_TIMEOUT_S` or 60) bounds
-    the wait for the coordinator and how long a silent peer is tolerated.
+    the wait for the coordinator and how long a silent peer is tolerated. `detect_cluster`:
+    with no coordinator given, let JAX find the job itself (Cloud TPU pod slices, SLURM,
+    Open MPI, ...: `jax.distributed.initialize()` with no arguments).
 
         >>> info = mw.distributed.initialize("10.0.0.1:12355", num_processes=4,
         ...                                  process_id=int(os.environ["RANK"]))  # doctest: +SKIP
@@ -151,6 +154,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                             if "xla_force_host_platform_device_count" not in f)
                                    + f" --xla_force_host_platform_device_count="
                                      f"{local_device_count}").strip()
+    if coordinator_address is None and detect_cluster:
+        jax.distributed.initialize(initialization_timeout=max(1, int(timeout_s)),
+                                   heartbeat_timeout_seconds=max(10, int(3 * timeout_s)))
+        return _started(ProcessInfo(jax.process_index(), jax.process_count(), "detected",
+                                    timeout_s, jax.local_device_count(), jax.device_count()),
+                        monitor)
     if coordinator_address is None:
         if (num_processes or 1) > 1:
             raise DistributedError(
@@ -177,10 +186,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         # JAX's own heartbeat aborts the process with a message naming no peer; ours (the
         # monitor) names it, so JAX's fires only well after ours.
         heartbeat_timeout_seconds=max(10, int(3 * timeout_s)))
-    info = ProcessInfo(process_id, num_processes, coordinator_address, timeout_s,
-                       jax.local_device_count(), jax.device_count())
+    return _started(ProcessInfo(process_id, num_processes, coordinator_address, timeout_s,
+                                jax.local_device_count(), jax.device_count()), monitor)
+
+
+def _started(info: ProcessInfo, monitor: bool) -> ProcessInfo:
     _state["info"] = info
-    if monitor and num_processes > 1:
+    if monitor and info.num_processes > 1:
         _state["monitor"] = Monitor(info)
         _state["monitor"].start()
         # a process that ends without shutdown() has still exited normally: say so before

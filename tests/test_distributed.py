@@ -4,8 +4,9 @@ real multi-process jobs on 127.0.0.1 (tests/distributed_job.py is the program th
 Two jobs share the work, each checking several things so that few processes start:
 2 processes x 4 devices (four layouts, greedy serving of a Poisson workload, checkpoint
 blocks) and 4 processes x 2 devices (the fifth FFN layout, checkpoint blocks). Together
-they cover every FFN layout and both attention layouts; this process (8 simulated devices)
-runs the same functions unsharded and serves the same workload to compare.
+they cover every FFN layout and both attention layouts. Each layout's gathered outputs are
+compared (in the job's process 0) with the same function run unsharded on one device; this
+process serves the same workload with a one-process engine to compare the tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from distributed_job import LAYOUTS, layout_args, serve_workload
+from distributed_job import serve_workload
 from meshwright.runtime import distributed as dist
 from meshwright.runtime.launch import launch, spawn, stop
 
@@ -45,51 +46,44 @@ def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def job_2x4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job2x4")
-    return tmp, run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve")
+    return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve")
 
 
 @pytest.fixture(scope="module")
 def job_4x2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job4x2")
-    return tmp, run_job(tmp, 4, 2, "layouts=4", "checkpoint")
+    return run_job(tmp, 4, 2, "layouts=4", "checkpoint")
 
 
-def check_layouts(tmp: Path, results: list[dict]) -> list[str]:
-    arrays = np.load(tmp / "layouts.npz")
+def check_layouts(results: list[dict]) -> list[str]:
     checked = []
-    for row in results[0]["layouts"]:
-        i = row["index"]
-        name, phase, ffn, attention, _ = LAYOUTS[i]
-        model, args = layout_args(name, phase)
-        want = jax.tree.leaves(jax.jit(model.fn(phase))(*args))  # one process, one device
-        for k, leaf in enumerate(want):
-            np.testing.assert_allclose(arrays[f"{i}_{k}"], np.asarray(leaf), rtol=2e-5,
-                                       atol=2e-5, err_msg=f"{name} {phase} {ffn}/{attention}")
-        # the inputs really were laid out over both processes' devices
+    for k, row in enumerate(results[0]["layouts"]):
+        # process 0 compared the gathered outputs with the function run unsharded on one
+        # device (test_lower's tolerance), and every process gathered the same bytes
+        assert row["max_abs_err_vs_unsharded"] < 2e-5, row
+        assert {r["layouts"][k]["output_sha256"] for r in results} == {row["output_sha256"]}
+        # the inputs really were laid out over several processes' devices
         assert row["inputs_spanning_processes"] > 0
-        checked.append(f"{ffn}/{attention}")
-    for r in results:  # every process got the same numbers
-        assert [x["max_abs_err_vs_unsharded"] for x in r["layouts"]] == \
-            [x["max_abs_err_vs_unsharded"] for x in results[0]["layouts"]]
+        checked.append(f"{row['ffn']}/{row['attention']}")
     return checked
 
 
 def test_layouts_on_2_processes_x_4_devices(job_2x4):
-    tmp, results = job_2x4
+    results = job_2x4
     assert [(r["num_processes"], r["local_devices"], r["devices"]) for r in results] == \
         [(2, 4, 8)] * 2
-    assert check_layouts(tmp, results) == ["ws-1d/heads", "ws-2d/batch", "wg-x/heads",
+    assert check_layouts(results) == ["ws-1d/heads", "ws-2d/batch", "wg-x/heads",
                                            "wg-xy/batch"]
 
 
 def test_layouts_on_4_processes_x_2_devices(job_4x2):
-    tmp, results = job_4x2
+    results = job_4x2
     assert [(r["num_processes"], r["local_devices"]) for r in results] == [(4, 2)] * 4
-    assert check_layouts(tmp, results) == ["wg-xyz/heads"]
+    assert check_layouts(results) == ["wg-xyz/heads"]
 
 
 def test_each_process_reads_only_its_checkpoint_blocks(job_2x4, job_4x2):
-    for (_, results), blocks in ((job_2x4, 4), (job_4x2, 2)):
+    for results, blocks in ((job_2x4, 4), (job_4x2, 2)):
         for r in results:
             # (16, 24) split 4 x 2 over 8 devices: each process reads its devices' blocks
             assert r["checkpoint"] == {"reads": True, "blocks_read": blocks,
@@ -100,7 +94,7 @@ def test_greedy_serving_equals_single_process(job_2x4):
     from meshwright.models import build, get_config
     from meshwright.runtime.engine import Engine, StepClock
 
-    _, results = job_2x4
+    results = job_2x4
     served = results[0]["serve"]
     model = build(get_config("palm-tiny").replace(scan_layers=True))
     params = jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a,
