@@ -133,8 +133,8 @@ class Compiled:
         lines = []
         for i, steps in sorted(self.load_transforms.items()):
             name = paths[i] if i < len(paths) else f"argument {i}"
-            lines.append(f"{name}: " + "; ".join(getattr(s, "describe", lambda: str(s))()
-                                                for s in steps))
+            lines.append(f"{name}: " + "; ".join(
+                s.describe() if hasattr(s, "describe") else str(s) for s in steps))
         return lines
 
 
