@@ -162,12 +162,17 @@ def test_unreachable_coordinator_is_a_clear_error():
         dist.initialize(num_processes=2, process_id=1)
 
 
-def test_launch_streams_output_and_stops_the_others_when_one_fails(capsys):
+def test_launch_streams_output_and_stops_the_others_when_one_fails(capsys, tmp_path):
     from meshwright.cli import main
 
-    code = ("import os, sys, time; pid = os.environ['MESHWRIGHT_PROCESS_ID']; "
+    marker = tmp_path / "p0-spoke"
+    # process 1 fails (exit 7) once process 0 has printed; process 0 would sleep a minute
+    code = ("import os, sys, time, pathlib; pid = os.environ['MESHWRIGHT_PROCESS_ID']; "
             "print('hello from', pid, os.environ['MESHWRIGHT_NUM_PROCESSES'], "
             "os.environ['MESHWRIGHT_COORDINATOR'], flush=True); "
+            f"marker = pathlib.Path({str(marker)!r}); "
+            "pid == '0' and marker.touch(); "
+            "[time.sleep(0.05) for _ in range(600) if pid == '1' and not marker.exists()]; "
             "sys.exit(7) if pid == '1' else time.sleep(60)")
     t0 = time.monotonic()
     assert main(["launch", "-n", "2", "--", sys.executable, "-c", code]) == 7
