@@ -6,15 +6,16 @@
 
 Modules: `request` (Request, SamplingParams, Result; plain data), `scheduler` (the
 device-free state machine; imports no JAX), `kv_cache`, `sampling`, `engine`, `workload`,
-`bench`. Names below are imported lazily, so `meshwright.runtime.scheduler` stays usable
-without initialising JAX.
+`bench`, `distributed` (multi-process jobs; `mw.distributed`), `distributed_engine` (the
+engine across processes), `launch` (`meshwright launch`; imports no JAX). Names below are
+imported lazily, so `meshwright.runtime.scheduler` stays usable without initialising JAX.
 """
 
 import importlib
 
 _EXPORTS = {
     "Engine": "engine", "Bucket": "engine", "RequestHandle": "engine", "ServeReport": "engine",
-    "StepClock": "engine",
+    "StepClock": "engine", "DistributedEngine": "distributed_engine",
     "KVCache": "kv_cache", "batch_sharding": "kv_cache",
     "Request": "request", "Result": "request", "SamplingParams": "request",
     "Scheduler": "scheduler", "SchedulerOutput": "scheduler", "plan_moves": "scheduler",
@@ -22,9 +23,9 @@ _EXPORTS = {
     "Workload": "workload", "make_workload": "workload", "summarize": "workload",
 }
 
-__all__ = ["Bucket", "Engine", "KVCache", "Request", "RequestHandle", "Result",
-           "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "StepClock", "Workload",
-           "batch_sharding", "make_workload", "plan_moves", "sample", "summarize"]
+__all__ = ["Bucket", "DistributedEngine", "Engine", "KVCache", "Request", "RequestHandle",
+           "Result", "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "StepClock",
+           "Workload", "batch_sharding", "make_workload", "plan_moves", "sample", "summarize"]
 
 
 def __getattr__(name: str):

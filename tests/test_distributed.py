@@ -35,7 +35,7 @@ DEADLINE_S = 400  # a job that takes longer has hung: fail instead of waiting
 
 def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
     result = launch([sys.executable, JOB, str(tmp), *parts], processes,
-                    devices_per_process=devices, timeout_s=60, deadline_s=DEADLINE_S,
+                    devices_per_process=devices, timeout_s=180, deadline_s=DEADLINE_S,
                     out=None, keep_output=True)
     log = "\n".join(f"[p{p}] {line}" for p, lines in result.output.items() for line in lines
                     if "Gloo" not in line)
