@@ -32,6 +32,7 @@ from meshwright.runtime.distributed import (
     ENV_TIMEOUT,
 )
 
+DRAIN_S = 30.0  # seconds to read what the stopped processes left in their pipes
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
 
 
@@ -161,8 +162,10 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
         running = [pid for pid, p in enumerate(procs) if p.poll() is None]
         if running:
             stop(procs)
+        # every process has exited or been killed: read their pipes to the end (a loaded
+        # machine may not have scheduled a pump yet; a short join would lose their last lines)
         for t in pumps:
-            t.join(timeout=GRACE_S)
+            t.join(timeout=DRAIN_S)
     if out is not None:
         if failed is not None:
             others = ", ".join(str(p) for p in running)
