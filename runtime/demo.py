@@ -453,7 +453,8 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     echo(f"{len(engine.layouts)} buckets compiled through mw.shard in {compile_s:.1f} s"
          f"{cache_note}; " + ("every bucket takes the weights as they were placed, so no "
                               "bucket switch moves them" if weights_once else
-                              "a second copy of the weights (placed once) is kept for: "
+                              "these buckets want some weights split otherwise and keep "
+                              f"their own copy of those (placed once): "
                               f"{', '.join(engine.weight_copies)}"))
     aside = layouts.set_aside_text()
     if aside:

@@ -74,10 +74,12 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     placed; the KV cache is split over batch at 8 rows (attention over batch) and whole
     below; the layout switches are counted; nothing compiles while serving."""
     config, params = demo_model
+    kv = 256  # at 8 rows the cpu profile prefers attention over batch clearly here (at 64 the
+    #           two are within a few percent and the choice moves with the profile's figures)
     engine = sharded_engine(build(config), params, jax.devices()[:8], hardware="cpu",
-                            max_slots=8, max_len=MAX_LEN, prefill_lengths=(MAX_LEN,))
-    assert engine.layouts[("decode", Bucket(8, MAX_LEN))] == "ws-1d/batch"
-    assert engine.layouts[("decode", Bucket(1, MAX_LEN))] == "ws-1d/heads"
+                            max_slots=8, max_len=kv, prefill_lengths=(32,))
+    assert engine.layouts[("decode", Bucket(8, kv))] == "ws-1d/batch"
+    assert engine.layouts[("decode", Bucket(1, kv))] == "ws-1d/heads"
     # a bucket switch moves no weights: every step takes them exactly as placed
     assert weights_placed_once(engine) and not engine.weight_copies
     specs = {tuple(s.spec for s in jax.tree.leaves(step.in_shardings[0]))
@@ -104,8 +106,7 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     assert engine.stats.buckets_used[8] > 0 and len(engine.stats.buckets_used) >= 2
     assert engine.stats.layout_switches >= 1
     assert engine.kv.capacity in (1, 2, 4, 8)
-    want = [greedy_reference(config, params, p, 24, (NEWLINE,), max_len=MAX_LEN)
-            for p in prompts]
+    want = [greedy_reference(config, params, p, 24, (NEWLINE,), max_len=kv) for p in prompts]
     assert got == want
 
 
