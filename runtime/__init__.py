@@ -17,6 +17,7 @@ _EXPORTS = {
     "Engine": "engine", "Bucket": "engine", "RequestHandle": "engine", "ServeReport": "engine",
     "StepClock": "engine", "DistributedEngine": "distributed_engine",
     "KVCache": "kv_cache", "batch_sharding": "kv_cache",
+    "sharded_engine": "layouts", "plan_layouts": "layouts",
     "Request": "request", "Result": "request", "SamplingParams": "request",
     "Scheduler": "scheduler", "SchedulerOutput": "scheduler", "plan_moves": "scheduler",
     "sample": "sampling",
@@ -25,7 +26,8 @@ _EXPORTS = {
 
 __all__ = ["Bucket", "DistributedEngine", "Engine", "KVCache", "Request", "RequestHandle",
            "Result", "SamplingParams", "Scheduler", "SchedulerOutput", "ServeReport", "StepClock",
-           "Workload", "batch_sharding", "make_workload", "plan_moves", "sample", "summarize"]
+           "Workload", "batch_sharding", "make_workload", "plan_layouts", "plan_moves", "sample",
+           "sharded_engine", "summarize"]
 
 
 def __getattr__(name: str):
