@@ -5,8 +5,8 @@
     >>> engine.generate([[1, 2, 3]], max_tokens=8)[0].tokens           # doctest: +SKIP
 
 Modules: `request` (Request, SamplingParams, Result; plain data), `scheduler` (the
-device-free state machine; imports no JAX), `kv_cache`, `sampling`, `engine`, `workload`,
-`bench`, `distributed` (multi-process jobs; `mw.distributed`), `distributed_engine` (the
+device-free state machine; imports no JAX), `kv_cache`, `sampling`, `engine`, `layouts`
+(every bucket through `mw.shard` in its planned layout), `workload`, `bench`, `distributed` (multi-process jobs; `mw.distributed`), `distributed_engine` (the
 engine across processes), `launch` (`meshwright launch`; imports no JAX). Names below are
 imported lazily, so `meshwright.runtime.scheduler` stays usable without initialising JAX.
 """
