@@ -19,8 +19,8 @@ layouts without moving weights; DESIGN.md section 5):
 3. Every bucket then runs the cheapest candidate *on that mesh* whose stored weights are
    those placed: the same role -> mesh axes map for every weight (`Layout.stored`, with axes
    of size 1 dropped, which is exactly what `spec_for` sees). Candidates that would store a
-   weight differently are set aside with the weight and split named, e.g. "vocab over (z, y)
-   instead of (x, z, y)".
+   weight differently are set aside with the weight and split named, e.g. "vocab over (z)
+   not (x, y, z)".
 
 With today's lowering the embedding table's split differs between every two FFN layouts that
 are not the same program (ws-2d stores V_xzy, wg-x V_zy, wg-xy V_z, wg-xyz V), and ws-1d
@@ -288,7 +288,9 @@ class CompiledStep:
     Called like the model's step (`prefill(params, tokens, cache)`, `decode_step(params,
     tokens, cache, positions)`) -> (logits, cache). `in_shardings` is the argument tree of
     the shardings the program takes (the engine places the weights and the KV cache with them
-    once; a differently placed argument is moved on every call, which the engine reports).
+    once). A weight placed otherwise is copied once and the copy kept (the engine lists such
+    buckets in `weight_copies`); any other argument placed otherwise is put on the mesh at
+    each call.
     An argument the program converts when it is placed (`Compiled.load_transforms`: an
     interleaved fused weight, int8) has None there: `Compiled.place` converts and places it
     once per array and keeps the result. `layout` and `why` name the layout for the
