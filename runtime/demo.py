@@ -449,7 +449,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     echo(layouts.explain_header())
     echo(_compile_table(engine))
     weights_once = weights_placed_once(engine)
-    cache_note = f" (persistent XLA cache: {xla_cache})" if xla_cache else ""
+    cache_note = f" (persistent XLA cache: {_home_relative(xla_cache)})" if xla_cache else ""
     echo(f"{len(engine.layouts)} buckets compiled through mw.shard in {compile_s:.1f} s"
          f"{cache_note}; " + ("every bucket takes the weights as they were placed, so no "
                               "bucket switch moves them" if weights_once else
@@ -565,6 +565,12 @@ def _layouts_ran_text(ran: dict) -> str:
     return ", ".join(f"{layout} {sum(n for _, n in rows)} steps (rows "
                      f"{'/'.join(str(b) for b, _ in rows)})"
                      for layout, rows in by_layout.items()) or "none"
+
+
+def _home_relative(path: str) -> str:
+    """`path` with the home directory written as ~ (the printed output names no user's home)."""
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home != "/" and path.startswith(home) else path
 
 
 def _section(title: str) -> str:
