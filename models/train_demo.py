@@ -1,7 +1,7 @@
 """Train the bundled demo model (`meshwright.models.load_demo_model`) from scratch.
 
     python models/train_demo.py        # 2000 steps: 25-35 minutes on 2 CPU cores; writes the weights
-    python models/train_demo.py --steps 400 --out /tmp/m.safetensors  # a shorter, weaker run
+    python models/train_demo.py --steps 400 --out m.safetensors  # a shorter, weaker run
 
 A byte-level PaLM-style decoder (`models/demo.py: DEMO_CONFIG`: 4 parallel blocks,
 multiquery attention, SwiGLU, RoPE, tied embeddings) learns next-byte prediction on the
