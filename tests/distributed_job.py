@@ -1,6 +1,8 @@
 """One process of the multi-process jobs in test_distributed.py (run by `meshwright launch`).
 
     python tests/distributed_job.py OUT_DIR layouts=0,1,2 serve checkpoint   # parts to run
+    meshwright launch -n 2 --devices-per-process 4 -- \
+        python tests/distributed_job.py OUT_DIR every-layout                   # all 30, by hand
 
 Every process runs the same parts in the same order and writes what it measured to
 OUT_DIR/resultN.json: for each layout, the gathered outputs' hash (the same on every
@@ -32,6 +34,10 @@ LAYOUTS = [
     ("llama-tiny", "decode", "wg-xy", "batch", (2, 2, 2)),
     ("gpt2-tiny", "prefill", "wg-xyz", "heads", (2, 2, 2)),
 ]
+
+# `every-layout`: each reference model's decode step in every FFN x attention layout on 2x2x2
+EVERY_LAYOUT = [(m, "decode", f, a, (2, 2, 2)) for m in ("palm-tiny", "llama-tiny", "gpt2-tiny")
+                for f in ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz") for a in ("heads", "batch")]
 
 
 def layout_args(name, phase):
@@ -161,6 +167,9 @@ def main() -> None:
         if name == "layouts":
             run_layouts(result, out_dir, [int(i) for i in arg.split(",")] if arg
                         else list(range(len(LAYOUTS))))
+        elif name == "every-layout":  # not in the tests (slow): 3 models x 10 layouts
+            LAYOUTS[:] = EVERY_LAYOUT
+            run_layouts(result, out_dir, list(range(len(LAYOUTS))))
         else:
             {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint}[name](result)
     with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
