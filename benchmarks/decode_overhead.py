@@ -28,13 +28,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import timed
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from meshwright.models import build, get_config
@@ -61,16 +60,6 @@ def config_of(name: str):
         base, fields = SIZES[name]
         return get_config(base).replace(name=name, **fields)
     return get_config(name)
-
-
-def timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def per_collective_seconds(mesh, repeats: int) -> float:

@@ -20,12 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the GSPMD baseline's parti
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
+from common import timed
 from jax.sharding import NamedSharding
 from meshwright.models import build, get_config
 from meshwright.passes.gspmd import gspmd_program
@@ -35,17 +34,6 @@ import meshwright as mw
 
 FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
 ATTENTION = ("heads", "batch")
-
-
-def timed(fn, args, repeats: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def gspmd_baseline(args, compiled):

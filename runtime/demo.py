@@ -224,15 +224,9 @@ def choose_pin(plan) -> tuple[dict, str]:
 
 def example_args(model, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
     """Zero inputs of the engine's step at one bucket (the shapes `compile_fn` serves)."""
-    import jax.numpy as jnp
+    from meshwright.runtime.layouts import example_args as of_config
 
-    cfg = model.config
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.d_head)
-    cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
-    if phase == "prefill":
-        return params, jnp.zeros((1, length), jnp.int32), cache
-    rows = jnp.zeros((batch,), jnp.int32)
-    return params, rows, cache, rows
+    return of_config(model.config, params, phase, batch, length, max_len)
 
 
 def compile_buckets(model, params, mesh, buckets, *, pin: dict, max_len: int,

@@ -129,14 +129,7 @@ class DistributedEngine(Engine):
                 sampled = self._run(out)
         now = self.clock.now()
         dist.broadcast({"tokens": [[rid, int(t)] for rid, t in sampled.items()], "now": now})
-        finished = self.scheduler.update(out, sampled, now)
-        self.stats.steps += 1
-        self.stats.tokens += len(sampled)
-        for request_id, token in sampled.items():
-            self._handles[request_id]._push(token)
-        for result in finished:
-            self._handles.pop(result.request_id)._result = result
-            self._done.append(result)
+        self._finish_step(out, sampled, now)
         return None
 
     def stop_followers(self) -> None:

@@ -523,7 +523,12 @@ class Engine:
                 self.scheduler.update(out, {}, self.clock.now())
                 return out.wait_until
             sampled = self._run(out)
-        finished = self.scheduler.update(out, sampled, self.clock.now())
+        self._finish_step(out, sampled, self.clock.now())
+        return None
+
+    def _finish_step(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> None:
+        """Hand the step's tokens to the scheduler, stream them, deliver finished results."""
+        finished = self.scheduler.update(out, sampled, now)
         self.stats.steps += 1
         self.stats.tokens += len(sampled)
         for request_id, token in sampled.items():
@@ -531,7 +536,6 @@ class Engine:
         for result in finished:
             self._handles.pop(result.request_id)._result = result
             self._done.append(result)
-        return None
 
     def _run(self, out: SchedulerOutput) -> dict[int, int]:
         seconds = self.stats.seconds
