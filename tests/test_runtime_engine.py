@@ -270,7 +270,10 @@ def test_wall_clock_serving_and_dynamic_waiting(palm):
         engine.set_policy("fused")
     assert report.metrics["requests_completed"] == 6
     assert report.metrics["elapsed_s"] >= 0.05  # really waited for the arrivals
-    assert all(r.token_times_s[0] - r.arrival_s >= 0.004 for r in report.results)
+    # the first arrival finds the engine idle and waits out its window; later ones may arrive
+    # while a batch runs and start as soon as it ends (their window has already passed)
+    first = min(report.results, key=lambda r: r.arrival_s)
+    assert first.token_times_s[0] - first.arrival_s >= 0.004
 
 
 def test_hooks_see_every_bucket_and_layout_switches_are_counted(palm):
