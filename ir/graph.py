@@ -271,6 +271,11 @@ class Graph:
         """Every equation in this graph and its regions, with its trip count (scan length)."""
         yield from self._walk(1)
 
+    def region_owners(self) -> dict[int, Node]:
+        """id(region body) -> the node that owns it (scan, cond, while), for every region in
+        this graph and below: how a pass follows a body's input out to its operand."""
+        return {id(body): node for node, _ in self.walk() for body in node.region_graphs()}
+
     def _walk(self, trips: int) -> Iterator[tuple[Node, int]]:
         for node in self.equations():
             yield node, trips

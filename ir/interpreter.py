@@ -86,10 +86,16 @@ def eval_graph(g: Graph, flat_inputs: list[Any]) -> list[Any]:
     return [read(v) for v in g.outputs]
 
 
-def _run_node(g: Graph, node: Node, invals: list[Any], env: dict[int, Any]) -> None:
+def bind_node(node: Node, invals: list[Any]) -> list[Any]:
+    """One equation on its input values (arrays or tracers): its outputs. Regions (scan,
+    cond, while bodies) are rebuilt from their Graphs."""
     rule = INTERPRET_RULES.get(node.op, _bind_with_regions if node.regions else _bind_default)
+    return rule(node, invals)
+
+
+def _run_node(g: Graph, node: Node, invals: list[Any], env: dict[int, Any]) -> None:
     try:
-        outs = rule(node, invals)
+        outs = bind_node(node, invals)
     except InterpretError:
         raise
     except Exception as e:
@@ -178,6 +184,7 @@ __all__ = [
     "INTERPRET_RULES",
     "InterpretError",
     "Value",
+    "bind_node",
     "call_graph",
     "eval_graph",
     "region_jaxpr",

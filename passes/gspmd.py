@@ -21,7 +21,7 @@ import jax
 from jax.sharding import NamedSharding
 from meshwright.ir import Graph, Literal
 from meshwright.ir import jax_compat as jc
-from meshwright.ir.interpreter import INTERPRET_RULES, _bind_default, _bind_with_regions
+from meshwright.ir.interpreter import bind_node
 
 
 def _constrain(x, spec, mesh):
@@ -53,9 +53,7 @@ def _eval(g: Graph, flat: list, mesh) -> list:
                 [v.aval for v in body.inputs])
             outs = node.primitive.bind(*ins, **params)
         else:
-            rule = INTERPRET_RULES.get(node.op, _bind_with_regions if node.regions
-                                       else _bind_default)
-            outs = rule(node, ins)
+            outs = bind_node(node, ins)
         specs = node.meta.get("spec") or []
         for k, (v, x) in enumerate(zip(node.outputs, outs)):
             env[v.id] = _constrain(x, specs[k] if k < len(specs) else None, mesh)

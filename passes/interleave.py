@@ -67,23 +67,13 @@ def _uses(g: Graph, v: Value) -> list[Node]:
     return [n for n in g.users(v) for x in n.inputs if x is v]
 
 
-def _sole_use(g: Graph, v: Value) -> Node | None:
-    uses = _uses(g, v)
-    if len(uses) != 1 or g.is_output(v):
-        return None
-    return uses[0]
+def _used_once(v: Value) -> bool:
+    """`v` feeds exactly one operand of one node and is not an output of its graph."""
+    g = v.producer.graph
+    return len(_uses(g, v)) == 1 and not g.is_output(v)
 
 
-def _scan_owners(g: Graph, out: dict[int, tuple[Node, Graph]] | None = None) -> dict:
-    out = {} if out is None else out
-    for node in g.equations():
-        for body in node.region_graphs():
-            out[id(body)] = (node, g)
-            _scan_owners(body, out)
-    return out
-
-
-def _argument(v: Value, dim: int, owners: dict) -> tuple[Value, int] | None:
+def _argument(v: Value, dim: int, owners: dict[int, Node]) -> tuple[Value, int] | None:
     """Follow `v` (used once) back to a top-level argument: (argument, the dim there), or None
     when it comes from anything but a plain argument (possibly through scans) or is used
     elsewhere on the way."""
@@ -95,7 +85,7 @@ def _argument(v: Value, dim: int, owners: dict) -> tuple[Value, int] | None:
         owner = owners.get(id(g))
         if owner is None:
             return v, dim
-        scan, outer_g = owner
+        scan = owner
         if scan.op != "scan":
             return None
         i = g.inputs.index(v)
@@ -103,27 +93,22 @@ def _argument(v: Value, dim: int, owners: dict) -> tuple[Value, int] | None:
         if n_consts <= i < n_consts + n_carry:
             return None
         outer = scan.inputs[i]
-        if not isinstance(outer, Value) or len(_uses(outer_g, outer)) != 1 or \
-                outer_g.is_output(outer):
+        if not isinstance(outer, Value) or not _used_once(outer):
             return None
         if i >= n_consts + n_carry:
             dim += 1  # the stacked layers axis
         v = outer
 
 
-def _only_use(v: Value) -> bool:
-    return _sole_use(v.producer.graph, v) is not None
-
-
-def _bias_argument(g: Graph, v: Value, axis: int, owners: dict):
+def _bias_argument(v: Value, axis: int, owners: dict[int, Node]):
     """A bias added along `axis`: broadcast_in_dim of a vector, used once; its argument."""
     if isinstance(v, Literal):
         return ()
     p = v.producer
-    if p.op != "broadcast_in_dim" or not _only_use(v):
+    if p.op != "broadcast_in_dim" or not _used_once(v):
         return None
     src = p.inputs[0]
-    if not isinstance(src, Value) or not _only_use(src):
+    if not isinstance(src, Value) or not _used_once(src):
         return None
     dims = p.params["broadcast_dimensions"]
     if axis not in dims:
@@ -132,11 +117,11 @@ def _bias_argument(g: Graph, v: Value, axis: int, owners: dict):
     return None if found is None else (found,)
 
 
-def _match(g: Graph, split: Node, owners: dict, mesh: MeshInfo, weights: set[int]):
+def _match(split: Node, owners: dict[int, Node], mesh: MeshInfo, weights: set[int]):
     axis = split.params["axis"]
     sizes = tuple(int(x) for x in split.params["sizes"])
     v = split.inputs[0]
-    if not isinstance(v, Value) or not _only_use(v):
+    if not isinstance(v, Value) or not _used_once(v):
         return None
     extra = []
     while v.producer.op in _ELEMENTWISE:
@@ -148,11 +133,11 @@ def _match(g: Graph, split: Node, owners: dict, mesh: MeshInfo, weights: set[int
         for o in p.inputs:
             if o is nxt:
                 continue
-            bias = _bias_argument(g, o, axis, owners)
+            bias = _bias_argument(o, axis, owners)
             if bias is None:
                 return None
             extra += list(bias)
-        if not _only_use(nxt):
+        if not _used_once(nxt):
             return None
         v = nxt
     dot = v.producer
@@ -176,7 +161,7 @@ def _match(g: Graph, split: Node, owners: dict, mesh: MeshInfo, weights: set[int
         w, wdim = lhs, lhs_free[axis - n_batch]
     else:
         w, wdim = rhs, rhs_free[axis - n_batch - len(lhs_free)]
-    if not isinstance(w, Value) or not _only_use(w):
+    if not isinstance(w, Value) or not _used_once(w):
         return None
     found = _argument(w, wdim, owners)
     if found is None or found[0].id not in weights:
@@ -187,14 +172,14 @@ def _match(g: Graph, split: Node, owners: dict, mesh: MeshInfo, weights: set[int
 def interleave_fused(g: Graph, mesh: MeshInfo) -> Graph:
     """Mark every fused split that can run locally; record the argument permutations in
     `g.meta["load_transforms"]`. Run after `annotate`."""
-    owners = _scan_owners(g)
+    owners = g.region_owners()
     weights = set(g.meta.get("weight_values", ()))
     transforms = g.meta.setdefault("load_transforms", {})
     index = {v.id: i for i, v in enumerate(g.inputs)}
     for node, _ in list(g.walk()):
         if node.op != "split" or "interleave" in node.meta:
             continue
-        found = _match(node.graph, node, owners, mesh, weights)
+        found = _match(node, owners, mesh, weights)
         if found is None:
             continue
         axes, sizes, n, args = found

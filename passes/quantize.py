@@ -449,16 +449,6 @@ def _big(reduced, shape) -> frozenset:
     return frozenset(d for d in reduced if shape[d] > 1)
 
 
-def _scan_parents(g: Graph, out: dict[int, Node] | None = None) -> dict[int, Node]:
-    """id(body graph) -> the scan node that owns it."""
-    out = {} if out is None else out
-    for node in g.equations():
-        for body in node.region_graphs():
-            out[id(body)] = node
-            _scan_parents(body, out)
-    return out
-
-
 def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
     """Follow a weight operand back to a top-level input: (input, reduced dims there,
     layers axis there or None, whether the way passed a reshape, whether it entered a scan)."""
@@ -518,7 +508,7 @@ def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
     for b in graph.meta["blocks"].blocks:
         if b.kind in wanted:
             selected += [n for n in b.nodes if fb._is_weight_dot(prog, n) and n not in selected]
-    parents = _scan_parents(graph)
+    parents = graph.region_owners()
     origins: dict[int, _Origin] = {}
     skipped: list[str] = []
     for dot in selected:
