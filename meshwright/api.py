@@ -105,7 +105,7 @@ def make_mesh(shape, devices=None):
 
 def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = None,
           weights: str = "native", passes=None, force: dict | None = None,
-          collective_einsum="auto"):
+          collective_einsum="auto", donate_argnums: int | tuple[int, ...] = ()):
     """Compile a function for a device mesh and run it there; decorator or call form.
 
         >>> @mw.shard(mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}), force={"ffn": "ws-2d"})
@@ -116,9 +116,12 @@ def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = Non
 
     `collective_einsum`: "auto" (loop a matmul's all-gather / reduce-scatter as ppermute
     steps where the hardware profile says the overlap pays; on the simulated CPU mesh it
-    never does), "on", "off", or a configured `CollectiveEinsum` pass.
+    never does), "on", "off", or a configured `CollectiveEinsum` pass. `donate_argnums` as in
+    `jax.jit`: `donate_argnums=2` lets a decode step update its KV cache in place on every
+    device (the arrays passed in are deleted by the call).
     """
     from meshwright.passes.compiler import shard as _shard
 
     return _shard(fn, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
-                  passes=passes, force=force, collective_einsum=collective_einsum)
+                  passes=passes, force=force, collective_einsum=collective_einsum,
+                  donate_argnums=donate_argnums)

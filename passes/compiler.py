@@ -143,7 +143,8 @@ class ShardedFunction:
 
     def __init__(self, fn: Callable, mesh=None, phase: str = "auto", hardware: str | None = None,
                  weights: str = "native", passes: list | None = None,
-                 force: dict | None = None, collective_einsum="auto"):
+                 force: dict | None = None, collective_einsum="auto",
+                 donate_argnums: int | tuple[int, ...] = ()):
         from meshwright.passes.collective_einsum import CollectiveEinsum
 
         if phase not in ("auto", "prefill", "decode"):
@@ -165,6 +166,10 @@ class ShardedFunction:
         self.weights = weights
         self.passes = passes
         self.force = force
+        # arguments whose buffers the program may reuse for its outputs (as jax.jit's): a KV
+        # cache donated is updated in place on every device instead of copied
+        self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) \
+            else tuple(donate_argnums)
         # looped collective einsums: "auto" (where the hardware profile says overlap pays;
         # never on the simulated CPU mesh), "on", "off", or a configured CollectiveEinsum pass
         self.collective_einsum = collective_einsum if isinstance(
@@ -263,7 +268,8 @@ class ShardedFunction:
                                 in_specs=tuple(s.partition_spec() for s in in_specs),
                                 out_specs=[s.partition_spec() for s in out_specs],
                                 check_vma=False)
-        jitted = jax.jit(program)
+        jitted = jax.jit(program, donate_argnums=self._donated(args, kwargs, transforms,
+                                                               len(in_specs)))
         structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
                                         sharding=NamedSharding(jmesh, s.partition_spec()))
                    for v, s in zip(g.inputs, in_specs)]
@@ -279,6 +285,21 @@ class ShardedFunction:
                         compiled=compiled, records=list(emitter.records),
                         fallbacks=list(result.fallbacks), predicted=predicted,
                         timings=timings, load_transforms=transforms)
+
+    def _donated(self, args, kwargs, transforms: dict, n_program: int) -> tuple[int, ...]:
+        """The program's argument indices of the donated arguments' arrays. Arrays converted
+        at load time (weights: never donated) may turn into several program arguments; the
+        arrays after the last of them keep their order, shifted."""
+        if not self.donate_argnums:
+            return ()
+        sizes = [len(jax.tree_util.tree_leaves(a)) for a in args]
+        starts = np.cumsum([0, *sizes])
+        donated = [i for a in self.donate_argnums for i in range(starts[a], starts[a + 1])]
+        if transforms and donated and min(donated) <= max(transforms):
+            raise ValueError(f"donate_argnums {self.donate_argnums}: an argument converted "
+                             "at load time (an interleaved or int8 weight) cannot be donated")
+        shift = n_program - len(jax.tree_util.tree_leaves((args, kwargs)))
+        return tuple(int(i) + shift for i in donated)
 
     def _choose(self, config, work, phase):
         """(plan, ffn, attention, mesh shape, predicted cost): the planner's choice, with
@@ -449,11 +470,16 @@ class ShardedFunction:
 
 def shard(fn: Callable | None = None, *, mesh=None, phase: str = "auto",
           hardware: str | None = None, weights: str = "native", passes: list | None = None,
-          force: dict | None = None, collective_einsum="auto"):
+          force: dict | None = None, collective_einsum="auto",
+          donate_argnums: int | tuple[int, ...] = ()):
     """Compile `fn` for a device mesh: decorator (`@mw.shard(mesh=...)`) or call
-    (`mw.shard(fn, mesh=...)`). Options as in DESIGN.md section 1."""
+    (`mw.shard(fn, mesh=...)`). Options: `mesh`, `phase`, `hardware`, `weights`, `passes`,
+    `force` (see docs/overview.md), `collective_einsum`, and `donate_argnums` as in
+    `jax.jit` (e.g. 2 for a decode step's KV cache: updated in place on every device; the
+    arrays passed are deleted by the call)."""
     def wrap(f):
         return ShardedFunction(f, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
-                               passes=passes, force=force, collective_einsum=collective_einsum)
+                               passes=passes, force=force, collective_einsum=collective_einsum,
+                               donate_argnums=donate_argnums)
 
     return wrap(fn) if fn is not None else wrap

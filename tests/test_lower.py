@@ -63,8 +63,28 @@ def test_weights_and_cache_are_really_split():
     up = params["layers"]["up"]  # (layers, E, F): E over x, F over (z, y)
     assert up.shape == (2, 64, 256)
     assert {s.data.shape for s in up.addressable_shards} == {(2, 32, 64)}
-    k = cache["k"]  # (layers, batch, max_len, kv_heads=1, head_dim): batch over all 8
-    assert {s.data.shape for s in k.addressable_shards} == {(2, 1, 128, 1, 16)}
+    k = cache["k"]  # (layers, batch, kv_heads=1, max_len, head_dim): batch over all 8
+    assert {s.data.shape for s in k.addressable_shards} == {(2, 1, 1, 128, 16)}
+
+
+def test_a_donated_cache_is_updated_in_place_on_every_device():
+    """`donate_argnums=2`: the decode step's per-device program writes its KV cache into the
+    buffers it was given (aliased in the compiled HLO), and the arrays passed are consumed."""
+    model, args, want = case("llama-tiny", "decode", scan=False)
+    step = mw.shard(model.decode_step, mesh=mw.make_mesh({"z": 8}), donate_argnums=2,
+                    force={"ffn": "ws-1d", "attention": "batch"})
+    c = step.compiled(*args)
+    n_cache = len(jax.tree.leaves(args[2]))
+    assert c.compiled.as_text().count("may-alias") == n_cache
+    flat, tree = jax.tree.flatten(args)
+    placed = jax.tree.unflatten(tree, c.place(flat))  # on the mesh as the program takes them
+    got = step(*placed)
+    assert_close(got, want)
+    assert all(a.is_deleted() for a in jax.tree.leaves(placed[2]))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(placed[0]))
+    with pytest.raises(ValueError, match="cannot be donated"):
+        mw.shard(model.decode_step, mesh=mw.make_mesh({"z": 8}), donate_argnums=0,
+                 weights="int8").compiled(*args)
 
 
 def test_one_device():
