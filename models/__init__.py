@@ -27,8 +27,16 @@ from meshwright.models.hf import (
     load_tokenizer,
     split_largest_axis,
 )
-from meshwright.models.registry import FAMILIES, Model, build, logits, param_shapes
+from meshwright.models.registry import (
+    FAMILIES,
+    Model,
+    build,
+    logits,
+    param_shapes,
+    unroll_layers,
+)
 
 __all__ = ["DEFAULT_MODEL", "FAMILIES", "PRESETS", "CheckpointError", "Model",
            "TransformerConfig", "build", "from_pretrained", "get_config", "load_config",
-           "load_demo_model", "load_tokenizer", "logits", "param_shapes", "split_largest_axis"]
+           "load_demo_model", "load_tokenizer", "logits", "param_shapes", "split_largest_axis",
+           "unroll_layers"]

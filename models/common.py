@@ -103,9 +103,9 @@ def run_layers(layers: dict | list[dict], x: jax.Array, cache: dict | None, laye
                *, scan: bool) -> tuple[jax.Array, dict | None]:
     """Run every layer over the residual stream `x`, threading each layer's slice of the cache.
 
-    `cache` is None or {"k": (n_layers, ...), "v": (n_layers, ...)}. With `scan`, `layers` is one
-    dict of stacked arrays and the layers run as `jax.lax.scan` (cache slices are its xs and ys);
-    otherwise `layers` is a list and the layers run as a Python loop.
+    `cache` is None or laid out as `models.cache` says: {"k": [one array per layer], "v": [...]}
+    for a Python loop over `layers` (a list), stacked (n_layers, ...) arrays for a scan (then
+    `layers` is one dict of stacked arrays, and the cache slices are the scan's xs and ys).
     """
     if scan:
         def body(x, xs):
@@ -114,11 +114,31 @@ def run_layers(layers: dict | list[dict], x: jax.Array, cache: dict | None, laye
 
         return jax.lax.scan(body, x, (layers, cache))
 
-    new_slices = []
+    new = None if cache is None else {name: [] for name in cache}
     for i, layer in enumerate(layers):
         layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
         x, layer_cache = layer_fn(layer, x, layer_cache)
-        new_slices.append(layer_cache)
-    if cache is None:
-        return x, None
-    return x, {name: jnp.stack([s[name] for s in new_slices]) for name in cache}
+        if new is not None:
+            for name in new:
+                new[name].append(layer_cache[name])
+    return x, new
+
+
+def at_positions(x: jax.Array, last: jax.Array) -> jax.Array:
+    """x[b, last[b]] for x (B, T, E) -> (B, E), as a one-hot contraction: a matmul with the row
+    as batch dimension, which the compiler shards like any other (an indexed gather over the
+    batch would run replicated). Exact: every other term is a product with 0."""
+    hot = (jnp.arange(x.shape[1])[None, :] == last[:, None]).astype(x.dtype)  # (B, T)
+    return jnp.einsum("bt,bte->be", hot, x)  # (B, E)
+
+
+def logits_from_table(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x (N, E) against a (V, E) table (a tied embedding: vocabulary rows) -> logits (N, V).
+
+    Computed as table @ x.T, (V, N), then transposed: XLA's CPU matmul reads a (V, E) table
+    twice as fast as the left operand as it reads it transposed on the right for small N (the
+    decode batch), and the optimization barrier keeps XLA from folding the transpose back
+    into the matmul. The transpose itself moves N x V floats, not the table.
+    """
+    out = jnp.einsum("ve,ne->vn", table, x)  # (V, N)
+    return jax.lax.optimization_barrier(out).T  # (N, V)

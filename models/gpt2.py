@@ -5,7 +5,9 @@ Serial pre-norm blocks; attention with ONE fused QKV weight `c_attn` (E, (H+2K)�
 GELU (tanh approximation); learned position embeddings; biases on projections (when
 `config.bias`); the unembedding is the transposed token embedding. GPT-2 itself is multi-head
 (K == H, c_attn (E, 3·H·D)); K == 1 is GPT-BigCode's (SantaCoder, StarCoder) multiquery
-attention, where the single K/V head broadcasts over the H query heads in the matmuls.
+attention, where the H query heads are grouped onto the single K/V head in the matmuls.
+The KV cache is laid out as `models.cache` says: per layer (batch, kv heads, positions, d_head),
+written in place one position per row in decode.
 
     >>> import jax, jax.numpy as jnp
     >>> from meshwright.models import build, get_config
@@ -13,21 +15,25 @@ attention, where the single K/V head broadcasts over the H query heads in the ma
     >>> params = model.init_params(jax.random.PRNGKey(0))
     >>> tokens = jnp.zeros((2, 8), jnp.int32)
     >>> logits, cache = model.prefill(params, tokens, model.init_cache(2))
-    >>> logits.shape, cache["k"].shape
-    ((2, 8, 256), (2, 2, 128, 4, 16))
+    >>> logits.shape, len(cache["k"]), cache["k"][0].shape  # (batch, kv heads, positions, d_head)
+    ((2, 8, 256), 2, (2, 4, 128, 16))
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from meshwright.models.cache import cache_length, write_prompt, write_token
 from meshwright.models.common import (
+    at_positions,
     check_decode,
     check_family,
     check_prompt,
     layers_for,
+    logits_from_table,
     normals,
     run_layers,
 )
@@ -94,17 +100,19 @@ def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """q (B, T, H, D), k/v (B, S, K, D) with K == H or 1, visible bool broadcastable to
-    (B, H, T, S)."""
+    """q (B, T, H, D); k, v (B, K, S, D) as the cache stores them, K == H or 1 (multiquery:
+    the H query heads share the one kv head as a group, K/V are never repeated); visible
+    bool broadcastable to (B, K, G, T, S) with G = H // K."""
     B, T, H, D = q.shape
-    q = q.transpose(0, 2, 1, 3)  # (B, H, T, D)
-    k = k.transpose(0, 2, 3, 1)  # (B, K, D, S): K == 1 broadcasts over the H query heads
-    v = v.transpose(0, 2, 1, 3)  # (B, K, S, D)
-    att = (q @ k) * (1.0 / math.sqrt(D))  # (B, H, T, S)
+    K = k.shape[1]
+    q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D)
+    k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, S, D): one kv head for its group
+    # the cache as the left operand: XLA then reads it as stored, for any number of query rows
+    att = (k @ q.swapaxes(-1, -2)).swapaxes(-1, -2) * (1.0 / math.sqrt(D))  # (B, K, G, T, S)
     att = jnp.where(visible, att.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    att = jax.nn.softmax(att, axis=-1).astype(q.dtype)  # (B, H, T, S)
-    y = att @ v  # (B, H, T, D)
-    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D)
+    att = jax.nn.softmax(att, axis=-1).astype(q.dtype)  # (B, K, G, T, S)
+    y = att @ v  # (B, K, G, T, D)
+    return y.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
 
 
 def _block(config: TransformerConfig, p: dict, x: jax.Array, attend):
@@ -128,31 +136,34 @@ def _block(config: TransformerConfig, p: dict, x: jax.Array, attend):
 
 
 def _unembed(config: TransformerConfig, params: dict, x: jax.Array) -> jax.Array:
-    x = _layer_norm(params["ln_f"], x, config.norm_eps)  # (B, T, E)
-    return x @ params["wte"].T  # (B, T, V)
+    """x (N, E) -> logits (N, V) against the transposed token embedding."""
+    return logits_from_table(_layer_norm(params["ln_f"], x, config.norm_eps), params["wte"])
 
 
 def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
-                    cache: dict | None) -> tuple[jax.Array, dict | None]:
-    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache."""
+                    cache: dict | None, last: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache.
+    Logits (B, T, V), or (B, V) at position last[b] of each row when `last` is given."""
     check_prompt(config, tokens)
-    T = tokens.shape[1]
+    B, T = tokens.shape
     x = params["wte"][tokens] + params["wpe"][:T]  # (B, T, E)
     visible = jnp.tril(jnp.ones((T, T), bool))  # (T, S=T): causal
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # (B, K, T, D): the cache's order
             written = layer_cache
-            if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
-                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
-                written = {"k": jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
-                           "v": jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))}
+            if layer_cache is not None:  # K/V of the prompt go to positions 0..T-1
+                written = {"k": write_prompt(layer_cache["k"], k),
+                           "v": write_prompt(layer_cache["v"], v)}
             return _attend(q, k, v, visible), written
 
         return _block(config, p, x, attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
-    return _unembed(config, params, x), cache
+    if last is not None:
+        return _unembed(config, params, at_positions(x, last)), cache  # (B, V)
+    return _unembed(config, params, x.reshape(B * T, -1)).reshape(B, T, -1), cache  # (B,T,V)
 
 
 def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
@@ -160,30 +171,31 @@ def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Ar
     return _prompt_forward(config, params, tokens, None)[0]
 
 
-def prefill(config: TransformerConfig, params: dict, tokens: jax.Array,
-            cache: dict) -> tuple[jax.Array, dict]:
-    """Logits (B, T, V) for the prompt tokens (B, T) and the cache with slots 0..T-1 written."""
-    return _prompt_forward(config, params, tokens, cache)
+def prefill(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
+            last: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits (B, T, V) for the prompt tokens (B, T) -- or (B, V) at position last[b] of each
+    row -- and the cache with positions 0..T-1 written."""
+    return _prompt_forward(config, params, tokens, cache, last)
 
 
 def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
                 positions: jax.Array) -> tuple[jax.Array, dict]:
-    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]."""
+    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]
+    (the cache holds S = cache_length(cache) positions, positions[b] < S)."""
     check_decode(tokens, positions)
-    S = cache["k"].shape[2]
+    S = cache_length(cache)
     x = params["wte"][tokens] + params["wpe"][positions]  # (B, E)
     x = x[:, None, :]  # (B, 1, E)
     key_index = jnp.arange(S)[None, :]  # (1, S)
-    here = (key_index == positions[:, None])[:, :, None, None]  # (B, S, 1, 1): the write slot
-    visible = (key_index <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    visible = (key_index <= positions[:, None])[:, None, None, None, :]  # (B, 1, 1, 1, S)
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
-            k_all = jnp.where(here, k.astype(layer_cache["k"].dtype), layer_cache["k"])  # (B,S,K,D)
-            v_all = jnp.where(here, v.astype(layer_cache["v"].dtype), layer_cache["v"])  # (B,S,K,D)
+            k_all = write_token(layer_cache["k"], k[:, 0], positions)  # (B, K, S, D)
+            v_all = write_token(layer_cache["v"], v[:, 0], positions)  # (B, K, S, D)
             return _attend(q, k_all, v_all, visible), {"k": k_all, "v": v_all}
 
         return _block(config, p, x, attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
-    return _unembed(config, params, x)[:, 0, :], cache  # (B, V)
+    return _unembed(config, params, x[:, 0, :]), cache  # (B, V)

@@ -1,29 +1,31 @@
 """Llama in plain JAX, `jnp.dot`/`jnp.matmul` style with explicit reshapes and transposes.
 
-Serial pre-norm blocks; grouped-query attention (K kv heads expanded to the H query heads with
-`jnp.repeat`; K == H is multi-head, K == 1 multiquery); RMSNorm; SwiGLU feed-forward (w1 gate, w3
-up, w2 down); rotary position embeddings on interleaved pairs (as Meta's reference code) with
+Serial pre-norm blocks; grouped-query attention (the H query heads grouped onto the K kv
+heads with reshapes; K == H is multi-head, K == 1 multiquery); RMSNorm; SwiGLU feed-forward
+(w1 gate, w3 up, w2 down); rotary position embeddings on interleaved pairs (as Meta's reference code) with
 base `config.rope_theta` and `config.rope_scaling`; no biases, except on Q/K/V (bq, bk, bv)
 when `config.qkv_bias` (Qwen2); a separate, untied output matrix. Parameter names follow
-Meta's checkpoints. Decode writes each row's K/V with a vmapped `dynamic_update_slice` (a
-`scatter` in the jaxpr), unlike gpt2/palm, which use a `where` over the slots.
+Meta's checkpoints. The KV cache is laid out as `models.cache` says.
 
     >>> import jax, jax.numpy as jnp
     >>> from meshwright.models import build, get_config
     >>> model = build(get_config("llama-tiny"))
     >>> params = model.init_params(jax.random.PRNGKey(0))
     >>> logits, cache = model.prefill(params, jnp.zeros((2, 8), jnp.int32), model.init_cache(2))
-    >>> logits.shape, cache["k"].shape  # two kv heads for eight query heads
-    ((2, 8, 256), (2, 2, 128, 2, 8))
+    >>> logits.shape, cache["k"][0].shape  # two kv heads for eight query heads: (B, K, S, D)
+    ((2, 8, 256), (2, 2, 128, 8))
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from meshwright.models.cache import cache_length, write_prompt, write_token
 from meshwright.models.common import (
+    at_positions,
     check_decode,
     check_family,
     check_prompt,
@@ -83,19 +85,21 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """q (B, T, H, D), k/v (B, S, K, D), visible bool broadcastable to (B, H, T, S)."""
+    """q (B, T, H, D); k, v (B, K, S, D) as the cache stores them; visible bool broadcastable
+    to (B, K, G, T, S). Grouped-query attention by grouping: the G = H/K query heads of kv
+    head j are rows of one matmul against that head's K and V, which are read once."""
     B, T, H, D = q.shape
-    groups = H // k.shape[2]
-    k = jnp.repeat(k, groups, axis=2)  # (B, S, H, D): kv head j serves query heads j*G..j*G+G-1
-    v = jnp.repeat(v, groups, axis=2)  # (B, S, H, D)
-    q = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, D)
-    k = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, S)
-    v = jnp.transpose(v, (0, 2, 1, 3))  # (B, H, S, D)
-    scores = jnp.matmul(q, k) / math.sqrt(D)  # (B, H, T, S)
+    K = k.shape[1]
+    q = jnp.transpose(q.reshape(B, T, K, H // K, D), (0, 2, 3, 1, 4))  # (B, K, G, T, D)
+    k = jnp.expand_dims(k, 2)  # (B, K, 1, S, D): one kv head for its group of query heads
+    v = jnp.expand_dims(v, 2)  # (B, K, 1, S, D)
+    # the cache as the left operand: XLA then reads it as stored, for any number of query rows
+    scores = jnp.matmul(k, jnp.swapaxes(q, -1, -2))  # (B, K, G, S, T)
+    scores = jnp.swapaxes(scores, -1, -2) / math.sqrt(D)  # (B, K, G, T, S)
     scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, H, T, S)
-    out = jnp.matmul(probs, v)  # (B, H, T, D)
-    return jnp.transpose(out, (0, 2, 1, 3)).reshape(B, T, H * D)  # (B, T, H*D)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, K, G, T, S)
+    out = jnp.matmul(probs, v)  # (B, K, G, T, D)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H * D)  # (B, T, H*D)
 
 
 def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Array, attend):
@@ -121,13 +125,14 @@ def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Arra
 
 
 def _unembed(config: TransformerConfig, params: dict, x: jax.Array) -> jax.Array:
-    x = _rms_norm(params["norm"], x, config.norm_eps)  # (B, T, E)
-    return jnp.dot(x, params["output"])  # (B, T, V)
+    x = _rms_norm(params["norm"], x, config.norm_eps)  # (..., E)
+    return jnp.dot(x, params["output"])  # (..., V)
 
 
 def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
-                    cache: dict | None) -> tuple[jax.Array, dict | None]:
-    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache."""
+                    cache: dict | None, last: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache.
+    Logits (B, T, V), or (B, V) at position last[b] of each row when `last` is given."""
     check_prompt(config, tokens)
     T = tokens.shape[1]
     x = params["tok_embeddings"][tokens]  # (B, T, E)
@@ -136,16 +141,19 @@ def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
+            k = jnp.transpose(k, (0, 2, 1, 3))  # (B, K, T, D): the cache's order
+            v = jnp.transpose(v, (0, 2, 1, 3))  # (B, K, T, D)
             written = layer_cache
-            if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
-                ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
-                written = {"k": jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
-                           "v": jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))}
+            if layer_cache is not None:  # K/V of the prompt go to positions 0..T-1
+                written = {"k": write_prompt(layer_cache["k"], k),
+                           "v": write_prompt(layer_cache["v"], v)}
             return _attend(q, k, v, visible), written
 
         return _block(config, p, x, positions, attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
+    if last is not None:
+        x = at_positions(x, last)  # (B, E)
     return _unembed(config, params, x), cache
 
 
@@ -154,34 +162,30 @@ def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Ar
     return _prompt_forward(config, params, tokens, None)[0]
 
 
-def prefill(config: TransformerConfig, params: dict, tokens: jax.Array,
-            cache: dict) -> tuple[jax.Array, dict]:
-    """Logits (B, T, V) for the prompt tokens (B, T) and the cache with slots 0..T-1 written."""
-    return _prompt_forward(config, params, tokens, cache)
-
-
-def _write_row(row: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:
-    """row (S, K, D) <- new (1, K, D) at slot `position`; vmapped over the batch."""
-    return jax.lax.dynamic_update_slice(row, new, (position, 0, 0))
+def prefill(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
+            last: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits (B, T, V) for the prompt tokens (B, T) -- or (B, V) at position last[b] of each
+    row -- and the cache with positions 0..T-1 written."""
+    return _prompt_forward(config, params, tokens, cache, last)
 
 
 def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
                 positions: jax.Array) -> tuple[jax.Array, dict]:
-    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]."""
+    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]
+    (the cache holds S = cache_length(cache) positions, positions[b] < S)."""
     check_decode(tokens, positions)
-    B, S = tokens.shape[0], cache["k"].shape[2]
+    B, S = tokens.shape[0], cache_length(cache)
     x = params["tok_embeddings"][tokens].reshape(B, 1, -1)  # (B, 1, E)
     key_index = jnp.arange(S).reshape(1, S)  # (1, S)
-    visible = (key_index <= positions.reshape(B, 1)).reshape(B, 1, 1, S)  # (B, 1, 1, S)
+    visible = (key_index <= positions.reshape(B, 1)).reshape(B, 1, 1, 1, S)  # (B, 1, 1, 1, S)
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
-            ck, cv = layer_cache["k"], layer_cache["v"]  # (B, S, K, D)
-            ck = jax.vmap(_write_row)(ck, k.astype(ck.dtype), positions)  # (B, S, K, D)
-            cv = jax.vmap(_write_row)(cv, v.astype(cv.dtype), positions)  # (B, S, K, D)
-            return _attend(q, ck, cv, visible), {"k": ck, "v": cv}
+            ck = write_token(layer_cache["k"], k.reshape(B, -1, k.shape[-1]), positions)
+            cv = write_token(layer_cache["v"], v.reshape(B, -1, v.shape[-1]), positions)
+            return _attend(q, ck, cv, visible), {"k": ck, "v": cv}  # ck, cv (B, K, S, D)
 
         return _block(config, p, x, positions.reshape(B, 1), attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
-    return _unembed(config, params, x).reshape(B, -1), cache  # (B, V)
+    return _unembed(config, params, x.reshape(B, -1)), cache  # (B, V)

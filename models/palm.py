@@ -10,19 +10,24 @@ embeddings (rotate-half form); the unembedding is the shared input embedding.
     >>> model = build(get_config("palm-tiny"))
     >>> params = model.init_params(jax.random.PRNGKey(0))
     >>> logits, cache = model.prefill(params, jnp.zeros((2, 8), jnp.int32), model.init_cache(2))
-    >>> logits.shape, cache["k"].shape  # multiquery: one kv head
-    ((2, 8, 256), (2, 2, 128, 1, 16))
+    >>> logits.shape, cache["k"][0].shape  # multiquery: one kv head; (B, K, positions, D)
+    ((2, 8, 256), (2, 1, 128, 16))
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from meshwright.models.cache import cache_length, write_prompt, write_token
 from meshwright.models.common import (
+    at_positions,
     check_decode,
     check_family,
     check_prompt,
     layers_for,
+    logits_from_table,
     normals,
     rope_inv_freq,
     run_layers,
@@ -77,15 +82,17 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """q (B, T, H, D), k/v (B, S, K, D), visible bool broadcastable to (B, K, G, T, S)."""
+    """q (B, T, H, D); k/v (B, K, S, D) as the cache stores them; visible bool broadcastable to
+    (B, K, G, T, S). The H query heads are grouped as (K, G): G heads share one kv head."""
     B, T, H, D = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     q = q.reshape(B, T, K, H // K, D)  # (B, T, K, G, D): G query heads share one kv head
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (D ** -0.5)  # (B, K, G, T, S)
+    # the cache as the left operand: XLA then reads it as stored, for any number of query rows
+    scores = jnp.einsum("bksd,btkgd->bkgts", k, q) * (D ** -0.5)  # (B, K, G, T, S)
     scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (B, K, G, T, S)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, K, G, D)
-    return out.reshape(B, T, H, D)  # (B, T, H, D)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # (B, K, G, T, D)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, D)  # (B, T, H, D)
 
 
 def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Array, attend):
@@ -96,7 +103,10 @@ def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Arra
     k = _rope(jnp.einsum("bte,ekd->btkd", h, p["k"]), positions, inv_freq)  # (B, T, K, D)
     v = jnp.einsum("bte,ekd->btkd", h, p["v"])  # (B, T, K, D)
     out, layer_cache = attend(q, k, v)  # (B, T, H, D)
-    attn = jnp.einsum("bthd,hde->bte", out, p["o"])  # (B, T, E)
+    B, T, H, D = out.shape
+    # contracted as one (H*D) dimension, so that XLA reads `o` as stored (E rows of H*D);
+    # over (h, d) it may pick an order of the heads' output that copies `o` every step
+    attn = jnp.einsum("btf,fe->bte", out.reshape(B, T, H * D), p["o"].reshape(H * D, -1))
     gate = jnp.einsum("bte,ef->btf", h, p["gate"])  # (B, T, F)
     up = jnp.einsum("bte,ef->btf", h, p["up"])  # (B, T, F)
     mlp = jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, p["down"])  # (B, T, E)
@@ -104,32 +114,36 @@ def _block(config: TransformerConfig, p: dict, x: jax.Array, positions: jax.Arra
 
 
 def _unembed(config: TransformerConfig, params: dict, x: jax.Array) -> jax.Array:
-    x = _layer_norm(params["final_norm"], x, config.norm_eps)  # (B, T, E)
-    return jnp.einsum("bte,ve->btv", x, params["embedding"])  # (B, T, V)
+    """x (N, E) -> logits (N, V) against the shared embedding table."""
+    return logits_from_table(_layer_norm(params["final_norm"], x, config.norm_eps),
+                             params["embedding"])
 
 
 def _prompt_forward(config: TransformerConfig, params: dict, tokens: jax.Array,
-                    cache: dict | None) -> tuple[jax.Array, dict | None]:
-    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache."""
+                    cache: dict | None, last: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Causal forward over a whole prompt; writes K/V to positions 0..T-1 when given a cache.
+    Logits (B, T, V), or (B, V) at position last[b] of each row when `last` is given."""
     check_prompt(config, tokens)
-    T = tokens.shape[1]
+    B, T = tokens.shape
     x = jnp.take(params["embedding"], tokens, axis=0)  # (B, T, E)
     positions = jnp.arange(T)[None, :]  # (1, T)
     visible = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]  # (T, S=T): causal
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, T, D): cache order
             written = layer_cache
-            if layer_cache is not None:  # K/V of the prompt go to slots 0..T-1
-                written = {name: jax.lax.dynamic_update_slice(
-                    layer_cache[name], new.astype(layer_cache[name].dtype), (0, 0, 0, 0))
-                    for name, new in (("k", k), ("v", v))}
+            if layer_cache is not None:  # K/V of the prompt go to positions 0..T-1
+                written = {"k": write_prompt(layer_cache["k"], k),
+                           "v": write_prompt(layer_cache["v"], v)}
             return _attend(q, k, v, visible), written
 
         return _block(config, p, x, positions, attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
-    return _unembed(config, params, x), cache
+    if last is not None:
+        return _unembed(config, params, at_positions(x, last)), cache  # (B, V)
+    return _unembed(config, params, x.reshape(B * T, -1)).reshape(B, T, -1), cache  # (B,T,V)
 
 
 def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
@@ -137,30 +151,30 @@ def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Ar
     return _prompt_forward(config, params, tokens, None)[0]
 
 
-def prefill(config: TransformerConfig, params: dict, tokens: jax.Array,
-            cache: dict) -> tuple[jax.Array, dict]:
-    """Logits (B, T, V) for the prompt tokens (B, T) and the cache with slots 0..T-1 written."""
-    return _prompt_forward(config, params, tokens, cache)
+def prefill(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
+            last: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits (B, T, V) for the prompt tokens (B, T) -- or (B, V) at position last[b] of each
+    row -- and the cache with positions 0..T-1 written."""
+    return _prompt_forward(config, params, tokens, cache, last)
 
 
 def decode_step(config: TransformerConfig, params: dict, tokens: jax.Array, cache: dict,
                 positions: jax.Array) -> tuple[jax.Array, dict]:
-    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]."""
+    """One token per row; row b writes K/V at positions[b] and attends to keys 0..positions[b]
+    (the cache holds S = cache_length(cache) positions, positions[b] < S)."""
     check_decode(tokens, positions)
-    S = cache["k"].shape[2]
+    S = cache_length(cache)
     x = jnp.take(params["embedding"], tokens[:, None], axis=0)  # (B, 1, E)
     key_index = jax.lax.broadcasted_iota(jnp.int32, (1, S), 1)  # (1, S)
-    here = key_index == positions[:, None]  # (B, S): the slot this row writes
     visible = (key_index <= positions[:, None])[:, None, None, None, :]  # (B, 1, 1, 1, S)
 
     def layer(p, x, layer_cache):
         def attend(q, k, v):
-            written = {name: jnp.where(here[:, :, None, None], new.astype(layer_cache[name].dtype),
-                                       layer_cache[name])  # (B, S, K, D)
+            written = {name: write_token(layer_cache[name], new[:, 0], positions)  # (B,K,S,D)
                        for name, new in (("k", k), ("v", v))}
             return _attend(q, written["k"], written["v"], visible), written
 
         return _block(config, p, x, positions[:, None], attend)
 
     x, cache = run_layers(params["layers"], x, cache, layer, scan=config.scan_layers)
-    return _unembed(config, params, x)[:, 0, :], cache  # (B, V)
+    return _unembed(config, params, x[:, 0, :]), cache  # (B, V)

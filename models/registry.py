@@ -23,6 +23,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 from meshwright.models import gpt2, llama, palm
+from meshwright.models.cache import cache_axes, cache_shapes, init_cache
 from meshwright.models.config import TransformerConfig, get_config
 
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "palm": palm, "llama": llama}
@@ -34,7 +35,7 @@ class Model:
     """A decoder-only Transformer of `config.family`, bound to `config`.
 
     params = model.init_params(key)
-    cache = model.init_cache(batch)       # {"k", "v"}: (n_layers, batch, max_len, n_kv_heads, d_head)
+    cache = model.init_cache(batch)       # {"k", "v"}: per layer (batch, kv_heads, max_len, d_head)
     logits, cache = model.prefill(params, tokens, cache)                   # tokens (B, T)
     logits, cache = model.decode_step(params, tokens, cache, positions)    # tokens, positions (B,)
     logits = model.logits(params, tokens)                                  # (B, T, vocab)
@@ -66,21 +67,30 @@ class Model:
         """
         return _init_params(self._impl.init_params, self.config, key)
 
-    def init_cache(self, batch: int) -> dict[str, jax.Array]:
-        """Zero K/V cache: {"k", "v"} each (n_layers, batch, max_len, n_kv_heads, d_head)."""
-        cfg = self.config
-        shape = (cfg.n_layers, batch, cfg.max_len, cfg.n_kv_heads, cfg.d_head)
-        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    def init_cache(self, batch: int, length: int | None = None) -> dict:
+        """Zero K/V cache for `batch` sequences of `length` positions (default max_len):
+        {"k", "v"}, one (batch, n_kv_heads, length, d_head) array per layer (stacked with
+        scan_layers). See `meshwright.models.cache`."""
+        return init_cache(self.config, batch, length)
 
-    def prefill(self, params: dict, tokens: jax.Array,
-                cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Causal forward over int32 tokens (B, T); writes K/V slots 0..T-1; logits (B, T, V)."""
-        return self._impl.prefill(self.config, params, tokens, cache)
+    def cache_axes(self) -> dict:
+        """A tree like the cache whose leaves say which axis holds the sequences (slot) and
+        which the positions (length): how the serving engine resizes, moves and writes it."""
+        return cache_axes(self.config)
 
-    def decode_step(self, params: dict, tokens: jax.Array, cache: dict[str, jax.Array],
-                    positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """One token per row (B,): row b writes slot positions[b] (< max_len) and attends to
-        slots 0..positions[b]. Returns logits (B, V) and the updated cache."""
+    def prefill(self, params: dict, tokens: jax.Array, cache: dict,
+                last: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Causal forward over int32 tokens (B, T); writes K/V positions 0..T-1; logits
+        (B, T, V), or (B, V) at position last[b] of each row when `last` (B,) is given (the
+        serving engine's form: it samples from the prompt's last token only, and the
+        unembedding of the other positions is most of a long prompt's work)."""
+        return self._impl.prefill(self.config, params, tokens, cache, last)
+
+    def decode_step(self, params: dict, tokens: jax.Array, cache: dict,
+                    positions: jax.Array) -> tuple[jax.Array, dict]:
+        """One token per row (B,): row b writes position positions[b] (< the cache's length)
+        and attends to positions 0..positions[b]. Returns logits (B, V) and the updated
+        cache."""
         return self._impl.decode_step(self.config, params, tokens, cache, positions)
 
     def logits(self, params: dict, tokens: jax.Array) -> jax.Array:
@@ -109,10 +119,13 @@ class Model:
             tokens = jax.random.randint(k_tokens, (batch, length), 0, cfg.vocab_size, jnp.int32)
             return params, tokens, self.init_cache(batch)
         tokens = jax.random.randint(k_tokens, (batch,), 0, cfg.vocab_size, jnp.int32)
-        shape = (2, cfg.n_layers, batch, cfg.max_len, cfg.n_kv_heads, cfg.d_head)
-        kv = jax.random.normal(k_cache, shape, jnp.float32).astype(cfg.dtype)  # K and V
+        shapes = cache_shapes(cfg, batch)
+        leaves, tree = jax.tree.flatten(shapes)
+        keys = jax.random.split(k_cache, len(leaves))
+        cache = tree.unflatten([jax.random.normal(k, s.shape, jnp.float32).astype(s.dtype)
+                                for k, s in zip(keys, leaves)])
         positions = jax.random.randint(k_pos, (batch,), 0, cfg.max_len, jnp.int32)
-        return params, tokens, {"k": kv[0], "v": kv[1]}, positions
+        return params, tokens, cache, positions
 
 
 # One compile per config instead of dozens of small eager XLA programs.
@@ -135,6 +148,22 @@ def build(config: TransformerConfig | str) -> Model:
     if isinstance(config, str):
         config = get_config(config)
     return Model(config)
+
+
+def unroll_layers(model: Model, params: dict) -> tuple[Model, dict]:
+    """The same model with its layers as a Python loop: for a `scan_layers` model, the config
+    without it and params["layers"] as a list of per-layer dicts (the stacked arrays sliced
+    once, here); any other model as given.
+
+    For serving on XLA:CPU: inside a scan every step copies each layer's weights and KV cache
+    out of the stacked arrays before its matmuls can read them (three to five times the bytes
+    of the step), while a loop passes every array as it is stored.
+    """
+    cfg = model.config
+    if not cfg.scan_layers:
+        return model, params
+    layers = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.n_layers)]
+    return build(cfg.replace(scan_layers=False)), {**params, "layers": layers}
 
 
 def logits(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:

@@ -434,7 +434,11 @@ def _dynamic_update_slice(ctx, node, ins):
 @lower_rule("concatenate")
 def _concatenate(ctx, node, ins):
     axis = node.params["dimension"]
-    first = next(s for _, s in ins if s is not None)
+    # the most split operand sets the layout: the others reach it by a local slice (from
+    # whole) rather than it reaching theirs by an all-gather (e.g. a scatter's indices:
+    # a batch-split column of positions beside columns of constant zeros)
+    first = max((s for _, s in ins if s is not None),
+                key=lambda s: sum(len(d) for i, d in enumerate(s.dims) if i != axis))
     dims = tuple(() if i == axis else d for i, d in enumerate(first.dims))
     args = []
     for x, s in ins:

@@ -300,30 +300,68 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 30) -> dict:
             "method": f"jitted in-place x + 1 on {megabytes} MiB float32, best of {repeats}"}
 
 
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 10) -> dict:
+    """Read-only memory bandwidth: a jitted sum over a float32 array larger than any cache,
+    bytes / best time. What streaming weights and a KV cache through a decode step costs."""
+    n = megabytes * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = min(_seconds(lambda: total(x).block_until_ready()) for _ in range(repeats))
+    return {"bytes": 4 * n, "seconds": best, "bytes_per_s": 4 * n / best,
+            "method": f"jitted sum over {megabytes} MiB float32, best of {repeats}"}
+
+
+def measure_matmul_rate(n: int = 2048, repeats: int = 10) -> dict:
+    """float32 matmul rate: a jitted (n, n) @ (n, n), 2 n^3 / best time."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    best = min(_seconds(lambda: mm(a, a).block_until_ready()) for _ in range(repeats))
+    return {"flops": 2 * n ** 3, "seconds": best, "flops_per_s": 2 * n ** 3 / best,
+            "method": f"jitted float32 ({n}, {n}) @ ({n}, {n}), best of {repeats}"}
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weights_read_per_step(model, params) -> int:
+    """Bytes of the weights one decode step reads: every array but the tables it only
+    looks rows up in (an untied input embedding, learned positions)."""
+    cfg = model.config
+    skip = set()
+    if not cfg.tie_embeddings:
+        skip.add(next(k for k in ("tok_embeddings", "embedding", "wte") if k in params))
+    if cfg.positions == "learned":
+        skip.add("wpe")
+    return sum(x.size * x.dtype.itemsize for k, v in params.items() if k not in skip
+               for x in jax.tree.leaves(v))
+
+
 def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
                     overrides: Sequence[str] = (), bandwidth: float | None = None,
                     steps: int = 50, engine_tokens: int = 32, progress: bool = False) -> dict:
-    """Per-token decode latency at batch 1 vs (bytes moved per step) / bandwidth.
+    """Per-token decode latency at batch 1 vs (bytes read per step) / read bandwidth.
 
-    Bytes per step: every weight once, plus the slot's K and V: the reference decode_step
-    masks instead of slicing, so it reads all max_len positions, and its `where` writes
-    the whole slot back (so KV bytes count twice). Measured two ways: the compiled
-    decode_step alone (median of `steps` calls, dispatch included) and the engine's
-    end-to-end per-token time for one request (sampling, host transfer, scheduling).
-    `fraction_of_roofline` uses the best step time."""
+    Bytes per step: the weights the step reads (`weights_read_per_step`) and the slot's K
+    and V at max_len positions, each once. Measured two ways: the compiled decode_step alone
+    (median of `steps` calls, dispatch included) and the engine's end-to-end per-token time
+    for one request (sampling, host transfer, scheduling). `fraction_of_roofline` uses the
+    best step time."""
     cfg = get_config(model).with_overrides(list(overrides))
     if max_len > cfg.max_len:
         cfg = cfg.replace(max_len=max_len)
     m = build(cfg)
     params = m.init_params(jax.random.PRNGKey(0))
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    kv_bytes = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.d_head * itemsize
-    step_bytes = weight_bytes + 2 * kv_bytes
-    bw = bandwidth or measure_bandwidth()["bytes_per_s"]
+    weight_bytes = weights_read_per_step(m, params)
+    cache = m.init_cache(1, max_len)
+    kv_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    step_bytes = weight_bytes + kv_bytes
+    bw = bandwidth or measure_read_bandwidth()["bytes_per_s"]
 
-    shape = (cfg.n_layers, 1, max_len, cfg.n_kv_heads, cfg.d_head)
-    cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
     step = jax.jit(m.decode_step, donate_argnums=(2,))
     tokens, positions = np.zeros(1, np.int32), np.full(1, max_len // 2, np.int32)
     logits, cache = step(params, tokens, cache, positions)
@@ -337,7 +375,7 @@ def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
     step_s, step_median_s = min(times), statistics.median(times)
 
     engine = Engine(m, params, max_slots=1, max_len=max_len, progress=progress,
-                    prefill_lengths=(max_len,))
+                    kv_lengths=(max_len,), prefill_lengths=(max_len,))
     engine.generate([[1, 2, 3]], max_tokens=4)  # warm
     result = engine.generate([[1, 2, 3]], max_tokens=min(engine_tokens, max_len - 3))[0]
     roofline_s = step_bytes / bw
@@ -355,27 +393,25 @@ def decode_roofline(model: str = "palm-tiny", *, max_len: int = 128,
 
 
 def decode_step_times(engine: Engine, repeats: int = 40) -> dict[int, dict]:
-    """Best and median time of the engine's compiled decode step per bucket (at position
-    max_len // 2): what one iteration costs as the fused batch grows."""
+    """Best and median time of the engine's compiled decode step per batch bucket, at its
+    longest KV window (positions at half of it): what one iteration costs as the fused batch
+    grows."""
     out = {}
+    length = engine.kv_lengths[-1]
     for phase, bucket in engine.buckets():
-        if phase != "decode":
+        if phase != "decode" or bucket.length != length:
             continue
         fn = engine._step_fn(phase, bucket)
-        cfg = engine.config
-        shape = (cfg.n_layers, bucket.batch, engine.max_len, cfg.n_kv_heads, cfg.d_head)
-        cache = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
-        sharding = engine.kv.sharding_for(bucket.batch)
-        if sharding is not None:  # placed as the step takes it: no reshard in the timing
-            cache = jax.device_put(cache, sharding)
+        cache = engine.kv.window(bucket.batch, bucket.length)  # placed as the step takes it
         tokens = np.zeros(bucket.batch, np.int32)
-        positions = np.full(bucket.batch, engine.max_len // 2, np.int32)
+        positions = np.full(bucket.batch, length // 2, np.int32)
         times = []
         for _ in range(repeats + 2):
             t0 = time.perf_counter()
             logits, cache = fn(engine.params, tokens, cache, positions)
             logits.block_until_ready()
             times.append(time.perf_counter() - t0)
+        engine.kv.set_window(cache)
         times = times[2:]
         out[bucket.batch] = {"best_s": min(times), "median_s": statistics.median(times),
                              "best_per_row_s": min(times) / bucket.batch}

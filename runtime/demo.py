@@ -52,6 +52,8 @@ class DemoOptions:
     out_len: tuple[int, int] = (16, 192)  # max tokens per request, uniform in [a, b]
     max_slots: int = 8  # KV slots = the largest decode bucket
     max_len: int = 256  # KV length per slot (prompt + output)
+    kv_lengths: tuple[int, ...] = (128,)  # decode KV windows compiled below max_len (and it)
+    prefill_rows: tuple[int, ...] = (1, 8)  # prompts per prefill call compiled
     prefill_lengths: tuple[int, ...] = (32,)  # padded prompt lengths compiled (and max_len)
     stream: int = 3  # prompts of the streaming section (0: none)
     check: bool = True  # compare the streamed completions with unsharded greedy decoding
@@ -222,14 +224,14 @@ def choose_pin(plan) -> tuple[dict, str]:
                      "the demo needs one that runs every bucket")
 
 
-def example_args(model, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
+def example_args(model, params, phase: str, batch: int, length: int) -> tuple:
     """Zero inputs of the engine's step at one bucket (the shapes `compile_fn` serves)."""
     from meshwright.runtime.layouts import example_args as of_config
 
-    return of_config(model.config, params, phase, batch, length, max_len)
+    return of_config(model.config, params, phase, batch, length)
 
 
-def compile_buckets(model, params, mesh, buckets, *, pin: dict, max_len: int,
+def compile_buckets(model, params, mesh, buckets, *, pin: dict,
                     progress: bool = False) -> dict:
     """`mw.shard` every (phase, Bucket) with `pin` forced; {(phase, bucket): CompiledBucket}."""
     import jax
@@ -246,10 +248,10 @@ def compile_buckets(model, params, mesh, buckets, *, pin: dict, max_len: int,
     for phase, bucket in bar if bar is not None else todo:
         if bar is not None:
             bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
-        context = max_len if phase == "decode" else bucket.length
-        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=context)
-        step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin)
-        args = example_args(model, params, phase, bucket.batch, bucket.length, max_len)
+        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=bucket.length)
+        step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin,
+                        donate_argnums=(2,))
+        args = example_args(model, params, phase, bucket.batch, bucket.length)
         t0 = time.perf_counter()
         c = step.compiled(*args)
         seconds = time.perf_counter() - t0
@@ -294,8 +296,7 @@ def greedy_reference(config, params, prompt: Sequence[int], max_tokens: int,
 
     model = build(config)
     max_len = max_len or config.max_len
-    shape = (config.n_layers, 1, max_len, config.n_kv_heads, config.d_head)
-    cache = {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+    cache = model.init_cache(1, max_len)
     T = len(prompt)
     padded = np.zeros((1, max_len), np.int32)  # one compiled prompt shape
     padded[0, :T] = prompt
@@ -416,7 +417,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     # ---- 2. plan -------------------------------------------------------------------------
     echo(_section("2. plan"))
     slots = options.max_slots
-    args = example_args(model, dm.params, "decode", slots, 0, max_len)
+    args = example_args(model, dm.params, "decode", slots, max_len)
     t0 = time.perf_counter()
     graph = mw.trace(model.decode_step, *args)
     plan = mw.plan(graph, hardware=options.hardware, chips=DEVICES, context=max_len,
@@ -435,9 +436,13 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     from meshwright.runtime.layouts import sharded_engine
 
     t0 = time.perf_counter()
-    engine = sharded_engine(model, dm.params, devices, hardware=options.hardware,
-                            max_slots=slots, max_len=max_len,
-                            prefill_lengths=options.prefill_lengths, progress=options.progress)
+    below = sorted({n for n in options.kv_lengths if n < max_len})
+    engine = sharded_engine(
+        model, dm.params, devices, hardware=options.hardware, max_slots=slots,
+        max_len=max_len, kv_lengths=(*below, max_len),
+        prefill_rows=tuple(r for r in options.prefill_rows if r <= slots),
+        prefill_lengths=(*sorted({n for n in options.prefill_lengths if n < max_len}),
+                         max_len), progress=options.progress)
     compile_s = time.perf_counter() - t0
     layouts = engine.layout_plan
     echo(layouts.explain_header())

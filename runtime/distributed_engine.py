@@ -191,45 +191,46 @@ class _GatheredStep:
 
 def distributed_sharded_engine(model, params: dict, devices: Sequence | None = None, *,
                                pin: dict | None = None, max_slots: int = 8, max_len: int = 128,
-                               prefill_lengths: Sequence[int] = (32, 128),
                                **engine_kwargs: Any):
     """`runtime.demo.sharded_engine` for a multi-process job: every bucket `mw.shard`-compiled
     on one mesh over `devices` (default: `jax.devices()`, every process's), the weights put
     in the pinned layout once (each process builds only its own devices' blocks), and a
-    `DistributedEngine` on top. Returns the same `ShardedEngine` record."""
+    `DistributedEngine` on top. The buckets are the engine's (`kv_lengths`, `prefill_rows`,
+    `prefill_lengths`, `prefill_tokens` among `engine_kwargs`). Returns the same
+    `ShardedEngine` record."""
     import jax
     from meshwright.runtime.demo import ShardedEngine, choose_pin, compile_buckets, plan_for
-    from meshwright.runtime.engine import Bucket
-    from meshwright.runtime.scheduler import bucket_sizes
 
     import meshwright as mw
 
     devices = list(devices if devices is not None else jax.devices())
+    engine = DistributedEngine(model, params, max_slots=max_slots, max_len=max_len,
+                               warmup=False, **{"progress": False, **engine_kwargs})
+    model = engine.model  # layers unrolled when they were a scan
+    buckets = engine.buckets()
     if pin is None:
         pin, _ = choose_pin(plan_for(model.config, phase="decode", batch=max_slots,
                                      context=max_len))
     mesh = mw.make_mesh(pin["mesh"], devices)
-    lengths = tuple(sorted({n for n in prefill_lengths if n < max_len} | {max_len}))
-    buckets = ([("decode", Bucket(b, max_len)) for b in bucket_sizes(max_slots)]
-               + [("prefill", Bucket(1, n)) for n in lengths])
-    compiled = compile_buckets(model, params, mesh, buckets, pin=pin, max_len=max_len)
-    biggest = compiled[("decode", Bucket(max_slots, max_len))]
+    compiled = compile_buckets(model, engine.params, mesh, buckets, pin=pin)
+    biggest = compiled[max(k for k in compiled if k[0] == "decode")]
     moved = [f"{c.phase} {c.batch}x{c.length}" for c in compiled.values()
              if jax.tree.leaves(c.specs[0]) != jax.tree.leaves(biggest.specs[0])]
     jmesh = biggest.mesh
-    placed = jax.tree.map(
-        lambda x, s: dist.put(x, jax.sharding.NamedSharding(jmesh, s)), params,
+    engine.params = jax.tree.map(
+        lambda x, s: dist.put(x, jax.sharding.NamedSharding(jmesh, s)), engine.params,
         biggest.specs[0])
-    cache_specs = {c.batch: c.specs[2]["k"] for c in compiled.values() if c.phase == "decode"}
+    cache_specs = {(c.batch, c.length): c.specs[2] for c in compiled.values()
+                   if c.phase == "decode"}
+    store_spec = biggest.specs[2]
 
-    def cache_sharding(capacity: int):
-        return jax.sharding.NamedSharding(jmesh, cache_specs[capacity])
+    def cache_sharding(capacity: int, length: int):
+        spec = cache_specs.get((capacity, length), store_spec)
+        return jax.tree.map(lambda s: jax.sharding.NamedSharding(jmesh, s), spec)
 
     runners = {key: _GatheredStep(c.step) for key, c in compiled.items()}
-    engine = DistributedEngine(
-        model, placed, max_slots=max_slots, max_len=max_len,
-        compile_fn=lambda phase, bucket: runners[(phase, bucket)],
-        planner_fn=lambda phase, bucket: compiled[(phase, bucket)].compiled,
-        cache_sharding=cache_sharding, prefill_lengths=lengths,
-        **{"progress": False, **engine_kwargs})
+    engine.compile_fn = lambda phase, bucket: runners[(phase, bucket)]
+    engine.planner_fn = lambda phase, bucket: compiled[(phase, bucket)].compiled
+    engine.set_cache_sharding(cache_sharding)
+    engine.compile_all(progress=False)
     return ShardedEngine(engine, compiled, moved)

@@ -9,36 +9,53 @@ One iteration (`Engine.step`), as gpt-fast would write it, with the compile boun
 place (`compile_fn`):
 
     out = scheduler.schedule(now)          # device-free decisions (runtime/scheduler.py)
-    kv.resize / kv.move                    # bucket change and memory shuffle, on device
-    prefill(prompt padded on the right)    # batch 1, per admitted request -> first token
-    decode_step(bucket rows)               # every live request, at its own position
+    kv.move                                # the memory shuffle, in the KV store
+    prefill(rows x padded length)          # every request admitted now, batched -> first tokens
+    decode_step(window of the KV cache)    # every live request, at its own position
     scheduler.update(out, sampled, now)    # finished requests leave and are delivered
+
+Buckets. Every step runs at a static shape compiled at start-up, a `Bucket(batch, length)`:
+
+- decode: `batch` rows (1, 2, 4, ..., max_slots: the scheduler keeps the live requests in the
+  first rows) and a KV window of `length` positions (`kv_lengths`, default 64, 128, ...,
+  max_len), the smallest that holds the longest live row: attention reads the live prefix,
+  not max_len;
+- prefill: `batch` prompts (`prefill_rows`, default 1, 2, 4, 8) padded on the right to
+  `length` tokens (`prefill_lengths`, default 8, 16, ..., max_len): the requests admitted in
+  one iteration are prefilled together, in as few calls as the buckets and
+  `prefill_tokens` (rows x length per call) allow.
+
+The KV cache (`kv_cache.KVCache`) keeps every slot in a store and hands each decode step the
+window of its bucket, donated, so a step writes its new tokens in place and reads no position
+it does not need; prefills write their rows into the store.
 
 The seam for the sharded compiler (`mw.shard`; `runtime/layouts.py` builds an engine on it):
 
 - `compile_fn(phase, bucket) -> callable` is called once per (phase, bucket) at start-up.
-  `bucket` is a `Bucket(batch, length)`: decode buckets are (1, 2, 4, ..., max_slots) rows
-  with `length` = the cache length max_len; prefill buckets are one row of a padded prompt
-  length. The callable has the model's own signature and meaning at those shapes:
-  prefill(params, tokens (1, length), cache) and decode_step(params, tokens (batch,), cache,
-  positions (batch,)), with cache {"k", "v"} (n_layers, batch, max_len, kv_heads, d_head),
-  and returns (logits, cache); the engine donates the cache it passes. The default is
-  `jax.jit(model.fn(phase), donate_argnums=2)`, compiled ahead of time. A callable with an
-  `in_shardings` attribute (the argument tree of the shardings it takes, e.g.
-  `layouts.CompiledStep`) tells the engine where to put things: the weights are placed once
-  with the first such step's weight shardings (a step that wants them split otherwise is
-  listed in `engine.weight_copies`: it keeps its own copy, placed once), the KV cache at each
-  capacity
-  takes that decode bucket's cache sharding, a prefill's fresh cache its bucket's, and the
-  helpers around the steps (sampling, KV writes, moves, resizes) are compiled at start-up on
-  the steps' real outputs, so nothing compiles on first use. Its `layout` and `why`
+  The callable has the model's own signature and meaning at the bucket's shapes:
+  decode_step(params, tokens (batch,), cache, positions (batch,)) with the cache at (batch,
+  length), and prefill(params, tokens (batch, length), cache, last (batch,)) with a fresh
+  cache of (batch, length) whose positions 0..length-1 it writes, returning logits (batch, V)
+  at each row's last prompt token; both return (logits, cache) and the engine donates the
+  cache it passes. The default is `jax.jit(model.fn(phase), donate_argnums=2)`, compiled
+  ahead of time. A callable with an `in_shardings` attribute (the argument tree of the
+  shardings it takes, e.g. `layouts.CompiledStep`) tells the engine where to put things: the
+  weights are placed once with the first such step's weight shardings (a step that wants them
+  split otherwise is listed in `engine.weight_copies`: it keeps its own copy, placed once),
+  the KV window of each decode bucket as that step takes it, the store as the largest decode
+  bucket takes it, and the helpers around the steps (sampling, KV loads, write-backs, writes,
+  moves) are compiled at start-up, so nothing compiles on first use. Its `layout` and `why`
   attributes name the bucket's layout when there is no `planner_fn`.
 - `planner_fn(phase, bucket) -> str` names the layout of each compiled bucket (default: the
   step's `layout`, else "replicated"); the engine counts how often consecutive decode steps
   change layout (`stats.layout_switches`). Without a sharded step the weights are `params`
   as given (replicated over `mesh` if one is given); they never move on a bucket switch.
-- `cache_sharding`: None, a `jax.sharding.Sharding`, or capacity -> Sharding (see
-  `kv_cache.batch_sharding`); the KV cache is re-placed when its bucket changes.
+- `cache_sharding`: None, a `jax.sharding.Sharding`, or (capacity, length) -> Sharding (see
+  `kv_cache.batch_sharding`), for the KV cache when no compiled step says otherwise.
+
+A model whose layers are a scan (`config.scan_layers`) is served as a loop (`unroll_layers`,
+listed in `engine.notes`): on XLA:CPU a scan copies every layer's weights out of the stacked
+arrays at every step.
 """
 
 from __future__ import annotations
@@ -53,18 +70,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from meshwright.models import Model, TransformerConfig, build, get_config
-from meshwright.runtime.kv_cache import KVCache, ShardingSpec, warm_up
+from meshwright.models import Model, TransformerConfig, build, get_config, unroll_layers
+from meshwright.runtime.kv_cache import KVCache, ShardingFn, kv_lengths_for
 from meshwright.runtime.request import Request, Result, SamplingParams
-from meshwright.runtime.sampling import greedy, greedy_at, sample_tokens
+from meshwright.runtime.sampling import greedy, sample_tokens
 from meshwright.runtime.scheduler import Prefill, Scheduler, SchedulerOutput, bucket_sizes
 
 
 class Bucket(NamedTuple):
     """The static shape a step is compiled for."""
 
-    batch: int  # rows: decode 1, 2, 4, ..., max_slots; prefill 1
-    length: int  # decode: KV cache length (max_len); prefill: padded prompt length
+    batch: int  # rows: decode 1, 2, 4, ..., max_slots; prefill 1, 2, 4, ... prompts
+    length: int  # decode: positions of the KV window; prefill: padded prompt length
 
 
 CompileFn = Callable[[str, Bucket], Callable]
@@ -199,8 +216,9 @@ class EngineStats:
     steps: int = 0  # iterations that did something
     decode_steps: int = 0
     prefills: int = 0
+    prefill_calls: int = 0  # prefill steps run (each prefills one or more requests)
     moves: int = 0  # KV slot moves of the memory shuffle
-    resizes: int = 0  # bucket changes of the KV cache
+    resizes: int = 0  # KV window (re)loads: bucket changes, joins, moves
     tokens: int = 0  # tokens produced
     buckets_used: Counter = field(default_factory=Counter)  # decode bucket -> steps
     layout_switches: int = 0  # consecutive decode steps with different layouts
@@ -225,6 +243,24 @@ def prefill_lengths_for(max_len: int, smallest: int = 8) -> tuple[int, ...]:
     return (*lengths, max_len)
 
 
+def engine_buckets(max_slots: int, kv_lengths: Sequence[int], prefill_rows: Sequence[int],
+                   prefill_lengths: Sequence[int],
+                   prefill_tokens: int | None = None) -> list[tuple[str, Bucket]]:
+    """Every (phase, Bucket) an engine compiles: decode for every batch bucket x KV window
+    length, prefill for every rows x padded length whose rows x length fits `prefill_tokens`
+    (a single row always fits).
+
+    >>> [f"{p} {b.batch}x{b.length}" for p, b in engine_buckets(2, (64,), (1, 2), (32, 64), 64)]
+    ['decode 1x64', 'decode 2x64', 'prefill 1x32', 'prefill 2x32', 'prefill 1x64']
+    """
+    out = [("decode", Bucket(b, n)) for b in bucket_sizes(max_slots) for n in kv_lengths]
+    for n in prefill_lengths:
+        for r in prefill_rows:
+            if r == 1 or prefill_tokens is None or r * n <= prefill_tokens:
+                out.append(("prefill", Bucket(r, n)))
+    return out
+
+
 class Engine:
     """Serve a model with iteration-level scheduling (Flover temporal fusion) or a baseline.
 
@@ -232,10 +268,13 @@ class Engine:
     `model.init_params(PRNGKey(0))`. `max_len` (default: the config's) is the KV length of a
     slot: prompt + max_tokens must fit in it. `policy` is "fused", "static" or "dynamic"
     (`window_s` is dynamic batching's window); `shuffle=False` turns the memory shuffle off.
-    `prefill_lengths` are the padded prompt lengths (default `prefill_lengths_for(max_len)`).
-    `warmup` compiles every bucket at start-up (with a progress bar unless `progress=False`);
-    otherwise each bucket compiles on first use. See the module docstring for `compile_fn`,
-    `planner_fn`, `cache_sharding` and `mesh`.
+    Buckets (see the module docstring): `kv_lengths` (decode KV windows, default
+    `kv_cache.kv_lengths_for(max_len)`), `prefill_rows` (default 1, 2, 4, 8, up to
+    max_slots), `prefill_lengths` (default `prefill_lengths_for(max_len)`), `prefill_tokens`
+    (most rows x length per prefill call, default 4096). `warmup` compiles every bucket at
+    start-up (with a progress bar unless `progress=False`); otherwise each bucket compiles on
+    first use. `unroll` serves a scan-layers model as a loop (see the module docstring). See
+    the module docstring for `compile_fn`, `planner_fn`, `cache_sharding` and `mesh`.
     """
 
     def __init__(self, model: Model | TransformerConfig | str, params: dict | None = None, *,
@@ -243,9 +282,12 @@ class Engine:
                  max_len: int | None = None, policy: str = "fused", shuffle: bool = True,
                  window_s: float = 0.01, max_queue: int = 1024,
                  compile_fn: CompileFn | None = None, planner_fn: PlannerFn | None = None,
-                 cache_sharding: ShardingSpec = None,
-                 prefill_lengths: Sequence[int] | None = None, clock: str | Clock = "wall",
-                 warmup: bool = True, progress: bool = True, tokenizer: Any = None) -> None:
+                 cache_sharding: ShardingFn | jax.sharding.Sharding | None = None,
+                 kv_lengths: Sequence[int] | None = None,
+                 prefill_rows: Sequence[int] | None = None,
+                 prefill_lengths: Sequence[int] | None = None, prefill_tokens: int = 4096,
+                 clock: str | Clock = "wall", warmup: bool = True, progress: bool = True,
+                 tokenizer: Any = None, unroll: bool = True) -> None:
         model = _as_model(model)
         cfg = model.config
         max_len = max_len or cfg.max_len
@@ -257,41 +299,55 @@ class Engine:
                     "params for a config with a larger max_len, or a smaller max_len")
             model = build(cfg.replace(max_len=max_len))
             cfg = model.config
+        if params is None:
+            params = model.init_params(jax.random.PRNGKey(0))
+        self.notes: list[str] = []  # what runs otherwise than given, and why
+        if unroll and cfg.scan_layers:
+            model, params = unroll_layers(model, params)
+            cfg = model.config
+            self.notes.append(f"layers served as a Python loop, not a scan ({cfg.n_layers} "
+                              "layers): inside a scan XLA copies every layer's weights and "
+                              "KV cache out of the stacked arrays at every step")
         self.model, self.config, self.max_len, self.max_slots = model, cfg, max_len, max_slots
         self.mesh = mesh
         # text in, text out: a `tokenizers.Tokenizer` (models.load_tokenizer) or anything with
         # encode(str) -> ids (or an object with .ids) and decode(ids) -> str
         self.tokenizer = tokenizer
-        if params is None:
-            params = model.init_params(jax.random.PRNGKey(0))
         if mesh is not None:
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             params = jax.device_put(params, replicated)
             if cache_sharding is None:
                 cache_sharding = replicated
         self.params = params
-        self.kv = KVCache.for_config(cfg, max_slots, max_len, sharding=cache_sharding)
-        self.prefill_lengths = tuple(sorted(prefill_lengths or prefill_lengths_for(max_len)))
-        if self.prefill_lengths[-1] < max_len - 1 or self.prefill_lengths[-1] > max_len \
-                or self.prefill_lengths[0] < 1:
-            raise ValueError(f"prefill_lengths {self.prefill_lengths} must lie in 1..max_len "
-                             f"and reach max_len - 1 = {max_len - 1} (the longest prompt)")
+        self.kv_lengths = _check_lengths("kv_lengths", kv_lengths or kv_lengths_for(max_len),
+                                         max_len, need=max_len)
+        self.prefill_lengths = _check_lengths(
+            "prefill_lengths", prefill_lengths or prefill_lengths_for(max_len), max_len,
+            need=max_len - 1)
+        self.prefill_rows = tuple(sorted(set(prefill_rows or bucket_sizes(min(max_slots, 8)))))
+        if self.prefill_rows[0] != 1 or self.prefill_rows[-1] > max_slots:
+            raise ValueError(f"prefill_rows {self.prefill_rows} must start at 1 and not exceed "
+                             f"max_slots={max_slots}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
+        self.kv = KVCache.for_model(model, max_slots, max_len, sharding=cache_sharding)
         self.compile_fn = compile_fn or self.default_compile_fn
         self.planner_fn = planner_fn
         self.clock = make_clock(clock)
         self.stats = EngineStats()
         self._steps: dict[tuple[str, Bucket], Callable] = {}
-        self._zero_cache_fns: dict[Any, Callable] = {}  # sharding -> jitted zero 1-slot cache
+        self._zeros_fns: dict[Any, Callable] = {}  # (bucket, sharding) -> fresh prefill cache
         self.layouts: dict[tuple[str, Bucket], str] = {}  # (phase, bucket) -> layout name
         self.layout_why: dict[tuple[str, Bucket], str] = {}  # and why (the step's `why`)
         self.layout_plan = None  # the EngineLayouts, when built by layouts.sharded_engine
         self.weight_copies: list[str] = []  # buckets whose steps take the weights split
         #                                     otherwise than placed (each keeps its own copy)
         self._weight_shardings = None  # how the weights were placed (from a step)
-        self._cache_shardings: dict[int, Any] = {}  # capacity -> a decode step's KV sharding
-        self._prefill_shardings: dict[int, Any] = {}  # prompt length -> its cache sharding
-        self._prefill_outputs: dict[Any, dict] = {}  # (sharding, shape) -> a prefill's
-        #                                               output cache, to warm the KV writes on
+        self._window_shardings: dict[tuple[int, int], Any] = {}  # decode bucket -> its cache's
+        self._prefill_shardings: dict[Bucket, Any] = {}  # prefill bucket -> its fresh cache's
+        self._prefill_outputs: list = []  # a prefill output cache per bucket, to warm writes on
+        self._decode_outputs: dict = {}  # a decode step's output cache per window shape, too
         self._user_cache_sharding = cache_sharding
         self._last_layout: str | None = None
         self._handles: dict[int, RequestHandle] = {}
@@ -314,15 +370,21 @@ class Engine:
             policy, window_s if window_s is not None else old.window_s, shuffle=shuffle,
             max_len=self.max_len, vocab_size=self.config.vocab_size)
 
+    def set_cache_sharding(self, sharding) -> None:
+        """How the KV cache is placed when no compiled step says: None, a Sharding, or
+        (capacity, length) -> Sharding (or a tree of them like the cache). Re-places it."""
+        self._user_cache_sharding = sharding
+        self.kv.set_sharding(self._kv_sharding)
+
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         self._last_layout = None
 
     # ---- compilation ------------------------------------------------------------------------
     def buckets(self) -> list[tuple[str, Bucket]]:
-        """Every (phase, bucket) the engine runs: decode per batch bucket, prefill per length."""
-        return ([("decode", Bucket(b, self.max_len)) for b in bucket_sizes(self.max_slots)]
-                + [("prefill", Bucket(1, n)) for n in self.prefill_lengths])
+        """Every (phase, bucket) the engine runs (`engine_buckets`)."""
+        return engine_buckets(self.max_slots, self.kv_lengths, self.prefill_rows,
+                              self.prefill_lengths, self.prefill_tokens)
 
     def default_compile_fn(self, phase: str, bucket: Bucket) -> Callable:
         """`jax.jit` of the model's function with the cache donated (one device, or replicated
@@ -342,7 +404,8 @@ class Engine:
             if bar is not None:
                 bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
             self._step_fn(phase, bucket)
-        self._warm_kv()
+        self.kv.warm_up([(b.batch, b.length) for p, b in self._steps if p == "decode"],
+                        self._decode_outputs, self._prefill_outputs)
         self.stats.seconds["compile"] += time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -361,8 +424,13 @@ class Engine:
             # One call on zeros placed as the step takes them: compiles any other callable,
             # fills jit's dispatch cache (a first call takes ~15 ms more than the next ones),
             # and gives the helpers real outputs to compile on.
-            outs = jax.block_until_ready(fn(*_zeros_like(args)))
-            self._warm_helpers(phase, bucket, outs)
+            logits, cache = jax.block_until_ready(fn(*_zeros_like(args)))
+            greedy(logits).block_until_ready()
+            if phase == "prefill":
+                jax.block_until_ready(self._fresh_cache(bucket))
+                self._prefill_outputs.append(cache)
+            else:
+                self._decode_outputs[(bucket.batch, bucket.length)] = cache
             self._steps[key] = fn
             layout = self.planner_fn(phase, bucket) if self.planner_fn else None
             self.layouts[key] = layout or getattr(fn, "layout", None) or "replicated"
@@ -382,73 +450,58 @@ class Engine:
         elif not _same_shardings(self.params, weights):
             self.weight_copies.append(f"{phase} {bucket.batch}x{bucket.length}")
         if phase == "decode":
-            self._cache_shardings[bucket.batch] = cache["k"]
-            self.kv.set_sharding(self._kv_sharding)  # re-places the current arrays
+            self._window_shardings[(bucket.batch, bucket.length)] = cache
+            self.kv.set_sharding(self._kv_sharding)  # re-places the store
         else:
-            self._prefill_shardings[bucket.length] = cache["k"]
+            self._prefill_shardings[bucket] = cache
 
-    def _kv_sharding(self, capacity: int):
-        """The KV cache's sharding at `capacity` slots: the decode step's, once compiled
-        (before that, the `cache_sharding` given)."""
-        if capacity in self._cache_shardings:
-            return self._cache_shardings[capacity]
+    def _kv_sharding(self, capacity: int, length: int):
+        """The KV cache's sharding at (capacity, length) slots x positions: the decode step's,
+        once compiled; the store (max_slots, max_len) takes the largest decode bucket's.
+        Before any, the `cache_sharding` given."""
+        own = self._window_shardings.get((capacity, length))
+        if own is not None:
+            return own
+        if (capacity, length) == (self.max_slots, self.max_len) and self._window_shardings:
+            return self._window_shardings[max(self._window_shardings)]
         given = self._user_cache_sharding
         if callable(given) and not isinstance(given, jax.sharding.Sharding):
-            return given(capacity)
+            return given(capacity, length)
         return given
 
+    def _cache_structs(self, batch: int, length: int, sharding) -> Any:
+        structs = self.kv.shapes(batch, length)
+        if sharding is None:
+            return structs
+        if isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.tree.map(lambda _: sharding, structs)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            structs, sharding)
+
     def _example_args(self, phase: str, bucket: Bucket) -> tuple:
-        cfg = self.config
-        cache_shape = (cfg.n_layers, bucket.batch, self.max_len, cfg.n_kv_heads, cfg.d_head)
-        sharding = (self.kv.sharding_for(bucket.batch) if phase == "decode"
-                    else self._prefill_cache_sharding(bucket.length))
-        kv = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(cfg.dtype), sharding=sharding)
-        cache = {"k": kv, "v": kv}
-        if phase == "prefill":
-            return (self.params, jax.ShapeDtypeStruct((1, bucket.length), jnp.int32), cache)
         rows = jax.ShapeDtypeStruct((bucket.batch,), jnp.int32)
+        if phase == "prefill":
+            cache = self._cache_structs(bucket.batch, bucket.length,
+                                        self._prefill_shardings.get(bucket))
+            tokens = jax.ShapeDtypeStruct((bucket.batch, bucket.length), jnp.int32)
+            return (self.params, tokens, cache, rows)
+        cache = self._cache_structs(bucket.batch, bucket.length,
+                                    self.kv.sharding_for(bucket.batch, bucket.length))
         return (self.params, rows, cache, rows)
 
-    def _warm_helpers(self, phase: str, bucket: Bucket, outs) -> None:
-        """Compile what runs around a step, on the step's own outputs (so with the shardings
-        it returns): the greedy sampler, and a prefill's fresh cache. (The full sampler --
-        temperature, top-k, top-p -- compiles on first use: greedy-only serving never needs
-        it.) The KV writes, moves and resizes are compiled by `_warm_kv`."""
-        logits, cache = outs
-        if phase == "decode":
-            greedy(logits).block_until_ready()
-        else:
-            greedy_at(logits, np.zeros(1, np.int32)).block_until_ready()
-            jax.block_until_ready(self._zero_cache(bucket.length))
-            self._prefill_outputs.setdefault((cache["k"].sharding, cache["k"].shape), cache)
-
-    def _warm_kv(self) -> None:
-        """Compile the cache's write (of every kind of prefill output), move and resizes at
-        every decode capacity, with the shardings the compiled steps take."""
-        news = list(self._prefill_outputs.values()) or [None]
-        for phase, bucket in self._steps:
-            if phase == "decode":
-                for new in news:
-                    warm_up(self.kv, bucket.batch, new=new)
-
-    def _prefill_cache_sharding(self, length: int):
-        return self._prefill_shardings.get(length, self.kv.sharding_for(1))
-
-    def _zero_cache(self, length: int) -> dict[str, jax.Array]:
-        """A fresh zero one-slot cache for a prefill at this prompt length (one dispatch; the
-        prefill donates it), placed as that prefill step takes it."""
-        sharding = self._prefill_cache_sharding(length)
-        fn = self._zero_cache_fns.get(sharding)
+    def _fresh_cache(self, bucket: Bucket):
+        """A zero cache for a prefill bucket (one dispatch; the prefill donates it), placed as
+        that prefill step takes it."""
+        sharding = self._prefill_shardings.get(bucket)
+        key = (bucket, _hashable(sharding))
+        fn = self._zeros_fns.get(key)
         if fn is None:
-            cfg = self.config
-            shape = (cfg.n_layers, 1, self.max_len, cfg.n_kv_heads, cfg.d_head)
-
-            def zeros():
-                return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
-
-            fn = (jax.jit(zeros) if sharding is None
-                  else jax.jit(zeros, out_shardings=sharding))
-            self._zero_cache_fns[sharding] = fn
+            structs = self._cache_structs(bucket.batch, bucket.length, sharding)
+            out = {} if sharding is None else {
+                "out_shardings": jax.tree.map(lambda s: s.sharding, structs)}
+            fn = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
+                         **out)
+            self._zeros_fns[key] = fn
         return fn()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -540,20 +593,12 @@ class Engine:
     def _run(self, out: SchedulerOutput) -> dict[int, int]:
         seconds = self.stats.seconds
         t0 = time.perf_counter()
-        kv = self.kv
-        if out.bucket > kv.capacity:
-            kv.resize(out.bucket)
-            self.stats.resizes += 1
         for src, dst in out.moves:
-            kv.move(src, dst)
+            self.kv.move(src, dst)
         self.stats.moves += len(out.moves)
-        if 0 < out.bucket < kv.capacity:
-            kv.resize(out.bucket)
-            self.stats.resizes += 1
         t1 = time.perf_counter()
         seconds["shuffle"] += t1 - t0
-        sampled = {p.request_id: self._prefill(p) for p in out.prefills}
-        self.stats.prefills += len(out.prefills)
+        sampled = self._prefill(out.prefills) if out.prefills else {}
         t2 = time.perf_counter()
         seconds["prefill"] += t2 - t1
         if out.decode_slots:
@@ -561,28 +606,67 @@ class Engine:
             seconds["decode"] += time.perf_counter() - t2
         return sampled
 
-    def _prefill(self, p: Prefill) -> int:
-        """Prefill one prompt, padded on the right to a compiled length, into its slot.
+    def prefill_groups(self, prefills: Sequence[Prefill]) -> list[tuple[Bucket, list[Prefill]]]:
+        """How one iteration's admitted requests are prefilled: shortest prompts first, as
+        many per call as the rows buckets and `prefill_tokens` allow, each call at the
+        smallest (rows, padded length) bucket that holds it."""
+        todo = sorted(prefills, key=lambda p: len(p.prompt))
+        groups: list[tuple[Bucket, list[Prefill]]] = []
+        while todo:
+            group = [todo.pop(0)]
+            while todo and len(group) < self.prefill_rows[-1]:
+                bucket = self._prefill_bucket(len(group) + 1, len(todo[0].prompt))
+                if bucket is None:
+                    break
+                group.append(todo.pop(0))
+            groups.append((self._prefill_bucket(len(group), len(group[-1].prompt)), group))
+        return groups
 
-        Padding is harmless: the prompt's last real token (T-1) attends only to positions
+    def _prefill_bucket(self, rows: int, longest: int) -> Bucket | None:
+        """The smallest compiled prefill bucket with at least `rows` rows of `longest`
+        tokens (None: none that size)."""
+        n = next(n for n in self.prefill_lengths if n >= longest)
+        r = next((r for r in self.prefill_rows if r >= rows), None)
+        if r is None or (r > 1 and r * n > self.prefill_tokens):
+            return None
+        return Bucket(r, n)
+
+    def _prefill(self, prefills: Sequence[Prefill]) -> dict[int, int]:
+        """Prefill the requests admitted this iteration, batched, and write their K/V into
+        their slots; returns each one's first token.
+
+        Padding is harmless: a prompt's last real token (T-1) attends only to positions
         <= T-1, and the padded positions' K/V (written at T..) are never read: the request's
         decode steps write position T, T+1, ... before attending to them, and attend only
-        to positions <= their own.
+        to positions <= their own. Padded rows are written nowhere.
         """
-        T = len(p.prompt)
-        length = next(n for n in self.prefill_lengths if n >= T)
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, :T] = p.prompt
-        bucket = Bucket(1, length)
-        fn = self._step_fn("prefill", bucket)
-        logits, cache = fn(self.params, tokens, self._zero_cache(length))  # (1, length, V)
-        self.stats.runs[("prefill", bucket)] += 1
-        self.kv.update(p.slot, 0, cache["k"], cache["v"])
-        request = self.scheduler.get(p.request_id).request
-        return int(sample_tokens(logits, [request.sampling], [0], last=[T - 1])[0])
+        sampled = {}
+        for bucket, group in self.prefill_groups(prefills):
+            tokens = np.zeros((bucket.batch, bucket.length), np.int32)
+            last = np.zeros(bucket.batch, np.int32)
+            for row, p in enumerate(group):
+                tokens[row, :len(p.prompt)] = p.prompt
+                last[row] = len(p.prompt) - 1
+            fn = self._step_fn("prefill", bucket)
+            logits, cache = fn(self.params, tokens, self._fresh_cache(bucket), last)  # (R, V)
+            self.stats.runs[("prefill", bucket)] += 1
+            self.stats.prefill_calls += 1
+            self.kv.write([p.slot for p in group], cache)
+            params = [self.scheduler.get(p.request_id).request.sampling for p in group]
+            params += [None] * (bucket.batch - len(group))
+            out = sample_tokens(logits, params, [0] * bucket.batch)
+            sampled.update({p.request_id: int(out[row]) for row, p in enumerate(group)})
+        self.stats.prefills += len(prefills)
+        return sampled
+
+    def kv_length_for(self, positions: Sequence[int]) -> int:
+        """The decode KV window that holds every row's position: the smallest `kv_lengths`
+        entry above the largest."""
+        need = max(positions) + 1
+        return next(n for n in self.kv_lengths if n >= need)
 
     def _decode(self, out: SchedulerOutput) -> dict[int, int]:
-        bucket = Bucket(out.bucket, self.max_len)
+        bucket = Bucket(out.bucket, self.kv_length_for(out.positions))
         fn = self._step_fn("decode", bucket)
         layout = self.layouts[("decode", bucket)]
         if self._last_layout is not None and layout != self._last_layout:
@@ -592,9 +676,12 @@ class Engine:
         for slot, request_id in zip(out.decode_slots, out.decode_ids):
             state = self.scheduler.get(request_id)
             params[slot], indices[slot] = state.request.sampling, len(state.tokens)
-        logits, cache = fn(self.params, np.asarray(out.tokens, np.int32), self.kv.as_dict(),
+        events = self.kv.events
+        window = self.kv.window(bucket.batch, bucket.length)
+        self.stats.resizes += self.kv.events - events
+        logits, cache = fn(self.params, np.asarray(out.tokens, np.int32), window,
                            np.asarray(out.positions, np.int32))
-        self.kv.set(cache)
+        self.kv.set_window(cache)
         tokens = sample_tokens(logits, params, indices)
         self.stats.decode_steps += 1
         self.stats.buckets_used[out.bucket] += 1
@@ -677,6 +764,21 @@ def _zeros_like(args: tuple) -> tuple:
         return z if x.sharding is None else jax.device_put(z, x.sharding)
 
     return jax.tree.map(zeros, args)
+
+
+def _check_lengths(name: str, lengths: Sequence[int], max_len: int,
+                   need: int) -> tuple[int, ...]:
+    """Sorted lengths in 1..max_len whose largest is at least `need`."""
+    out = tuple(sorted({int(n) for n in lengths}))
+    if not out or out[0] < 1 or out[-1] > max_len or out[-1] < need:
+        raise ValueError(f"{name} {out} must lie in 1..max_len={max_len} and reach {need}")
+    return out
+
+
+def _hashable(tree) -> Any:
+    """A tree of shardings (or None) as a dict key."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    return treedef, tuple(leaves)
 
 
 def _as_model(model: Model | TransformerConfig | str) -> Model:

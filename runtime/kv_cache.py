@@ -1,32 +1,47 @@
-"""The serving KV cache: K and V of every layer for a set of slots, one sequence per slot.
+"""The serving KV cache: every slot's K/V in a store, and the window a decode step runs on.
 
-    >>> import jax.numpy as jnp
-    >>> kv = KVCache(n_layers=2, max_slots=8, max_len=16, n_kv_heads=1, d_head=4)
-    >>> kv.resize(4)                      # keep slots 0..3 on device: the bucket of 4 rows
-    >>> kv.update(slot=2, pos=0, k=jnp.ones((2, 3, 1, 4)), v=jnp.ones((2, 3, 1, 4)))
-    >>> kv.move(src=2, dst=0)             # the memory shuffle, on device
-    >>> kv.k.shape, float(kv.k[:, 0, :3].sum()), float(kv.k[:, 0, 3:].sum())
-    ((2, 4, 16, 1, 4), 24.0, 0.0)
+    >>> from meshwright.models import build, get_config
+    >>> model = build(get_config("llama-tiny"))              # 2 layers, K/V (B, 2, S, 8)
+    >>> kv = KVCache.for_model(model, max_slots=4, max_len=128)
+    >>> new = model.init_cache(1, 8)                        # a prefill's K/V: 1 row, 8 positions
+    >>> kv.write([2], new)                                  # into slot 2, positions 0..7
+    >>> window = kv.window(capacity=4, length=64)           # what decode at bucket (4, 64) takes
+    >>> window["k"][0].shape
+    (4, 2, 64, 8)
+    >>> kv.set_window(window)                               # what that step returned
 
-Layout: `k` and `v` are (n_layers, capacity, max_len, n_kv_heads, d_head), the model's own
-cache layout, so `as_dict()` is what `model.decode_step` takes. `capacity` is the current
-bucket: the scheduler keeps every live request in slots [0, bucket), so the cache holds only
-those rows and a decode step runs on the whole array, donated, with no slicing or copying.
-Changing bucket (`resize`) copies once; the slots of a shrunk-away bucket are free by the
-scheduler's invariant (`Scheduler.schedule` moves live requests out first).
+The cache is any tree of arrays (the model's own layout, `model.init_cache(batch, length)`),
+each with one axis of sequences and one of positions: `axes` says which
+(`models.cache.CacheAxes`), and everything here goes through it.
 
-Every update is a jitted function that donates the old buffers, so it writes in place.
+Two copies, so that a decode step reads exactly the live part of the cache and writes it in
+place, and nothing is compiled for every pair of shapes:
 
-Sharding: `sharding` is None (the default device, unsharded), one `jax.sharding.Sharding`
-for every capacity, or a function capacity -> Sharding (`batch_sharding` shards the slot
-axis over a mesh axis when the capacity divides evenly, as MQA/GQA decode wants, and
-replicates otherwise). A resize re-places the arrays with the new capacity's sharding.
+- the **store**: all `max_slots` slots at `max_len` positions. Prefills write their rows into
+  it (`write`), the memory shuffle moves slots inside it (`move`); each of these is one
+  program per shape of what is written, whatever the window is;
+- the **window**: the first `capacity` slots at `length` positions, exactly the arrays the
+  decode step of bucket (capacity, length) takes. The engine donates it to the step and
+  adopts the step's output (`set_window`): between events a decode step is the only thing
+  that touches the cache, and it writes one position per row in place.
+
+`window(capacity, length)` hands out the window at a shape, (re)loading it from the store when
+the shape changed or the store was written since -- after writing the window's new tokens back
+into the store. Such an event costs copying the live window twice; it happens when requests
+join or leave, or when the longest live row crosses a length bucket, not at every step.
+The memory shuffle keeps live requests in slots [0, capacity), so the window holds them all.
+
+Sharding: `sharding(capacity, length)` -> a Sharding (or a tree of them like the cache, or None)
+places the window of that shape; the store takes `sharding(max_slots, max_len)`. The loads,
+write-backs, writes and moves are compiled with those output shardings, so the arrays stay
+where the compiled steps take them.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,210 +49,314 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from meshwright.runtime.scheduler import bucket_for, bucket_sizes
 
-ShardingSpec = Sharding | Callable[[int], Sharding | None] | None
+ShardingFn = Callable[[int, int], Any]  # (capacity, length) -> Sharding, tree of them, or None
 
 
-def _write_impl(cache: dict, new: dict, slot: jax.Array, pos: jax.Array) -> dict:
-    """cache[name][:, slot, pos:pos+T] = new[name] for (L, T, K, D) or (L, 1, T, K, D) values."""
-    out = {}
-    for name, c in cache.items():
-        x = new[name]
-        if x.ndim == 4:
-            x = x[:, None]  # (L, 1, T, K, D)
-        out[name] = jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, slot, pos, 0, 0))
-    return out
+def kv_lengths_for(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Window lengths decode steps are compiled for: powers of two from `smallest`, capped by
+    max_len (a decode step runs at the smallest one that holds its longest live row).
+
+    >>> kv_lengths_for(64), kv_lengths_for(1024), kv_lengths_for(300)
+    ((64,), (64, 128, 256, 512, 1024), (64, 128, 256, 300))
+    """
+    lengths, n = [], smallest
+    while n < max_len:
+        lengths.append(n)
+        n *= 2
+    return (*lengths, max_len)
 
 
-def _move_impl(cache: dict, src: jax.Array, dst: jax.Array) -> dict:
-    """cache[name][:, dst] = cache[name][:, src]."""
-    return {name: jax.lax.dynamic_update_slice_in_dim(
-        c, jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1), dst, axis=1)
-        for name, c in cache.items()}
+def _index(axes, slot_index, length_stop: int | None = None) -> tuple:
+    """An index tuple selecting `slot_index` on the slot axis and [:length_stop] on the length
+    axis of an array with those axes."""
+    idx: list = [slice(None)] * (max(axes.slot, axes.length) + 1)
+    idx[axes.slot] = slot_index
+    if length_stop is not None:
+        idx[axes.length] = slice(0, length_stop)
+    return tuple(idx)
 
 
-def _resize_impl(cache: dict, capacity: int) -> dict:
-    """Keep slots [0, capacity) (shrink) or append zero slots (grow)."""
-    out = {}
-    for name, c in cache.items():
-        if capacity <= c.shape[1]:
-            out[name] = c[:, :capacity]
-        else:
-            pad = [(0, 0)] * c.ndim
-            pad[1] = (0, capacity - c.shape[1])
-            out[name] = jnp.pad(c, pad)
-    return out
+def _load(store, axes, capacity: int, length: int):
+    """The window: slots [0, capacity), positions [0, length)."""
+    return jax.tree.map(lambda a, ax: a[_index(ax, slice(0, capacity), length)], store, axes)
+
+
+def _store(store, window, axes):
+    """The store with the window written over its first slots and positions."""
+    return jax.tree.map(lambda a, w: jax.lax.dynamic_update_slice(a, w.astype(a.dtype),
+                                                                  (0,) * a.ndim),
+                        store, window)
+
+
+def _write(store, new, slots, axes):
+    """The store with row r of `new` (R rows, T positions) written into slot slots[r],
+    positions 0..T-1."""
+    def one(a, n, ax):
+        return a.at[_index(ax, slots, n.shape[ax.length])].set(n.astype(a.dtype), mode="drop")
+
+    return jax.tree.map(one, store, new, axes)
+
+
+def _move(store, src, dst, axes):
+    """The store with slot `dst` a copy of slot `src`."""
+    def one(a, ax):
+        row = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=ax.slot)
+        return jax.lax.dynamic_update_slice_in_dim(a, row, dst, axis=ax.slot)
+
+    return jax.tree.map(one, store, axes)
+
+
+def _out(sharding) -> dict:
+    return {} if sharding is None else {"out_shardings": sharding}
+
+
+def _compiled(kind: str, axes: Any, sharding, *static) -> Callable:
+    """The jitted helper of one kind, for one tree of axes, output sharding (a Sharding, a
+    tree of them, or None) and static arguments; the store is donated wherever it is updated
+    (written in place). Built once per key."""
+    return _compiled_by_key(kind, _Hashable(axes), _Hashable(sharding), *static)
 
 
 @functools.cache
-def _jitted(kind: str, sharding: Sharding | None, capacity: int = 0) -> Callable:
-    """The jitted write / move (donated: in place) or resize (to `capacity`; not donated,
-    the shapes differ) whose output has `sharding` (None: wherever XLA puts it), so the
-    cache stays placed as the next model step takes it, without a reshard."""
-    out = {} if sharding is None else {"out_shardings": sharding}
-    if kind == "write":
-        return jax.jit(_write_impl, donate_argnums=(0,), **out)
-    if kind == "move":
-        return jax.jit(_move_impl, donate_argnums=(0,), **out)
-    return jax.jit(functools.partial(_resize_impl, capacity=capacity), **out)
+def _compiled_by_key(kind: str, axes_key, sharding_key, *static) -> Callable:
+    axes, sharding = axes_key.value, sharding_key.value
+    if kind == "load":
+        return jax.jit(functools.partial(_load, axes=axes, capacity=static[0],
+                                         length=static[1]), **_out(sharding))
+    fn = {"store": _store, "write": _write, "move": _move}[kind]
+    return jax.jit(functools.partial(fn, axes=axes), donate_argnums=(0,), **_out(sharding))
 
 
-def _write(cache: dict, new: dict, slot, pos, sharding: Sharding | None = None) -> dict:
-    return _jitted("write", sharding)(cache, new, slot, pos)
+class _Hashable:
+    """A tree (of CacheAxes, of Shardings) as a cache key: its structure and leaves."""
+
+    def __init__(self, value):
+        self.value = value
+        leaves, tree = jax.tree.flatten(value, is_leaf=lambda x: x is None)
+        self._key = (tree, tuple(leaves))
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self._key == other._key
 
 
-def _move(cache: dict, src, dst, sharding: Sharding | None = None) -> dict:
-    return _jitted("move", sharding)(cache, src, dst)
-
-
-def _resize(cache: dict, capacity: int, sharding: Sharding | None = None) -> dict:
-    return _jitted("resize", sharding, capacity)(cache)
-
-
-def batch_sharding(mesh: Mesh, axis: str) -> Callable[[int], Sharding]:
-    """Capacity -> sharding: slots split over mesh axis `axis` when the capacity divides by its
-    size (attention sharded over batch, Pope et al. section 3.3), replicated otherwise."""
+def batch_sharding(mesh: Mesh, axis: str, slot_axis: int = 0) -> ShardingFn:
+    """(capacity, length) -> sharding: slots split over mesh axis `axis` when the capacity
+    divides by its size (attention sharded over batch, Pope et al. section 3.3), replicated
+    otherwise. `slot_axis` is where the cache arrays keep their slots (0 for the reference
+    models' per-layer arrays, 1 when layers are stacked for a scan)."""
     size = mesh.shape[axis]
 
-    def sharding(capacity: int) -> Sharding:
-        spec = PartitionSpec(None, axis) if capacity % size == 0 else PartitionSpec()
-        return NamedSharding(mesh, spec)
+    def sharding(capacity: int, length: int) -> Sharding:
+        if capacity % size:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, PartitionSpec(*([None] * slot_axis), axis))
 
     return sharding
 
 
-def warm_up(kv: KVCache, capacity: int, new: dict | None = None) -> None:
-    """Compile and run once the write/move at `capacity` slots and the resizes from it to every
-    other bucket, on scratch arrays (`kv` is untouched), so nothing compiles while serving.
-    `new`: K/V to write, placed as the prefill step returns them (default: one zero slot)."""
-    def zeros(slots):
-        z = jnp.zeros((kv.n_layers, slots, kv.max_len, kv.n_kv_heads, kv.d_head), kv.dtype)
-        sharding = kv.sharding_for(slots)
-        return z if sharding is None else jax.device_put(z, sharding)
-
-    sharding = kv.sharding_for(capacity)
-    cache = {"k": zeros(capacity), "v": zeros(capacity)}
-    cache = _write(cache, new if new is not None else {"k": zeros(1), "v": zeros(1)},
-                   np.int32(0), np.int32(0), sharding)
-    cache = _move(cache, np.int32(0), np.int32(0), sharding)
-    for other in kv.buckets:
-        if other != capacity:
-            jax.block_until_ready(_resize(cache, other, kv.sharding_for(other)))
-    jax.block_until_ready(cache)
-
-
 class KVCache:
-    """K/V of `max_slots` sequences of up to `max_len` tokens; `capacity` slots live on device."""
+    """K/V of `max_slots` sequences of up to `max_len` positions (see the module docstring).
 
-    def __init__(self, n_layers: int, max_slots: int, max_len: int, n_kv_heads: int,
-                 d_head: int, dtype="float32", *, sharding: ShardingSpec = None,
-                 capacity: int = 1) -> None:
-        self.n_layers, self.max_slots, self.max_len = n_layers, max_slots, max_len
-        self.n_kv_heads, self.d_head = n_kv_heads, d_head
-        self.dtype = jnp.dtype(dtype)
-        self.sharding = sharding
+    `shapes(batch, length)` gives the cache tree as `jax.ShapeDtypeStruct`s (a model's
+    `cache_shapes`), `axes` the tree of `CacheAxes`.
+    """
+
+    def __init__(self, shapes: Callable[[int, int], Any], axes: Any, max_slots: int,
+                 max_len: int, *, sharding: ShardingFn | Sharding | None = None) -> None:
+        if max_slots < 1 or max_len < 1:
+            raise ValueError(f"max_slots and max_len must be >= 1, got {max_slots}, {max_len}")
+        self.shapes, self.axes = shapes, axes
+        self.max_slots, self.max_len = max_slots, max_len
         self.buckets = bucket_sizes(max_slots)
-        self._check_capacity(capacity)
-        shape = (n_layers, capacity, max_len, n_kv_heads, d_head)
-        self._cache = self._place({"k": jnp.zeros(shape, self.dtype),
-                                   "v": jnp.zeros(shape, self.dtype)})
+        self.sharding = sharding
+        self.store = self._zeros(max_slots, max_len)
+        self._window = None  # (capacity, length, tree) handed out last
+        self._window_dirty = False  # a decode step wrote into the window since it was loaded
+        self._store_newer = False  # the store was written since the window was loaded
+        self.events = 0  # window (re)loads: shape changes, joins, moves
 
     @classmethod
-    def for_config(cls, config, max_slots: int, max_len: int | None = None,
-                   **kwargs) -> KVCache:
-        """A cache shaped for a model config (`max_len` defaults to the config's)."""
-        return cls(config.n_layers, max_slots, max_len or config.max_len, config.n_kv_heads,
-                   config.d_head, config.dtype, **kwargs)
+    def for_model(cls, model, max_slots: int, max_len: int | None = None,
+                  **kwargs) -> KVCache:
+        """A cache shaped as `model` lays it out (`max_len` defaults to the config's)."""
+        from meshwright.models.cache import cache_shapes
 
-    # ---- the arrays -----------------------------------------------------------------------
-    @property
-    def k(self) -> jax.Array:
-        return self._cache["k"]
+        config = model.config
+        return cls(functools.partial(cache_shapes, config), model.cache_axes(), max_slots,
+                   max_len or config.max_len, **kwargs)
 
-    @property
-    def v(self) -> jax.Array:
-        return self._cache["v"]
+    # ---- placement --------------------------------------------------------------------------
+    def sharding_for(self, capacity: int, length: int):
+        """How the arrays of that shape are placed (None: default placement)."""
+        s = self.sharding
+        if callable(s) and not isinstance(s, Sharding):
+            return s(capacity, length)
+        return s
+
+    def set_sharding(self, sharding: ShardingFn | Sharding | None) -> None:
+        """Change how the arrays are placed, and re-place the store (the window reloads)."""
+        self.flush()
+        self.sharding = sharding
+        target = self.sharding_for(self.max_slots, self.max_len)
+        if target is not None:
+            self.store = jax.device_put(self.store, _broadcast(target, self.store))
+        self._store_newer = True
+
+    def _zeros(self, capacity: int, length: int):
+        structs = self.shapes(capacity, length)
+        sharding = self.sharding_for(capacity, length)
+        fn = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
+                     **_out(None if sharding is None else _broadcast(sharding, structs)))
+        return fn()
+
+    # ---- the window -------------------------------------------------------------------------
+    def window(self, capacity: int, length: int):
+        """The first `capacity` slots at `length` positions, as the decode step of that bucket
+        takes them. Pass it to a step that donates it, then `set_window` what it returns."""
+        self._check(capacity, length)
+        w = self._window
+        if w is not None and w[:2] == (capacity, length) and not self._store_newer:
+            return w[2]
+        self.flush()
+        sharding = self.sharding_for(capacity, length)
+        load = _compiled("load", self.axes, sharding, capacity, length)
+        self._window = (capacity, length, load(self.store))
+        self._window_dirty = self._store_newer = False
+        self.events += 1
+        return self._window[2]
+
+    def set_window(self, cache) -> None:
+        """Adopt the window a decode step returned (the shape it was handed out at)."""
+        if self._window is None:
+            raise RuntimeError("set_window without a window: call window(capacity, length)")
+        capacity, length, _ = self._window
+        want = jax.tree.map(lambda s: s.shape, self.shapes(capacity, length))
+        got = jax.tree.map(lambda a: a.shape, cache)
+        if want != got:
+            raise ValueError(f"the step returned a cache of shapes {got}, the window is "
+                             f"{want}")
+        self._window = (capacity, length, cache)
+        self._window_dirty = True
+
+    def flush(self) -> None:
+        """Write the window's new tokens back into the store (no-op when there are none)."""
+        if self._window is None or not self._window_dirty:
+            return
+        sharding = self.sharding_for(self.max_slots, self.max_len)
+        store = _compiled("store", self.axes, sharding)
+        self.store = store(self.store, self._window[2])
+        self._window_dirty = False
 
     @property
     def capacity(self) -> int:
-        return self._cache["k"].shape[1]
+        """Slots of the last window handed out (0 before any)."""
+        return self._window[0] if self._window else 0
 
     @property
-    def nbytes(self) -> int:
-        return 2 * self.k.size * self.dtype.itemsize
+    def length(self) -> int:
+        """Positions of the last window handed out (0 before any)."""
+        return self._window[1] if self._window else 0
 
-    def as_dict(self) -> dict[str, jax.Array]:
-        """{"k", "v"} as the model takes them. Pass it to a step that donates it, then `set`
-        the step's output: the old buffers are gone after a donated call."""
-        return dict(self._cache)
-
-    def set(self, cache: dict[str, jax.Array]) -> None:
-        """Adopt the cache a model step returned (same capacity)."""
-        if cache["k"].shape != self.k.shape:
-            raise ValueError(f"cache shape {cache['k'].shape} != {self.k.shape}")
-        self._cache = {"k": cache["k"], "v": cache["v"]}
-
-    def sharding_for(self, capacity: int) -> Sharding | None:
-        """The sharding the arrays get at `capacity` slots (None: default placement)."""
-        if callable(self.sharding) and not isinstance(self.sharding, Sharding):
-            return self.sharding(capacity)
-        return self.sharding
-
-    def bucket_for(self, rows: int) -> int:
-        """Smallest bucket (1, 2, 4, ..., max_slots) holding `rows` rows."""
-        return bucket_for(rows, self.max_slots)
-
-    # ---- updates (jitted, donated) --------------------------------------------------------
-    def update(self, slot: int, pos: int, k: jax.Array, v: jax.Array) -> None:
-        """Write K/V of T tokens, (n_layers, T, K, D) or (n_layers, 1, T, K, D), into `slot`
-        at positions pos..pos+T-1."""
-        self._check_slot(slot)
-        T = k.shape[-3]
-        if not 0 <= pos <= self.max_len - T:
-            raise ValueError(f"positions {pos}..{pos + T - 1} outside max_len={self.max_len}")
-        self._cache = _write(self._cache, {"k": k, "v": v}, np.int32(slot), np.int32(pos),
-                             self.sharding_for(self.capacity))
+    # ---- writes into the store --------------------------------------------------------------
+    def write(self, slots: Sequence[int], new) -> None:
+        """Write a prefill's K/V -- a cache tree of len(slots) rows and T positions -- into
+        those slots, positions 0..T-1. Rows beyond len(slots) (a padded prefill bucket) are
+        dropped."""
+        slots = [int(s) for s in slots]
+        for s in slots:
+            self._check_slot(s)
+        rows = jax.tree.leaves(jax.tree.map(lambda a, ax: a.shape[ax.slot], new, self.axes))[0]
+        T = jax.tree.leaves(jax.tree.map(lambda a, ax: a.shape[ax.length], new, self.axes))[0]
+        if T > self.max_len:
+            raise ValueError(f"positions 0..{T - 1} outside max_len={self.max_len}")
+        if len(slots) > rows:
+            raise ValueError(f"{len(slots)} slots for {rows} rows of K/V")
+        # padded rows go to slot max_slots: out of bounds, so the scatter drops them
+        index = np.full(rows, self.max_slots, np.int32)
+        index[:len(slots)] = slots
+        self.flush()
+        write = _compiled("write", self.axes,
+                          self.sharding_for(self.max_slots, self.max_len))
+        self.store = write(self.store, new, index)
+        self._store_newer = True
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` onto slot `dst` (the memory shuffle); `src` keeps stale data."""
         self._check_slot(src)
         self._check_slot(dst)
-        if src != dst:
-            self._cache = _move(self._cache, np.int32(src), np.int32(dst),
-                                self.sharding_for(self.capacity))
+        if src == dst:
+            return
+        self.flush()
+        move = _compiled("move", self.axes, self.sharding_for(self.max_slots, self.max_len))
+        self.store = move(self.store, np.int32(src), np.int32(dst))
+        self._store_newer = True
 
-    def resize(self, capacity: int) -> None:
-        """Keep `capacity` slots on device: slots >= capacity are dropped (they must be free),
-        new slots are zero. No-op when unchanged."""
-        self._check_capacity(capacity)
-        if capacity != self.capacity:
-            self._cache = _resize(self._cache, capacity, self.sharding_for(capacity))
-
-    def set_sharding(self, sharding: ShardingSpec) -> None:
-        """Change how the arrays are placed (a Sharding, capacity -> Sharding, or None) and
-        re-place the current ones accordingly."""
-        self.sharding = sharding
-        self._cache = self._place(self._cache)
-
-    def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
-        """K and V of one slot, (n_layers, max_len, K, D) each (for tests and debugging)."""
+    def read(self, slot: int):
+        """One slot's K/V (all max_len positions), a tree like the cache (for tests)."""
         self._check_slot(slot)
-        return self.k[:, slot], self.v[:, slot]
+        self.flush()
+        return jax.tree.map(lambda a, ax: a[_index(ax, slot)], self.store, self.axes)
 
-    # ---- helpers --------------------------------------------------------------------------
-    def _place(self, cache: dict) -> dict:
-        sharding = self.sharding_for(cache["k"].shape[1])
-        return cache if sharding is None else jax.device_put(cache, sharding)
+    # ---- compiling ahead of time ------------------------------------------------------------
+    def warm_up(self, windows: Sequence[tuple[int, int]], stepped: dict | None = None,
+                writes: Sequence[Any] = ()) -> None:
+        """Run once, on a scratch store placed like the real one, the load and write-back of
+        every window shape, the write of every given prefill output and the move, so that
+        nothing compiles while serving; the cache's contents are unchanged. `stepped` maps
+        a window shape to what the decode step of that bucket returned (its placement may
+        differ from the load's), `writes` are prefill outputs as the prefill steps return
+        them."""
+        stepped = stepped or {}
+        scratch = self._zeros(self.max_slots, self.max_len)
+        store_sharding = self.sharding_for(self.max_slots, self.max_len)
+        store = _compiled("store", self.axes, store_sharding)
+        for capacity, length in windows:
+            load = _compiled("load", self.axes, self.sharding_for(capacity, length),
+                             capacity, length)
+            window = load(scratch)
+            scratch = store(scratch, window)
+            if (capacity, length) in stepped:
+                scratch = store(scratch, stepped[(capacity, length)])
+        write = _compiled("write", self.axes, store_sharding)
+        for new in writes:
+            rows = jax.tree.leaves(jax.tree.map(lambda a, ax: a.shape[ax.slot], new,
+                                                self.axes))[0]
+            scratch = write(scratch, new, np.full(rows, self.max_slots, np.int32))
+        move = _compiled("move", self.axes, store_sharding)
+        jax.block_until_ready(move(scratch, np.int32(0), np.int32(0)))
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.capacity:
-            raise IndexError(f"slot {slot} outside the {self.capacity} slots on device "
-                             f"(resize first; max_slots={self.max_slots})")
+    # ---- helpers ----------------------------------------------------------------------------
+    def bucket_for(self, rows: int) -> int:
+        """Smallest bucket (1, 2, 4, ..., max_slots) holding `rows` rows."""
+        return bucket_for(rows, self.max_slots)
 
-    def _check_capacity(self, capacity: int) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the store (every slot at max_len)."""
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.store))
+
+    def _check(self, capacity: int, length: int) -> None:
         if not 1 <= capacity <= self.max_slots:
             raise ValueError(f"capacity must be in 1..{self.max_slots}, got {capacity}")
+        if not 1 <= length <= self.max_len:
+            raise ValueError(f"length must be in 1..{self.max_len}, got {length}")
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise IndexError(f"slot {slot} outside the {self.max_slots} slots")
 
     def __repr__(self) -> str:
-        return (f"KVCache(capacity={self.capacity}/{self.max_slots} slots, max_len="
-                f"{self.max_len}, layers={self.n_layers}, kv_heads={self.n_kv_heads}, "
-                f"d_head={self.d_head}, {self.dtype.name}, {self.nbytes / 2**20:.2f} MiB)")
+        window = (f"window {self.capacity} slots x {self.length} positions"
+                  if self._window else "no window")
+        return (f"KVCache({self.max_slots} slots x {self.max_len} positions, {window}, "
+                f"{self.nbytes / 2**20:.2f} MiB stored)")
+
+
+def _broadcast(sharding, tree):
+    """A sharding for every leaf of `tree` (one given for all, or a tree of them)."""
+    if isinstance(sharding, Sharding):
+        return jax.tree.map(lambda _: sharding, tree)
+    return sharding

@@ -7,7 +7,7 @@ the planner picks for it, on one mesh, with the weights placed once.
     >>> print(engine.layout_plan.table())                                 # doctest: +SKIP
 
 The rule (Pope et al. keep one stored weight layout so that prefill and decode can switch
-layouts without moving weights; DESIGN.md section 5):
+layouts without moving weights):
 
 1. Plan every (phase, bucket) freely: the analytical planner over every mesh factorisation,
    FFN layout and attention layout (`plan_config`).
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 AXES = ("x", "y", "z")
@@ -356,12 +356,12 @@ class CompiledStep:
 
 class ShardedCompiler:
     """The engine's `compile_fn`: `mw.shard` each (phase, bucket) with the layout
-    `plan_layouts` chose for it, forced on the engine's mesh."""
+    `plan_layouts` chose for it, forced on the engine's mesh, the KV cache donated."""
 
     def __init__(self, model, params: dict, devices: Sequence, layouts: EngineLayouts,
-                 max_len: int, hardware: str = "cpu") -> None:
+                 hardware: str = "cpu") -> None:
         self.model, self.params, self.devices = model, params, list(devices)
-        self.layouts, self.max_len, self.hardware = layouts, max_len, hardware
+        self.layouts, self.hardware = layouts, hardware
 
     def __call__(self, phase: str, bucket) -> CompiledStep:
         from meshwright.passes.compiler import make_mesh
@@ -371,9 +371,10 @@ class ShardedCompiler:
         c = self.layouts.choice(phase, bucket)
         mesh = make_mesh(c.mesh, self.devices)
         step = mw.shard(self.model.fn(phase), mesh=mesh, phase=phase, hardware=self.hardware,
-                        force={"ffn": c.ffn, "attention": c.attention, "mesh": c.mesh})
+                        force={"ffn": c.ffn, "attention": c.attention, "mesh": c.mesh},
+                        donate_argnums=(2,))
         args = example_args(self.model.config, self.params, phase, bucket.batch,
-                            bucket.length, self.max_len)
+                            bucket.length)
         t0 = time.perf_counter()
         compiled = step.compiled(*args)
         seconds = time.perf_counter() - t0
@@ -383,47 +384,47 @@ class ShardedCompiler:
         return CompiledStep(compiled, args, c.name, c.why, seconds)
 
 
-def example_args(config, params, phase: str, batch: int, length: int, max_len: int) -> tuple:
-    """Zero arguments (and the real weights) of the engine's step at one bucket (what `compile_fn` serves)."""
+def example_args(config, params, phase: str, batch: int, length: int) -> tuple:
+    """Zero arguments (and the real weights) of the engine's step at one bucket (what
+    `compile_fn` serves): decode (params, tokens (batch,), cache of `length` positions,
+    positions (batch,)); prefill (params, tokens (batch, length), cache of `length`
+    positions, last (batch,))."""
     import jax.numpy as jnp
+    from meshwright.models.cache import init_cache
 
-    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
-    cache = {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
-    if phase == "prefill":
-        return params, jnp.zeros((1, length), jnp.int32), cache
+    cache = init_cache(config, batch, length)
     rows = jnp.zeros((batch,), jnp.int32)
+    if phase == "prefill":
+        return params, jnp.zeros((batch, length), jnp.int32), cache, rows
     return params, rows, cache, rows
 
 
 def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "cpu",
                    mesh: dict | None = None, share_weights: bool = True,
-                   max_slots: int = 8, max_len: int = 128,
-                   prefill_lengths: Sequence[int] | None = None, weights: str | None = None,
+                   max_slots: int = 8, max_len: int = 128, weights: str | None = None,
                    progress: bool = False, **engine_kwargs):
     """An `Engine` whose every bucket is `mw.shard`-compiled on a mesh of `devices` in the
     layout `plan_layouts` picks for it (planned with the `hardware` profile). The weights are
     placed once, the KV cache takes each decode bucket's cache sharding. With
     `share_weights=False` a bucket may run a layout that stores the weights otherwise
-    (`engine.weight_copies` lists those; each keeps a copy).
-    `engine.layout_plan` is the EngineLayouts; `engine.layouts_ran()` counts steps per
-    layout."""
+    (`engine.weight_copies` lists those; each keeps a copy). The buckets are the engine's
+    (`kv_lengths`, `prefill_rows`, `prefill_lengths`, `prefill_tokens` among
+    `engine_kwargs`): decode is planned at each KV window length, so the planner prices the
+    live context of the bucket, not max_len. `engine.layout_plan` is the EngineLayouts."""
     from meshwright.models import Model, build
-    from meshwright.runtime.engine import Bucket, Engine, prefill_lengths_for
-    from meshwright.runtime.scheduler import bucket_sizes
+    from meshwright.runtime.engine import Engine
 
     model = model if isinstance(model, Model) else build(model)
-    cfg = model.config
-    lengths = tuple(sorted({n for n in (prefill_lengths or prefill_lengths_for(max_len))
-                            if n < max_len} | {max_len}))
-    buckets = ([("decode", Bucket(b, max_len)) for b in bucket_sizes(max_slots)]
-               + [("prefill", Bucket(1, n)) for n in lengths])
+    warmup = engine_kwargs.pop("warmup", True)  # False: each bucket compiles on first use
+    engine = Engine(model, params, max_slots=max_slots, max_len=max_len, warmup=False,
+                    progress=progress, **engine_kwargs)  # resolves the buckets; unrolls a scan
+    cfg = engine.config
     weights = weights or ("bf16" if cfg.dtype == "bfloat16" else "fp32")
-    plan = plan_layouts(cfg, buckets, chips=len(devices), hardware=hardware, weights=weights,
-                        mesh=mesh, share_weights=share_weights)
-    compile_fn: Callable = ShardedCompiler(model, params, devices, plan, max_len,
-                                           hardware=hardware)
-    engine = Engine(model, params, max_slots=max_slots, max_len=max_len,
-                    compile_fn=compile_fn, prefill_lengths=lengths, progress=progress,
-                    **engine_kwargs)
+    plan = plan_layouts(cfg, engine.buckets(), chips=len(devices), hardware=hardware,
+                        weights=weights, mesh=mesh, share_weights=share_weights)
+    engine.compile_fn = ShardedCompiler(engine.model, engine.params, devices, plan,
+                                        hardware=hardware)
     engine.layout_plan = plan
+    if warmup:
+        engine.compile_all(progress=progress)
     return engine

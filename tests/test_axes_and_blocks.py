@@ -48,9 +48,13 @@ def test_reference_models_sizes_and_blocks(name, scan, phase):
     sizes = report.sizes
     assert sizes["batch"] == 2
     assert sizes["embed"] == cfg.d_model and sizes["mlp"] == cfg.d_ff
-    assert sizes["heads"] == cfg.n_heads and sizes["head_dim"] == cfg.d_head
+    # grouped-query heads are split as (kv_heads, groups): the heads dimension is named as
+    # their product; the attention block reports the heads whichever the style
+    heads = sizes.get("heads") or sizes["kv_heads*groups"]
+    assert heads == cfg.n_heads and sizes["head_dim"] == cfg.d_head
     assert sizes["vocab"] == cfg.vocab_size and sizes["kv_length"] == cfg.max_len
-    assert sizes["layers"] == cfg.n_layers
+    # stacked layers (a scan) have a layers axis; a loop's per-layer arrays have none
+    assert sizes.get("layers") == (cfg.n_layers if scan else None)
     if 1 < cfg.n_kv_heads < cfg.n_heads:
         assert sizes["kv_heads"] == cfg.n_kv_heads
         assert sizes["groups"] == cfg.n_heads // cfg.n_kv_heads
@@ -70,14 +74,21 @@ def test_reference_models_sizes_and_blocks(name, scan, phase):
     assert not blocks.unclassified
     layers = sorted(d["layer"] for d in blocks.to_list() if d["kind"] == "attention")
     assert layers == list(range(cfg.n_layers))
+    for b in blocks.of_kind("attention"):
+        assert (b.detail["heads"], b.detail["kv_heads"]) == (cfg.n_heads, cfg.n_kv_heads)
 
 
 def test_cache_dimensions_are_labelled():
     cfg, g = analysed_model("llama-tiny", True, "decode")
     cache_k = next(v for v in g.inputs if v.producer.params["path"] == "cache.k")
-    assert axes_of(cache_k) == ("layers", "batch", "kv_length", "kv_heads", "head_dim")
+    assert axes_of(cache_k) == ("layers", "batch", "kv_heads", "kv_length", "head_dim")
     text = str(g)
-    assert "%cache.k:f32[2,2,128,2,8]{layers,batch,kv_length,kv_heads,head_dim}" in text
+    assert "%cache.k:f32[2,2,2,128,8]{layers,batch,kv_heads,kv_length,head_dim}" in text
+    cfg, g = analysed_model("llama-tiny", False, "decode")  # one array per layer
+    paths = [v.producer.params["path"] for v in g.inputs]
+    for i in range(cfg.n_layers):
+        layer_v = g.inputs[paths.index(f"cache.v.{i}")]
+        assert axes_of(layer_v) == ("batch", "kv_heads", "kv_length", "head_dim")
 
 
 EXPECTED = {

@@ -53,17 +53,24 @@ def _run(config):
     return params, full, prompt_logits, np.stack(steps, axis=1), cache
 
 
+def _stacked(cache, name: str) -> np.ndarray:
+    """K or V of every layer as one numpy array (n_layers, batch, kv_heads, positions, d_head),
+    whether the cache holds one array per layer (a loop) or stacked arrays (a scan)."""
+    c = cache[name]  # numpy, not jnp: every eager jnp op would be one more compile
+    return np.stack([np.asarray(a) for a in c]) if isinstance(c, list) else np.asarray(c)
+
+
 def _check_cached_decoding_matches_full_forward(config):
     _, full, prompt_logits, step_logits, cache = _run(config)
     assert full.shape == (BATCH, TOTAL, config.vocab_size)
     np.testing.assert_allclose(prompt_logits, full[:, :PROMPT], **TOL)
     np.testing.assert_allclose(step_logits, full[:, PROMPT:], **TOL)
-    for name in ("k", "v"):  # numpy, not jnp: every eager jnp op would be one more compile
-        c = np.asarray(cache[name])
-        assert c.shape == (config.n_layers, BATCH, config.max_len, config.n_kv_heads,
+    for name in ("k", "v"):
+        c = _stacked(cache, name)
+        assert c.shape == (config.n_layers, BATCH, config.n_kv_heads, config.max_len,
                            config.d_head)
-        assert np.all(np.any(c[:, :, :TOTAL] != 0, axis=(-2, -1)))  # slots 0..TOTAL-1 written
-        assert not np.any(c[:, :, TOTAL:])  # the others stay zero
+        assert np.all(np.any(c[:, :, :, :TOTAL] != 0, axis=-1))  # positions 0..TOTAL-1 written
+        assert not np.any(c[:, :, :, TOTAL:])  # the others stay zero
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
@@ -82,8 +89,9 @@ def test_loop_and_scan_agree(name):
     jax.tree.map(np.testing.assert_array_equal, restacked, scan_params["layers"])
     np.testing.assert_allclose(loop_full, scan_full, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loop_steps, scan_steps, rtol=1e-6, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                 loop_cache, scan_cache)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(_stacked(loop_cache, name), _stacked(scan_cache, name),
+                                   rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -110,12 +118,13 @@ def test_decode_with_a_different_position_per_row(name):
         np.testing.assert_allclose(step_logits, reference[rows, positions], **TOL)
         if step == 0:  # each row alone, batch 1, gives the same logits and cache row
             for b in range(BATCH):
-                row_cache = jax.tree.map(lambda c, b=b: np.asarray(c)[:, b:b + 1], before)
+                row_cache = jax.tree.map(lambda c, ax, b=b: np.take(c, [b], axis=ax.slot),
+                                         before, model.cache_axes())
                 alone, alone_cache = decode_fn(params, tokens[b:b + 1], row_cache,
                                                positions[b:b + 1])
                 np.testing.assert_allclose(np.asarray(alone)[0], step_logits[b], **TOL)
-                np.testing.assert_allclose(np.asarray(alone_cache["k"])[:, 0],
-                                           np.asarray(cache["k"])[:, b], **TOL)
+                np.testing.assert_allclose(_stacked(alone_cache, "k")[:, 0],
+                                           _stacked(cache, "k")[:, b], **TOL)
 
 
 @pytest.mark.parametrize("name,kv_heads", [
@@ -135,7 +144,28 @@ def test_grouped_and_multiquery_attention(name, kv_heads):
     for t in range(TOTAL):
         step_logits, cache = decode_fn(params, tokens[:, t], cache, np.full(BATCH, t, np.int32))
         np.testing.assert_allclose(step_logits, full[:, t], **TOL)
-    assert cache["k"].shape == (config.n_layers, BATCH, config.max_len, kv_heads, config.d_head)
+    assert cache["k"].shape == (config.n_layers, BATCH, kv_heads, config.max_len, config.d_head)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_prefill_logits_at_the_last_prompt_token_and_a_short_cache(name):
+    """`prefill(..., last)` gives each row's logits at its own last prompt token only, and
+    decoding with a cache of fewer positions than max_len (the serving engine's KV window)
+    gives the same logits as with max_len: the model takes its length from the arrays."""
+    config = _config(name)
+    model, logits_fn, prefill_fn, decode_fn = _compiled(config)
+    params, full, _, step_logits, _ = _run(config)
+    tokens = _tokens(config)
+    last = np.array([PROMPT - 1, 1, 3], np.int32)
+    at_last, short = jax.jit(model.prefill)(params, tokens[:, :PROMPT],
+                                            model.init_cache(BATCH, 16), last)
+    np.testing.assert_allclose(at_last, full[np.arange(BATCH), last], **TOL)
+    assert jax.tree.leaves(short)[0].shape[-2] == 16
+    steps = []
+    for t in range(PROMPT, TOTAL):
+        logits, short = decode_fn(params, tokens[:, t], short, np.full(BATCH, t, np.int32))
+        steps.append(logits)
+    np.testing.assert_allclose(np.stack(steps, axis=1), step_logits, **TOL)
 
 
 # ---- shapes, dtypes and the API contract (trace only, no compiles) ------------------------
@@ -186,9 +216,17 @@ def test_param_and_cache_shapes(name, scan):
 
     cache = model.init_cache(4)
     assert set(cache) == {"k", "v"}
-    for c in cache.values():
-        assert c.shape == (N, 4, config.max_len, config.n_kv_heads, config.d_head)
-        assert c.dtype == jnp.float32 and not np.any(np.asarray(c))
+    for name in cache:
+        c = _stacked(cache, name)
+        assert c.shape == (N, 4, config.n_kv_heads, config.max_len, config.d_head)
+        assert c.dtype == jnp.float32 and not np.any(c)
+        assert isinstance(cache[name], list) != scan  # one array per layer in a loop
+    axes = model.cache_axes()
+    assert jax.tree.structure(axes) == jax.tree.structure(cache)
+    slot, length = (1, 3) if scan else (0, 2)
+    assert all((a.slot, a.length) == (slot, length) for a in jax.tree.leaves(axes))
+    short = model.init_cache(2, 16)
+    assert all(a.shape[slot] == 2 and a.shape[length] == 16 for a in jax.tree.leaves(short))
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -198,7 +236,8 @@ def test_example_args_and_tracing(name):
     # shapes for every family (traced, not run: the generating code is shared by all families)
     params, tokens, cache = jax.eval_shape(lambda: model.example_args("prefill", 2, length=6))
     assert tokens.shape == (2, 6) and tokens.dtype == jnp.int32
-    assert cache["k"].shape == (cfg.n_layers, 2, cfg.max_len, cfg.n_kv_heads, cfg.d_head)
+    assert [c.shape for c in cache["k"]] == [(2, cfg.n_kv_heads, cfg.max_len, cfg.d_head)] * \
+        cfg.n_layers
     out, new_cache = jax.eval_shape(model.fn("prefill"), params, tokens, cache)
     assert out.shape == (2, 6, cfg.vocab_size)
     assert jax.tree.map(lambda a: a.shape, new_cache) == jax.tree.map(lambda a: a.shape, cache)
@@ -219,8 +258,8 @@ def test_example_args_values():
     params, tokens, cache, positions = model.example_args("decode", batch=16)
     assert np.all((np.asarray(positions) >= 0) & (np.asarray(positions) < model.config.max_len))
     assert len(set(np.asarray(positions).tolist())) > 1  # random, not one shared position
-    assert np.all(np.asarray(cache["k"]) != 0) and np.all(np.asarray(cache["v"]) != 0)
-    assert not np.array_equal(np.asarray(cache["k"]), np.asarray(cache["v"]))
+    k, v = _stacked(cache, "k"), _stacked(cache, "v")
+    assert np.all(k != 0) and np.all(v != 0) and not np.array_equal(k, v)
     jax.tree.map(np.testing.assert_array_equal, params, model.init_params(jax.random.split(
         jax.random.PRNGKey(0), 4)[0]))  # default key PRNGKey(0), params from its first split
     again = model.example_args("decode", batch=16)
@@ -240,7 +279,8 @@ def test_bfloat16_dtypes(name):
     params, tokens, cache, positions = jax.eval_shape(lambda: model.example_args("decode"))
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     out, new_cache = jax.eval_shape(model.decode_step, params, tokens, cache, positions)
-    assert out.dtype == new_cache["k"].dtype == jnp.bfloat16
+    assert out.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves(new_cache)} == {jnp.dtype(jnp.bfloat16)}
 
 
 # ---- errors ---------------------------------------------------------------------------------

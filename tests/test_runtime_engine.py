@@ -18,6 +18,7 @@ else, and counts such near-ties.
 from __future__ import annotations
 
 import functools
+import logging
 import random
 
 import jax
@@ -92,9 +93,33 @@ def random_requests(n, seed, max_len=MAX_LEN, vocab=256, long_tail=True):
 def palm():
     model = build(get_config("palm-tiny").replace(max_len=MAX_LEN))
     params = sharp_params(model)
-    engine = Engine(model, params, max_slots=8, prefill_lengths=(16, MAX_LEN),
-                    progress=False)
+    # two KV windows (decode reads 32 or 64 positions), prefills of 1, 2 or 8 prompts
+    engine = Engine(model, params, max_slots=8, kv_lengths=(32, MAX_LEN),
+                    prefill_rows=(1, 2, 8), prefill_lengths=(16, MAX_LEN), progress=False)
     return model, params, engine
+
+
+class _CompileLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def serve_logging_compiles(engine, arrivals, **kwargs):
+    """`engine.serve`, and the messages of every compilation JAX logged meanwhile."""
+    log = _CompileLog()
+    logger = logging.getLogger("jax")
+    logger.addHandler(log)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        report = engine.serve(arrivals, **kwargs)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(log)
+    return report, [m for m in log.messages if "ompil" in m]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +138,10 @@ def arrivals():
 def test_greedy_tokens_equal_running_each_request_alone(palm, arrivals, policy, shuffle):
     model, params, engine = palm
     engine.set_policy(policy, shuffle=shuffle, window_s=0.002)
-    report = engine.serve(arrivals, clock=StepClock(1e-3))  # deterministic: 1 ms per step
+    # deterministic: 1 ms per step
+    report, compiles = serve_logging_compiles(engine, arrivals, clock=StepClock(1e-3))
     engine.set_policy("fused")
+    assert not compiles, compiles[:3]  # every bucket and helper was compiled at start-up
     assert len(report.results) == len(arrivals)
     near_ties = check_greedy(model, params, [r for _, r in arrivals], report.results)
     print(f"{policy} shuffle={shuffle}: {len(arrivals)} requests, {near_ties} near-ties")
@@ -124,6 +151,10 @@ def test_greedy_tokens_equal_running_each_request_alone(palm, arrivals, policy, 
     if policy == "fused":
         assert len(m["buckets_used"]) >= 3  # the batch grew and shrank
         assert (m["kv_moves"] > 0) == shuffle  # the shuffle ran (and only with shuffle)
+    ran = {(phase, b) for (phase, b), n in engine.stats.runs.items() if n}
+    assert {b.length for phase, b in ran if phase == "decode"} == {32, MAX_LEN}  # live prefix
+    assert {b.batch for phase, b in ran if phase == "prefill"} > {1}  # batched prefills
+    assert m["prefills"] == len(arrivals) > engine.stats.prefill_calls
 
 
 def test_step_clock_replays_are_deterministic(palm, arrivals):
@@ -139,12 +170,25 @@ def test_padded_prefill_matches_the_unpadded_model(palm):
     model, params, engine = palm
     prompt = tuple(range(3, 14))  # 11 tokens, padded to 16
     r = engine.generate([prompt], max_tokens=1)[0]
-    logits, _ = jax.jit(model.prefill)(params, jnp.array([prompt]), model.init_cache(1))
+    logits, cache = jax.jit(model.prefill)(params, jnp.array([prompt]), model.init_cache(1))
     assert r.tokens == [int(jnp.argmax(logits[0, -1]))]
-    k, _ = engine.kv.read(0)
-    _, cache = jax.jit(model.prefill)(params, jnp.array([prompt]), model.init_cache(1))
-    np.testing.assert_allclose(np.asarray(k[:, :11]), np.asarray(cache["k"][:, 0, :11]),
-                               rtol=1e-5, atol=1e-6)
+    stored = engine.kv.read(0)  # slot 0's K/V, every layer, max_len positions
+    for got, want in zip(jax.tree.leaves(stored), jax.tree.leaves(cache)):  # (K, S, D), (1, ...)
+        np.testing.assert_allclose(np.asarray(got)[:, :11], np.asarray(want)[0, :, :11],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_requests_admitted_together_are_prefilled_together(palm):
+    model, params, engine = palm
+    requests = random_requests(8, seed=9, long_tail=False)  # 8 slots: all admitted at once
+    before = engine.stats.prefill_calls
+    results = engine.generate(requests)
+    # shortest first, as many per call as fit: one call of 8 rows if all pad to 16 tokens,
+    # else the short ones together and the longer ones (padded to 64) together
+    groups = engine.prefill_groups([type("P", (), {"prompt": r.prompt})() for r in requests])
+    assert engine.stats.prefill_calls - before == len(groups) <= 2
+    assert sum(len(g) for _, g in groups) == 8 and all(b.batch >= len(g) for b, g in groups)
+    check_greedy(model, params, requests, results)
 
 
 def test_tokens_stream_as_they_are_produced(palm):
@@ -287,8 +331,9 @@ def test_hooks_see_every_bucket_and_layout_switches_are_counted(palm):
     def planner_fn(phase, bucket):
         return "attention=batch" if phase == "decode" and bucket.batch >= 2 else "heads"
 
-    engine = Engine(model, params, max_slots=2, prefill_lengths=(MAX_LEN,),
-                    compile_fn=compile_fn, planner_fn=planner_fn, progress=False)
+    engine = Engine(model, params, max_slots=2, kv_lengths=(MAX_LEN,), prefill_rows=(1,),
+                    prefill_lengths=(MAX_LEN,), compile_fn=compile_fn,
+                    planner_fn=planner_fn, progress=False)
     assert calls == [("decode", Bucket(1, MAX_LEN)), ("decode", Bucket(2, MAX_LEN)),
                      ("prefill", Bucket(1, MAX_LEN))]
     arrivals = [(0.0, Request(prompt=(1,), max_tokens=8)),
@@ -305,6 +350,7 @@ def test_other_families_match_running_alone(name):
     model = build(get_config(name).replace(max_len=32))
     params = sharp_params(model, seed=1)
     engine = Engine(model, params, max_slots=2, prefill_lengths=(32,), progress=False)
+    assert engine.kv_lengths == (32,) and engine.prefill_rows == (1, 2)
     requests = random_requests(60, seed=4, max_len=32, long_tail=False)
     requests = [r for r in requests if len(r.prompt) + r.max_tokens <= 32]
     arrivals = [((i // 3) * 0.05, r) for i, r in enumerate(requests)]  # groups of 3, lulls
@@ -328,7 +374,8 @@ def test_batch_sharded_kv_cache_on_a_mesh():
     engine.step()
     engine.step()
     assert engine.kv.capacity == 2
-    assert engine.kv.k.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
+    window = jax.tree.leaves(engine.kv.window(2, 32))[0]
+    assert window.sharding.spec == jax.sharding.PartitionSpec("batch")
     results = [h.result() for h in handles]
     check_greedy(model, params, requests, results, max_len=32)
 
@@ -340,6 +387,10 @@ def test_engine_arguments_are_checked():
         Engine("palm-tiny", max_len=64, policy="eager", warmup=False)
     with pytest.raises(ValueError, match="prefill_lengths"):
         Engine("palm-tiny", max_len=64, prefill_lengths=(16, 128), warmup=False)
+    with pytest.raises(ValueError, match="kv_lengths"):
+        Engine("palm-tiny", max_len=64, kv_lengths=(32,), warmup=False)
+    with pytest.raises(ValueError, match="prefill_rows"):
+        Engine("palm-tiny", max_len=64, max_slots=4, prefill_rows=(1, 8), warmup=False)
     with pytest.raises(TypeError, match="preset name"):
         Engine(42, warmup=False)
     gpt2 = build(get_config("gpt2-tiny"))

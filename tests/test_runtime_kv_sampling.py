@@ -1,4 +1,5 @@
-"""The KV cache (writes, moves, resizes, donation, sharding) and the batched sampler."""
+"""The KV cache (store and window: writes, moves, loads, write-backs, donation, sharding) and
+the batched sampler."""
 
 from __future__ import annotations
 
@@ -6,77 +7,115 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from meshwright.models import build, get_config
 from meshwright.runtime.kv_cache import KVCache, batch_sharding
 from meshwright.runtime.request import SamplingParams
 from meshwright.runtime.sampling import sample, sample_at, sample_tokens, sampling_arrays
 
-L, S, K, D = 2, 16, 2, 4  # layers, max_len, kv heads, head dim
+S = 16  # max_len
+LOOP = build(get_config("llama-tiny", n_layers=2, max_len=S))  # K/V per layer (B, 2, S, 8)
+SCAN = build(get_config("llama-tiny", n_layers=2, max_len=S, scan_layers=True))
 
 
 def rand(shape, seed):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def test_update_move_resize_follow_a_numpy_model():
-    kv = KVCache(L, max_slots=8, max_len=S, n_kv_heads=K, d_head=D, capacity=2)
-    ref = np.zeros((L, 2, S, K, D), np.float32)
-    k5, v5 = rand((L, 5, K, D), 0), rand((L, 5, K, D), 1)
-    kv.update(1, 3, jnp.asarray(k5), jnp.asarray(v5))
-    ref[:, 1, 3:8] = k5
-    np.testing.assert_array_equal(np.asarray(kv.k), ref)
-    np.testing.assert_array_equal(np.asarray(kv.v[:, 1, 3:8]), v5)
+def rand_cache(model, rows: int, length: int, seed: int):
+    """A prefill's output: random K/V for `rows` rows at `length` positions."""
+    shapes = jax.tree.leaves(model.init_cache(rows, length))
+    tree = jax.tree.structure(model.init_cache(rows, length))
+    return tree.unflatten([jnp.asarray(rand(a.shape, seed + i)) for i, a in enumerate(shapes)])
 
-    kv.resize(8)  # grow: new slots are zero, old ones kept
-    ref = np.concatenate([ref, np.zeros((L, 6, S, K, D), np.float32)], axis=1)
-    np.testing.assert_array_equal(np.asarray(kv.k), ref)
-    row = rand((L, 1, S, K, D), 2)  # (L, 1, T, K, D) is accepted too (a prefill cache)
-    kv.update(6, 0, jnp.asarray(row), jnp.asarray(row))
-    ref[:, 6] = row[:, 0]
-    kv.move(6, 0)
-    ref[:, 0] = ref[:, 6]
-    kv.resize(4)  # shrink: slots >= 4 are dropped
-    np.testing.assert_array_equal(np.asarray(kv.k), ref[:, :4])
-    k0, _ = kv.read(0)
-    np.testing.assert_array_equal(np.asarray(k0), row[:, 0])
-    assert kv.capacity == 4 and kv.bucket_for(3) == 4 and "4/8 slots" in repr(kv)
+
+def as_numpy(model, cache) -> np.ndarray:
+    """Every array of the cache as one (arrays, slots, kv heads, positions, d_head) block."""
+    axes = jax.tree.leaves(model.cache_axes())
+    out = []
+    for a, ax in zip(jax.tree.leaves(cache), axes):
+        a = np.asarray(a)
+        out += list(a) if ax.slot == 1 else [a]  # stacked layers: one block per layer
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("model", [LOOP, SCAN], ids=["loop", "scan"])
+def test_writes_moves_and_windows_follow_a_numpy_model(model):
+    kv = KVCache.for_model(model, max_slots=4, max_len=S)
+    ref = np.zeros_like(as_numpy(model, kv.store))  # (arrays, 4 slots, K, S, D)
+    new = rand_cache(model, rows=2, length=5, seed=0)
+    kv.write([3, 1], new)  # row 0 -> slot 3, row 1 -> slot 1, positions 0..4
+    ref[:, [3, 1], :, :5] = as_numpy(model, new)
+    np.testing.assert_array_equal(as_numpy(model, kv.store), ref)
+
+    window = kv.window(capacity=4, length=8)  # what decode bucket (4, 8) takes
+    np.testing.assert_array_equal(as_numpy(model, window), ref[:, :4, :, :8])
+    assert kv.window(4, 8) is window  # unchanged: handed out again, no reload
+    stepped = jax.tree.map(lambda a: a + 1.0, window)  # a "decode step" writes the window
+    kv.set_window(stepped)
+    ref[:, :4, :, :8] += 1.0
+    kv.move(3, 0)  # writes the window back first, then moves in the store
+    ref[:, 0] = ref[:, 3]
+    np.testing.assert_array_equal(as_numpy(model, kv.store), ref)
+
+    padded = rand_cache(model, rows=4, length=3, seed=7)  # a 4-row bucket, 1 row real
+    kv.write([2], padded)  # rows 1..3 are padding: written nowhere
+    ref[:, 2, :, :3] = as_numpy(model, padded)[:, 0]
+    small = kv.window(capacity=2, length=4)  # a smaller bucket: reloaded from the store
+    np.testing.assert_array_equal(as_numpy(model, small), ref[:, :2, :, :4])
+    np.testing.assert_array_equal(as_numpy(model, kv.read(2))[:, None], ref[:, 2:3])
+    assert kv.capacity == 2 and kv.length == 4 and kv.events == 2 and "4 slots" in repr(kv)
 
 
 def test_updates_donate_the_old_buffers():
-    kv = KVCache(L, max_slots=4, max_len=S, n_kv_heads=K, d_head=D, capacity=4)
-    old = kv.k
-    kv.update(0, 0, jnp.ones((L, 2, K, D)), jnp.ones((L, 2, K, D)))
+    kv = KVCache.for_model(LOOP, max_slots=4, max_len=S)
+    old = jax.tree.leaves(kv.store)[0]
+    kv.write([0], rand_cache(LOOP, 1, 2, seed=1))
     assert old.is_deleted()  # written in place, not copied
-    old = kv.v
+    old = jax.tree.leaves(kv.store)[0]
     kv.move(0, 3)
+    assert old.is_deleted()
+    window = kv.window(2, 8)
+    kv.set_window(jax.tree.map(lambda a: a * 2, window))
+    old = jax.tree.leaves(kv.store)[0]
+    kv.flush()  # the window's tokens go back into the store in place
     assert old.is_deleted()
 
 
 def test_cache_errors_are_clear():
-    kv = KVCache(L, max_slots=4, max_len=S, n_kv_heads=K, d_head=D, capacity=2)
-    with pytest.raises(IndexError, match="slot 2 outside the 2 slots"):
-        kv.update(2, 0, jnp.ones((L, 1, K, D)), jnp.ones((L, 1, K, D)))
-    with pytest.raises(ValueError, match="outside max_len"):
-        kv.update(0, S - 1, jnp.ones((L, 2, K, D)), jnp.ones((L, 2, K, D)))
+    kv = KVCache.for_model(LOOP, max_slots=4, max_len=S)
+    with pytest.raises(IndexError, match="slot 4 outside the 4 slots"):
+        kv.write([4], rand_cache(LOOP, 1, 2, seed=2))
+    with pytest.raises(ValueError, match="outside max_len=16"):
+        kv.write([0], rand_cache(LOOP.__class__(LOOP.config.replace(max_len=32)), 1, 17, 2))
     with pytest.raises(ValueError, match="capacity must be in 1..4"):
-        kv.resize(5)
-    with pytest.raises(ValueError, match="cache shape"):
-        kv.set({"k": jnp.zeros((L, 3, S, K, D)), "v": jnp.zeros((L, 3, S, K, D))})
+        kv.window(5, 8)
+    with pytest.raises(ValueError, match="length must be in 1..16"):
+        kv.window(2, 17)
+    with pytest.raises(RuntimeError, match="set_window without a window"):
+        kv.set_window(LOOP.init_cache(2, 8))
+    kv.window(2, 8)
+    with pytest.raises(ValueError, match="returned a cache of shapes"):
+        kv.set_window(LOOP.init_cache(2, 16))
 
 
-def test_batch_sharded_cache_follows_its_capacity():
+def test_batch_sharded_windows_follow_their_capacity():
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
-    kv = KVCache(L, max_slots=4, max_len=S, n_kv_heads=K, d_head=D,
-                 sharding=batch_sharding(mesh, "batch"), capacity=1)
-    assert kv.k.sharding.spec == jax.sharding.PartitionSpec()  # 1 slot: replicated
-    kv.resize(4)
-    assert kv.k.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
-    assert {s.data.shape[1] for s in kv.k.addressable_shards} == {2}  # 2 slots per device
-    kv.update(3, 0, jnp.ones((L, 2, K, D)), jnp.ones((L, 2, K, D)))
+    kv = KVCache.for_model(LOOP, max_slots=4, max_len=S, sharding=batch_sharding(mesh, "batch"))
+    leaf = jax.tree.leaves(kv.store)[0]
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("batch")  # 2 slots per device
+    one = jax.tree.leaves(kv.window(1, 8))[0]
+    assert one.sharding.spec == jax.sharding.PartitionSpec()  # 1 slot: replicated
+    kv.write([3], jax.tree.map(jnp.ones_like, LOOP.init_cache(1, 4)))
     kv.move(3, 0)
-    assert float(kv.k[:, 0].sum()) == L * 2 * K * D
-    assert kv.k.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
+    four = kv.window(4, 8)
+    leaf = jax.tree.leaves(four)[0]
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("batch")
+    assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
+    assert float(np.asarray(leaf)[0].sum()) == 4 * 2 * 8
+    kv.warm_up([(1, 8), (4, 8)], [LOOP.init_cache(1, 4)])  # compiles, changes nothing
+    assert float(np.asarray(jax.tree.leaves(kv.window(4, 8))[0])[0].sum()) == 4 * 2 * 8
 
 
 # ---------------------------------------------------------------------------------------------

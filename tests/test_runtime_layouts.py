@@ -77,7 +77,8 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     kv = 256  # at 8 rows the cpu profile prefers attention over batch clearly here (at 64 the
     #           two are within a few percent and the choice moves with the profile's figures)
     engine = sharded_engine(build(config), params, jax.devices()[:8], hardware="cpu",
-                            max_slots=8, max_len=kv, prefill_lengths=(32,))
+                            max_slots=8, max_len=kv, kv_lengths=(kv,), prefill_rows=(1, 8),
+                            prefill_lengths=(32, kv))
     assert engine.layouts[("decode", Bucket(8, kv))] == "ws-1d/batch"
     assert engine.layouts[("decode", Bucket(1, kv))] == "ws-1d/heads"
     # a bucket switch moves no weights: every step takes them exactly as placed
@@ -85,8 +86,13 @@ def test_sharded_engine_places_weights_once_compiles_nothing_while_serving_and_m
     specs = {tuple(s.spec for s in jax.tree.leaves(step.in_shardings[0]))
              for step in engine._steps.values()}
     assert len(specs) == 1
-    assert engine.kv.sharding_for(8).spec == PartitionSpec(None, "z", None, None, None)
-    assert engine.kv.sharding_for(2).spec == PartitionSpec(*[None] * 5)
+    # the bundled model's scan is served as a loop: one (batch, kv heads, positions, d_head)
+    # array per layer, split over batch at 8 rows, whole below
+    assert engine.notes and "loop" in engine.notes[0]
+    specs = {s.spec for s in jax.tree.leaves(engine.kv.sharding_for(8, kv))}
+    assert specs == {PartitionSpec("z", None, None, None)}
+    assert {s.spec for s in jax.tree.leaves(engine.kv.sharding_for(2, kv))} == {
+        PartitionSpec(*[None] * 4)}
 
     prompts = [bundled.encode(p) for p in ["In the beginning", "The LORD is my shepherd;"]
                + burst_prompts(8, seed=3)]
@@ -118,7 +124,7 @@ def test_without_sharing_weights_the_ffn_layout_follows_the_batch_too(demo_model
     config, params = demo_model
     engine = sharded_engine(build(config), params, jax.devices()[:8], hardware="tpu-v4",
                             share_weights=False, max_slots=8, max_len=MAX_LEN,
-                            prefill_lengths=(MAX_LEN,), warmup=False)
+                            prefill_rows=(1,), prefill_lengths=(MAX_LEN,), warmup=False)
     assert engine.layout_plan.choice("decode", Bucket(1, MAX_LEN)).name == "ws-1d/heads"
     assert engine.layout_plan.choice("decode", Bucket(8, MAX_LEN)).name == "wg-xyz/batch"
     prompts = [bundled.encode(p) for p in burst_prompts(8, seed=5)]

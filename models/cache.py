@@ -1,0 +1,102 @@
+"""The KV cache of the reference models: its layout, its axes, and its writes. One owner.
+
+    >>> from meshwright.models import build, get_config
+    >>> cfg = get_config("llama-tiny")                       # 2 layers, 2 kv heads, d_head 8
+    >>> cache = init_cache(cfg, batch=4, length=16)
+    >>> len(cache["k"]), cache["k"][0].shape                 # one array per layer
+    (2, (4, 2, 16, 8))
+    >>> cache_axes(cfg)["k"][0]
+    CacheAxes(slot=0, length=2)
+
+Layout. Each layer's K and V are (batch, n_kv_heads, length, d_head):
+
+- the kv heads before the positions, so that attention reads one head's keys as a contiguous
+  (length, d_head) block and XLA's batched matmul takes the array as it is stored (no
+  transpose is materialised, and grouped-query heads share their kv head by grouping the
+  query heads, never by repeating K/V);
+- one array per layer (`{"k": [layer 0, layer 1, ...], "v": [...]}`), so that no step slices
+  a layer out of a stacked array: XLA copies every slice that feeds a matmul. With
+  `config.scan_layers` the layers are stacked, (n_layers, batch, n_kv_heads, length, d_head),
+  because `jax.lax.scan` takes them so;
+- `length` positions, which need not be `max_len`: the engine keeps the arrays at the smallest
+  length bucket that holds its longest live sequence, so a decode step reads the live prefix
+  only. The model derives every shape from the arrays it is given.
+
+`cache_axes` says, for every leaf, which axis holds the sequences (slots) and which the
+positions: the serving engine resizes, moves and writes caches through it and nothing else.
+
+Writes are in place when the step donates the cache: decode writes one position per row
+(`write_token`, a scatter with the row as a batching dimension), prefill the first T positions
+(`write_prompt`, a dynamic_update_slice at 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from meshwright.models.config import TransformerConfig
+
+NAMES = ("k", "v")
+
+
+@dataclass(frozen=True)
+class CacheAxes:
+    """Where one cache array keeps its sequences and its positions."""
+
+    slot: int  # the batch axis: one sequence (one serving slot) per index
+    length: int  # the positions (the kv_length axis)
+
+
+def layer_shape(config: TransformerConfig, batch: int, length: int) -> tuple[int, ...]:
+    """(batch, n_kv_heads, length, d_head): one layer's K (or V)."""
+    return (batch, config.n_kv_heads, length, config.d_head)
+
+
+def cache_shapes(config: TransformerConfig, batch: int,
+                 length: int | None = None) -> dict[str, Any]:
+    """The cache as `jax.ShapeDtypeStruct`s (length defaults to config.max_len)."""
+    shape = layer_shape(config, batch, length or config.max_len)
+    dtype = jnp.dtype(config.dtype)
+    if config.scan_layers:
+        return {name: jax.ShapeDtypeStruct((config.n_layers, *shape), dtype) for name in NAMES}
+    return {name: [jax.ShapeDtypeStruct(shape, dtype) for _ in range(config.n_layers)]
+            for name in NAMES}
+
+
+def init_cache(config: TransformerConfig, batch: int, length: int | None = None) -> dict:
+    """A zero cache for `batch` sequences of `length` positions (default config.max_len)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, length))
+
+
+def cache_axes(config: TransformerConfig) -> dict[str, Any]:
+    """A tree like the cache with a `CacheAxes` for every array."""
+    if config.scan_layers:
+        return {name: CacheAxes(slot=1, length=3) for name in NAMES}
+    return {name: [CacheAxes(slot=0, length=2) for _ in range(config.n_layers)]
+            for name in NAMES}
+
+
+def cache_length(cache: dict) -> int:
+    """How many positions a cache holds."""
+    first = cache["k"] if not isinstance(cache["k"], list) else cache["k"][0]
+    return first.shape[-2]
+
+
+def _write_row(row: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:
+    """row (K, S, D) <- new (K, D) at position; vmapped over the batch it is a scatter whose
+    batch dimension is a batching dimension (each row its own index), which XLA runs in place
+    and the compiler can split over devices."""
+    return jax.lax.dynamic_update_slice(row, new[:, None, :], (0, position, 0))
+
+
+def write_token(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache (B, K, S, D) with new (B, K, D) written at position positions[b] of row b."""
+    return jax.vmap(_write_row)(cache, new.astype(cache.dtype), positions)
+
+
+def write_prompt(cache: jax.Array, new: jax.Array) -> jax.Array:
+    """cache (B, K, S, D) with new (B, K, T, D) written at positions 0..T-1."""
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, 0, 0))
