@@ -397,7 +397,14 @@ def _layer_weight_elems(cfg: TransformerConfig, heads: int) -> int:
 
 
 def _embedding_elems(cfg: TransformerConfig) -> int:
+    """Every embedding parameter: token table(s), learned positions (memory held)."""
     return cfg.n_params() - cfg.n_layers * cfg.layer_params()
+
+
+def _unembedding_elems(cfg: TransformerConfig) -> int:
+    """The embedding parameters a step multiplies with: the (V, E) unembedding, tied or not.
+    An untied input table and learned positions are only looked up, a few rows a step."""
+    return cfg.vocab_size * cfg.d_model
 
 
 def attention_flops(cfg: TransformerConfig, work: Workload, heads: int) -> float:
@@ -441,7 +448,8 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
     # ---- compute: every matmul split evenly over the chips
     layer_elems = _layer_weight_elems(cfg, heads)
     emb_elems = _embedding_elems(cfg)
-    matmul_flops = 2.0 * work.tokens * (cfg.n_layers * layer_elems + emb_elems)
+    unemb_elems = _unembedding_elems(cfg)
+    matmul_flops = 2.0 * work.tokens * (cfg.n_layers * layer_elems + unemb_elems)
     att_flops = attention_flops(cfg, work, heads)
     hardware_flops = matmul_flops + att_flops
     peak = hw.peak_flops(work.weights)
@@ -449,8 +457,8 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
 
     # ---- memory traffic: weights this chip multiplies with, and its KV cache
     gathered = batch_shards(ffn, mesh)  # N for weight-gathered, 1 for weight-stationary
-    weight_bytes = (cfg.n_layers * layer_elems + emb_elems) * wbytes / n
-    streamed = (cfg.n_layers * layer_elems * gathered + emb_elems) * wbytes / n
+    weight_bytes = (cfg.n_layers * layer_elems + emb_elems) * wbytes / n  # held
+    streamed = (cfg.n_layers * layer_elems * gathered + unemb_elems) * wbytes / n  # read
     hbm = hw.hbm_bandwidth * hw.hbm_efficiency
     weight_load_s = streamed / hbm
     kv_per_token = kv_bytes_per_chip_per_token(cfg, mesh, work, ffn, attention)
