@@ -94,7 +94,26 @@ def _write_row(row: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array
 
 def write_token(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """cache (B, K, S, D) with new (B, K, D) written at position positions[b] of row b."""
+    if cache.shape[0] == 1:
+        return write_one_row(cache, new, positions)
     return jax.vmap(_write_row)(cache, new.astype(cache.dtype), positions)
+
+
+def write_one_row(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """`write_token` for a single row, as a scatter of two updates whose second is out of
+    range (dropped). XLA rewrites a one-update scatter into a bounds-checked
+    dynamic_update_slice, which it then fuses twice (once for the step's output, once for
+    attention reading the row through a bitcast of its size-1 batch) and copies the whole
+    cache around both; a two-update scatter stays one scatter, in place."""
+    B, K, S, D = cache.shape
+    rows = jnp.array([0, B], jnp.int32)  # row B does not exist: its update is dropped
+    index = jnp.stack([rows, jnp.concatenate([positions, positions])], axis=1)  # (2, 2)
+    update = jnp.concatenate([new, new]).astype(cache.dtype)  # (2, K, D)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2),
+                                           inserted_window_dims=(0, 2),
+                                           scatter_dims_to_operand_dims=(0, 2))
+    return jax.lax.scatter(cache, index, update, dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def write_prompt(cache: jax.Array, new: jax.Array) -> jax.Array:

@@ -587,7 +587,36 @@ def _scatter(ctx, node, ins):
     u = ctx.to(u, uspec, Spec(tuple(udims)), node.op)
     idx, ispec = ctx.resolved(idx, ispec, node.op)
     idx = ctx.to(idx, ispec, Spec(tuple(idims)), node.op)
+    one_row = _one_row_scatter(node, x, idx, u)
+    if one_row is not None:
+        return [(one_row, spec)]
     return [(_bind(node, [x, idx, u])[0], spec)]
+
+
+def _one_row_scatter(node: Node, x, idx, u):
+    """A scatter whose batching dimension (one row per sequence: a KV cache write) is a
+    single row on this device, bound as a scatter of that row and a dropped second one:
+    XLA:CPU rewrites a one-update scatter into a bounds-checked dynamic_update_slice that it
+    fuses twice and copies the whole cache around (see `models.cache.write_one_row`), and a
+    batch split over every device leaves one row each. None when the pattern differs."""
+    import jax.numpy as jnp
+
+    dn = node.params["dimension_numbers"]
+    obatch = tuple(getattr(dn, "operand_batching_dims", ()))
+    ibatch = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
+    if node.op != "scatter" or len(obatch) != 1 or ibatch != (0,) or idx.ndim != 2 \
+            or x.shape[obatch[0]] != 1 or u.shape[0] != 1 or 0 in dn.update_window_dims:
+        return None
+    ob = obatch[0]
+    row = jnp.array([[0], [1]], idx.dtype)  # row 1 does not exist here: dropped
+    index = jnp.concatenate([row, jnp.concatenate([idx, idx])], axis=1)  # (2, 1 + n)
+    update = jnp.concatenate([u, u])  # (2, window...)
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(dn.update_window_dims),
+        inserted_window_dims=tuple(sorted((ob, *dn.inserted_window_dims))),
+        scatter_dims_to_operand_dims=(ob, *dn.scatter_dims_to_operand_dims))
+    return jax.lax.scatter(x, index, update.astype(x.dtype), dims,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 # ---- matmul -----------------------------------------------------------------------------------
