@@ -45,13 +45,13 @@ import meshwright as mw
 # Bigger "small" models: the same families, widths where the step is no longer dominated by
 # fixed per-collective costs.
 SIZES = {
-    "palm-small": ("palm-tiny", dict(n_layers=4, d_model=512, d_ff=2048, n_heads=8,
-                                     d_head=64, vocab_size=1024, max_len=256)),
-    "palm-medium": ("palm-tiny", dict(n_layers=4, d_model=1024, d_ff=4096, n_heads=16,
-                                      d_head=64, vocab_size=1024, max_len=256)),
-    "llama-medium": ("llama-tiny", dict(n_layers=4, d_model=1024, d_ff=2816, n_heads=16,
-                                        n_kv_heads=4, d_head=64, vocab_size=1024,
-                                        max_len=256)),
+    "palm-small": ("palm-tiny", {"n_layers": 4, "d_model": 512, "d_ff": 2048, "n_heads": 8,
+                                     "d_head": 64, "vocab_size": 1024, "max_len": 256}),
+    "palm-medium": ("palm-tiny", {"n_layers": 4, "d_model": 1024, "d_ff": 4096, "n_heads": 16,
+                                      "d_head": 64, "vocab_size": 1024, "max_len": 256}),
+    "llama-medium": ("llama-tiny", {"n_layers": 4, "d_model": 1024, "d_ff": 2816, "n_heads": 16,
+                                        "n_kv_heads": 4, "d_head": 64, "vocab_size": 1024,
+                                        "max_len": 256}),
 }
 
 

@@ -51,8 +51,8 @@ def markdown(path: str) -> str:
     """The results file as the table in docs/lowering.md."""
     with open(path) as f:
         rows = json.load(f)["rows"]
-    out = ["| model | phase | FFN | attention | predicted | measured | measured/predicted | "
-           "GSPMD baseline | measured/GSPMD |",
+    out = [("| model | phase | FFN | attention | predicted | measured | measured/predicted | "
+            "GSPMD baseline | measured/GSPMD |"),
            "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pred = r["predicted_bytes"]

@@ -474,12 +474,12 @@ def _verify_avals(node: Node) -> list[str]:
         return []  # cond/while bodies are checked structurally above
     try:
         expected = jc.abstract_eval(node.primitive, in_avals, node.params)
-    except Exception as e:  # the operands do not fit the primitive at all
+    except Exception as e:  # noqa: BLE001 (whatever the primitive raises is the finding)
         return [f"{node!r}: operands do not type-check: {type(e).__name__}: {e}"]
     got = [o.aval for o in node.outputs]
     if len(expected) != len(got) or not all(_same_aval(a, b) for a, b in zip(expected, got)):
-        return [f"{node!r}: output avals {[format_aval(a) for a in got]} but the primitive "
-                f"gives {[format_aval(a) for a in expected]}"]
+        return [(f"{node!r}: output avals {[format_aval(a) for a in got]} but the primitive "
+                 f"gives {[format_aval(a) for a in expected]}")]
     return []
 
 

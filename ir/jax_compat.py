@@ -55,7 +55,7 @@ def source_line(eqn: Any) -> str | None:
     if _user_frame is not None:
         try:
             frame = _user_frame(info.traceback)
-        except Exception:  # pragma: no cover - a traceback JAX cannot read
+        except Exception:  # noqa: BLE001  # pragma: no cover - a traceback JAX cannot read
             frame = None
     if frame is None:
         return None
@@ -76,7 +76,7 @@ def abstract_eval(primitive: Any, in_avals: list[Any], params: dict) -> list[Any
         out = primitive.abstract_eval(*in_avals, **params)
         avals = out[0] if isinstance(out, tuple) and len(out) == 2 and isinstance(
             out[1], (set, frozenset)) else out
-    except Exception:
+    except Exception:  # noqa: BLE001 (no abstract rule of its own: evaluate the shapes)
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals]
         avals = jax.eval_shape(lambda *xs: primitive.bind(*xs, **params), *structs)
     if not primitive.multiple_results:

@@ -117,8 +117,8 @@ def _human(n: float, unit: str) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"summary of {s['name']}: {s['equations']} equations at top level, "
-             f"{s['nodes_including_regions']} including region bodies",
+    lines = [(f"summary of {s['name']}: {s['equations']} equations at top level, "
+             f"{s['nodes_including_regions']} including region bodies"),
              f"  FLOPs (dot_general, per call): {_human(s['flops'], 'FLOP')}",
              f"  parameters: {s['parameter_count']:,} ({_human(s['parameter_bytes'], 'B')})",
              "  argument bytes: " + ", ".join(f"{k}={_human(v, 'B')}"

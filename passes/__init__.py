@@ -5,8 +5,16 @@ the module of a pass named in `PASS_MODULES` on demand, so importing the planner
 not import JAX.
 """
 
-from meshwright.passes.base import (PASS_MODULES, PASSES, Pass, PassContext, PassError,
-                                    PassManager, get_pass, register)
+from meshwright.passes.base import (
+    PASS_MODULES,
+    PASSES,
+    Pass,
+    PassContext,
+    PassError,
+    PassManager,
+    get_pass,
+    register,
+)
 
-__all__ = ["PASS_MODULES", "PASSES", "Pass", "PassContext", "PassError", "PassManager",
+__all__ = ["PASSES", "PASS_MODULES", "Pass", "PassContext", "PassError", "PassManager",
            "get_pass", "register"]

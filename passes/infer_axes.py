@@ -677,7 +677,7 @@ def _name_activation_dims(n: _Namer, score: Node, k: int) -> None:
     """Without token ids, batch and length are the query's classes that no weight carries:
     shared by query and key (a batch dim of the score dot) -> batch; the query's own -> length."""
     q = 1 - k
-    (lc, rc), (lb, rb) = score.params["dimension_numbers"]
+    (_lc, _rc), (lb, rb) = score.params["dimension_numbers"]
     for d in (lb if q == 0 else rb):
         c = n.cls(score.inputs[q], d)
         if c not in n.weight_classes and n.syms.size[c] > 1:

@@ -427,10 +427,10 @@ def test_no_safetensors_files(tmp_path, zoo):
 def test_engine_and_bench_serve_take_a_checkpoint(zoo, tmp_path, capsys):
     """The engine serves a loaded checkpoint with its tokenizer (text in, text out), and
     `meshwright bench serve --checkpoint DIR` runs on it."""
+    from meshwright.runtime import Engine
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from meshwright.cli import main
-    from meshwright.runtime import Engine
 
     m = zoo("gpt2")
     tok = Tokenizer(models.BPE(unk_token="?"))

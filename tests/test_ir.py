@@ -72,10 +72,10 @@ def test_text_form_golden():
         return jax.nn.relu(x @ w) * 0.5
 
     g = mw.trace(f, jnp.ones((2, 3)), jnp.ones((3, 4)))
-    assert str(g) == "\n".join([
+    assert str(g) == "\n".join([  # noqa: FLY002 (one golden line per list item)
         "f(%x:f32[2,3], %w:f32[3,4]) {",
-        "  %0:f32[2,4] = dot_general[dimension_numbers=(((1,), (0,)), ((), ())), "
-        "preferred_element_type=float32] %x %w",
+        ("  %0:f32[2,4] = dot_general[dimension_numbers=(((1,), (0,)), ((), ())), "
+         "preferred_element_type=float32] %x %w"),
         "  %1:f32[2,4] = max %0 0.0:f32[]",
         "  %2:f32[2,4] = mul %1 0.5:f32[]",
         "  return %2",
@@ -160,7 +160,7 @@ def test_insertion_and_removal():
 
 
 def test_topo_order_is_deterministic_and_respects_dependencies():
-    fn, args, g = zoo_case("gqa_dpa")
+    _, _, g = zoo_case("gqa_dpa")
     order = g.topo_order()
     position = {n.id: i for i, n in enumerate(order)}
     for n in order:
@@ -224,7 +224,7 @@ def test_calling_with_other_shapes_is_a_clear_error():
 
 
 def test_dot_and_summary():
-    fn, args, g = zoo_case("scan_parallel_mqa")
+    _, args, g = zoo_case("scan_parallel_mqa")
     dot = g.to_dot()
     assert dot.startswith('digraph "forward" {') and dot.rstrip().endswith("}")
     assert dot.count("->") >= len(g.equations())

@@ -89,8 +89,8 @@ def test_loop_and_scan_agree(name):
     jax.tree.map(np.testing.assert_array_equal, restacked, scan_params["layers"])
     np.testing.assert_allclose(loop_full, scan_full, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loop_steps, scan_steps, rtol=1e-6, atol=1e-6)
-    for name in ("k", "v"):
-        np.testing.assert_allclose(_stacked(loop_cache, name), _stacked(scan_cache, name),
+    for kv in ("k", "v"):
+        np.testing.assert_allclose(_stacked(loop_cache, kv), _stacked(scan_cache, kv),
                                    rtol=1e-6, atol=1e-6)
 
 
@@ -153,7 +153,7 @@ def test_prefill_logits_at_the_last_prompt_token_and_a_short_cache(name):
     decoding with a cache of fewer positions than max_len (the serving engine's KV window)
     gives the same logits as with max_len: the model takes its length from the arrays."""
     config = _config(name)
-    model, logits_fn, prefill_fn, decode_fn = _compiled(config)
+    model, _, _, decode_fn = _compiled(config)
     params, full, _, step_logits, _ = _run(config)
     tokens = _tokens(config)
     last = np.array([PROMPT - 1, 1, 3], np.int32)
@@ -216,11 +216,11 @@ def test_param_and_cache_shapes(name, scan):
 
     cache = model.init_cache(4)
     assert set(cache) == {"k", "v"}
-    for name in cache:
-        c = _stacked(cache, name)
+    for kv in cache:
+        c = _stacked(cache, kv)
         assert c.shape == (N, 4, config.n_kv_heads, config.max_len, config.d_head)
         assert c.dtype == jnp.float32 and not np.any(c)
-        assert isinstance(cache[name], list) != scan  # one array per layer in a loop
+        assert isinstance(cache[kv], list) != scan  # one array per layer in a loop
     axes = model.cache_axes()
     assert jax.tree.structure(axes) == jax.tree.structure(cache)
     slot, length = (1, 3) if scan else (0, 2)

@@ -58,10 +58,10 @@ def einsum_transformer(key):
 
 def fused_qkv_transformer(key):
     ks = jax.random.split(key, 6)
-    params = dict(wte=_normal(ks[0], (V, E)), qkv=_normal(ks[1], (E, 3 * E)),
-                  qkv_b=jnp.zeros((3 * E,)), proj=_normal(ks[2], (E, E)),
-                  fc=_normal(ks[3], (E, F)), out=_normal(ks[4], (F, E)),
-                  ln_g=jnp.ones(E), ln_b=jnp.zeros(E), head=_normal(ks[5], (E, V)))
+    params = {"wte": _normal(ks[0], (V, E)), "qkv": _normal(ks[1], (E, 3 * E)),
+                  "qkv_b": jnp.zeros((3 * E,)), "proj": _normal(ks[2], (E, E)),
+                  "fc": _normal(ks[3], (E, F)), "out": _normal(ks[4], (F, E)),
+                  "ln_g": jnp.ones(E), "ln_b": jnp.zeros(E), "head": _normal(ks[5], (E, V))}
 
     def layernorm(x, g, b):
         mu = x.mean(-1, keepdims=True)
