@@ -179,6 +179,7 @@ class CandidateCost:
     weight_bytes_per_chip: float  # resident weights (stored layout E_x F_yz, fully sharded)
     gathered_weight_bytes_per_chip: float  # transient buffer of one gathered layer (WG)
     kv_cache_bytes_per_chip: float
+    weight_bytes_read_per_chip: float  # weights streamed per step (weight_load_s's bytes)
     memory_bytes_per_chip: float  # weights + gathered buffer + KV cache
     fits: bool
     max_context: int  # longest KV length that fits the KV budget at this batch and layout
@@ -509,6 +510,7 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
         compute_s=compute_s, weight_load_s=weight_load_s, kv_load_s=kv_load_s, comm_s=comm_s,
         comm_total_s=comm_total_s, overhead_s=hw.step_overhead_s,
         weight_bytes_per_chip=weight_bytes, gathered_weight_bytes_per_chip=gathered_buffer,
+        weight_bytes_read_per_chip=streamed,
         kv_cache_bytes_per_chip=kv_bytes, memory_bytes_per_chip=memory, fits=fits,
         max_context=max_context, mfu=mfu, model_flops=model_flops,
         hardware_flops=hardware_flops, cost_per_token=n * step_s / work.tokens,

@@ -136,3 +136,123 @@ def _wire_fraction(kind: str, line: str) -> float:
     k = _group_size(line)
     share = (k - 1) / k if k > 1 else 0.0
     return 2 * share if kind == "all-reduce" else share
+
+
+# ---- memory traffic ---------------------------------------------------------------------------
+
+_FREE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all",
+         "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+_SLICING = {"slice", "dynamic-slice", "gather"}
+_IN_PLACE = {"dynamic-update-slice", "scatter"}
+
+
+def _operand_names(operands: str) -> list[str]:
+    """The instruction names an instruction's operand text lists, in order."""
+    args = operands.split("), ")[0] if "), " in operands else operands.rsplit(")", 1)[0]
+    return [a.strip().split(" ")[-1].lstrip("%") for a in args.split(",") if a.strip()]
+
+
+def _fusion_traffic(body: list, operand_bytes: list[int]) -> tuple[int, int]:
+    """(bytes read, bytes written) of one fusion: a parameter read only through slices counts
+    what the slices read; the array a root dynamic-update-slice or scatter updates in place is
+    not read, and only the update is written."""
+    types = {iname: result for _, result, _, _, iname in body}
+    users: dict[str, list] = defaultdict(list)
+    params: dict[int, str] = {}
+    root = None
+    for opcode, result, operands, line, iname in body:
+        if opcode == "parameter":
+            params[int(re.search(r"parameter\((\d+)\)", line).group(1))] = iname
+        for k, name in enumerate(_operand_names(operands)):
+            users[name].append((opcode, k, iname, result, operands))
+        if line.lstrip().startswith("ROOT"):
+            root = (opcode, iname, result, operands)
+    roots = [root]
+    if root is not None and root[0] == "tuple":
+        roots = [next(((o, n, r, a) for o, r, a, _, n in body if n == name), None)
+                 for name in _operand_names(root[3])]
+    in_place = {}  # parameter name -> bytes written into it
+    written = 0
+    for r in roots:
+        if r is None:
+            continue
+        opcode, iname, result, operands = r
+        names = _operand_names(operands)
+        if opcode in _IN_PLACE and names:
+            update = names[1] if opcode == "dynamic-update-slice" else names[-1]
+            nbytes = _shape_bytes(types.get(update, ""))
+            in_place[names[0]] = nbytes
+            written += nbytes
+        else:
+            written += _shape_bytes(result)
+    read = 0
+    for k, name in params.items():
+        full = operand_bytes[k] if k < len(operand_bytes) else _shape_bytes(types.get(name, ""))
+        uses = users.get(name, [])
+        if name in in_place and all(u[1] == 0 and u[0] in _IN_PLACE for u in uses):
+            continue
+        if uses and all(u[0] in _SLICING and u[1] == 0 for u in uses):
+            read += min(full, sum(_shape_bytes(u[3]) for u in uses))
+        else:
+            read += full
+    return read, written
+
+
+def memory_traffic(hlo: str) -> dict:
+    """Bytes one call of a compiled program reads and writes in memory, per device, from its
+    HLO text: every top-level instruction (and while bodies times their trip count) reads
+    its operands and writes its result; fusions count what they touch (slices only what they
+    slice, in-place updates only the update); bitcasts, tuples and parameters move nothing.
+    An upper bound on DRAM traffic (a value still in cache is counted again).
+
+    Returns {"read": bytes, "written": bytes, "total": read + written, "by_op": {name:
+    bytes}, "largest": [(bytes, instruction), ...] the ten largest}."""
+    comps, entry = _parse(hlo)
+    by_op: dict[str, int] = defaultdict(int)
+    largest: list[tuple[int, str]] = []
+    totals = {"read": 0, "written": 0}
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        if depth > 50 or name not in comps:
+            return
+        types = {iname: result for _, result, _, _, iname in comps[name]}
+        for opcode, result, operands, line, iname in comps[name]:
+            if opcode in _FREE:
+                continue
+            if opcode == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(trip.group(1)) if trip else 1
+                for key in ("body", "condition"):
+                    callee = re.search(key + r"=%?([\w.\-]+)", line)
+                    if callee:
+                        visit(callee.group(1), times * n, depth + 1)
+                continue
+            if opcode in ("call", "conditional"):
+                for callee in re.findall(r"(?:to_apply|true_computation|false_computation|"
+                                         r"branch_computations)=\{?%?([\w.\-]+)", line):
+                    visit(callee, times, depth + 1)
+                continue
+            operand_bytes = [_shape_bytes(types.get(a, "")) for a in _operand_names(operands)]
+            if opcode == "fusion":
+                callee = re.search(r"calls=%?([\w.\-]+)", line)
+                read, written = _fusion_traffic(comps.get(callee.group(1), []) if callee
+                                                else [], operand_bytes)
+            elif opcode in _IN_PLACE:
+                update = operand_bytes[1] if opcode == "dynamic-update-slice" else \
+                    operand_bytes[-1]
+                read, written = update, update
+            elif opcode in _SLICING:
+                read = written = _shape_bytes(result)
+            else:
+                read, written = sum(operand_bytes), _shape_bytes(result)
+            totals["read"] += read * times
+            totals["written"] += written * times
+            by_op[re.sub(r"\.\d+$", "", iname)] += (read + written) * times
+            largest.append(((read + written) * times, iname))
+
+    if entry is not None:
+        visit(entry, 1)
+    largest.sort(reverse=True)
+    return {"read": totals["read"], "written": totals["written"],
+            "total": totals["read"] + totals["written"], "by_op": dict(by_op),
+            "largest": largest[:10]}
