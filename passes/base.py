@@ -32,6 +32,7 @@ PASS_MODULES: dict[str, str] = {
     "quantize-int8": "meshwright.passes.quantize",
     "fuse-parallel-block": "meshwright.passes.fuse",
     "collective-einsum": "meshwright.passes.collective_einsum",
+    "weights-first": "meshwright.passes.weights_first",
 }
 
 

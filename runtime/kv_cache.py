@@ -177,6 +177,7 @@ class KVCache:
         self._window_dirty = False  # a decode step wrote into the window since it was loaded
         self._store_newer = False  # the store was written since the window was loaded
         self.events = 0  # window (re)loads: shape changes, joins, moves
+        self._shapes_seen: dict[tuple[int, int], Any] = {}
 
     @classmethod
     def for_model(cls, model, max_slots: int, max_len: int | None = None,
@@ -233,13 +234,21 @@ class KVCache:
         if self._window is None:
             raise RuntimeError("set_window without a window: call window(capacity, length)")
         capacity, length, _ = self._window
-        want = jax.tree.map(lambda s: s.shape, self.shapes(capacity, length))
+        want = self._shapes_of(capacity, length)
         got = jax.tree.map(lambda a: a.shape, cache)
         if want != got:
             raise ValueError(f"the step returned a cache of shapes {got}, the window is "
                              f"{want}")
         self._window = (capacity, length, cache)
         self._window_dirty = True
+
+    def _shapes_of(self, capacity: int, length: int):
+        """The window's array shapes at (capacity, length), computed once."""
+        key = (capacity, length)
+        if key not in self._shapes_seen:
+            self._shapes_seen[key] = jax.tree.map(lambda s: s.shape,
+                                                  self.shapes(capacity, length))
+        return self._shapes_seen[key]
 
     def flush(self) -> None:
         """Write the window's new tokens back into the store (no-op when there are none)."""

@@ -175,7 +175,7 @@ def test_padded_prefill_matches_the_unpadded_model(palm):
     stored = engine.kv.read(0)  # slot 0's K/V, every layer, max_len positions
     for got, want in zip(jax.tree.leaves(stored), jax.tree.leaves(cache)):  # (K, S, D), (1, ...)
         np.testing.assert_allclose(np.asarray(got)[:, :11], np.asarray(want)[0, :, :11],
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)  # weights-first: summed in another order
 
 
 def test_requests_admitted_together_are_prefilled_together(palm):
