@@ -105,7 +105,7 @@ def write_one_row(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax
     dynamic_update_slice, which it then fuses twice (once for the step's output, once for
     attention reading the row through a bitcast of its size-1 batch) and copies the whole
     cache around both; a two-update scatter stays one scatter, in place."""
-    B, K, S, D = cache.shape
+    B = cache.shape[0]
     rows = jnp.array([0, B], jnp.int32)  # row B does not exist: its update is dropped
     index = jnp.stack([rows, jnp.concatenate([positions, positions])], axis=1)  # (2, 2)
     update = jnp.concatenate([new, new]).astype(cache.dtype)  # (2, K, D)
