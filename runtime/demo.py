@@ -555,15 +555,18 @@ def _compile_table(engine) -> str:
 
 
 def _layouts_ran_text(ran: dict) -> str:
+    """'ws-1d/heads 144 steps (rows 1/2/4, KV 128/256), ...' for the decode buckets run."""
     by_layout: dict[str, list] = {}
     for key, r in ran.items():
         phase, shape = key.split(":")
         if phase == "decode" and r["steps"]:
-            by_layout.setdefault(r["layout"], []).append((int(shape.split("x")[0]),
-                                                          r["steps"]))
-    return ", ".join(f"{layout} {sum(n for _, n in rows)} steps (rows "
-                     f"{'/'.join(str(b) for b, _ in rows)})"
-                     for layout, rows in by_layout.items()) or "none"
+            rows, length = (int(n) for n in shape.split("x"))
+            by_layout.setdefault(r["layout"], []).append((rows, length, r["steps"]))
+    return ", ".join(
+        f"{layout} {sum(n for *_, n in runs)} steps (rows "
+        f"{'/'.join(str(b) for b in sorted({b for b, _, _ in runs}))}, KV "
+        f"{'/'.join(str(n) for n in sorted({n for _, n, _ in runs}))})"
+        for layout, runs in by_layout.items()) or "none"
 
 
 def _home_relative(path: str) -> str:
