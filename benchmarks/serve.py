@@ -23,6 +23,9 @@ Parts:
 - between: rates between static's and fused's capacity, 512 requests (static's queue grows).
 - sweep: Flover's sweep shape (32 requests of equal length, 32 slots, inter-arrival varied),
   speedup of fused over static and dynamic; drawn to docs/img/serve_sweep.png.
+- burst: time to first token when requests arrive together (Poisson at 1000/s, 8 slots) on a
+  Llama-shaped model (8 layers, E 512, 8 heads / 2 KV heads): the requests admitted in one
+  iteration prefilled together (the engine's default) against one prompt per prefill call.
 
 Timing: a virtual clock (measured compute time, idle gaps skipped); figures are medians of
 `--repeats` runs. This machine is shared and has 2 cores: expect +-20% run to run.
@@ -228,7 +231,35 @@ def sweep(model: str, intervals, repeats: int) -> dict:
     return result
 
 
-PARTS = ("policies", "between", "shuffle", "steps", "layouts", "roofline", "sweep")
+BURST_MODEL = ("llama-tiny", ("name=llama-e512", "n_layers=8", "d_model=512", "d_ff=1408",
+                               "n_heads=8", "n_kv_heads=2", "d_head=64", "vocab_size=1024"))
+
+
+def burst(requests: int, repeats: int) -> dict:
+    model, overrides = BURST_MODEL
+    rows = []
+    for label, kwargs in (("one prompt per call", {"prefill_rows": (1,)}),
+                          ("batched (default)", {})):
+        engine = bench.make_engine(model, overrides=overrides, max_slots=8, max_len=320,
+                                   progress=False, **kwargs)
+        m = bench.serve_bench(engine=engine, policy="fused", requests=requests, rate=1000.0,
+                              out_len=(16, 64), prompt_len=(16, 64), repeats=repeats,
+                              progress=False)
+        row = {"prefill": label, "prefill_rows": list(engine.prefill_rows),
+               "ttft_p50_s": m["ttft_s"]["p50"], "ttft_p99_s": m["ttft_s"]["p99"],
+               "latency_p50_s": m["latency_s"]["p50"],
+               "throughput_tokens_per_s": m["throughput_tokens_per_s"],
+               "prefill_calls": m["prefill_calls"], "prefills": m["prefills"]}
+        rows.append(row)
+        print(f"{label:<22} rows {row['prefill_rows']}: TTFT p50 "
+              f"{1e3 * row['ttft_p50_s']:.0f} ms, p99 {1e3 * row['ttft_p99_s']:.0f} ms; "
+              f"latency p50 {1e3 * row['latency_p50_s']:.0f} ms; "
+              f"{row['throughput_tokens_per_s']:.0f} tok/s; {row['prefills']} prompts in "
+              f"{row['prefill_calls']} prefill calls")
+    return {"model": f"{model} {' '.join(overrides)}", "requests": requests, "rows": rows}
+
+
+PARTS = ("policies", "between", "shuffle", "steps", "layouts", "roofline", "sweep", "burst")
 
 
 def main() -> dict:
@@ -294,6 +325,10 @@ def main() -> dict:
     if "steps" in parts:
         print("\n== decode step time per bucket ==")
         out["steps"] = step_costs(("palm-tiny", "gpt2-tiny"))
+        save()
+    if "burst" in parts and not mesh:
+        print("\n== time to first token under a burst: batched prefill vs one per call ==")
+        out["burst"] = burst(48 if not args.quick else 16, repeats)
         save()
     if "layouts" in parts:
         if not mesh:

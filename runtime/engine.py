@@ -277,8 +277,10 @@ class Engine:
     `weights_first` ("auto": on CPU) compiles the default steps after the `weights-first` pass
     (passes/weights_first.py): the weight matrices stored transposed, each the left operand
     of its matmul, which XLA:CPU multiplies by a few rows up to 1.4x faster; `engine.params`
-    then holds them so (converted once). See the module docstring for `compile_fn`,
-    `planner_fn`, `cache_sharding` and `mesh`.
+    then holds them so (converted once). `weights="int8"` compiles the default steps after
+    the `quantize-int8` pass instead (per-channel int8 weights, converted once; the paper's
+    decode setting). See the module docstring for `compile_fn`, `planner_fn`,
+    `cache_sharding` and `mesh`.
     """
 
     def __init__(self, model: Model | TransformerConfig | str, params: dict | None = None, *,
@@ -292,7 +294,7 @@ class Engine:
                  prefill_lengths: Sequence[int] | None = None, prefill_tokens: int = 4096,
                  clock: str | Clock = "wall", warmup: bool = True, progress: bool = True,
                  tokenizer: Any = None, unroll: bool = True,
-                 weights_first: bool | str = "auto") -> None:
+                 weights_first: bool | str = "auto", weights: str = "native") -> None:
         model = _as_model(model)
         cfg = model.config
         max_len = max_len or cfg.max_len
@@ -341,8 +343,15 @@ class Engine:
         if weights_first not in (True, False, "auto"):
             raise ValueError(f"weights_first must be True, False or 'auto', got "
                              f"{weights_first!r}")
-        # the weights-first pass on the default compile path (auto: on CPU, where it pays)
-        self._weights_first = compile_fn is None and (
+        if weights not in ("native", "int8"):
+            raise ValueError(f"weights must be 'native' or 'int8', got {weights!r}")
+        if weights == "int8" and compile_fn is not None:
+            raise ValueError("weights='int8' applies to the engine's own compile path; pass "
+                             "weights='int8' to whatever builds compile_fn instead (mw.shard)")
+        self.weights = weights
+        # the weights-first pass on the default compile path (auto: on CPU, where it pays);
+        # int8 weights are stored contracted-last by quantize-int8 itself
+        self._weights_first = compile_fn is None and weights == "native" and (
             weights_first is True or (weights_first == "auto"
                                       and jax.default_backend() == "cpu"))
         self._original_weights = None  # the weights' shapes as the model takes them
@@ -386,7 +395,10 @@ class Engine:
 
     def model_params(self) -> dict:
         """The weights as the model takes them (`engine.params` is how the compiled steps
-        take them: stored transposed where the weights-first pass converted them)."""
+        take them: stored transposed where the weights-first pass converted them). Not for
+        int8 weights (their float values are gone)."""
+        if self.weights == "int8":
+            raise ValueError("an int8 engine keeps only the quantized weights")
         if not self._weight_transforms:
             return self.params
         flat, tree = jax.tree.flatten(self.params)
@@ -416,26 +428,47 @@ class Engine:
         over `mesh`); on CPU (`weights_first`), of the function after the `weights-first`
         pass, which takes the weights stored transposed (converted once, on first use)."""
         fn = self.model.fn(phase)
-        if not self._weights_first:
+        if not self._weights_first and self.weights != "int8":
             return jax.jit(fn, donate_argnums=(2,))
         from meshwright.ir import trace
-        from meshwright.passes.weights_first import convert_arguments, weights_first
 
         structs = self._original_weights or jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
-        g = weights_first(trace(fn, *self._example_args(phase, bucket, structs)))
-        transforms = g.meta["load_transforms"]
+        g = trace(fn, *self._example_args(phase, bucket, structs))
+        if self.weights == "int8":
+            from meshwright.passes import PassManager, get_pass
+            from meshwright.passes.quantize import quantize_params
+
+            g = PassManager(["infer-axes", "find-blocks",
+                             get_pass("quantize-int8", positions=0)]).run(g)
+            report = g.meta["quantize-int8"]
+            converted = [(w.index, w.reduce_axes, w.layout) for w in report.weights]
+
+            def convert(params):
+                return quantize_params(g, params)
+
+            note = (f"int8 weights: {len(converted)} weight matrices quantized per output "
+                    "channel (the quantize-int8 pass), int8 x int8 matmuls")
+        else:
+            from meshwright.passes.weights_first import convert_arguments, weights_first
+
+            g = weights_first(g)
+            converted = g.meta["load_transforms"]
+
+            def convert(params):
+                return convert_arguments(g, (params,))[0]
+
+            note = (f"{len(g.meta['weights-first'])} weight matrices stored transposed, each "
+                    "the left operand of its matmul (the weights-first pass: XLA:CPU's fast "
+                    "orientation for a few rows)")
         if self._original_weights is None:  # the first bucket: convert the weights once
-            self.params = convert_arguments(g, (self.params,))[0]
-            self._original_weights, self._weight_transforms = structs, transforms
-            n = len(g.meta["weights-first"])
-            self.notes.append(f"{n} weight matrices stored transposed, each the left operand "
-                              "of its matmul (the weights-first pass: XLA:CPU's fast "
-                              "orientation for a few rows)")
-        elif transforms != self._weight_transforms:
-            raise RuntimeError(f"{phase} {bucket.batch}x{bucket.length}: the weights-first "
-                               "pass converted other weights than for the first bucket; "
-                               "build the engine with weights_first=False")
+            self.params = convert(self.params)
+            self._original_weights, self._weight_transforms = structs, converted
+            self.notes.append(note)
+        elif converted != self._weight_transforms:
+            raise RuntimeError(f"{phase} {bucket.batch}x{bucket.length}: the pass converted "
+                               "other weights than for the first bucket; build the engine with "
+                               "weights_first=False and weights='native'")
         return jax.jit(g.as_function(), donate_argnums=(2,))
 
     def compile_all(self, progress: bool = True) -> None:

@@ -142,8 +142,9 @@ def summarize(results: Sequence[Result], *, policy: str, elapsed_s: float, stats
         out["layout_switches"] = stats.layout_switches
         out["decode_steps"] = stats.decode_steps
         out["prefills"] = stats.prefills
+        out["prefill_calls"] = stats.prefill_calls  # batched: several prompts per call
         out["kv_moves"] = stats.moves
-        out["kv_resizes"] = stats.resizes
+        out["kv_resizes"] = stats.resizes  # KV window (re)loads
         out["engine_seconds"] = {k: round(v, 4) for k, v in sorted(stats.seconds.items())}
     if layouts is not None:
         out["layouts"] = {f"{phase}:{b.batch}x{b.length}": layout

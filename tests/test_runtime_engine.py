@@ -396,3 +396,30 @@ def test_engine_arguments_are_checked():
     gpt2 = build(get_config("gpt2-tiny"))
     with pytest.raises(ValueError, match="learned position embeddings"):
         Engine(gpt2, gpt2.init_params(jax.random.PRNGKey(0)), max_len=256, warmup=False)
+
+
+def test_int8_weights_serve_within_the_stated_bound():
+    """`weights="int8"`: the steps compiled after quantize-int8 (weights converted once, int8
+    values in engine.params); a prefill's logits within the pass's stated error bound of the
+    float model's (max |error| <= 0.15 std of the logits)."""
+    from meshwright.passes.quantize import Int8Weight
+
+    model = build(get_config("llama-tiny").replace(max_len=32))
+    params = model.init_params(jax.random.PRNGKey(0))  # the init the bound is stated for
+    engine = Engine(model, params, max_slots=2, kv_lengths=(32,), prefill_rows=(1,),
+                    prefill_lengths=(32,), weights="int8", progress=False)
+    assert any("int8" in note for note in engine.notes)
+    leaves = jax.tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    quantized = [w for w in leaves if isinstance(w, Int8Weight)]
+    assert len(quantized) == 7 * model.config.n_layers
+    assert all(w.values.dtype == jnp.int8 for w in quantized)
+    prompt = np.array([[5, 9, 2, 7, 1, 3] + [0] * 26], np.int32)
+    last = np.array([5], np.int32)
+    step = engine._step_fn("prefill", Bucket(1, 32))
+    got, _ = step(engine.params, prompt, model.init_cache(1, 32), last)
+    want = model.logits(params, jnp.asarray(prompt))[0, 5]
+    assert float(jnp.abs(got[0] - want).max()) <= 0.15 * float(want.std())
+    results = engine.generate([[1, 2, 3], [4, 5]], max_tokens=5)
+    assert [len(r.tokens) for r in results] == [5, 5]
+    with pytest.raises(ValueError, match="only the quantized weights"):
+        engine.model_params()
