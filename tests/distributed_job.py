@@ -119,6 +119,8 @@ def run_kill(result: dict) -> None:
                               out_specs=P()))
     x = mw.distributed.put(np.ones(jax.device_count(), np.float32),
                            NamedSharding(mesh, P("x")))
+    f.lower(x).compile()  # compiled before the guarded steps: on a loaded machine compiling
+    #                       alone can take longer than the guard's timeout
     for i in range(10**6):
         with mw.distributed.guard(f"kill-test step {i}"):
             jax.block_until_ready(f(x))
