@@ -119,8 +119,9 @@ def run_kill(result: dict) -> None:
                               out_specs=P()))
     x = mw.distributed.put(np.ones(jax.device_count(), np.float32),
                            NamedSharding(mesh, P("x")))
-    f.lower(x).compile()  # compiled before the guarded steps: on a loaded machine compiling
-    #                       alone can take longer than the guard's timeout
+    # compiled and run once before the guarded steps: on a loaded machine one process can
+    # reach its first collective seconds after the other (the guard measures the wait)
+    jax.block_until_ready(f(x))
     for i in range(10**6):
         with mw.distributed.guard(f"kill-test step {i}"):
             jax.block_until_ready(f(x))
