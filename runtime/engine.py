@@ -74,7 +74,13 @@ from meshwright.models import Model, TransformerConfig, build, get_config, unrol
 from meshwright.runtime.kv_cache import KVCache, ShardingFn, kv_lengths_for
 from meshwright.runtime.request import Request, Result, SamplingParams
 from meshwright.runtime.sampling import greedy, sample_tokens
-from meshwright.runtime.scheduler import Prefill, Scheduler, SchedulerOutput, bucket_sizes
+from meshwright.runtime.scheduler import (
+    Prefill,
+    Scheduler,
+    SchedulerOutput,
+    bucket_sizes,
+    doubling,
+)
 
 
 class Bucket(NamedTuple):
@@ -236,11 +242,7 @@ def prefill_lengths_for(max_len: int, smallest: int = 8) -> tuple[int, ...]:
     >>> prefill_lengths_for(64), prefill_lengths_for(320)
     ((8, 16, 32, 64), (8, 16, 32, 64, 128, 256, 320))
     """
-    lengths, n = [], smallest
-    while n < max_len:
-        lengths.append(n)
-        n *= 2
-    return (*lengths, max_len)
+    return doubling(smallest, max_len)
 
 
 def engine_buckets(max_slots: int, kv_lengths: Sequence[int], prefill_rows: Sequence[int],

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
-from meshwright.runtime.scheduler import bucket_for, bucket_sizes
+from meshwright.runtime.scheduler import bucket_for, bucket_sizes, doubling
 
 ShardingFn = Callable[[int, int], Any]  # (capacity, length) -> Sharding, tree of them, or None
 
@@ -59,11 +59,7 @@ def kv_lengths_for(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     >>> kv_lengths_for(64), kv_lengths_for(1024), kv_lengths_for(300)
     ((64,), (64, 128, 256, 512, 1024), (64, 128, 256, 300))
     """
-    lengths, n = [], smallest
-    while n < max_len:
-        lengths.append(n)
-        n *= 2
-    return (*lengths, max_len)
+    return doubling(smallest, max_len)
 
 
 def _index(axes, slot_index, length_stop: int | None = None) -> tuple:

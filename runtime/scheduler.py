@@ -46,6 +46,20 @@ POLICIES = ("fused", "static", "dynamic")
 # Buckets and the memory shuffle
 
 
+def doubling(start: int, limit: int) -> tuple[int, ...]:
+    """start, 2 start, 4 start, ... below `limit`, then `limit`: the sizes every kind of bucket
+    is compiled for (rows, KV window lengths, prompt lengths).
+
+    >>> doubling(1, 8), doubling(8, 20), doubling(64, 64)
+    ((1, 2, 4, 8), (8, 16, 20), (64,))
+    """
+    sizes, n = [], start
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, limit)
+
+
 def bucket_sizes(max_slots: int) -> tuple[int, ...]:
     """Batch sizes steps are compiled for: powers of two below max_slots, then max_slots.
 
@@ -54,11 +68,7 @@ def bucket_sizes(max_slots: int) -> tuple[int, ...]:
     """
     if max_slots < 1:
         raise ValueError(f"max_slots must be >= 1, got {max_slots}")
-    sizes, b = [], 1
-    while b < max_slots:
-        sizes.append(b)
-        b *= 2
-    return (*sizes, max_slots)
+    return doubling(1, max_slots)
 
 
 def bucket_for(rows: int, max_slots: int) -> int:
