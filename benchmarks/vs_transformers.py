@@ -308,6 +308,10 @@ def run_row(row: Row, directory: Path, hf_model, args, bw: float, rate: float) -
 
     runs = {"meshwright": lambda e=engine: meshwright_generate(e, prompts, n),
             "transformers": lambda: transformers_generate(hf_model, prompts, n)}
+    if args.int8:  # the same checkpoint with int8 weights (the paper's decode setting)
+        int8 = Engine(build(config), params, max_slots=b, max_len=max_len, progress=False,
+                      weights="int8")
+        runs["meshwright-int8"] = lambda e=int8: meshwright_generate(e, prompts, n)
     first: dict[str, float] = {}  # the first call's seconds: whatever compiles on first use
     for _ in range(args.warmup):
         for name, fn in runs.items():
@@ -322,6 +326,8 @@ def run_row(row: Row, directory: Path, hf_model, args, bw: float, rate: float) -
             tokens[name] = fn()
             times[name].append(time.perf_counter() - s)
     del runs, engine, params  # free this row's KV cache and weights before the next row
+    if args.int8:
+        del int8
 
     shape = shape_of(hf_model)
     step = roofline(shape, b, t + (n - 1) / 2, 1, bw, rate)
@@ -346,6 +352,17 @@ def run_row(row: Row, directory: Path, hf_model, args, bw: float, rate: float) -
                      "step_s": med / n, "fraction_of_roofline": step["seconds"] / (med / n),
                      "first_call_s": first.get(name)}
     out["ratio"] = out["meshwright"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    if args.int8:
+        q = tokens["meshwright-int8"] == tokens["meshwright"]
+        out["int8"] = {"ratio": out["meshwright-int8"]["tokens_per_s"]
+                       / out["transformers"]["tokens_per_s"],
+                       "vs_float32": out["meshwright-int8"]["tokens_per_s"]
+                       / out["meshwright"]["tokens_per_s"],
+                       "equal_token_share": float(q.mean()),
+                       "rows_identical": int(q.all(axis=1).sum()),
+                       # greedy rows diverge for good after their first different token
+                       "equal_before_first_difference": float(np.mean(
+                           [np.argmin(r) if not r.all() else len(r) for r in q]) / n)}
     if row.issue:
         out["issue"] = {**row.issue, "ratio": row.issue["meshwright_tok_s"]
                         / row.issue["transformers_tok_s"]}
@@ -389,7 +406,12 @@ def format_row(r: dict) -> str:
             f"{hf['step_s'] * 1e3:9.2f} {r['roofline_step_s'] * 1e3:8.2f} "
             f"{r['roofline_bound'][:3]:>6} {mw['step_s'] / r['roofline_step_s']:6.1f}x "
             f"{hf['step_s'] / r['roofline_step_s']:6.1f}x {r['equal_token_share']:6.0%} "
-            f"{r['meshwright_load_s'] + r['meshwright_compile_s']:10.1f}")
+            f"{r['meshwright_load_s'] + r['meshwright_compile_s']:10.1f}"
+            + (f"   int8 {r['meshwright-int8']['tokens_per_s']:7.1f} tok/s "
+               f"{r['int8']['ratio']:5.2f}x hf, {r['int8']['vs_float32']:4.2f}x fp32, "
+               f"{r['int8']['equal_token_share']:4.0%} tokens as fp32 "
+               f"({r['int8']['rows_identical']}/{r['batch']} rows identical)"
+               if "int8" in r else ""))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -415,6 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, help="size of the matmul probe (default 2048)")
     p.add_argument("--out", help=f"JSON output (default {RESULTS.parent.name}/{RESULTS.name}; "
                    "with --quick none unless given)")
+    p.add_argument("--int8", action="store_true",
+                   help="also meshwright with int8 weights (Engine(weights='int8')): tokens/s "
+                        "and the share of greedy tokens equal to float32")
     p.add_argument("--quick", action="store_true", help="smoke run: gpt2-tiny and llama-tiny, "
                    "batch 1 and 2, 8 new tokens, one repeat, small probes, no JSON")
     args = p.parse_args(argv)
