@@ -690,19 +690,28 @@ class Engine:
         return sampled
 
     def prefill_groups(self, prefills: Sequence[Prefill]) -> list[tuple[Bucket, list[Prefill]]]:
-        """How one iteration's admitted requests are prefilled: shortest prompts first, as
-        many per call as the rows buckets and `prefill_tokens` allow, each call at the
-        smallest (rows, padded length) bucket that holds it."""
+        """How one iteration's admitted requests are prefilled: shortest prompts first, each
+        call at the smallest (rows, padded length) bucket that holds it. The next prompt joins
+        the call while a bucket holds it (rows buckets, `prefill_tokens`) and its padded
+        length is at most twice the call's shortest prompt's: no prompt is padded to more
+        than twice its bucket, and prompts of like length share a call.
+
+            >>> [(b.batch, b.length, len(g)) for b, g in engine.prefill_groups(admitted)]
+            [(4, 8, 3), (1, 32, 1)]              # prompts of 5, 6, 7 and 30 tokens
+        """
         todo = sorted(prefills, key=lambda p: len(p.prompt))
         groups: list[tuple[Bucket, list[Prefill]]] = []
         while todo:
             group = [todo.pop(0)]
-            while todo and len(group) < self.prefill_rows[-1]:
-                bucket = self._prefill_bucket(len(group) + 1, len(todo[0].prompt))
-                if bucket is None:
+            bucket = self._prefill_bucket(1, len(group[0].prompt))
+            shortest = bucket.length
+            while todo:
+                joined = self._prefill_bucket(len(group) + 1, len(todo[0].prompt))
+                if joined is None or joined.length > 2 * shortest:
                     break
                 group.append(todo.pop(0))
-            groups.append((self._prefill_bucket(len(group), len(group[-1].prompt)), group))
+                bucket = joined
+            groups.append((bucket, group))
         return groups
 
     def _prefill_bucket(self, rows: int, longest: int) -> Bucket | None:
