@@ -282,8 +282,13 @@ def _run_calibrate(args) -> int:
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=("serve",), help="what to benchmark: serve (the runtime)")
     p.add_argument("--model", default="palm-tiny", help="model preset (default: %(default)s)")
-    p.add_argument("--checkpoint", metavar="DIR",
-                   help="serve a Hugging Face checkpoint directory instead of a preset")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="serve a Hugging Face checkpoint directory instead of a preset")
+    source.add_argument("--model-fn", metavar="MODULE:FACTORY",
+                        help="serve your own model: FACTORY() in MODULE returns (model, "
+                             "params), the model from meshwright.models.from_functions "
+                             "(see docs/serving.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
@@ -332,12 +337,16 @@ def _run_bench(args) -> int:
         ensure_host_devices(args.devices)
     from meshwright.runtime import bench
 
+    if args.model_fn and args.set:
+        raise ValueError("--set overrides a preset's config; a --model-fn model is built by "
+                         "its factory (change it there)")
     lo, hi = args.out_len
     max_len = args.max_len or max(64, -(-(hi + args.prompt_len[1]) // 64) * 64)
     progress = not (args.no_progress or args.json)
     engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=max_len,
                                overrides=args.set, seed=args.seed, progress=progress,
-                               checkpoint=args.checkpoint, devices=args.devices,
+                               checkpoint=args.checkpoint, model_fn=args.model_fn,
+                               devices=args.devices,
                                hardware=args.hardware,
                                share_weights=not args.no_share_weights)
     if args.sweep:

@@ -73,10 +73,34 @@ class Model:
         scan_layers). See `meshwright.models.cache`."""
         return init_cache(self.config, batch, length)
 
-    def cache_axes(self) -> dict:
+    def cache_shapes(self, batch: int, length: int | None = None) -> dict:
+        """The cache `init_cache(batch, length)` makes, as `jax.ShapeDtypeStruct`s."""
+        return cache_shapes(self.config, batch, length)
+
+    def cache_axes(self, params: dict | None = None) -> dict:
         """A tree like the cache whose leaves say which axis holds the sequences (slot) and
-        which the positions (length): how the serving engine resizes, moves and writes it."""
+        which the positions (length): how the serving engine resizes, moves and writes it.
+        Declared, not traced (`params` is unused): a test checks that infer-axes reads the
+        same axes off `decode_step`, as it does for a model served from functions."""
         return cache_axes(self.config)
+
+    # the served-model protocol the engine reads (a `models.functions.FunctionModel` too)
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_len(self) -> int:
+        return self.config.max_len
+
+    prefill_takes_last = True  # prefill(params, tokens, cache, last) -> logits (B, V)
+
+    def check(self, params: dict) -> None:
+        """The reference models follow the engine's contract by construction."""
 
     def prefill(self, params: dict, tokens: jax.Array, cache: dict,
                 last: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -30,16 +30,23 @@ POLICIES = ("fused", "static", "dynamic")
 def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | None = None,
                 overrides: Sequence[str] = (), seed: int = 0, progress: bool = True,
                 checkpoint: str | None = None, devices: int = 1, hardware: str = "cpu",
-                share_weights: bool = True, **engine_kwargs) -> Engine:
+                share_weights: bool = True, model_fn: str | None = None,
+                **engine_kwargs) -> Engine:
     """An engine for a preset (with `key=value` overrides), random weights from `seed`; or for
-    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer).
+    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer); or for
+    the user's own model, `model_fn="package.module:factory"` with factory() -> (model,
+    params) (`models.functions.load_model_fn`).
 
     `devices` > 1: every bucket `mw.shard`-compiled on that many devices in the layout the
     planner (with the `hardware` profile) picks for it, weights placed once
     (`layouts.sharded_engine`; on CPU the simulated devices must exist before JAX starts:
     XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
     tokenizer = None
-    if checkpoint is not None:
+    if model_fn is not None:
+        from meshwright.models.functions import load_model_fn
+
+        m, params = load_model_fn(model_fn)
+    elif checkpoint is not None:
         from meshwright.models.hf import from_pretrained, load_tokenizer
 
         cfg, params = from_pretrained(checkpoint, max_len=max_len)
@@ -61,7 +68,7 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
                              "before JAX starts")
         return sharded_engine(m, params, available[:devices], hardware=hardware,
                               share_weights=share_weights, max_slots=max_slots,
-                              max_len=max_len or m.config.max_len, progress=progress,
+                              max_len=max_len or m.max_len, progress=progress,
                               tokenizer=tokenizer, **engine_kwargs)
     return Engine(m, params, max_slots=max_slots, max_len=max_len, progress=progress,
                   tokenizer=tokenizer, **engine_kwargs)
@@ -96,16 +103,15 @@ def serve_bench(model: str = "palm-tiny", *, policy: str = "fused", requests: in
     if engine is None:
         engine = make_engine(model, max_slots=max_slots, max_len=max_len, overrides=overrides,
                              seed=seed, progress=progress)
-    cfg = engine.config
     workload = make_workload(requests, rate=rate, interval=interval, out_len=out_len,
-                             prompt_len=prompt_len, vocab_size=cfg.vocab_size,
+                             prompt_len=prompt_len, vocab_size=engine.vocab_size,
                              max_len=engine.max_len, seed=seed, trace=trace)
     engine.set_policy(policy, shuffle=shuffle, window_s=window_s)
     runs = [engine.serve(workload, clock=clock, progress=progress).metrics
             for _ in range(repeats)]
     engine.set_policy("fused")
     out = _median_metrics(runs) if repeats > 1 else runs[0]
-    out.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
+    out.update(model=engine.name, workload=workload.description, max_slots=engine.max_slots,
                max_len=engine.max_len, window_s=window_s if policy == "dynamic" else None,
                clock=clock, **layout_info(engine))
     return out
@@ -128,9 +134,8 @@ def compare(engine: Engine, variants: dict[str, dict], *, repeats: int = 3,
     "static": {"policy": "static"}}, with the runs interleaved (repeat 1 of every variant,
     then repeat 2, each round in a rotated order) so that load from other processes hits
     every variant alike; field-wise medians per variant."""
-    cfg = engine.config
     workload = make_workload(requests, rate=rate, interval=interval, out_len=out_len,
-                             prompt_len=prompt_len, vocab_size=cfg.vocab_size,
+                             prompt_len=prompt_len, vocab_size=engine.vocab_size,
                              max_len=engine.max_len, seed=seed)
     runs: dict[str, list[dict]] = {label: [] for label in variants}
     labels = list(variants)
@@ -144,7 +149,7 @@ def compare(engine: Engine, variants: dict[str, dict], *, repeats: int = 3,
     out = {}
     for label, results in runs.items():
         m = _median_metrics(results) if repeats > 1 else results[0]
-        m.update(model=cfg.name, workload=workload.description, max_slots=engine.max_slots,
+        m.update(model=engine.name, workload=workload.description, max_slots=engine.max_slots,
                  max_len=engine.max_len, clock=clock, **layout_info(engine))
         out[label] = m
     return out
@@ -186,7 +191,7 @@ def sweep(model: str = "palm-tiny", *, intervals: Sequence[float] = (0.001, 0.00
                 row[f"p50_speedup_vs_{p}"] = statistics.median(
                     run[p]["latency_p50_s"] / run["fused"]["latency_p50_s"] for run in per_seed)
         rows.append(row)
-    return {"model": engine.config.name, "requests": requests, "out_len": list(out_len),
+    return {"model": engine.name, "requests": requests, "out_len": list(out_len),
             "max_slots": engine.max_slots, "max_len": engine.max_len, "window_s": window_s,
             "repeats": repeats, "rows": rows}
 

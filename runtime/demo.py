@@ -285,24 +285,28 @@ class ShardedEngine:
 # Serving
 
 
-def greedy_reference(config, params, prompt: Sequence[int], max_tokens: int,
+def greedy_reference(model, params, prompt: Sequence[int], max_tokens: int,
                      stop_tokens: Sequence[int] = (), max_len: int | None = None) -> list[int]:
     """Greedy decoding of one prompt on one device, unsharded: jitted prefill, then
-    decode_step at batch 1 -- the numerics oracle for the sharded engine."""
+    decode_step at batch 1 -- the numerics oracle for the engine. `model`: a
+    TransformerConfig, a Model, or a model served from functions (run with its own
+    functions)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from meshwright.models import build
+    from meshwright.models import TransformerConfig, build
 
-    model = build(config)
-    max_len = max_len or config.max_len
+    if isinstance(model, TransformerConfig):
+        model = build(model)
+    max_len = max_len or model.max_len
     cache = model.init_cache(1, max_len)
     T = len(prompt)
     padded = np.zeros((1, max_len), np.int32)  # one compiled prompt shape
     padded[0, :T] = prompt
-    logits, cache = jax.jit(model.prefill)(params, padded, cache)
+    logits, cache = jax.jit(model.prefill)(params, padded, cache,
+                                           np.array([T - 1], np.int32))  # (1, V) at T-1
     decode = jax.jit(model.decode_step)
-    token = int(jnp.argmax(logits[0, T - 1]))
+    token = int(jnp.argmax(logits[0]))
     out = [token]
     while len(out) < max_tokens and token not in stop_tokens:
         logits, cache = decode(params, np.array([token], np.int32), cache,

@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from meshwright.models import Model, TransformerConfig, build, get_config, unroll_layers
+from meshwright.models.functions import FunctionModel
 from meshwright.runtime.kv_cache import KVCache, ShardingFn, kv_lengths_for
 from meshwright.runtime.request import Request, Result, SamplingParams
 from meshwright.runtime.sampling import greedy, sample_tokens
@@ -266,9 +267,12 @@ def engine_buckets(max_slots: int, kv_lengths: Sequence[int], prefill_rows: Sequ
 class Engine:
     """Serve a model with iteration-level scheduling (Flover temporal fusion) or a baseline.
 
-    `model` is a Model, a TransformerConfig or a preset name; `params` default to
-    `model.init_params(PRNGKey(0))`. `max_len` (default: the config's) is the KV length of a
-    slot: prompt + max_tokens must fit in it. `policy` is "fused", "static" or "dynamic"
+    `model` is a Model, a TransformerConfig, a preset name, or a model served from the user's
+    own functions (`models.from_functions`: its contract is checked here, its cache's axes
+    found by tracing its decode step, and a breach refused with a `ModelContractError`);
+    `params` default to `model.init_params(PRNGKey(0))` (a model from functions needs them).
+    `max_len` (default: the model's) is the KV length of a slot: prompt + max_tokens must fit
+    in it. `policy` is "fused", "static" or "dynamic"
     (`window_s` is dynamic batching's window); `shuffle=False` turns the memory shuffle off.
     Buckets (see the module docstring): `kv_lengths` (decode KV windows, default
     `kv_cache.kv_lengths_for(max_len)`), `prefill_rows` (default 1, 2, 4, 8, up to
@@ -285,7 +289,8 @@ class Engine:
     `cache_sharding` and `mesh`.
     """
 
-    def __init__(self, model: Model | TransformerConfig | str, params: dict | None = None, *,
+    def __init__(self, model: Model | FunctionModel | TransformerConfig | str,
+                 params: Any = None, *,
                  mesh: jax.sharding.Mesh | None = None, max_slots: int = 8,
                  max_len: int | None = None, policy: str = "fused", shuffle: bool = True,
                  window_s: float = 0.01, max_queue: int = 1024,
@@ -298,26 +303,24 @@ class Engine:
                  tokenizer: Any = None, unroll: bool = True,
                  weights_first: bool | str = "auto", weights: str = "native") -> None:
         model = _as_model(model)
-        cfg = model.config
-        max_len = max_len or cfg.max_len
-        if max_len > cfg.max_len:  # RoPE models run longer; learned positions need params
-            if cfg.positions == "learned" and params is not None:
-                raise ValueError(
-                    f"max_len={max_len} exceeds {cfg.name}'s max_len={cfg.max_len}, and its "
-                    "learned position embeddings only cover that many positions; pass "
-                    "params for a config with a larger max_len, or a smaller max_len")
-            model = build(cfg.replace(max_len=max_len))
-            cfg = model.config
-        if params is None:
-            params = model.init_params(jax.random.PRNGKey(0))
         self.notes: list[str] = []  # what runs otherwise than given, and why
-        if unroll and cfg.scan_layers:
-            model, params = unroll_layers(model, params)
-            cfg = model.config
-            self.notes.append(f"layers served as a Python loop, not a scan ({cfg.n_layers} "
-                              "layers): inside a scan XLA copies every layer's weights and "
-                              "KV cache out of the stacked arrays at every step")
-        self.model, self.config, self.max_len, self.max_slots = model, cfg, max_len, max_slots
+        if isinstance(model, Model):
+            model, params, max_len = self._reference_model(model, params, max_len, unroll)
+        else:  # served from the user's functions (models.from_functions)
+            if params is None:
+                raise ValueError(f"{model.name}: a model served from functions needs its "
+                                 "params: Engine(model, params, ...)")
+            max_len = max_len or model.max_len
+            if max_len is None:
+                raise ValueError(f"{model.name}: no max_len: pass Engine(..., max_len=N) or "
+                                 "from_functions(..., max_len=N)")
+            if model.max_len is not None and max_len > model.max_len:
+                raise ValueError(f"max_len={max_len} exceeds {model.name}'s "
+                                 f"max_len={model.max_len}")
+            model.check(params)  # refuses a function that breaks the contract, by rule
+        self.model, self.max_len, self.max_slots = model, max_len, max_slots
+        self.config = model.config  # a TransformerConfig; None for a model from functions
+        self.name, self.vocab_size = model.name, model.vocab_size
         self.mesh = mesh
         # text in, text out: a `tokenizers.Tokenizer` (models.load_tokenizer) or anything with
         # encode(str) -> ids (or an object with .ids) and decode(ids) -> str
@@ -340,7 +343,8 @@ class Engine:
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
-        self.kv = KVCache.for_model(model, max_slots, max_len, sharding=cache_sharding)
+        self.kv = KVCache.for_model(model, max_slots, max_len, params=params,
+                                    sharding=cache_sharding)
         self.compile_fn = compile_fn or self.default_compile_fn
         if weights_first not in (True, False, "auto"):
             raise ValueError(f"weights_first must be True, False or 'auto', got "
@@ -381,6 +385,28 @@ class Engine:
         if warmup:
             self.compile_all(progress=progress)
 
+    def _reference_model(self, model: Model, params: dict | None, max_len: int | None,
+                         unroll: bool) -> tuple[Model, dict, int]:
+        """A reference model at the engine's max_len, with params, its scan unrolled."""
+        cfg = model.config
+        max_len = max_len or cfg.max_len
+        if max_len > cfg.max_len:  # RoPE models run longer; learned positions need params
+            if cfg.positions == "learned" and params is not None:
+                raise ValueError(
+                    f"max_len={max_len} exceeds {cfg.name}'s max_len={cfg.max_len}, and its "
+                    "learned position embeddings only cover that many positions; pass "
+                    "params for a config with a larger max_len, or a smaller max_len")
+            model = build(cfg.replace(max_len=max_len))
+            cfg = model.config
+        if params is None:
+            params = model.init_params(jax.random.PRNGKey(0))
+        if unroll and cfg.scan_layers:
+            model, params = unroll_layers(model, params)
+            self.notes.append(f"layers served as a Python loop, not a scan ({cfg.n_layers} "
+                              "layers): inside a scan XLA copies every layer's weights and "
+                              "KV cache out of the stacked arrays at every step")
+        return model, params, max_len
+
     # ---- configuration --------------------------------------------------------------------
     def set_policy(self, policy: str, *, shuffle: bool = True, window_s: float | None = None,
                    max_queue: int | None = None) -> None:
@@ -393,7 +419,7 @@ class Engine:
             self.max_slots,
             max_queue if max_queue is not None else old.max_queue,
             policy, window_s if window_s is not None else old.window_s, shuffle=shuffle,
-            max_len=self.max_len, vocab_size=self.config.vocab_size)
+            max_len=self.max_len, vocab_size=self.vocab_size)
 
     def model_params(self) -> dict:
         """The weights as the model takes them (`engine.params` is how the compiled steps
@@ -480,7 +506,7 @@ class Engine:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(todo, desc=f"compiling {self.config.name}", unit="bucket", leave=False)
+            bar = tqdm(todo, desc=f"compiling {self.name}", unit="bucket", leave=False)
         t0 = time.perf_counter()
         for phase, bucket in bar if bar is not None else todo:
             if bar is not None:
@@ -873,12 +899,12 @@ def _hashable(tree) -> Any:
     return treedef, tuple(leaves)
 
 
-def _as_model(model: Model | TransformerConfig | str) -> Model:
-    if isinstance(model, Model):
+def _as_model(model: Model | FunctionModel | TransformerConfig | str) -> Model | FunctionModel:
+    if isinstance(model, (Model, FunctionModel)):
         return model
     if isinstance(model, str):
         model = get_config(model)
     if isinstance(model, TransformerConfig):
         return build(model)
-    raise TypeError(f"model must be a Model, a TransformerConfig or a preset name, "
-                    f"got {type(model).__name__}")
+    raise TypeError(f"model must be a Model, a model from functions (models.from_functions), "
+                    f"a TransformerConfig or a preset name, got {type(model).__name__}")

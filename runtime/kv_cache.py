@@ -176,14 +176,13 @@ class KVCache:
         self._shapes_seen: dict[tuple[int, int], Any] = {}
 
     @classmethod
-    def for_model(cls, model, max_slots: int, max_len: int | None = None,
-                  **kwargs) -> KVCache:
-        """A cache shaped as `model` lays it out (`max_len` defaults to the config's)."""
-        from meshwright.models.cache import cache_shapes
-
-        config = model.config
-        return cls(functools.partial(cache_shapes, config), model.cache_axes(), max_slots,
-                   max_len or config.max_len, **kwargs)
+    def for_model(cls, model, max_slots: int, max_len: int | None = None, *,
+                  params: Any = None, **kwargs) -> KVCache:
+        """A cache shaped as `model` lays it out (`model.cache_shapes`, `model.cache_axes`:
+        a reference Model or one served from functions, whose axes are found by tracing its
+        decode step with `params`); `max_len` defaults to the model's."""
+        return cls(model.cache_shapes, model.cache_axes(params), max_slots,
+                   max_len or model.max_len, **kwargs)
 
     # ---- placement --------------------------------------------------------------------------
     def sharding_for(self, capacity: int, length: int):

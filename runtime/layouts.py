@@ -373,8 +373,7 @@ class ShardedCompiler:
         step = mw.shard(self.model.fn(phase), mesh=mesh, phase=phase, hardware=self.hardware,
                         force={"ffn": c.ffn, "attention": c.attention, "mesh": c.mesh},
                         donate_argnums=(2,))
-        args = example_args(self.model.config, self.params, phase, bucket.batch,
-                            bucket.length)
+        args = example_args(self.model, self.params, phase, bucket.batch, bucket.length)
         t0 = time.perf_counter()
         compiled = step.compiled(*args)
         seconds = time.perf_counter() - t0
@@ -384,15 +383,18 @@ class ShardedCompiler:
         return CompiledStep(compiled, args, c.name, c.why, seconds)
 
 
-def example_args(config, params, phase: str, batch: int, length: int) -> tuple:
+def example_args(model, params, phase: str, batch: int, length: int) -> tuple:
     """Zero arguments (and the real weights) of the engine's step at one bucket (what
     `compile_fn` serves): decode (params, tokens (batch,), cache of `length` positions,
     positions (batch,)); prefill (params, tokens (batch, length), cache of `length`
-    positions, last (batch,))."""
+    positions, last (batch,)). `model`: a Model, a model from functions, or a
+    TransformerConfig."""
     import jax.numpy as jnp
-    from meshwright.models.cache import init_cache
+    from meshwright.models import TransformerConfig, build
 
-    cache = init_cache(config, batch, length)
+    if isinstance(model, TransformerConfig):
+        model = build(model)
+    cache = model.init_cache(batch, length)
     rows = jnp.zeros((batch,), jnp.int32)
     if phase == "prefill":
         return params, jnp.zeros((batch, length), jnp.int32), cache, rows
@@ -410,15 +412,20 @@ def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "c
     (`engine.weight_copies` lists those; each keeps a copy). The buckets are the engine's
     (`kv_lengths`, `prefill_rows`, `prefill_lengths`, `prefill_tokens` among
     `engine_kwargs`): decode is planned at each KV window length, so the planner prices the
-    live context of the bucket, not max_len. `engine.layout_plan` is the EngineLayouts."""
-    from meshwright.models import Model, build
+    live context of the bucket, not max_len. `engine.layout_plan` is the EngineLayouts.
+
+    `model` may be a model served from functions (`models.from_functions`): the planner then
+    prices the Transformer read off its traced decode step (`planning_config`), and each
+    bucket's cache sharding is the one `mw.shard` gives the cache arrays, in their own
+    layout."""
+    from meshwright.models import FunctionModel, Model, build
     from meshwright.runtime.engine import Engine
 
-    model = model if isinstance(model, Model) else build(model)
+    model = model if isinstance(model, (Model, FunctionModel)) else build(model)
     warmup = engine_kwargs.pop("warmup", True)  # False: each bucket compiles on first use
     engine = Engine(model, params, max_slots=max_slots, max_len=max_len, warmup=False,
                     progress=progress, **engine_kwargs)  # resolves the buckets; unrolls a scan
-    cfg = engine.config
+    cfg = engine.config or engine.model.planning_config(engine.params, engine.max_len)
     weights = weights or ("bf16" if cfg.dtype == "bfloat16" else "fp32")
     plan = plan_layouts(cfg, engine.buckets(), chips=len(devices), hardware=hardware,
                         weights=weights, mesh=mesh, share_weights=share_weights)
