@@ -53,6 +53,11 @@ The seam for the sharded compiler (`mw.shard`; `runtime/layouts.py` builds an en
 - `cache_sharding`: None, a `jax.sharding.Sharding`, or (capacity, length) -> Sharding (see
   `kv_cache.batch_sharding`), for the KV cache when no compiled step says otherwise.
 
+Threads: `submit` and `abort` are thread-safe, and `run_forever(stop)` runs the loop in one
+thread until stopped while other threads submit, abort and wait on handles (the HTTP server,
+`runtime/server.py`). A lock guards the scheduler and the handles; an iteration's device work
+runs outside it. Without `run_forever`, the engine advances only when the caller steps it.
+
 A model whose layers are a scan (`config.scan_layers`) is served as a loop (`unroll_layers`,
 listed in `engine.notes`): on XLA:CPU a scan copies every layer's weights out of the stacked
 arrays at every step.
@@ -61,6 +66,7 @@ arrays at every step.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -176,14 +182,18 @@ def make_clock(clock: str | Clock) -> Clock:
 
 class RequestHandle:
     """A submitted request. Iterate it to stream tokens as they are produced (this drives the
-    engine), or call `result()` to wait for the whole Result."""
+    engine, or waits for its loop when `Engine.run_forever` runs it in another thread), or
+    call `result()` to wait for the whole Result."""
 
     def __init__(self, engine: Engine, request_id: int,
-                 on_token: Callable[[int, int], None] | None = None) -> None:
+                 on_token: Callable[[int, int], None] | None = None,
+                 on_finish: Callable[[Result], None] | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
         self.tokens: list[int] = []  # produced so far
         self.on_token = on_token  # called as on_token(request_id, token) for each token
+        self.on_finish = on_finish  # called as on_finish(result) when it finishes or is
+        #                             aborted (a request refused at submit is done at once)
         self._result: Result | None = None
 
     @property
@@ -206,10 +216,19 @@ class RequestHandle:
                 return
             self.engine._advance()
 
+    def abort(self) -> bool:
+        """`Engine.abort` of this request."""
+        return self.engine.abort(self.request_id)
+
     def _push(self, token: int) -> None:
         self.tokens.append(token)
         if self.on_token is not None:
             self.on_token(self.request_id, token)
+
+    def _finish(self, result: Result) -> None:
+        self._result = result
+        if self.on_finish is not None:
+            self.on_finish(result)
 
     def __repr__(self) -> str:
         state = self._result.finish_reason if self._result else "running"
@@ -227,6 +246,7 @@ class EngineStats:
     moves: int = 0  # KV slot moves of the memory shuffle
     resizes: int = 0  # KV window (re)loads: bucket changes, joins, moves
     tokens: int = 0  # tokens produced
+    aborted: int = 0  # requests aborted (Engine.abort) while waiting or running
     buckets_used: Counter = field(default_factory=Counter)  # decode bucket -> steps
     layout_switches: int = 0  # consecutive decode steps with different layouts
     runs: Counter = field(default_factory=Counter)  # (phase, Bucket) -> calls of its step
@@ -379,8 +399,18 @@ class Engine:
         self._decode_outputs: dict = {}  # a decode step's output cache per window shape, too
         self._user_cache_sharding = cache_sharding
         self._last_layout: str | None = None
+        self.last_decode_bucket: Bucket | None = None  # the bucket of the latest decode step
         self._handles: dict[int, RequestHandle] = {}
         self._done: list[Result] = []
+        # Threads: submit, abort and handles may be used from any thread while one thread
+        # runs the loop (run_forever). The lock guards the scheduler and the handles; the
+        # device work of an iteration runs outside it (it reads only the slots, which change
+        # in the loop's own thread).
+        self._lock = threading.RLock()
+        self._progress = threading.Condition(self._lock)  # notified on submit, abort, step
+        self._abort_ids: list[int] = []  # aborted, applied at the start of the next step
+        self._loop_thread: int | None = None  # the thread in run_forever, if any
+        self._collect_done = True  # keep finished Results for run_until_idle and serve
         self.set_policy(policy, shuffle=shuffle, window_s=window_s, max_queue=max_queue)
         if warmup:
             self.compile_all(progress=progress)
@@ -615,19 +645,46 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: Request, on_token: Callable[[int, int], None] | None = None, *,
+               on_finish: Callable[[Result], None] | None = None,
                arrival_s: float | None = None) -> RequestHandle:
         """Queue a request; returns its handle at once. An invalid request (or one past the
         queue bound) comes back already finished with finish_reason "refused" and the reason
-        in `handle.result().error`; it never disturbs the requests in flight."""
-        now = self.clock.now() if arrival_s is None else arrival_s
-        state = self.scheduler.submit(request, now)
-        handle = RequestHandle(self, state.request_id, on_token)
-        if isinstance(state, Result):
-            handle._result = state
-            self._done.append(state)
-        else:
-            self._handles[state.request_id] = handle
+        in `handle.result().error`; it never disturbs the requests in flight. Thread-safe.
+
+        `on_token(request_id, token)` and `on_finish(result)` are called in the thread that
+        runs the engine, as tokens are produced and when the request ends (not for a
+        request refused here): keep them short, e.g. hand over to another thread's queue."""
+        with self._lock:
+            now = self.clock.now() if arrival_s is None else arrival_s
+            state = self.scheduler.submit(request, now)
+            handle = RequestHandle(self, state.request_id, on_token, on_finish)
+            if isinstance(state, Result):
+                handle._result = state
+                if self._collect_done:
+                    self._done.append(state)
+            else:
+                self._handles[state.request_id] = handle
+                self._progress.notify_all()  # wake an idle loop
         return handle
+
+    def abort(self, request_id: int) -> bool:
+        """Abort a waiting or running request. Thread-safe. It leaves at the start of the
+        next iteration: a waiting request leaves the queue, a running one frees its KV slot
+        for the next admission (the scheduler shrinks the bucket as when a request finishes).
+        Its handle then finishes with finish_reason "aborted" and the tokens produced so
+        far. False when the request is not in flight (unknown, finished, refused, or already
+        being aborted)."""
+        with self._lock:
+            if request_id not in self._handles or request_id in self._abort_ids:
+                return False
+            self._abort_ids.append(request_id)
+            self._progress.notify_all()
+            return True
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running) requests, read under the engine's lock."""
+        with self._lock:
+            return len(self.scheduler.waiting), len(self.scheduler.running)
 
     def generate(self, prompts: Iterable[str | Sequence[int] | Request], max_tokens: int = 16,
                  sampling: SamplingParams | None = None,
@@ -668,8 +725,54 @@ class Engine:
         return done
 
     # ---- the loop -----------------------------------------------------------------------------
+    def run_forever(self, stop: threading.Event,
+                    on_step: Callable[[float], None] | None = None,
+                    idle_poll_s: float = 0.05) -> None:
+        """Run the loop in this thread until `stop` is set: step while there is work, sleep
+        while there is none (a submit or abort wakes it; `stop` is seen within
+        `idle_poll_s`). Meanwhile other threads submit, abort and wait on handles (a
+        handle's `result()` or iteration waits for this loop instead of stepping). Results
+        reach callers through their handles and callbacks only: nothing is kept for
+        `run_until_idle`, so a long-running loop holds no finished request.
+        `on_step(seconds)` is called after each iteration that ran something.
+
+            >>> stop = threading.Event()                                    # doctest: +SKIP
+            >>> threading.Thread(target=engine.run_forever, args=(stop,)).start()
+            >>> engine.submit(Request(prompt=(1, 2), max_tokens=4)).result().tokens
+            >>> stop.set()
+        """
+        with self._lock:
+            if self._loop_thread is not None:
+                raise RuntimeError("the engine's loop already runs in another thread")
+            self._loop_thread = threading.get_ident()
+            self._collect_done = False
+            self._done = []
+        try:
+            while not stop.is_set():
+                with self._lock:
+                    if not self.scheduler.has_work():
+                        self._progress.wait(idle_poll_s)
+                        continue
+                t0, steps = time.perf_counter(), self.stats.steps
+                wait_until = self.step()
+                if on_step is not None and self.stats.steps != steps:
+                    on_step(time.perf_counter() - t0)
+                if wait_until is not None:  # dynamic batching's window: a submit may end it
+                    with self._lock:
+                        self._progress.wait(min(idle_poll_s,
+                                                max(0.0, wait_until - self.clock.now())))
+        finally:
+            with self._lock:
+                self._loop_thread = None
+                self._collect_done = True
+
     def _advance(self) -> None:
-        """One step, or a wait when the scheduler has nothing to do yet (dynamic window)."""
+        """One step, or a wait when the scheduler has nothing to do yet (dynamic window).
+        While another thread runs the loop (run_forever), wait for its next step instead."""
+        if self._loop_thread is not None and self._loop_thread != threading.get_ident():
+            with self._lock:
+                self._progress.wait(0.05)
+            return
         if not self.scheduler.has_work():
             raise RuntimeError("the engine is idle: nothing was submitted that could finish")
         wait_until = self.step()
@@ -677,27 +780,47 @@ class Engine:
             self.clock.wait_until(wait_until)
 
     def step(self) -> float | None:
-        """One iteration: schedule, shuffle, prefill, decode, deliver. Returns the time to
-        wait until when the scheduler chose to wait (dynamic batching), else None."""
+        """One iteration: apply aborts, schedule, shuffle, prefill, decode, deliver. Returns
+        the time to wait until when the scheduler chose to wait (dynamic batching), else
+        None."""
         with self.clock.compute():
-            out = self.scheduler.schedule(self.clock.now())
-            if out.idle:
-                self.scheduler.update(out, {}, self.clock.now())
-                return out.wait_until
-            sampled = self._run(out)
+            with self._lock:
+                self._apply_aborts(self.clock.now())
+                out = self.scheduler.schedule(self.clock.now())
+                if out.idle:
+                    self.scheduler.update(out, {}, self.clock.now())
+                    return out.wait_until
+            sampled = self._run(out)  # device work: reads only the slots, outside the lock
         self._finish_step(out, sampled, self.clock.now())
         return None
 
+    def _apply_aborts(self, now: float) -> None:
+        """Take the aborted requests out of the scheduler (under the lock); finish their
+        handles with finish_reason "aborted"."""
+        for request_id in self._abort_ids:
+            result = self.scheduler.abort(request_id, now)
+            handle = self._handles.pop(request_id, None)
+            if result is None or handle is None:  # finished meanwhile: delivered already
+                continue
+            self.stats.aborted += 1
+            handle._finish(result)
+            if self._collect_done:
+                self._done.append(result)
+        self._abort_ids = []
+
     def _finish_step(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> None:
         """Hand the step's tokens to the scheduler, stream them, deliver finished results."""
-        finished = self.scheduler.update(out, sampled, now)
-        self.stats.steps += 1
-        self.stats.tokens += len(sampled)
-        for request_id, token in sampled.items():
-            self._handles[request_id]._push(token)
-        for result in finished:
-            self._handles.pop(result.request_id)._result = result
-            self._done.append(result)
+        with self._lock:
+            finished = self.scheduler.update(out, sampled, now)
+            self.stats.steps += 1
+            self.stats.tokens += len(sampled)
+            for request_id, token in sampled.items():
+                self._handles[request_id]._push(token)
+            for result in finished:
+                self._handles.pop(result.request_id)._finish(result)
+                if self._collect_done:
+                    self._done.append(result)
+            self._progress.notify_all()
 
     def _run(self, out: SchedulerOutput) -> dict[int, int]:
         seconds = self.stats.seconds
@@ -770,7 +893,7 @@ class Engine:
             self.stats.runs[("prefill", bucket)] += 1
             self.stats.prefill_calls += 1
             self.kv.write([p.slot for p in group], cache)
-            params = [self.scheduler.get(p.request_id).request.sampling for p in group]
+            params = [self.scheduler.slots[p.slot].request.sampling for p in group]
             params += [None] * (bucket.batch - len(group))
             out = sample_tokens(logits, params, [0] * bucket.batch)
             sampled.update({p.request_id: int(out[row]) for row, p in enumerate(group)})
@@ -791,8 +914,8 @@ class Engine:
             self.stats.layout_switches += 1
         self._last_layout = layout
         params, indices = [None] * out.bucket, [0] * out.bucket
-        for slot, request_id in zip(out.decode_slots, out.decode_ids):
-            state = self.scheduler.get(request_id)
+        for slot in out.decode_slots:
+            state = self.scheduler.slots[slot]
             params[slot], indices[slot] = state.request.sampling, len(state.tokens)
         events = self.kv.events
         window = self.kv.window(bucket.batch, bucket.length)
@@ -802,6 +925,7 @@ class Engine:
         self.kv.set_window(cache)
         tokens = sample_tokens(logits, params, indices)
         self.stats.decode_steps += 1
+        self.last_decode_bucket = bucket
         self.stats.buckets_used[out.bucket] += 1
         self.stats.runs[("decode", bucket)] += 1
         return {rid: int(tokens[slot]) for slot, rid in zip(out.decode_slots, out.decode_ids)}

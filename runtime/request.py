@@ -16,7 +16,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-FINISH_REASONS = ("stop", "length", "refused")
+FINISH_REASONS = ("stop", "length", "refused", "aborted")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Result:
     request_id: int  # assigned by the scheduler in submission order
     prompt: tuple[int, ...]
     tokens: list[int]  # generated ids (the stop token included when finish_reason == "stop")
-    finish_reason: str  # "stop" | "length" | "refused"
+    finish_reason: str  # "stop" | "length" | "refused" | "aborted" (the tokens so far)
     error: str | None  # why the request was refused; None otherwise
     arrival_s: float  # when the request was submitted
     finish_s: float  # when its last token was produced (refused: when it was refused)
@@ -72,7 +72,8 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.finish_reason != "refused"
+        """Ran to its end: neither refused nor aborted."""
+        return self.finish_reason in ("stop", "length")
 
     @property
     def ttft_s(self) -> float | None:

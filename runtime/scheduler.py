@@ -29,6 +29,9 @@ Policies (one scheduler, so the baselines run in the same engine):
   finished member's result is still delivered at once.
 - "dynamic": like static, but a batch starts only when max_slots requests wait or the oldest
   has waited `window_s` (Triton/FasterTransformer dynamic batching).
+
+`abort(request_id, now)` takes a waiting or running request out between iterations (a client
+that went away): its slot counts as free at the next `schedule`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from meshwright.runtime.request import Request, Result, validate_request
 
 POLICIES = ("fused", "static", "dynamic")
+QUEUE_FULL = "queue full"  # how a refusal for a full queue begins (an HTTP server answers 429)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +177,8 @@ class SchedulerOutput:
     finished: list[int]  # request ids that finished in the previous update (already delivered)
     refused: list[tuple[int, str]]  # (request id, reason) refused since the previous schedule
     wait_until: float | None = None  # dynamic batching: nothing to do before this time
+    aborted: list[int] = field(default_factory=list)  # request ids aborted since the previous
+    #                                                   schedule (their slots are free now)
 
     @property
     def idle(self) -> bool:
@@ -217,6 +223,7 @@ class Scheduler:
         self._pending: SchedulerOutput | None = None  # scheduled, waiting for update()
         self._refused: list[tuple[int, str]] = []
         self._finished: list[int] = []
+        self._aborted: list[int] = []
 
     # ---- queries ------------------------------------------------------------------------
     @property
@@ -241,7 +248,7 @@ class Scheduler:
         self._next_id += 1
         reason = validate_request(request, max_len=self.max_len, vocab_size=self.vocab_size)
         if reason is None and len(self.waiting) >= self.max_queue:
-            reason = (f"queue full: {len(self.waiting)} requests already wait "
+            reason = (f"{QUEUE_FULL}: {len(self.waiting)} requests already wait "
                       f"(max_queue={self.max_queue}); retry later")
         if reason is not None:
             self._refused.append((request_id, reason))
@@ -339,11 +346,44 @@ class Scheduler:
             prefills=[Prefill(s.request_id, s.slot, tuple(s.request.prompt)) for s in admitted],
             decode_slots=decode_slots, decode_ids=decode_ids, tokens=tokens,
             positions=positions, finished=self._finished, refused=self._refused,
-            wait_until=wait_until)
-        self._finished, self._refused = [], []
+            wait_until=wait_until, aborted=self._aborted)
+        self._finished, self._refused, self._aborted = [], [], []
         self._step += 1
         self._pending = out
         return out
+
+    # ---- abort --------------------------------------------------------------------------
+    def abort(self, request_id: int, now: float) -> Result | None:
+        """Remove a waiting or running request between iterations; its Result (finish reason
+        "aborted", the tokens generated so far), or None when it is not here (never was, or
+        has already finished or been refused).
+
+        1. Waiting: it leaves the queue; nothing else changes.
+        2. Running: its slot is freed. The next schedule() sees the slot free: fused admits
+           into it or shrinks the bucket (moving others in, as when a request finishes);
+           static/dynamic keep the batch's bucket until its last member leaves.
+        3. The id is reported in the next SchedulerOutput's `aborted`.
+        """
+        if self._pending is not None:
+            raise RuntimeError("abort() between schedule() and update(): report the results "
+                               f"of step {self._pending.step} first")
+        # 1. waiting
+        state = next((s for s in self.waiting if s.request_id == request_id), None)
+        if state is not None:
+            self.waiting.remove(state)
+        else:
+            # 2. running
+            state = next((s for s in self.slots
+                          if s is not None and s.request_id == request_id), None)
+            if state is None:
+                return None
+            self.slots[state.slot] = None
+        # 3. report
+        self._aborted.append(request_id)
+        req = state.request
+        return Result(request_id=request_id, prompt=tuple(req.prompt), tokens=state.tokens,
+                      finish_reason="aborted", error=None, arrival_s=state.arrival_s,
+                      finish_s=now, token_times_s=state.token_times_s, name=req.name)
 
     # ---- update -------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled_tokens: Mapping[int, int],

@@ -423,3 +423,86 @@ def test_int8_weights_serve_within_the_stated_bound():
     assert [len(r.tokens) for r in results] == [5, 5]
     with pytest.raises(ValueError, match="only the quantized weights"):
         engine.model_params()
+
+
+# ---------------------------------------------------------------------------------------------
+# Abort and the loop in its own thread
+
+
+def test_abort_frees_the_slot_at_the_next_iteration(palm):
+    model, params, engine = palm
+    engine.set_policy("fused")
+    engine.reset_stats()
+    requests = random_requests(10, seed=11, long_tail=False)
+    long = [Request(prompt=(i + 1, 7), max_tokens=40) for i in range(8)]
+    running = [engine.submit(r) for r in long]  # fill all 8 slots
+    engine.step()
+    engine.step()
+    waiting = [engine.submit(r) for r in requests]
+    victim, queued_victim = running[3], waiting[-1]
+    assert engine.abort(victim.request_id) and queued_victim.abort()
+    assert not engine.abort(victim.request_id)  # already being aborted
+    assert not victim.done  # leaves at the next iteration, not before
+    engine.step()
+    assert victim.done and queued_victim.done and engine.stats.aborted == 2
+    r = victim.result()
+    assert r.finish_reason == "aborted" and len(r.tokens) == 2 and not r.ok
+    assert queued_victim.result().tokens == []
+    assert engine.scheduler.get(waiting[0].request_id).status == "running"  # took the slot
+    for h in running:
+        if h is not victim:
+            h.abort()
+    engine.step()
+    assert not engine.abort(running[0].request_id)  # gone
+    check_greedy(model, params, requests[:-1], [h.result() for h in waiting[:-1]])
+    assert not engine.scheduler.has_work()
+    engine.run_until_idle()
+
+
+def test_the_loop_in_a_thread_serves_concurrent_submits_and_aborts(palm):
+    """run_forever in one thread; eight threads submit, stream, and some abort mid-stream;
+    everything ends exactly once, greedy outputs are each request's alone."""
+    import threading
+
+    model, params, engine = palm
+    engine.set_policy("fused")
+    engine.reset_stats()
+    stop = threading.Event()
+    steps = []
+    loop = threading.Thread(target=engine.run_forever, args=(stop,),
+                            kwargs={"on_step": steps.append})
+    loop.start()
+    requests = random_requests(64, seed=12, long_tail=True)
+    results, finished, lock = {}, [], threading.Lock()
+
+    def client(k):
+        for i in range(k, len(requests), 8):
+            abort_after = 3 if i % 5 == 0 and requests[i].max_tokens > 5 else None
+            h = engine.submit(requests[i], on_finish=lambda r: finished.append(r.request_id))
+            for n, _ in enumerate(h, 1):
+                if n == abort_after:
+                    h.abort()
+            with lock:
+                results[i] = (h.result(), abort_after)
+
+    try:
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in clients)
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive() and len(results) == 64
+    assert sorted(finished) == sorted(r.request_id for r, _ in results.values())
+    aborted = [i for i, (r, cut) in results.items() if r.finish_reason == "aborted"]
+    cut = [i for i, (r, n) in results.items() if n is not None]
+    assert aborted and set(aborted) <= set(cut) and engine.stats.aborted == len(aborted)
+    for i in aborted:  # stopped early: a few tokens past the abort at most
+        assert 3 <= len(results[i][0].tokens) < requests[i].max_tokens
+    done = [i for i in results if i not in aborted]
+    check_greedy(model, params, [requests[i] for i in done], [results[i][0] for i in done])
+    assert steps and all(s > 0 for s in steps) and not engine.scheduler.has_work()
+    assert engine.generate([[1, 2, 3]], max_tokens=2)[0].ok  # single-threaded use again

@@ -392,3 +392,86 @@ def test_the_scheduler_is_device_free():
             "from meshwright.runtime.request import Request; "
             "assert 'jax' not in sys.modules, 'the scheduler imported jax'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aborts: a waiting or running request leaves between iterations, its slot free at once
+
+
+@pytest.mark.parametrize("policy,shuffle", [("fused", True), ("fused", False), ("static", True),
+                                            ("dynamic", True)])
+def test_aborts_free_slots_and_never_disturb_the_others(policy, shuffle):
+    rng = random.Random(f"abort-{policy}-{shuffle}")
+    s = Scheduler(6, max_queue=10_000, policy=policy, window_s=3.0, shuffle=shuffle,
+                  max_len=MAX_LEN, vocab_size=VOCAB)
+    arrivals = poisson_arrivals(rng, 600, per_step=0.8)
+    runner, results, submitted = FakeRunner(), {}, {}
+    now, i, aborted_running = 0.0, 0, 0
+    while i < len(arrivals) or s.has_work():
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            state = s.submit(arrivals[i][1], now=now)
+            submitted[state.request_id] = arrivals[i][1]
+            i += 1
+        waiting = [st.request_id for st in s.waiting]
+        running = [st.request_id for st in s.running]
+        if (waiting or running) and rng.random() < 0.15:
+            victim = rng.choice(running if running and (rng.random() < 0.5 or not waiting)
+                                else waiting)
+            was_running = any(st.request_id == victim for st in s.running)
+            result = s.abort(victim, now)
+            assert result.finish_reason == "aborted" and not result.ok
+            assert s.get(victim) is None and s.abort(victim, now) is None  # gone, once
+            assert all(st is None or st.request_id != victim for st in s.slots)
+            results[victim] = result
+            aborted_running += was_running
+        before = {st.slot: st.request_id for st in s.running}
+        out = s.schedule(now)
+        if policy == "fused" and shuffle:
+            check_fused_step(s, out, before)  # the freed slot counts as free at once
+        for result in s.update(out, runner.run(out), now + 1):
+            results[result.request_id] = result
+        now = max(now + 1, out.wait_until or 0)
+    assert sorted(results) == sorted(submitted)  # every request ends exactly once
+    aborted = [r for r in results.values() if r.finish_reason == "aborted"]
+    assert len(aborted) > 30 and aborted_running > 10
+    for rid, result in results.items():
+        alone = run_alone(submitted[rid])
+        if result.finish_reason == "aborted":
+            assert result.tokens == alone[:len(result.tokens)]  # what it had, not more
+        else:
+            assert result.tokens == alone, rid
+
+
+def test_abort_reports_and_frees_the_slot_at_the_next_schedule():
+    s = Scheduler(2, max_len=MAX_LEN, vocab_size=VOCAB)
+    a, b, c = (s.submit(Request(prompt=(i + 1,), max_tokens=20), now=0).request_id
+               for i in range(3))
+    out = s.schedule(0)
+    assert [p.request_id for p in out.prefills] == [a, b]  # c waits: both slots taken
+    with pytest.raises(RuntimeError, match="between schedule"):
+        s.abort(a, 0)
+    s.update(out, {a: 5, b: 6}, 1)
+    assert s.abort(a, 1).tokens == [5]
+    assert s.abort(99, 1) is None
+    out = s.schedule(1)
+    assert out.aborted == [a]
+    assert [(p.request_id, p.slot) for p in out.prefills] == [(c, 0)]  # a's slot, reused
+    s.update(out, {c: 7, b: 8}, 2)
+    assert s.abort(b, 2).tokens == [6, 8] and s.abort(c, 2).tokens == [7]
+    assert not s.has_work() and s.schedule(2).bucket == 0
+
+
+def test_static_batch_keeps_its_bucket_until_its_last_member_is_gone():
+    s = Scheduler(4, policy="static", max_len=MAX_LEN, vocab_size=VOCAB)
+    ids = [s.submit(Request(prompt=(i + 1,), max_tokens=30), now=0).request_id
+           for i in range(5)]
+    out = s.schedule(0)
+    s.update(out, {p.request_id: 1 for p in out.prefills}, 1)
+    s.abort(ids[0], 1)
+    out = s.schedule(1)
+    assert out.bucket == 4 and not out.prefills  # the batch runs on; nobody joins it
+    s.update(out, dict.fromkeys(out.decode_ids, 1), 2)
+    for rid in ids[1:4]:
+        s.abort(rid, 2)
+    out = s.schedule(2)
+    assert [p.request_id for p in out.prefills] == [ids[4]] and out.bucket == 1
