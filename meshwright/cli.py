@@ -379,6 +379,79 @@ def _run_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# meshwright serve [--model P | --checkpoint DIR | --model-fn M:F] [--host] [--port] ...
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default="palm-kjv",
+                        help="palm-kjv (default): the bundled byte-level model and its trained "
+                             "weights; or a preset, served with random weights")
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="a Hugging Face checkpoint directory (its tokenizer.json, chat "
+                             "template and end-of-sequence ids too)")
+    source.add_argument("--model-fn", metavar="MODULE:FACTORY",
+                        help="your own model: FACTORY() in MODULE returns (model, params)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset's config field (repeatable)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model id clients send (default: the model's name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s; 0: any free")
+    p.add_argument("--devices", type=int, default=1,
+                   help="compile every bucket with mw.shard on this many (simulated CPU) "
+                        "devices, each in the planner's layout (default: 1, plain jax.jit)")
+    p.add_argument("--hardware", default="cpu",
+                   help="--devices: the profile the planner prices layouts with "
+                        "(default: %(default)s)")
+    p.add_argument("--max-slots", type=int, default=8,
+                   help="KV slots: requests decoded together (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV length per slot, prompt + output (default: the model's)")
+    p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="waiting requests beyond this are answered 429 (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the most tokens one request may ask for (default: max_len - 1)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies are answered 413 (default: %(default)s)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require Authorization: Bearer KEY on every endpoint but /health "
+                        "(default: $MESHWRIGHT_API_KEY; none when unset)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish "
+                        "(default: %(default)s)")
+    p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+                   help="a stream sends at most one chunk per MS milliseconds, the tokens "
+                        "of that time together (default: 0, a chunk per engine step)")
+    p.add_argument("--seed", type=int, default=0, help="a preset's random weights")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--no-progress", action="store_true", help="no compile progress bar")
+
+
+@_command("serve", "an OpenAI-compatible HTTP server on the engine (completions, chat, "
+                   "streaming, /metrics)")
+def _run_serve(args) -> int:
+    if args.devices > 1:  # simulated CPU devices: the flag must be set before JAX starts
+        from meshwright.runtime.demo import ensure_host_devices
+
+        ensure_host_devices(args.devices)
+    from meshwright.runtime.server import ServeOptions, serve
+
+    options = ServeOptions(
+        model=args.model, checkpoint=args.checkpoint, model_fn=args.model_fn,
+        overrides=tuple(args.set), model_name=args.model_name, host=args.host, port=args.port,
+        devices=args.devices, hardware=args.hardware, max_slots=args.max_slots,
+        max_len=args.max_len, max_queue=args.max_queue, policy=args.policy,
+        max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+        drain_timeout_s=args.drain_timeout, stream_interval_s=args.stream_interval / 1e3,
+        seed=args.seed, access_log=args.access_log,
+        progress=not (args.no_progress or args.json), json=args.json)
+    return serve(options)
+
+
+# ---------------------------------------------------------------------------------------------
 # meshwright demo [--requests N] [--rate R] [--checkpoint DIR]
 
 

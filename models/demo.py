@@ -46,6 +46,21 @@ def decode(tokens: Sequence[int]) -> str:
     return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
+class ByteTokenizer:
+    """The bundled model's tokenizer as an object (what `Engine(..., tokenizer=...)` and the
+    HTTP server take): `encode` and `decode` above.
+
+        >>> ByteTokenizer().encode("Hi"), ByteTokenizer().decode([72, 105])
+        ([72, 105], 'Hi')
+    """
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return decode(tokens)
+
+
 def chapters() -> list[str]:
     """The excerpt as chapters, each "Book N\\n" and one verse per line."""
     with open(TEXT_PATH, encoding="utf-8") as f:

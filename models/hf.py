@@ -553,3 +553,57 @@ def load_tokenizer(path: str | os.PathLike):
         raise ImportError(f"{file} needs the `tokenizers` package: pip install "
                           "'meshwright[hf]'") from None
     return Tokenizer.from_file(str(file))
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What a checkpoint says about generating text, beyond its weights and tokenizer."""
+
+    chat_template: str | None  # Jinja source of its chat template; None: it has none
+    bos_token: str | None  # the strings its chat template may refer to
+    eos_token: str | None
+    eos_token_ids: tuple[int, ...]  # generation ends at any of these (generation_config.json,
+    #                                 else config.json)
+
+
+def load_generation_info(path: str | os.PathLike) -> GenerationInfo:
+    """A checkpoint directory's chat template, special tokens and end-of-sequence ids, read
+    from the files Hugging Face writes: `chat_template.jinja` or `tokenizer_config.json`'s
+    "chat_template" (a string, or a list of named templates of which "default" is used),
+    `generation_config.json` / `config.json` "eos_token_id" (an id or a list). Absent files
+    and fields give None / (). The template is returned as text, never run here.
+
+        >>> info = load_generation_info("path/to/llama")                    # doctest: +SKIP
+        >>> info.eos_token_ids, info.chat_template[:40]
+        ((2,), "{% for message in messages %}{{ '<|' + ...")
+    """
+    path = Path(path)
+
+    def read_json(name: str) -> dict:
+        file = path / name
+        if not file.exists():
+            return {}
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+
+    tok_config = read_json("tokenizer_config.json")
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.exists():
+        template = jinja_file.read_text()
+
+    def token_text(value) -> str | None:  # "</s>" or {"content": "</s>", ...}
+        return value.get("content") if isinstance(value, dict) else value
+
+    eos = read_json("generation_config.json").get("eos_token_id")
+    if eos is None:
+        eos = read_json("config.json").get("eos_token_id")
+    eos_ids = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    return GenerationInfo(template if isinstance(template, str) else None,
+                          token_text(tok_config.get("bos_token")),
+                          token_text(tok_config.get("eos_token")), eos_ids)

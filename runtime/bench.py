@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from meshwright.models import build, get_config
+from meshwright.models import build, get_config, load_demo_model
+from meshwright.models.demo import DEMO_CONFIG, ByteTokenizer
 from meshwright.runtime.engine import Engine
 from meshwright.runtime.workload import make_workload
 
@@ -33,9 +34,11 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
                 share_weights: bool = True, model_fn: str | None = None,
                 **engine_kwargs) -> Engine:
     """An engine for a preset (with `key=value` overrides), random weights from `seed`; or for
-    a Hugging Face checkpoint directory (its weights and, when present, its tokenizer); or for
-    the user's own model, `model_fn="package.module:factory"` with factory() -> (model,
-    params) (`models.functions.load_model_fn`).
+    the bundled demo model, `model="palm-kjv"` (its trained weights, bytes as tokens:
+    `models.load_demo_model`, `models.demo.ByteTokenizer`); or for a Hugging Face
+    checkpoint directory (its weights and, when present, its tokenizer); or for the user's
+    own model, `model_fn="package.module:factory"` with factory() -> (model, params)
+    (`models.functions.load_model_fn`).
 
     `devices` > 1: every bucket `mw.shard`-compiled on that many devices in the layout the
     planner (with the `hardware` profile) picks for it, weights placed once
@@ -52,6 +55,14 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
         cfg, params = from_pretrained(checkpoint, max_len=max_len)
         tokenizer = load_tokenizer(checkpoint)
         m = build(cfg)
+    elif model == DEMO_CONFIG.name:
+        if overrides:
+            raise ValueError(f"--set changes a preset's config; {model} is the bundled model, "
+                             "whose trained weights fit only its own config")
+        cfg, params = load_demo_model()
+        if max_len and max_len > cfg.max_len:  # RoPE runs longer (it was trained on 256)
+            cfg = cfg.replace(max_len=max_len)
+        m, tokenizer = build(cfg), ByteTokenizer()
     else:
         cfg = get_config(model).with_overrides(list(overrides))
         if max_len and max_len > cfg.max_len:

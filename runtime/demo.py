@@ -94,7 +94,10 @@ def check_devices(n: int = DEVICES) -> list:
     return devices[:n]
 
 
-def _use_compilation_cache(cache_dir: str | None) -> str | None:
+def use_compilation_cache(cache_dir: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache in `cache_dir` ("auto":
+    ~/.cache/meshwright/xla) unless the caller set one already (e.g. the
+    JAX_COMPILATION_CACHE_DIR environment variable); returns the directory in use."""
     import jax
 
     if cache_dir is None:
@@ -397,7 +400,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     import meshwright as mw
 
     devices = check_devices(DEVICES)
-    xla_cache = _use_compilation_cache(options.cache_dir)
+    xla_cache = use_compilation_cache(options.cache_dir)
     result: dict = {"devices": len(devices), "platform": devices[0].platform}
 
     # ---- 1. model ------------------------------------------------------------------------

@@ -305,8 +305,10 @@ class Engine:
     of its matmul, which XLA:CPU multiplies by a few rows up to 1.4x faster; `engine.params`
     then holds them so (converted once). `weights="int8"` compiles the default steps after
     the `quantize-int8` pass instead (per-channel int8 weights, converted once; the paper's
-    decode setting). See the module docstring for `compile_fn`, `planner_fn`,
-    `cache_sharding` and `mesh`.
+    decode setting). `warm_sampler` compiles the full sampler (temperature, top-k, top-p)
+    with every bucket at start-up; otherwise it compiles on the first sampled request per
+    batch size (~0.7 s), which greedy serving never needs. See the module docstring for
+    `compile_fn`, `planner_fn`, `cache_sharding` and `mesh`.
     """
 
     def __init__(self, model: Model | FunctionModel | TransformerConfig | str,
@@ -321,7 +323,8 @@ class Engine:
                  prefill_lengths: Sequence[int] | None = None, prefill_tokens: int = 4096,
                  clock: str | Clock = "wall", warmup: bool = True, progress: bool = True,
                  tokenizer: Any = None, unroll: bool = True,
-                 weights_first: bool | str = "auto", weights: str = "native") -> None:
+                 weights_first: bool | str = "auto", weights: str = "native",
+                 warm_sampler: bool = False) -> None:
         model = _as_model(model)
         self.notes: list[str] = []  # what runs otherwise than given, and why
         if isinstance(model, Model):
@@ -383,6 +386,7 @@ class Engine:
         self._original_weights = None  # the weights' shapes as the model takes them
         self._weight_transforms: dict = {}  # how they are stored instead (weights-first)
         self.planner_fn = planner_fn
+        self.warm_sampler = warm_sampler
         self.clock = make_clock(clock)
         self.stats = EngineStats()
         self._steps: dict[tuple[str, Bucket], Callable] = {}
@@ -564,6 +568,8 @@ class Engine:
             # and gives the helpers real outputs to compile on.
             logits, cache = jax.block_until_ready(fn(*_zeros_like(args)))
             greedy(logits).block_until_ready()
+            if self.warm_sampler:  # the full sampler too, on logits placed as the step's
+                sample_tokens(logits, [_WARM] * bucket.batch, [0] * bucket.batch)
             if phase == "prefill":
                 jax.block_until_ready(self._fresh_cache(bucket))
                 self._prefill_outputs.append(cache)
@@ -986,6 +992,9 @@ class ServeReport:
 
     results: list[Result]  # one per submitted request, in submission order
     metrics: dict  # see workload.summarize
+
+
+_WARM = SamplingParams(temperature=1.0, top_k=1, top_p=0.5)  # compiles every sampling path
 
 
 def _same_shardings(tree, shardings) -> bool:

@@ -1,0 +1,858 @@
+"""`meshwright serve`: the engine behind an OpenAI-compatible HTTP API (Starlette on uvicorn).
+
+    $ meshwright serve                       # the bundled model on http://127.0.0.1:8000
+    $ curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "palm-kjv", "prompt": "In the beginning", "max_tokens": 16}'
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream as server-sent
+events ending with `data: [DONE]` when asked), `GET /v1/models`, `GET /health` (200 once
+every bucket is compiled, 503 while loading or draining), `GET /metrics` (Prometheus text).
+Request bodies are parsed and checked by `openai_api`.
+
+Threads. One engine thread builds the engine (compiling every bucket) and then runs its loop
+(`Engine.run_forever`); the HTTP handlers run on uvicorn's asyncio loop in the main thread.
+A handler submits to the engine (`Engine.submit` is thread-safe and returns at once) with
+callbacks that the engine thread calls as tokens come out; they hand each token to the
+handler's asyncio queue through one `loop.call_soon_threadsafe` per engine step at most
+(`Handoff`), so the event loop wakes once per step, not once per token.
+
+Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
+the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
+OpenAI's error object; an unknown model 404; a body past `max_body_bytes` 413. SIGTERM (or
+Ctrl-C) stops admitting (the listening socket closes, /health says "draining", requests that
+still reach a handler get 503), lets the requests in flight finish for up to `drain_timeout_s`,
+aborts what is left, stops the engine and exits 0. With an API key every endpoint but /health
+needs `Authorization: Bearer KEY` (compared in constant time; 401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshwright.runtime import openai_api as api
+from meshwright.runtime.prometheus import CONTENT_TYPE, Counter, Histogram, family
+from meshwright.runtime.request import Request, Result
+
+API_KEY_ENV = "MESHWRIGHT_API_KEY"  # the API key when --api-key is not given
+DEFAULT_MODEL = "palm-kjv"  # the bundled demo model (models/demo.py)
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeOptions:
+    """Settings of `meshwright serve` (the CLI flags of the same names)."""
+
+    model: str = DEFAULT_MODEL  # a preset (random weights) or the bundled model, palm-kjv
+    checkpoint: str | None = None  # a Hugging Face checkpoint directory instead
+    model_fn: str | None = None  # or MODULE:FACTORY returning (model, params)
+    overrides: tuple[str, ...] = ()  # --set key=value on a preset
+    model_name: str | None = None  # the id clients send as "model" (default: the model's name)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the address line says which)
+    devices: int = 1  # > 1: every bucket mw.shard-compiled on that many devices
+    hardware: str = "cpu"  # the profile the planner prices layouts with
+    max_slots: int = 8
+    max_len: int | None = None  # default: the model's
+    max_queue: int = 256  # waiting requests beyond this get 429
+    policy: str = "fused"
+    max_tokens: int | None = None  # most tokens one request may ask for (default max_len - 1)
+    max_body_bytes: int = 1 << 20
+    api_key: str | None = None
+    drain_timeout_s: float = 30.0
+    stream_interval_s: float = 0.0  # a stream sends at most one chunk per interval (0: one
+    #                                 per engine step that gave it tokens)
+    seed: int = 0  # random weights of a preset
+    access_log: bool = False
+    progress: bool = True  # the compile progress bar on stderr
+    json: bool = False  # the start-up report as one JSON object instead of text
+    cache_dir: str | None = "auto"  # persistent XLA cache (see runtime/demo.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine thread -> event loop
+
+
+class Handoff:
+    """Items from the engine thread to asyncio queues: `put` from any thread; the event loop
+    delivers everything put since its last turn in one callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+GONE = "client disconnected"  # put in a submission's queue when its client goes away
+
+
+class Submission:
+    """One request in the engine as its handler sees it: tokens, its Result, a disconnect or
+    an engine failure arrive, in order, in `queue`."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handle = None  # the engine's RequestHandle
+        self._handoff = handoff
+
+    def on_token(self, request_id: int, token: int) -> None:  # engine thread
+        self._handoff.put(self.queue, token)
+
+    def on_finish(self, result: Result) -> None:  # engine thread
+        self._handoff.put(self.queue, result)
+
+    async def next(self) -> tuple[list[int], Result | None, str | None]:
+        """Wait for news: (new tokens, the Result if it ended, a reason to give up)."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        tokens = [i for i in items if isinstance(i, int)]
+        result = next((i for i in items if isinstance(i, Result)), None)
+        trouble = next((i for i in items if isinstance(i, str)), None)
+        return tokens, result, trouble
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class ServerMetrics:
+    """What `GET /metrics` reports: the server's counters and histograms, and the engine's
+    state read at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("meshwright_requests_total",
+                                "HTTP generation requests by endpoint and outcome (stop, length: "
+                                "completed; disconnected; invalid; queue_full; unavailable; "
+                                "unauthorized; cancelled; error)")
+        self.prompt_tokens = Counter("meshwright_prompt_tokens_total",
+                                     "prompt tokens of admitted requests")
+        self.generated_tokens = Counter("meshwright_generation_tokens_total",
+                                        "tokens generated for HTTP requests")
+        self.step = Histogram("meshwright_step_seconds", "one engine iteration (schedule, "
+                              "shuffle, prefill, decode, deliver)",
+                              (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+        self.ttft = Histogram("meshwright_time_to_first_token_seconds",
+                              "request received to its first token handed to the handler",
+                              (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                               5, 10))
+        self.latency = Histogram("meshwright_request_seconds",
+                                 "request received to its last token", (0.01, 0.025, 0.05, 0.1,
+                                                                        0.25, 0.5, 1, 2.5, 5, 10,
+                                                                        30, 60))
+
+    def text(self, engine, status: str) -> str:
+        parts = [self.requests.text(), self.prompt_tokens.text(), self.generated_tokens.text(),
+                 self.step.text(), self.ttft.text(), self.latency.text(),
+                 family("meshwright_ready", "gauge", "1 when serving, 0 while loading, "
+                        "draining or failed", [({}, int(status == "ready"))])]
+        if engine is not None:
+            parts += _engine_families(engine)
+        return "\n".join(parts) + "\n"
+
+
+def _engine_families(engine) -> list[str]:
+    waiting, running = engine.queue_depth()
+    stats = engine.stats
+    for _ in range(5):  # the engine thread may add a key meanwhile: copy again
+        try:
+            runs = sorted(stats.runs.items())
+            break
+        except RuntimeError:
+            continue
+    else:
+        runs = []
+    steps = [({"phase": phase, "bucket": f"{b.batch}x{b.length}",
+               "layout": engine.layouts.get((phase, b), "replicated")}, n)
+             for (phase, b), n in runs]
+    current = engine.last_decode_bucket
+    in_use = [] if current is None else [
+        ({"bucket": f"{current.batch}x{current.length}",
+          "layout": engine.layouts.get(("decode", current), "replicated")}, 1)]
+    return [
+        family("meshwright_queue_waiting", "gauge", "requests waiting for a KV slot",
+               [({}, waiting)]),
+        family("meshwright_requests_running", "gauge", "requests holding a KV slot",
+               [({}, running)]),
+        family("meshwright_slots", "gauge", "KV slots (the largest decode bucket)",
+               [({}, engine.max_slots)]),
+        family("meshwright_engine_steps_total", "counter", "engine steps run, by phase, "
+               "bucket (rows x length) and the layout it runs", steps or [({}, 0)]),
+        family("meshwright_bucket_in_use", "gauge", "the decode bucket of the latest step and "
+               "its layout", in_use),
+        family("meshwright_engine_tokens_total", "counter", "tokens the engine produced",
+               [({}, stats.tokens)]),
+        family("meshwright_engine_aborted_total", "counter",
+               "requests aborted while waiting or running (their slots freed)",
+               [({}, stats.aborted)]),
+        family("meshwright_kv_moves_total", "counter", "KV slot moves of the memory shuffle",
+               [({}, stats.moves)]),
+        family("meshwright_layout_switches_total", "counter",
+               "consecutive decode steps that ran different layouts",
+               [({}, stats.layout_switches)]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine thread
+
+
+class EngineThread:
+    """Builds the engine in its own thread (compiling every bucket), then runs its loop until
+    `stop`. `status`: loading -> ready -> draining -> stopped, or failed."""
+
+    def __init__(self, build: Callable[[], Any], on_ready: Callable[[Any, float], None],
+                 metrics: ServerMetrics) -> None:
+        self._build, self._on_ready, self._metrics = build, on_ready, metrics
+        self.engine = None
+        self.status = "loading"
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] = lambda e: None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="meshwright-engine",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self.status != "failed":
+            self.status = "stopped"
+
+    def _main(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.engine = self._build()
+            if self._stop.is_set():
+                return
+            self._on_ready(self.engine, time.perf_counter() - t0)  # sets status "ready"
+            self.engine.run_forever(self._stop, on_step=self._metrics.step.observe)
+        except BaseException as e:  # noqa: BLE001 (reported to the server, which stops)
+            self.status, self.error = "failed", e
+            self.on_failure(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP application
+
+
+class Server:
+    """The application: routes, engine thread, metrics. `app` is the ASGI app."""
+
+    def __init__(self, options: ServeOptions, build: Callable[[], Any] | None = None,
+                 out=sys.stdout) -> None:
+        self.options = options
+        self.out = out
+        self.metrics = ServerMetrics()
+        self.runner = EngineThread(build or (lambda: build_engine(options)), self._ready,
+                                   self.metrics)
+        self.text: api.ModelText | None = None
+        self.limits: api.Limits | None = None
+        self.model_id = options.model_name or ""
+        self.created = int(time.time())
+        self.draining = False
+        self.address = ""  # http://host:port, once bound
+        self.uvicorn: Any = None  # the uvicorn.Server, once running
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None
+        self._active: set[Submission] = set()
+        self.app = self._make_app()
+
+    # ---- status ---------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        if self.runner.status == "ready" and self.draining:
+            return "draining"
+        return self.runner.status
+
+    def _ready(self, engine, seconds: float) -> None:
+        """Engine thread: every bucket compiled; the server answers from now on."""
+        self.text = model_text(engine, self.options)
+        self.model_id = self.options.model_name or engine.name
+        max_tokens = self.options.max_tokens or engine.max_len - 1
+        if not 1 <= max_tokens < engine.max_len:
+            raise ValueError(f"--max-tokens {max_tokens} must be in 1..max_len-1 "
+                             f"({engine.max_len - 1})")
+        self.limits = api.Limits(max_len=engine.max_len, vocab_size=engine.vocab_size,
+                                 max_tokens=max_tokens)
+        report = startup_report(self, engine, seconds)
+        self.runner.status = "ready"
+        if self.options.json:
+            print(json.dumps(report, sort_keys=True), file=self.out, flush=True)
+        else:
+            print(format_report(report), file=self.out, flush=True)
+
+    def _failed(self, error: BaseException) -> None:
+        """Engine thread: building or running the engine failed. Requests in flight get a
+        500; the server stops (the CLI reports the error)."""
+        if self.runner.engine is not None:  # it ran: say what broke, for the operator
+            traceback.print_exception(error, file=sys.stderr)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._fail_all, f"the engine failed: {error}")
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
+
+    def _fail_all(self, message: str) -> None:
+        for sub in list(self._active):
+            sub.queue.put_nowait(message)
+
+    def begin_drain(self) -> None:
+        """SIGTERM or Ctrl-C: admit nothing more; what is in flight finishes."""
+        if not self.draining:
+            self.draining = True
+            print(f"draining: {len(self._active)} request(s) in flight, up to "
+                  f"{self.options.drain_timeout_s:g} s", file=self.out, flush=True)
+
+    # ---- the app --------------------------------------------------------------------------
+    def _make_app(self):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self._loop = asyncio.get_running_loop()
+            self._handoff = Handoff(self._loop)
+            self.runner.on_failure = self._failed
+            self.runner.start()
+            yield
+            await asyncio.to_thread(self.runner.stop)
+
+        routes = [Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/health", self.health, methods=["GET"]),
+                  Route("/metrics", self.metrics_text, methods=["GET"])]
+        app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+            404: self._not_found, 405: self._not_allowed})
+        key = self.options.api_key
+        return BearerAuth(app, key, self._unauthorized) if key else app
+
+    async def _not_found(self, request, exc):
+        return _error(404, f"no such endpoint: {request.method} {request.url.path}",
+                      "invalid_request_error", code="not_found")
+
+    async def _not_allowed(self, request, exc):
+        return _error(405, f"{request.url.path} does not take {request.method}",
+                      "invalid_request_error", code="method_not_allowed")
+
+    def _unauthorized(self) -> None:
+        self.metrics.requests.inc(endpoint="any", outcome="unauthorized")
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        status = self.status
+        body = {"status": status, "model": self.model_id or None}
+        if status == "failed":
+            body["error"] = str(self.runner.error)
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        if self.limits is None:
+            return self._unavailable()
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_id, "object": "model", "created": self.created,
+            "owned_by": "meshwright", "max_model_len": self.limits.max_len}]})
+
+    async def metrics_text(self, request):
+        from starlette.responses import Response
+
+        engine = self.runner.engine if self.runner.status in ("ready", "stopped") else None
+        return Response(self.metrics.text(engine, self.status), media_type=CONTENT_TYPE)
+
+    async def completions(self, request):
+        return await self._generate(request, "completions")
+
+    async def chat_completions(self, request):
+        return await self._generate(request, "chat")
+
+    def _unavailable(self):
+        status = self.status
+        why = {"loading": "the model is still compiling; retry when GET /health says ready",
+               "draining": "the server is shutting down and admits no new requests",
+               }.get(status, f"the engine is not serving ({status})")
+        return _error(503, why, "service_unavailable", headers={
+            "Retry-After": str(RETRY_AFTER_S)})
+
+    # ---- generation -------------------------------------------------------------------------
+    async def _generate(self, request, endpoint: str):
+        """Parse and check, submit, then answer whole or as a stream."""
+        t_start = time.perf_counter()
+        count = self.metrics.requests.inc
+        if self.status != "ready":
+            count(endpoint=endpoint, outcome="unavailable")
+            return self._unavailable()
+        try:
+            body = api.parse_json(await read_body(request, self.options.max_body_bytes))
+            parse = api.parse_chat if endpoint == "chat" else api.parse_completion
+            spec = parse(body, self.model_id, self.limits, self.text)
+        except api.ApiError as e:
+            count(endpoint=endpoint, outcome="invalid")
+            return _error(e.status, e.message, e.type, e.param, e.code)
+        sub = Submission(self._handoff)
+        sub.handle = self.runner.engine.submit(
+            Request(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling,
+                    stop_tokens=self.text.eos_token_ids),
+            on_token=sub.on_token, on_finish=sub.on_finish)
+        if sub.handle.done:  # refused at once
+            return self._refused(sub.handle.result(), endpoint)
+        self.metrics.prompt_tokens.inc(len(spec.prompt))
+        gen = _Generation(sub, spec, api.TextStream(self.text.decode, spec.stop), t_start)
+        answer = api.Answer(endpoint, self.model_id)
+        watcher = asyncio.ensure_future(_put_on_disconnect(request.receive, sub.queue))
+        self._active.add(sub)
+        if spec.stream:
+            return EventStream(self._events(gen, answer), on_close=lambda: self._close(
+                gen, watcher))
+        try:
+            text = ""
+            while True:
+                delta, finish, trouble = await self._next(gen)
+                if trouble is not None:  # (a client that left gets nothing anyway)
+                    return _error(500, trouble, "server_error")
+                text += delta
+                if finish is not None:
+                    return _json(answer.full(text, finish, gen.usage()))
+        finally:
+            self._close(gen, watcher)
+
+    def _refused(self, result: Result, endpoint: str):
+        """The engine refused the request at submit: 429 for a full queue, else 400."""
+        from meshwright.runtime.scheduler import QUEUE_FULL
+
+        reason = result.error or "refused"
+        if reason.startswith(QUEUE_FULL):
+            self.metrics.requests.inc(endpoint=endpoint, outcome="queue_full")
+            return _error(429, reason, "rate_limit_error", code="queue_full",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.metrics.requests.inc(endpoint=endpoint, outcome="invalid")
+        return _error(400, reason, "invalid_request_error")
+
+    async def _events(self, gen: _Generation, answer: api.Answer) -> AsyncIterator[bytes]:
+        """The stream: chat's role chunk, a chunk per batch of new text, the final chunk
+        (finish_reason, usage), the usage-only chunk when asked, then [DONE]."""
+        if answer.endpoint == "chat":
+            yield api.sse(answer.chunk("", role=True))
+        while True:
+            delta, finish, trouble = await self._next(gen)
+            if trouble is not None:
+                if trouble != GONE:  # the client is still there: say what happened
+                    yield api.sse(api.error_body(trouble, "server_error"))
+                return
+            if delta:
+                yield answer.delta_event(delta)
+                if self.options.stream_interval_s and finish is None:
+                    # tokens gather meanwhile: one chunk per interval at most (the engine
+                    # does not wait for it)
+                    await asyncio.sleep(self.options.stream_interval_s)
+            if finish is not None:
+                use = gen.usage()
+                yield api.sse(answer.chunk(None if answer.endpoint == "chat" else "", finish,
+                                           use))
+                if gen.spec.include_usage:
+                    yield api.sse(answer.usage_chunk(use))
+                yield api.SSE_DONE
+                return
+
+    async def _next(self, gen: _Generation) -> tuple[str, str | None, str | None]:
+        """Wait for the engine's next tokens: (new text, finish_reason once it ends, trouble:
+        the client left or the engine failed). A stop string aborts the request in the
+        engine (its slot is free at the next iteration)."""
+        endpoint = gen.spec.endpoint
+        tokens, result, trouble = await gen.sub.next()
+        if trouble is not None:
+            gen.outcome = "disconnected" if trouble == GONE else "error"
+            self.metrics.requests.inc(endpoint=endpoint, outcome=gen.outcome)
+            return "", None, trouble
+        if tokens and not gen.generated:
+            self.metrics.ttft.observe(time.perf_counter() - gen.t_start)
+        gen.generated += len(tokens)
+        self.metrics.generated_tokens.inc(len(tokens))
+        delta = gen.text.push(tokens)
+        finish = None
+        if gen.text.stopped:
+            gen.sub.handle.abort()
+            finish = "stop"
+        elif result is not None:
+            delta += gen.text.finish()
+            finish = {"stop": "stop", "length": "length"}.get(result.finish_reason, "abort")
+        if finish is not None:
+            gen.outcome = finish
+            self.metrics.requests.inc(endpoint=endpoint, outcome=finish)
+            self.metrics.latency.observe(time.perf_counter() - gen.t_start)
+        return delta, finish, None
+
+    def _close(self, gen: _Generation, watcher: asyncio.Future) -> None:
+        """The handler is done with a request (answered, client gone, or cancelled by the
+        drain timeout): stop watching its connection, abort it in the engine if it still
+        runs there."""
+        watcher.cancel()
+        self._active.discard(gen.sub)
+        gen.sub.handle.abort()  # False when it has finished: nothing to do
+        if gen.outcome is None:
+            gen.outcome = "cancelled"
+            self.metrics.requests.inc(endpoint=gen.spec.endpoint, outcome="cancelled")
+
+
+@dataclass
+class _Generation:
+    """One admitted request while its handler answers it."""
+
+    sub: Submission
+    spec: api.GenerationSpec
+    text: api.TextStream
+    t_start: float  # when the request reached its handler
+    generated: int = 0  # tokens received so far
+    outcome: str | None = None  # how it ended, once counted in the metrics
+
+    def usage(self) -> dict:
+        return api.usage(len(self.spec.prompt), self.generated)
+
+
+async def _put_on_disconnect(receive, queue: asyncio.Queue) -> None:
+    """Wait for the client to go away (the body is already read, so the next ASGI message
+    is http.disconnect) and tell the handler through its queue."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            queue.put_nowait(GONE)
+            return
+
+
+class EventStream:
+    """A `text/event-stream` response whose body comes from an async iterator of events.
+    `on_close` runs however it ends: all sent, the client gone, or cancelled."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        self.events, self.on_close = events, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke while sending
+            pass
+        finally:
+            await self.events.aclose()
+            self.on_close()
+
+
+class BearerAuth:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>`. The
+    comparison is of SHA-256 digests with `hmac.compare_digest`: constant time, whatever the
+    length of what was sent."""
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, key: str, on_reject: Callable[[], None]) -> None:
+        self.app, self.on_reject = app, on_reject
+        self._digest = hashlib.sha256(f"Bearer {key}".encode()).digest()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(hashlib.sha256(sent).digest(), self._digest):
+            return await self.app(scope, receive, send)
+        self.on_reject()
+        message = ("missing API key: send Authorization: Bearer <key>" if not sent
+                   else "invalid API key")
+        response = _error(401, message, "invalid_request_error", code="invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (by its Content-Length before
+    reading, or while reading a body sent without one)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise api.ApiError(f"invalid Content-Length {length!r}")
+        if int(length) > limit:
+            raise _too_large(int(length), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> api.ApiError:
+    return api.ApiError(f"the request body is {size} bytes; this server takes at most {limit} "
+                        "(--max-body-bytes)", status=413, code="request_too_large")
+
+
+def _json(obj: dict, status: int = 200, headers: dict | None = None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, type: str, param: str | None = None,
+           code: str | None = None, headers: dict | None = None):
+    return _json(api.error_body(message, type, param, code), status, headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the engine and its text
+
+
+def build_engine(options: ServeOptions):
+    """The engine `meshwright serve` runs: `bench.make_engine` (a preset, the bundled model,
+    a checkpoint or a model from functions; `devices` > 1: every bucket `mw.shard`-compiled
+    in its planned layout) with the persistent compilation cache, the sampler compiled at
+    start-up too."""
+    from meshwright.runtime import bench
+    from meshwright.runtime.demo import use_compilation_cache
+
+    use_compilation_cache(options.cache_dir)
+    return bench.make_engine(
+        options.model, max_slots=options.max_slots, max_len=options.max_len,
+        overrides=options.overrides, seed=options.seed, progress=options.progress,
+        checkpoint=options.checkpoint, devices=options.devices, hardware=options.hardware,
+        model_fn=options.model_fn, policy=options.policy, max_queue=options.max_queue,
+        warm_sampler=True)  # requests sample by default (OpenAI's temperature is 1)
+
+
+class _BytesAsTokens:
+    """Text as UTF-8 bytes, one token per byte, for a model without a tokenizer; generated
+    ids past 255 decode as U+FFFD."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return b"".join(bytes([i]) if 0 <= i < 256 else "\ufffd".encode() for i in ids).decode(
+            "utf-8", errors="replace")
+
+
+def model_text(engine, options: ServeOptions) -> api.ModelText:
+    """How the served model reads and writes text: its tokenizer; for a checkpoint also its
+    end-of-sequence ids and chat template (rendered sandboxed); bytes as tokens for a model
+    without a tokenizer (refused when its vocabulary has fewer than 256 ids)."""
+    eos, template, note = (), None, ""
+    if options.checkpoint is not None:
+        from meshwright.models.hf import load_generation_info
+
+        info = load_generation_info(options.checkpoint)
+        eos = info.eos_token_ids
+        if info.chat_template is not None:
+            template = api.ChatTemplate(info.chat_template, info.bos_token, info.eos_token)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        if engine.vocab_size < 256:
+            raise ValueError(f"{engine.name} has no tokenizer and a vocabulary of "
+                             f"{engine.vocab_size} ids, too few for bytes: give the checkpoint "
+                             "a tokenizer.json, or serve a model with one")
+        tokenizer, note = _BytesAsTokens(), "no tokenizer: text is UTF-8 bytes, one token each"
+    elif options.checkpoint is None and options.model_fn is None:
+        note = "byte-level: one token per UTF-8 byte"
+    else:
+        note = "the checkpoint's tokenizer.json"
+    chat = ("the checkpoint's chat template (sandboxed Jinja)" if template is not None
+            else f"plain: {api.PLAIN_TEMPLATE_DOC}")
+    return api.ModelText(tokenizer, tuple(eos), template, f"text: {note}; chat: {chat}")
+
+
+def startup_report(server: Server, engine, seconds: float) -> dict:
+    """What `meshwright serve` prints once ready (its --json object)."""
+    from meshwright.runtime.bench import layout_info
+
+    buckets = [f"{p} {b.batch}x{b.length}" for p, b in engine.buckets()]
+    report = {"address": server.address, "model": server.model_id, "max_len": engine.max_len,
+              "max_slots": engine.max_slots, "policy": engine.policy,
+              "max_queue": engine.scheduler.max_queue, "max_tokens": server.limits.max_tokens,
+              "eos_token_ids": list(server.text.eos_token_ids), "text": server.text.note,
+              "buckets": buckets, "compile_s": round(seconds, 2),
+              "auth": bool(server.options.api_key), "notes": list(engine.notes),
+              "status": "ready", **layout_info(engine)}
+    if engine.layout_plan is not None:
+        report["plan_text"] = engine.layout_plan.explain()
+    return report
+
+
+def _by_phase(buckets: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for b in buckets:
+        phase, shape = b.split()
+        out.setdefault(phase, []).append(shape)
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = [(f"model {r['model']}: max_len {r['max_len']}, {r['max_slots']} slots, policy "
+              f"{r['policy']}, queue {r['max_queue']}, max_tokens {r['max_tokens']}"),
+             r["text"] + (f"; stops at token ids {r['eos_token_ids']}"
+                          if r["eos_token_ids"] else "")]
+    if r.get("plan_text"):
+        lines.append(r["plan_text"])
+    else:
+        lines.append("plan: one device, plain jax.jit; buckets (rows x length): "
+                     + "; ".join(f"{phase} {' '.join(shapes)}"
+                                 for phase, shapes in _by_phase(r["buckets"]).items()))
+    lines += [f"note: {n}" for n in r["notes"]]
+    lines.append(f"compiled {len(r['buckets'])} buckets in {r['compile_s']:.1f} s")
+    lines.append(f"ready: {r['address']}/v1 serves {r['model']!r}"
+                 + (" (Bearer API key required)" if r["auth"] else "")
+                 + "; SIGTERM or Ctrl-C drains and stops")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now, so that a busy port is reported before compiling."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family_, _, _, _, address = infos[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family_, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
+                         "(0: any free one)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(options: ServeOptions, out=sys.stdout) -> int:
+    """Run the server until SIGTERM / Ctrl-C; 0 after a clean drain. Raises ValueError (the
+    CLI prints it as one line) when the engine cannot be built or the port not bound."""
+    import uvicorn
+
+    _check_options(options)
+    if options.api_key is None:
+        options.api_key = os.environ.get(API_KEY_ENV) or None
+    sock = bind(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    server = Server(options, out=out)
+    server.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if not options.json:
+        print(f"meshwright serve: listening on {server.address} (GET /health: 503 until "
+              "every bucket is compiled)", file=out, flush=True)
+        if options.host not in LOOPBACK and not options.api_key:
+            print(f"warning: {options.host} is reachable from other machines and no API key "
+                  f"is set (--api-key or {API_KEY_ENV})", file=out, flush=True)
+    config = uvicorn.Config(server.app, log_level="warning", access_log=options.access_log,
+                            lifespan="on", timeout_graceful_shutdown=options.drain_timeout_s,
+                            timeout_keep_alive=5)
+    runner = _Uvicorn(config, on_exit=server.begin_drain)
+    server.uvicorn = runner
+    runner.run(sockets=[sock])
+    error = server.runner.error
+    if error is not None:  # the CLI prints a ValueError as one line
+        if isinstance(error, (ValueError, KeyError)):
+            raise error
+        raise ValueError(f"the engine failed: {type(error).__name__}: {error}") from error
+    if not options.json:
+        print("stopped", file=out, flush=True)
+    return 0
+
+
+def _check_options(o: ServeOptions) -> None:
+    if sum(x is not None for x in (o.checkpoint, o.model_fn)) > 1:
+        raise ValueError("--checkpoint and --model-fn name two models; give one")
+    if o.overrides and (o.checkpoint or o.model_fn):
+        raise ValueError("--set overrides a preset's config; a checkpoint or --model-fn model "
+                         "brings its own")
+    for name, value, low in (("--port", o.port, 0), ("--max-slots", o.max_slots, 1),
+                             ("--max-queue", o.max_queue, 0), ("--devices", o.devices, 1),
+                             ("--max-body-bytes", o.max_body_bytes, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if o.port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {o.port}")
+    if o.stream_interval_s < 0:
+        raise ValueError(f"--stream-interval must be >= 0 ms, got "
+                         f"{o.stream_interval_s * 1e3:g}")
+    if o.drain_timeout_s < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {o.drain_timeout_s}")
+    if o.max_tokens is not None and o.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {o.max_tokens}")
+    if o.api_key is not None and not o.api_key.strip():
+        raise ValueError("--api-key is empty")
+
+
+class _Uvicorn:
+    """uvicorn.Server, made here so that its import stays lazy: SIGTERM/SIGINT start the
+    drain (`on_exit`), and the signal is not raised again after a clean shutdown (uvicorn
+    re-raises it, which would end the process with the signal's status instead of 0)."""
+
+    def __new__(cls, config, on_exit: Callable[[], None]):
+        import uvicorn
+
+        class Quiet(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                on_exit()
+                super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                signals = (signal.SIGINT, signal.SIGTERM)
+                original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+                try:
+                    yield
+                finally:
+                    for sig, handler in original.items():
+                        signal.signal(sig, handler)
+
+        return Quiet(config)
+
+
+__all__ = ["API_KEY_ENV", "DEFAULT_MODEL", "ServeOptions", "Server", "build_engine",
+           "model_text", "serve"]
