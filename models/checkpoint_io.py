@@ -72,6 +72,18 @@ def normalize_index(index: tuple, shape: tuple[int, ...]) -> Index:
     return tuple(out)
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict; CheckpointError naming the file when it is not."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it") \
+            from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
 class SafetensorsCheckpoint:
     """The tensors of a Hugging Face checkpoint directory, read lazily.
 
@@ -83,12 +95,15 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self.directory = Path(directory)
         index_path = self.directory / INDEX_FILE
         if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name "
+                                      "-> file); re-save the checkpoint")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
@@ -105,11 +120,16 @@ class SafetensorsCheckpoint:
             if not path.exists():
                 raise CheckpointError(f"{index_path.name} lists {name}, which is not in "
                                       f"{self.directory}")
-            handle = safe_open(str(path), framework="numpy")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+                names = handle.keys()
+                pieces = {key: handle.get_slice(key) for key in names}
+            except (SafetensorError, OSError) as e:  # header, size, format; unreadable
+                raise CheckpointError(
+                    f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                    "it may be truncated or corrupt: download or save it again") from None
             self._handles[name] = handle
-            names = handle.keys()
-            for key in names:
-                piece = handle.get_slice(key)
+            for key, piece in pieces.items():
                 self._file_of[key] = name
                 self._info[key] = (tuple(piece.get_shape()), piece.get_dtype())
         if weight_map is not None:

@@ -27,7 +27,6 @@ embed_tokens.T` as its own array (the llama family keeps a separate output matri
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from meshwright.models.checkpoint_io import (
     Stored,
     Transposed,
     place,
+    read_json,
 )
 from meshwright.models.config import TransformerConfig
 from meshwright.models.registry import build, param_shapes
@@ -317,7 +317,7 @@ def _read_hf_config(directory: Path) -> tuple[_HfConfig, _Architecture]:
     if not path.exists():
         raise CheckpointError(f"{directory} has no config.json (not a Hugging Face checkpoint "
                               "directory)")
-    hf = _HfConfig(path, json.loads(path.read_text()))
+    hf = _HfConfig(path, read_json(path))
     names = hf.get("architectures", [])
     for name in names:
         if name in ARCHITECTURES:
@@ -552,7 +552,11 @@ def load_tokenizer(path: str | os.PathLike):
     except ImportError:
         raise ImportError(f"{file} needs the `tokenizers` package: pip install "
                           "'meshwright[hf]'") from None
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception on a bad file)
+        raise CheckpointError(f"{file} is not a readable tokenizer ({e}); fix or re-download "
+                              "it, or remove it to pass token ids") from None
 
 
 @dataclass(frozen=True)
@@ -579,16 +583,11 @@ def load_generation_info(path: str | os.PathLike) -> GenerationInfo:
     """
     path = Path(path)
 
-    def read_json(name: str) -> dict:
+    def read_optional(name: str) -> dict:
         file = path / name
-        if not file.exists():
-            return {}
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+        return read_json(file) if file.exists() else {}
 
-    tok_config = read_json("tokenizer_config.json")
+    tok_config = read_optional("tokenizer_config.json")
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -600,9 +599,9 @@ def load_generation_info(path: str | os.PathLike) -> GenerationInfo:
     def token_text(value) -> str | None:  # "</s>" or {"content": "</s>", ...}
         return value.get("content") if isinstance(value, dict) else value
 
-    eos = read_json("generation_config.json").get("eos_token_id")
+    eos = read_optional("generation_config.json").get("eos_token_id")
     if eos is None:
-        eos = read_json("config.json").get("eos_token_id")
+        eos = read_optional("config.json").get("eos_token_id")
     eos_ids = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
     return GenerationInfo(template if isinstance(template, str) else None,
                           token_text(tok_config.get("bos_token")),

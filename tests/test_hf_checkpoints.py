@@ -424,6 +424,36 @@ def test_no_safetensors_files(tmp_path, zoo):
         from_pretrained(tmp_path)
 
 
+def test_corrupt_files_name_themselves(zoo, tmp_path, capsys):
+    """A truncated weights file, a malformed config.json or index, a broken tokenizer.json: a
+    CheckpointError naming the file (and the CLI one line, no traceback)."""
+    from meshwright.cli import main
+    from meshwright.models import load_tokenizer
+
+    d = _copy(zoo, "gpt2", tmp_path)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a readable "
+                       r"safetensors file .*truncated or corrupt"):
+        from_pretrained(d)
+    assert main(["bench", "serve", "--checkpoint", str(d), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshwright bench: error: ") and "Traceback" not in err
+    (d / "config.json").write_text('{"model_type": "gpt2",')
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        load_config(d)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json holds a list, not a JSON object"):
+        load_config(d)
+    d = _copy(zoo, "gpt2", tmp_path / "again")
+    (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="has no 'weight_map' object"):
+        from_pretrained(d)
+    (d / "tokenizer.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="tokenizer.json is not a readable tokenizer"):
+        load_tokenizer(d)
+
+
 def test_engine_and_bench_serve_take_a_checkpoint(zoo, tmp_path, capsys):
     """The engine serves a loaded checkpoint with its tokenizer (text in, text out), and
     `meshwright bench serve --checkpoint DIR` runs on it."""
