@@ -427,8 +427,9 @@ def test_no_safetensors_files(tmp_path, zoo):
 def test_corrupt_files_name_themselves(zoo, tmp_path, capsys):
     """A truncated weights file, a malformed config.json or index, a broken tokenizer.json: a
     CheckpointError naming the file (and the CLI one line, no traceback)."""
-    from meshwright.cli import main
     from meshwright.models import load_tokenizer
+
+    from meshwright.cli import main
 
     d = _copy(zoo, "gpt2", tmp_path)
     weights = d / "model.safetensors"
