@@ -605,7 +605,11 @@ def _run_export(args) -> int:
         print(f"{kind:<20}{counted['count'].get(kind, 0):>14}"
               f"{counted['bytes'].get(kind, 0):>14}{emitted['count']:>18}")
     predicted = (m["predicted"] or {}).get("comm_bytes_per_chip")
-    print(f"collective bytes per device: {counted['total_bytes']} in StableHLO, "
+    # the ppermute steps of a looped collective einsum pass N-1 of N blocks
+    looped = (f" ({counted['model_bytes']} with each collective einsum's ppermutes counted "
+              "as the collective they replace)"
+              if counted["model_bytes"] != counted["total_bytes"] else "")
+    print(f"collective bytes per device: {counted['total_bytes']} in StableHLO{looped}, "
           f"{predicted if predicted is not None else '-'} predicted by the cost model")
     return 0
 

@@ -20,7 +20,7 @@ Results: `node.meta["target"]` (per output), `node.meta["operand_target"]` ({ope
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.passes import infer_axes as ia
@@ -57,6 +57,14 @@ def _attention_map(layout: Layout, roles) -> dict:
     return _hidden_map(layout, roles)
 
 
+def _logits_map(layout: Layout, roles) -> dict:
+    """Role -> axes for logits: the residual's batch (also on tokens merged with it,
+    `batch*length`: a prefill's (B*T, V) logits keep B split as the residual had it), the
+    table's vocabulary."""
+    return _weight_map({"batch": layout.residual.get("batch", ()),
+                        "vocab": layout.stored.get("vocab", ())}, roles)
+
+
 def _weight_map(table: dict, roles) -> dict:
     m = {}
     for r in roles:
@@ -68,19 +76,88 @@ def _weight_map(table: dict, roles) -> dict:
     return m
 
 
+def _heads_axes(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) -> tuple:
+    """The mesh axes that split the query heads as the projections use them: the layout's,
+    less the minor ones the head count does not divide (PaLM 540B's 48 heads take (x, y) of
+    ws-1d's (x, y, z) on 4x4x4). None when no weight has a query-heads dimension."""
+    for v in g.inputs:
+        if v.id not in prog.weight:
+            continue
+        for role, size in zip(_roles(v), v.shape):
+            if role is not None and role.split("*")[0] == "heads":
+                return spec_for((role,), (size,), _weight_map(layout.use, (role,)),
+                                mesh).dims[0]
+    return None
+
+
+def attention_batch_order(g: Graph, prog: ia._Program, layout: Layout,
+                          mesh: MeshInfo) -> tuple:
+    """The batch axes inside batch-sharded attention, ordered so that the axes splitting the
+    query heads come last: the heads then move onto batch with one all-to-all of minor axes
+    (and back the same way), and the axes the heads cannot take are sliced or reduce-scattered
+    onto batch first. ws-1d with 16 heads on 4x4x4: (z, x, y); ws-2d: (x, z, y) as laid out."""
+    order = tuple(a for a in layout.attention_batch if mesh.sizes.get(a, 1) > 1)
+    heads = _heads_axes(g, prog, layout, mesh)
+    if not heads or not set(heads) <= set(order):
+        return order
+    return tuple(a for a in order if a not in heads) + tuple(heads)
+
+
+def _groups_take_rest(spec: Spec, v: Value, layout: Layout, mesh: MeshInfo) -> Spec:
+    """Grouped-query attention over heads, (B, K, G, T, D): the query groups G take the heads
+    axes the K kv heads cannot (2 kv heads over x, their groups over (y, z)), as the
+    reshape that made them split them, instead of being gathered."""
+    roles = _roles(v)
+    if layout.attention != "heads" or "groups" not in roles or "kv_heads" not in roles:
+        return spec
+    g = roles.index("groups")
+    heads = tuple(a for a in layout.hidden.get("heads", ()) if mesh.sizes.get(a, 1) > 1)
+    rest = tuple(a for a in heads if a not in spec.used())
+    if spec.dims[g] or not rest or not spec.dims[roles.index("kv_heads")] or \
+            v.shape[g] % mesh.count(rest):
+        return spec
+    dims = list(spec.dims)
+    dims[g] = rest
+    return spec.with_dims(dims)
+
+
+def _weight_spec(v: Value, layout: Layout, mesh: MeshInfo, table: dict) -> Spec:
+    """A weight's spec from a role table (`layout.stored`, or `layout.use` for a gathered
+    weight in use); the embedding table by rows only. A K or V weight whose KV heads take
+    fewer of the table's heads axes than there are (multiquery: one head) splits its
+    head_dim over the rest, so it stays split over every chip as the cost model stores it
+    (2KD/YZ per chip) and a weight-gathered layout gathers only its share. Not under ws-1d:
+    there every chip holds the whole input and computes the single K/V head itself from
+    replicated K/V weights, which is what the model prices (no K/V collective)."""
+    roles = _roles(v)
+    if "vocab" in roles:  # the table is split by rows only
+        return spec_for(roles, v.shape, {"vocab": table.get("vocab", ())}, mesh)
+    spec = spec_for(roles, v.shape, _weight_map(table, roles), mesh)
+    if "head_dim" not in roles or layout.ffn == "ws-1d" or any(
+            r is not None and r.split("*")[0] == "heads" for r in roles):
+        return spec  # query and output weights keep their heads' split
+    used = spec.used()
+    rest = tuple(a for a in table.get("heads", ()) if a not in used)
+    d = roles.index("head_dim")
+    if rest and not spec.dims[d]:
+        dims = list(spec.dims)
+        dims[d] = spec_for(("head_dim",), (v.shape[d],), {"head_dim": rest}, mesh).dims[0]
+        spec = spec.with_dims(dims)
+    return spec
+
+
 def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     prog = ia._Program()
     ia._collect(g, prog, ia._parameter_inputs(g))
+    if layout.attention == "batch":
+        layout = replace(layout, attention_batch=attention_batch_order(g, prog, layout, mesh))
     g.meta["layout"] = layout
     # Inputs.
     in_specs = []
     for v in g.inputs:
         roles = _roles(v)
         if v.id in prog.weight:
-            table = _weight_map(layout.stored, roles)
-            if "vocab" in roles:  # the table is split by rows only
-                table = {"vocab": layout.stored.get("vocab", ())}
-            spec = spec_for(roles, v.shape, table, mesh)
+            spec = _weight_spec(v, layout, mesh, layout.stored)
         elif "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
             spec = spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
         else:  # token ids, positions, activations: as the residual stream
@@ -102,9 +179,8 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
         if (o.shape, _roles(o)) in by_shape:
             out_specs.append(by_shape[(o.shape, _roles(o))])
         elif "vocab" in _roles(o):  # logits stay split over the vocabulary (no gather)
-            out_specs.append(spec_for(_roles(o), o.shape,
-                                      {"batch": layout.residual.get("batch", ()),
-                                       "vocab": layout.stored.get("vocab", ())}, mesh))
+            out_specs.append(spec_for(_roles(o), o.shape, _logits_map(layout, _roles(o)),
+                                      mesh))
         else:
             out_specs.append(Spec.replicated(len(o.shape)))
     g.meta["out_specs"] = out_specs
@@ -134,7 +210,8 @@ def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
     out_roles = _roles(node.out)
     if is_attention:
         node.meta["operand_target"] = {
-            k: spec_for(_roles(v), v.shape, _attention_map(layout, _roles(v)), mesh)
+            k: _groups_take_rest(spec_for(_roles(v), v.shape, _attention_map(layout, _roles(v)),
+                                          mesh), v, layout, mesh)
             for k, v in enumerate(node.inputs)}
         return
     if len(weights) != 1:
@@ -144,16 +221,20 @@ def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
     # Weight-gathered layouts gather a layer's weights before use; the embedding table (used
     # by the tied unembedding) stays where it is.
     if layout.weight_gather_axes() and "vocab" not in _roles(wv):
-        node.meta["operand_target"] = {
-            w: spec_for(_roles(wv), wv.shape, _weight_map(layout.use, _roles(wv)), mesh)}
+        node.meta["operand_target"] = {w: _weight_spec(wv, layout, mesh, layout.use)}
     if node.meta.get("fused_output"):  # stays partial: reduced once with its partner
         return
     if "vocab" in out_roles:  # the logits: split over the vocabulary like the table
-        target = spec_for(out_roles, node.out.shape,
-                          {"batch": layout.residual.get("batch", ()),
-                           "vocab": layout.stored.get("vocab", ())}, mesh)
+        target = spec_for(out_roles, node.out.shape, _logits_map(layout, out_roles), mesh)
     elif "embed" in out_roles:  # a projection back to the model width
         target = spec_for(out_roles, node.out.shape, layout.residual, mesh)
+    elif layout.attention == "batch" and any(
+            r is not None and r.split("*")[0] in ("heads", "kv_heads", "groups", "head_dim")
+            for r in out_roles):
+        # Q, K, V under attention over batch go straight to attention's layout: partial sums
+        # reduce-scatter onto batch and the heads follow with one all-to-all (the model's
+        # "Q,K,V heads->batch"), before RoPE, instead of through the hidden layout
+        target = spec_for(out_roles, node.out.shape, _attention_map(layout, out_roles), mesh)
     elif any(_is_hidden(r) for r in out_roles):
         target = spec_for(out_roles, node.out.shape, _hidden_map(layout, out_roles), mesh)
     else:  # e.g. multiquery K/V (no head axis): batch only

@@ -196,7 +196,7 @@ def _survey(g: Graph, mesh: MeshInfo) -> None:
     amesh = AbstractMesh(sizes, MESH_ORDER, axis_types=(AxisType.Auto,) * 3)
 
     def per_device(*flat):
-        ctx = LowerContext(mesh, Emitter(mesh), Lowered())
+        ctx = LowerContext.for_graph(g, mesh, Emitter(mesh), Lowered())
         outs, _ = lower_graph(ctx, g, list(flat), in_specs)
         return outs
 

@@ -86,7 +86,6 @@ class Compiled:
     out_specs: list[Spec]
     jitted: Callable
     lowered: Any  # jax Lowered (StableHLO) of the shard_map program
-    compiled: Any  # jax Compiled
     records: list = field(default_factory=list)  # collectives the lowering emitted
     fallbacks: list[str] = field(default_factory=list)
     predicted: Any = None  # CandidateCost of the chosen layout
@@ -95,6 +94,19 @@ class Compiled:
     # weights, int8); each maps one array to a list of arrays (int8: values, scale)
     load_transforms: dict[int, list] = field(default_factory=dict)
     _converted: dict = field(default_factory=dict, repr=False)
+    executable: Any = field(default=None, repr=False)  # see `compiled`
+
+    @property
+    def compiled(self):
+        """The jax Compiled program for this machine's devices, compiled by XLA on first use
+        (`step.export` needs only `lowered`: a TPU artifact is not compiled for the host)."""
+        if self.executable is None:
+            import time
+
+            t0 = time.perf_counter()
+            self.executable = self.lowered.compile()
+            self.timings["xla_compile"] = time.perf_counter() - t0
+        return self.executable
 
     def place(self, flat_args: list) -> list:
         """The caller's flat arguments as the program takes them: converted (once per weight
@@ -184,6 +196,12 @@ class ShardedFunction:
                             else str(x.dtype)) for x in flat)
 
     def compiled(self, *args, **kwargs) -> Compiled:
+        c = self._lowered(args, kwargs)
+        _ = c.compiled  # XLA compiles it here (timed in c.timings["xla_compile"])
+        return c
+
+    def _lowered(self, args, kwargs) -> Compiled:
+        """The Compiled record with the program lowered, not yet compiled by XLA."""
         key = self._signature(args, kwargs)
         if key not in self._cache:
             self._cache[key] = self._compile(args, kwargs)
@@ -258,9 +276,7 @@ class ShardedFunction:
 
         def per_device(*flat_locals):
             emitter.records.clear()
-            ctx = LowerContext(mesh_info, emitter, result, attention,
-                               tuple(a for a in layout.attention_batch
-                                     if mesh_info.sizes.get(a, 1) > 1))
+            ctx = LowerContext.for_graph(g, mesh_info, emitter, result)
             outs, specs = lower_graph(ctx, g, list(flat_locals), in_specs)
             return [ctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
 
@@ -276,13 +292,10 @@ class ShardedFunction:
         t0 = time.perf_counter()
         lowered = jitted.lower(*structs)
         timings["lower"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        timings["xla_compile"] = time.perf_counter() - t0
         return Compiled(graph=g, config=config, plan=plan, ffn_layout=ffn,
                         attention_layout=attention, mesh_shape=mesh_shape, jax_mesh=jmesh,
                         in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
-                        compiled=compiled, records=list(emitter.records),
+                        records=list(emitter.records),
                         fallbacks=list(result.fallbacks), predicted=predicted,
                         timings=timings, load_transforms=transforms)
 

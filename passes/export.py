@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class ExportedProgram:
 
     exported: Any  # jax.export.Exported
     manifest: dict
+    # the Compiled it was lowered from (its `records`: every collective the lowering emitted,
+    # with the equation that emitted it); None for a program read back from a file
+    compiled: Any = field(default=None, repr=False, compare=False)
 
     # ---- saving ---------------------------------------------------------------------------
     def serialize(self) -> bytes:
@@ -165,7 +168,7 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     if unknown or not platforms:
         raise ValueError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
                          f"choose from {', '.join(PLATFORMS)}")
-    c = step.compiled(*args)
+    c = step._lowered(args, {})  # lowered for the mesh; not compiled for this host's CPU
     if getattr(c, "load_transforms", None):
         raise ValueError(
             "this program converts some weights when they are loaded ("
@@ -217,7 +220,7 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
         "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
         "calling_convention_version": exported.calling_convention_version,
     }
-    return ExportedProgram(exported, manifest)
+    return ExportedProgram(exported, manifest, compiled=c)
 
 
 def _arg_name(fn, index: int) -> str:
@@ -254,6 +257,7 @@ _OP = re.compile(r'"?stablehlo\.(all_gather|reduce_scatter|all_reduce|all_to_all
                  r'collective_permute)"?')
 _CALL = re.compile(r"(?:func\.)?call\s+@([\w.$\-]+)")
 _TENSOR = re.compile(r"tensor<([0-9x]*)x?([a-zA-Z][a-zA-Z0-9]*)>")
+_PAIRS = re.compile(r'source_target_pairs\s*=\s*dense<(?:"0x([0-9A-Fa-f]+)"|(\[[0-9,\s\[\]]*\]))>')
 
 
 def _tensor_bytes(text: str) -> int:
@@ -265,14 +269,47 @@ def _tensor_bytes(text: str) -> int:
     return n * _MLIR_BYTES.get(dtype, 4)
 
 
+def _ring_size(line: str) -> int:
+    """Devices in the ring of a collective_permute: the length of the cycle through the first
+    source in its `source_target_pairs` (printed as nested lists or as little-endian int64
+    hex). 1 when the pairs cannot be read.
+
+        >>> _ring_size("source_target_pairs = dense<[[0, 1], [1, 2], [2, 0], [3, 3]]>")
+        3
+    """
+    m = _PAIRS.search(line)
+    if not m:
+        return 1
+    if m.group(1):
+        flat = np.frombuffer(bytes.fromhex(m.group(1)), dtype="<i8")
+    else:
+        flat = np.array([int(v) for v in re.findall(r"-?\d+", m.group(2))], dtype=np.int64)
+    if flat.size < 2 or flat.size % 2:
+        return 1
+    to = {int(a): int(b) for a, b in flat.reshape(-1, 2)}
+    start = int(flat[0])
+    n, d = 1, to.get(start, start)
+    while d != start and n <= len(to):
+        d = to.get(d, start)
+        n += 1
+    return n
+
+
 def stablehlo_collectives(text: str) -> dict:
-    """{"count": {kind: n}, "bytes": {kind: bytes}, "loops": n} per device per call, from a
-    StableHLO module's text (`Exported.mlir_module()`, `Lowered.as_text()`).
+    """{"count": {kind: n}, "bytes": {kind: bytes}, "total_bytes": n, "model_bytes": n,
+    "loops": n} per device per call, from a StableHLO module's text (`Exported.mlir_module()`,
+    `Lowered.as_text()`).
 
     Kinds and byte conventions as `passes/hlo.py`: all-gather counts its result, the others
     their operand. A function's collectives count once per call from `main`. Collectives
     inside a `stablehlo.while` count once per appearance (StableHLO does not state trip
     counts); `loops` counts the while loops, so a caller knows when that matters.
+
+    `model_bytes` is the total as the cost model counts it: a `collective_permute` around a
+    ring of N devices counts N/(N-1) of its operand, because the N-1 steps of a looped
+    collective einsum (`passes/collective_einsum.py`) each pass one of the N blocks of the
+    all-gather or reduce-scatter they replace, which the model counts whole (its output,
+    resp. input). Everything else counts as in `bytes`.
     """
     funcs: dict[str, list[str]] = {}
     current = None
@@ -284,8 +321,9 @@ def stablehlo_collectives(text: str) -> dict:
         if current is not None:
             funcs[current].append(line)
 
-    def own(name: str) -> tuple[dict, dict, list[str], int]:
+    def own(name: str) -> tuple[dict, dict, list[str], int, float]:
         count, nbytes, calls, loops = defaultdict(int), defaultdict(int), [], 0
+        ring_extra = 0.0  # what the permutes of looped collective einsums add as blocks
         lines = funcs.get(name, [])
         for i, line in enumerate(lines):
             op = _OP.search(line)
@@ -298,21 +336,27 @@ def stablehlo_collectives(text: str) -> dict:
                     j += 1
                 operand, _, result = lines[j].rpartition("->")
                 operand = operand.rsplit(" : ", 1)[-1]
-                nbytes[kind] += _tensor_bytes(result if kind == "all-gather" else operand)
+                size = _tensor_bytes(result if kind == "all-gather" else operand)
+                nbytes[kind] += size
+                if kind == "collective-permute":
+                    ring = _ring_size(" ".join(lines[i:j + 1]))
+                    ring_extra += size / (ring - 1) if ring > 1 else 0.0
             loops += "stablehlo.while" in line
             calls += _CALL.findall(line)
-        return count, nbytes, calls, loops
+        return count, nbytes, calls, loops, ring_extra
 
     total_count: dict[str, int] = defaultdict(int)
     total_bytes: dict[str, int] = defaultdict(int)
     loops = 0
+    ring_extra = 0.0
 
     def visit(name: str, times: int, depth: int = 0) -> None:
-        nonlocal loops
+        nonlocal loops, ring_extra
         if depth > 50 or name not in funcs:
             return
-        count, nbytes, calls, own_loops = own(name)
+        count, nbytes, calls, own_loops, extra = own(name)
         loops += own_loops
+        ring_extra += extra * times
         for k, v in count.items():
             total_count[k] += v * times
             total_bytes[k] += nbytes[k] * times
@@ -320,8 +364,9 @@ def stablehlo_collectives(text: str) -> dict:
             visit(callee, times, depth + 1)
 
     visit("main" if "main" in funcs else next(iter(funcs), ""), 1)
-    return {"count": dict(total_count), "bytes": dict(total_bytes),
-            "total_bytes": int(sum(total_bytes.values())), "loops": loops}
+    total = int(sum(total_bytes.values()))
+    return {"count": dict(total_count), "bytes": dict(total_bytes), "total_bytes": total,
+            "model_bytes": round(total + ring_extra), "loops": loops}
 
 
 # ---------------------------------------------------------------------------------------------

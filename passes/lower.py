@@ -53,6 +53,16 @@ class LowerContext:
         self.attention = attention  # the attention layout ("heads" or "batch")
         self.attention_batch = attention_batch  # batch axes inside batch-sharded attention
 
+    @classmethod
+    def for_graph(cls, g: Graph, mesh: MeshInfo, em: Emitter, result: Lowered) -> LowerContext:
+        """A context for lowering an annotated graph: its layout's attention (and the batch
+        axes inside batch-sharded attention, as `annotate` ordered them)."""
+        layout = g.meta.get("layout")
+        if layout is None:
+            return cls(mesh, em, result)
+        return cls(mesh, em, result, layout.attention,
+                   tuple(a for a in layout.attention_batch if mesh.sizes.get(a, 1) > 1))
+
     def fallback(self, node: Node, why: str) -> None:
         msg = f"{node.op} at {node.source or '?'}: {why}"
         if msg not in self.result.fallbacks:
@@ -112,6 +122,7 @@ def _replicated(ctx: LowerContext, node: Node, ins: list[Local], why: str) -> li
 def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]:
     out = node.outputs[0]
     rank = len(out.shape)
+    ins = _nested_partials(ctx, node, ins)
     arrays = [(k, x, s) for k, ((x, s), v) in enumerate(zip(ins, node.inputs))
               if s is not None and len(v.shape) == rank and rank > 0]
     if not arrays or any(o.shape != out.shape for o in node.outputs) or any(
@@ -151,6 +162,55 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
     if not keep_partial:
         target = Spec(target.dims)
     return [(o, target) for o in _bind(node, args)]
+
+
+def _nested_partials(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]:
+    """A sum of partial sums over nested sets of axes (a parallel block's attention output,
+    partial over the (x, y) its 48 heads split, plus its FFN output, partial over x, y, z):
+    the smaller ones become partial over the largest set too, without communication, so the
+    block is reduced once (one reduce-scatter, as the cost model counts it) instead of each
+    part apart. Anything else is returned as it came."""
+    if node.op not in ("add", "add_any", "sub") or any(s is None for _, s in ins):
+        return ins
+    parts = [s.partial for _, s in ins]
+    if not all(parts) or any(op != "sum" for p in parts for _, op in p) or len(set(parts)) < 2:
+        return ins
+    union = max(parts, key=len)
+    if any(not {a for a, _ in p} <= {a for a, _ in union} for p in parts):
+        return ins
+    out = []
+    for x, s in ins:
+        widened = _widen_partial(ctx, x, s, [a for a, _ in union if a not in s.partial_axes()])
+        if widened is None:
+            return ins
+        out.append((widened[0], Spec(widened[1].dims, union)))
+    return out
+
+
+def _widen_partial(ctx: LowerContext, x, spec: Spec, axes: list[str]):
+    """(x, spec) made a partial sum over `axes` too, locally: an axis that is the minor-most
+    split of a dimension is undone by putting the local block among zeros; an axis nothing
+    uses keeps the value on its first device and zeros on the others. None if an axis splits
+    a dimension under another one."""
+    import jax.numpy as jnp
+
+    dims = [tuple(d) for d in spec.dims]
+    for a in sorted(axes, key=lambda a: -max((d.index(a) for d in dims if a in d),
+                                             default=-1)):
+        hit = next((i for i, d in enumerate(dims) if a in d), None)
+        index = jax.lax.axis_index(a)
+        if hit is None:
+            x = jnp.where(index == 0, x, jnp.zeros((), x.dtype))
+            continue
+        if dims[hit][-1] != a:
+            return None
+        size = x.shape[hit]
+        full = list(x.shape)
+        full[hit] = size * ctx.mesh.sizes[a]
+        x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(full, x.dtype), x, index * size,
+                                                axis=hit)
+        dims[hit] = dims[hit][:-1]
+    return x, Spec(tuple(dims), spec.partial)
 
 
 def _partial_passes(node: Node, ins: list[Local], partials: set) -> bool:
@@ -222,6 +282,12 @@ def _free_batch_dim(node, sin, sout, need, ctx, moving: int):
     return None
 
 
+def _out_role(node: Node, dim: int) -> str | None:
+    """The dimension role `infer-axes` gave output dim `dim` of a one-output node."""
+    roles = (node.meta.get("axes") or [None])[0]
+    return roles[dim] if roles and dim < len(roles) else None
+
+
 @lower_rule("reshape")
 def _reshape(ctx, node, ins):
     (x, spec), = ins[:1]
@@ -242,6 +308,16 @@ def _reshape(ctx, node, ins):
             keep = len(axes)
             while keep and sout[gj[0]] % ctx.mesh.count(axes[:keep]):
                 keep -= 1
+            rest = axes[keep:]
+            if keep and rest and ctx.attention == "heads" and len(gj) > 1 and \
+                    sout[gj[0]] == ctx.mesh.count(axes[:keep]) and \
+                    sout[gj[1]] % ctx.mesh.count(rest) == 0 and \
+                    _out_role(node, gj[1]) in ("groups", "heads"):
+                # one element of the major output dim per device: the minor axes split the
+                # next one, when attention keeps it split, instead of being gathered (2 KV
+                # heads over x, their query groups over (y, z))
+                out_dims[gj[0]], out_dims[gj[1]] = tuple(axes[:keep]), tuple(rest)
+                continue
             if keep < len(axes) and ctx.attention != "heads":
                 # attention over batch: the heads move onto the batch dim (all-to-all) in the
                 # axes attention wants it in, if it can take them; else they are gathered
@@ -258,6 +334,12 @@ def _reshape(ctx, node, ins):
                 continue
         elif len(gj) == 1 and sharded == [gi[0]]:
             out_dims[gj[0]] = need[gi[0]]  # a merge whose major input dim is sharded
+            continue
+        elif len(gj) == 1 and sharded == gi[:2] and \
+                sin[gi[0]] == ctx.mesh.count(need[gi[0]]):
+            # the merge of the split above: one element of the major dim per device, the
+            # next dim split by the minor axes
+            out_dims[gj[0]] = need[gi[0]] + need[gi[1]]
             continue
         for k in gi:
             need[k] = ()
@@ -799,6 +881,10 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
         node.meta["sharding"] = [s.text() for _, s in final]
         node.meta["spec"] = [s for _, s in final]
         emitted = ctx.em.records[first_record:]
+        if emitted:
+            site = _site(node)
+            for r in emitted:
+                r.site = r.site or site
         seen, notes = set(), []
         for r in emitted:  # a loop body records once per trip: list each collective once
             key = (r.kind, r.axes, r.bytes)
@@ -815,6 +901,28 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
         outs.append(x)
         ospecs.append(s)
     return outs, ospecs
+
+
+def _site(node: Node) -> str:
+    """Where a collective comes from, for counting them by what they move: the block, the
+    op, and the weight it multiplies by (else the roles of what it makes).
+
+        attention.3 dot_general params.layers.3.q        ffn.0 add [batch,1,embed]
+    """
+    weights = node.graph.meta.get("weight_values", set())
+    names = []
+    for v in node.inputs:
+        if not isinstance(v, Value) or v.id not in weights:
+            continue
+        while v.producer.op != "input" and len(v.producer.inputs) == 1 and isinstance(
+                v.producer.inputs[0], Value):  # through a reshape, transpose, convert
+            v = v.producer.inputs[0]
+        names.append(v.producer.params.get("path") if v.producer.op == "input" else None)
+    what = ",".join(n for n in names if n)
+    if not what:
+        roles = (node.meta.get("axes") or [None])[0] or ()
+        what = f"[{','.join(str(r) for r in roles)}]"
+    return f"{node.meta.get('block', '-')} {node.op} {what}"
 
 
 def shard_counts(mesh: MeshInfo, spec: Spec) -> int:

@@ -71,6 +71,7 @@ class CollectiveRecord:
     axes: Axes
     bytes: int  # per device: all-gather output, reduce-scatter input, all-reduce/all-to-all data
     note: str = ""
+    site: str = ""  # the equation that emitted it (`lower_graph` fills it in), see `_site`
 
 
 @dataclass
@@ -150,9 +151,19 @@ class Emitter:
         self._record("collective-permute", axes, x, note)
         return jax.lax.ppermute(x, _axis_name(axes), perm=perm)
 
-    def local_slice(self, x, axes: Axes, dim: int):
-        """The shard of dim this device holds along axes (no communication)."""
+    def local_slice(self, x, axes: Axes, dim: int, major: Axes = ()):
+        """The shard of dim this device holds along axes (no communication). With `major`
+        axes (to be reduce-scattered onto dim next, in front of `axes`), the slice is
+        strided: this device's part of each of their blocks."""
         parts = self.mesh.count(axes)
+        if major:
+            blocks = self.mesh.count(major)
+            shape = x.shape
+            y = x.reshape(*shape[:dim], blocks, parts, shape[dim] // (blocks * parts),
+                          *shape[dim + 1:])
+            y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(_axis_name(axes)), 1,
+                                             axis=dim + 1)
+            return y.reshape(*shape[:dim], shape[dim] // parts, *shape[dim + 1:])
         size = x.shape[dim] // parts
         index = jax.lax.axis_index(_axis_name(axes)) * size
         return jax.lax.dynamic_slice_in_dim(x, index, size, axis=dim)
@@ -176,9 +187,10 @@ def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
         raise ValueError("a target spec cannot be partial")
     dims = [tuple(d) for d in src.dims]
     target = [tuple(d) for d in dst.dims]
-    # 1. Reduce partial results: scatter onto a dimension that wants the axis next, or onto a
-    #    dimension whose axes will move as one group into a dimension that wants them (the
-    #    heads -> batch move of multiquery attention), else reduce in place.
+    # 1. Reduce partial results (emitted after the slices of step 2): scatter onto a dimension
+    #    that wants the axis next, or onto a dimension whose axes will move as one group into
+    #    a dimension that wants them (the heads -> batch move of multiquery attention), else
+    #    reduce in place.
     reduce_in_place: dict[str, list[str]] = {}
     scatter_groups: list[tuple[int, list[str]]] = []  # consecutive axes onto one dim: one op
     for axis, op in src.partial:
@@ -205,11 +217,31 @@ def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
             scatter_groups[-1][1].append(axis)
         else:
             scatter_groups.append((placed, [axis]))
+    # 2. Slice first what this device keeps anyway: the axes a dimension gains after its own
+    #    (and after the partial axes scattered onto it) that nothing holds yet, so that the
+    #    collectives below move only this device's part (a projection replicated over z
+    #    wanted B_(z,x,y) is sliced over z before its heads move; K partial over x wanted
+    #    B_(x,z,y) keeps every x-block's (z,y) part before its reduce-scatter over x).
+    held = {a for d in src.dims for a in d} | src.partial_axes()
+    scattered: dict[int, Axes] = {}
+    for d, axes in scatter_groups:
+        scattered[d] = scattered.get(d, ()) + tuple(axes)
+    for d in range(len(dims)):
+        if not _is_prefix(dims[d], target[d]):
+            continue
+        free = []
+        for a in target[d][len(dims[d]):]:
+            if a in held:
+                break
+            free.append(a)
+        if free:
+            x = em.local_slice(x, tuple(free), d, major=scattered.get(d, ()))
+            dims[d] = dims[d] + tuple(free)  # the scatter below keeps these minor
     for op, axes in reduce_in_place.items():
         x = em.all_reduce(x, tuple(axes), op, note)
     for d, axes in scatter_groups:
         x = em.reduce_scatter(x, tuple(axes), d, note)
-    # 2. Axes that leave a dimension: the longest minor group that another dimension wants
+    # 3. Axes that leave a dimension: the longest minor group that another dimension wants
     #    next moves there (all_to_all); when none does, the minor-most axis is gathered.
     #    When several dimensions only gather (a weight-gathered layout's E_x F_y), one
     #    collective gathers them all.
@@ -251,7 +283,7 @@ def reshard(em: Emitter, x, src: Spec, dst: Spec, note: str = ""):
                 x = em.all_gather(x, cur[keep:], i, note)
                 dims[i] = cur[:keep]
             changed = True
-    # 3. Axes a dimension gains: the local shard.
+    # 4. Axes a dimension still gains: the local shard.
     for d in range(len(dims)):
         extra = target[d][len(dims[d]):]
         if extra:
