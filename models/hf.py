@@ -433,7 +433,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     with paths like "tok_embeddings", "layers/3/wq" (or "layers/wq" with scan_layers), e.g.
     `split_largest_axis(mesh)`. Default: one device (no mesh) or replicated (mesh).
     dtype, max_len: as in `load_config`. scan_layers: layers stacked for `jax.lax.scan`.
-    progress: a tqdm progress bar over the bytes placed.
+    progress: a progress bar over the bytes placed (on a terminal; else one line at the end).
 
     Raises CheckpointError (a ValueError) for an unknown architecture, a missing, unexpected or
     wrongly shaped tensor, or a config.json field meshwright does not implement.
@@ -484,10 +484,10 @@ def _lazy_params(path: str | os.PathLike, dtype: Any, max_len: int | None,
 
 
 def _progress(leaves: list):
-    from tqdm import tqdm
+    from meshwright.progress import bar
 
     total = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
-    return tqdm(total=total, unit="B", unit_scale=True, desc="loading")
+    return bar(total=total, unit="B", unit_scale=True, desc="loading")
 
 
 def _check_all_used(checkpoint: SafetensorsCheckpoint, used: set[str], arch: _Architecture,

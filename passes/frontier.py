@@ -173,9 +173,9 @@ def sweep(model, hardware="tpu-v4", chips=None, batches=None, context: int = 204
         Workload(b, context, ph, w)  # validate names early, with a clear error
     bar = None
     if progress:
-        from tqdm import tqdm
+        from meshwright.progress import bar as progress_bar
 
-        bar = tqdm(total=len(jobs), desc=f"frontier {cfg.name}", unit="config", leave=False)
+        bar = progress_bar(total=len(jobs), desc=f"frontier {cfg.name}", unit="config")
     points: list[Point] = []
     evaluated = 0
     meshes = {n: factorizations(n) for n in chips}

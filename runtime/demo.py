@@ -244,9 +244,9 @@ def compile_buckets(model, params, mesh, buckets, *, pin: dict,
     todo = list(buckets)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from meshwright.progress import bar as progress_bar
 
-        bar = tqdm(todo, desc="mw.shard", unit="bucket", leave=False, file=sys.stderr)
+        bar = progress_bar(todo, desc="mw.shard", unit="bucket")
     out = {}
     for phase, bucket in bar if bar is not None else todo:
         if bar is not None:

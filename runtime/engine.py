@@ -538,9 +538,9 @@ class Engine:
         todo = self.buckets()
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from meshwright.progress import bar as progress_bar
 
-            bar = tqdm(todo, desc=f"compiling {self.name}", unit="bucket", leave=False)
+            bar = progress_bar(todo, desc=f"compiling {self.name}", unit="bucket")
         t0 = time.perf_counter()
         for phase, bucket in bar if bar is not None else todo:
             if bar is not None:
@@ -954,10 +954,9 @@ class Engine:
         self._done = []
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from meshwright.progress import bar as progress_bar
 
-            bar = tqdm(total=len(arrivals), desc=f"serve {self.policy}", unit="req",
-                       leave=False)
+            bar = progress_bar(total=len(arrivals), desc=f"serve {self.policy}", unit="req")
         try:
             i, n = 0, len(arrivals)
             while i < n or self.scheduler.has_work():
