@@ -399,8 +399,11 @@ class Engine:
         self._weight_shardings = None  # how the weights were placed (from a step)
         self._window_shardings: dict[tuple[int, int], Any] = {}  # decode bucket -> its cache's
         self._prefill_shardings: dict[Bucket, Any] = {}  # prefill bucket -> its fresh cache's
-        self._prefill_outputs: list = []  # a prefill output cache per bucket, to warm writes on
-        self._decode_outputs: dict = {}  # a decode step's output cache per window shape, too
+        # the shape, dtype and placement of each prefill bucket's output cache and of each
+        # decode window's, to warm the cache's writes on (shapes only: holding the arrays
+        # themselves would keep every bucket's cache alive, gigabytes at 32 slots x 1024)
+        self._prefill_outputs: list = []
+        self._decode_outputs: dict = {}
         self._user_cache_sharding = cache_sharding
         self._last_layout: str | None = None
         self.last_decode_bucket: Bucket | None = None  # the bucket of the latest decode step
@@ -572,9 +575,10 @@ class Engine:
                 sample_tokens(logits, [_WARM] * bucket.batch, [0] * bucket.batch)
             if phase == "prefill":
                 jax.block_until_ready(self._fresh_cache(bucket))
-                self._prefill_outputs.append(cache)
+                self._prefill_outputs.append(_placed_shapes(cache))
             else:
-                self._decode_outputs[(bucket.batch, bucket.length)] = cache
+                self._decode_outputs[(bucket.batch, bucket.length)] = _placed_shapes(cache)
+            del logits, cache
             self._steps[key] = fn
             layout = self.planner_fn(phase, bucket) if self.planner_fn else None
             self.layouts[key] = layout or getattr(fn, "layout", None) or "replicated"
@@ -994,6 +998,14 @@ class ServeReport:
 
 
 _WARM = SamplingParams(temperature=1.0, top_k=1, top_p=0.5)  # compiles every sampling path
+
+
+def _placed_shapes(tree):
+    """Each array's shape, dtype and sharding (`KVCache.warm_up` makes zeros of them); no
+    sharding for an array not committed to its device (a jitted function compiles once more
+    for a committed argument where it saw an uncommitted one)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=a.sharding if a.committed else None), tree)
 
 
 def _same_shardings(tree, shardings) -> bool:

@@ -312,7 +312,8 @@ class KVCache:
         nothing compiles while serving; the cache's contents are unchanged. `stepped` maps
         a window shape to what the decode step of that bucket returned (its placement may
         differ from the load's), `writes` are prefill outputs as the prefill steps return
-        them."""
+        them: arrays, or `jax.ShapeDtypeStruct`s with their sharding (zeros are made of
+        those one at a time, so that only one bucket's cache exists at once)."""
         stepped = stepped or {}
         scratch = self._zeros(self.max_slots, self.max_len)
         store_sharding = self.sharding_for(self.max_slots, self.max_len)
@@ -323,12 +324,12 @@ class KVCache:
             window = load(scratch)
             scratch = store(scratch, window)
             if (capacity, length) in stepped:
-                scratch = store(scratch, stepped[(capacity, length)])
+                scratch = store(scratch, _materialize(stepped[(capacity, length)]))
         write = _compiled("write", self.axes, store_sharding)
         for new in writes:
             rows = jax.tree.leaves(jax.tree.map(lambda a, ax: a.shape[ax.slot], new,
                                                 self.axes))[0]
-            scratch = write(scratch, new, np.full(rows, self.max_slots, np.int32))
+            scratch = write(scratch, _materialize(new), np.full(rows, self.max_slots, np.int32))
         move = _compiled("move", self.axes, store_sharding)
         jax.block_until_ready(move(scratch, np.int32(0), np.int32(0)))
 
@@ -357,6 +358,19 @@ class KVCache:
                   if self._window else "no window")
         return (f"KVCache({self.max_slots} slots x {self.max_len} positions, {window}, "
                 f"{self.nbytes / 2**20:.2f} MiB stored)")
+
+
+def _materialize(tree):
+    """Zeros for every `jax.ShapeDtypeStruct` leaf of `tree`: committed to its sharding, or
+    uncommitted on the default device when it has none; arrays as they are."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if x.sharding is None:
+                return jnp.zeros(x.shape, x.dtype)
+            return jnp.zeros(x.shape, x.dtype, device=x.sharding)
+        return x
+
+    return jax.tree.map(one, tree)
 
 
 def _broadcast(sharding, tree):

@@ -114,7 +114,9 @@ def test_batch_sharded_windows_follow_their_capacity():
     assert leaf.sharding.spec == jax.sharding.PartitionSpec("batch")
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
     assert float(np.asarray(leaf)[0].sum()) == 4 * 2 * 8
-    kv.warm_up([(1, 8), (4, 8)], [LOOP.init_cache(1, 4)])  # compiles, changes nothing
+    stepped = {(4, 8): jax.tree.map(  # a decode output described by shape and placement
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), four)}
+    kv.warm_up([(1, 8), (4, 8)], stepped, writes=[LOOP.init_cache(1, 4)])  # changes nothing
     assert float(np.asarray(jax.tree.leaves(kv.window(4, 8))[0])[0].sum()) == 4 * 2 * 8
 
 
