@@ -427,10 +427,13 @@ class Server:
             count(endpoint=endpoint, outcome="invalid")
             return _error(e.status, e.message, e.type, e.param, e.code)
         sub = Submission(self._handoff)
+        # A whole answer without stop strings needs only the end: its tokens do not cross
+        # threads one step at a time (the handler is not woken at every step).
+        per_token = spec.stream or bool(spec.stop)
         sub.handle = self.runner.engine.submit(
             Request(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling,
                     stop_tokens=self.text.eos_token_ids),
-            on_token=sub.on_token, on_finish=sub.on_finish)
+            on_token=sub.on_token if per_token else None, on_finish=sub.on_finish)
         if sub.handle.done:  # refused at once
             return self._refused(sub.handle.result(), endpoint)
         self.metrics.prompt_tokens.inc(len(spec.prompt))
@@ -501,8 +504,13 @@ class Server:
             gen.outcome = "disconnected" if trouble == GONE else "error"
             self.metrics.requests.inc(endpoint=endpoint, outcome=gen.outcome)
             return "", None, trouble
-        if tokens and not gen.generated:
+        if tokens and not gen.generated:  # its first token reached the handler
             self.metrics.ttft.observe(time.perf_counter() - gen.t_start)
+        elif result is not None and result.tokens and not gen.generated:  # delivered whole
+            self.metrics.ttft.observe(time.perf_counter() - gen.t_start - result.latency_s
+                                      + result.ttft_s)
+        if result is not None:  # tokens not handed over one by one come with the result
+            tokens = tokens + result.tokens[gen.generated + len(tokens):]
         gen.generated += len(tokens)
         self.metrics.generated_tokens.inc(len(tokens))
         delta = gen.text.push(tokens)
