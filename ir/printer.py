@@ -109,6 +109,14 @@ def format_graph(g: Graph, source: bool = False, meta: bool = True) -> str:
     return "\n".join(lines)
 
 
+def value_names(g: Graph) -> dict[int, str]:
+    """value id -> the name the text form gives it (`%params.w`, `%12`), for reports that
+    point at lines of `format_graph(g)`."""
+    namer = _Namer()
+    _format_into(g, namer, [], indent="", header=g.name, source=False, meta=False)
+    return namer.names
+
+
 def _decl(namer: _Namer, v: Value, meta: bool) -> str:
     return f"{namer.define(v)}:{format_aval(v.aval)}{_annotation(v) if meta else ''}"
 

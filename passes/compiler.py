@@ -207,14 +207,25 @@ class ShardedFunction:
             self._cache[key] = self._compile(args, kwargs)
         return self._cache[key]
 
-    def _compile(self, args, kwargs) -> Compiled:
+    def compile_watched(self, printer: Callable[[str, Graph], None], *args,
+                        **kwargs) -> Compiled:
+        """Compile afresh (the cache is neither read nor filled), calling
+        `printer(pass_name, graph)` right after every stage, trace to lower: what
+        `tests/test_golden_passes.py` records of each pass."""
+        return self._compile(args, kwargs, printer)
+
+    def _compile(self, args, kwargs, printer=None) -> Compiled:
         import time
 
+        show = printer or (lambda name, graph: None)
         timings = {}
         t0 = time.perf_counter()
         g = trace(self.fn, *args, **kwargs)
         timings["trace"] = time.perf_counter() - t0
+        show("trace", g)
         pm = PassManager(self.passes or ANALYSES)
+        if printer is not None:
+            pm.print_after, pm.printer = {p.name for p in pm.passes}, printer
         g = pm.run(g)
         timings.update(pm.timings)
         from meshwright.passes import infer_axes as ia
@@ -239,6 +250,7 @@ class ShardedFunction:
             plan, ffn, attention, mesh_shape, predicted = self._choose(config, work, phase)
         timings["plan"] = time.perf_counter() - t0
         g.meta["plan"] = plan
+        show("plan", g)
         mesh_info = MeshInfo(mesh_shape)
         jmesh = make_mesh(mesh_shape, self.devices)
         prog = ia._Program()
@@ -251,9 +263,11 @@ class ShardedFunction:
         g.meta["pass_text"] = {"annotate": g.format()}  # for step.diff(); ~5 ms
         g.meta["float_input_paths"] = [v.producer.params.get("path", f"argument {i}")
                                        for i, v in enumerate(g.inputs)]
+        show("annotate", g)
         t0 = time.perf_counter()
         interleave_fused(g, mesh_info)
         timings["interleave-fused"] = time.perf_counter() - t0
+        show("interleave-fused", g)
         transforms = {i: list(steps) for i, steps in g.meta.get("load_transforms", {}).items()}
         if self.weights == "int8":
             from meshwright.passes.quantize import Int8Quantizer, quantize_int8
@@ -264,12 +278,14 @@ class ShardedFunction:
                 transforms.setdefault(w.index, []).append(Int8Quantizer(w.reduce_axes,
                                                                         w.layout))
             timings["quantize-int8"] = time.perf_counter() - t0
+            show("quantize-int8", g)
         from meshwright.passes.collective_einsum import collective_einsum
 
         t0 = time.perf_counter()
         collective_einsum(g, mesh_info, self.collective_einsum, self.hardware)
         timings["collective-einsum"] = time.perf_counter() - t0
         g.meta["pass_text"]["collective-einsum"] = g.format()
+        show("collective-einsum", g)
         in_specs, out_specs = g.meta["in_specs"], g.meta["out_specs"]
         result = Lowered()
         emitter = Emitter(mesh_info)
@@ -292,6 +308,7 @@ class ShardedFunction:
         t0 = time.perf_counter()
         lowered = jitted.lower(*structs)
         timings["lower"] = time.perf_counter() - t0
+        show("lower", g)
         return Compiled(graph=g, config=config, plan=plan, ffn_layout=ffn,
                         attention_layout=attention, mesh_shape=mesh_shape, jax_mesh=jmesh,
                         in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
