@@ -73,9 +73,17 @@ def plan(model: str | Any = "palm-tiny", hardware: str = "tpu-v4", chips: int = 
 
     For a Graph, batch, context and phase default to the traced shapes.
     """
+    from meshwright import validate
     from meshwright.passes import PassManager
     from meshwright.passes import planner as _planner
     from meshwright.passes.plan import config_from_graph, workload_from_graph
+
+    chips = validate.slice_chips(chips, hardware, "chips")  # a size the hardware comes in
+    batch = None if batch is None else validate.batch(batch)
+    context = None if context is None else validate.length(context, "context")
+    gen_tokens = validate.positive_int(gen_tokens, "gen_tokens")
+    if kv_memory_fraction is not None:
+        kv_memory_fraction = validate.fraction(kv_memory_fraction, "kv_memory_fraction")
 
     extra = {} if kv_memory_fraction is None else {"kv_memory_fraction": kv_memory_fraction}
     common = dict(hardware=hardware, chips=chips, weights=weights, gen_tokens=gen_tokens,
@@ -97,7 +105,11 @@ def plan(model: str | Any = "palm-tiny", hardware: str = "tpu-v4", chips: int = 
 
 
 def make_mesh(shape, devices=None):
-    """A device mesh with axes x, y, z: `mw.make_mesh({"x": 2, "y": 2, "z": 2})`."""
+    """A device mesh with axes x, y, z: `mw.make_mesh({"x": 2, "y": 2, "z": 2})`.
+
+    Raises `meshwright.validate.InvalidArgument` (a ValueError) for a size below 1, an axis
+    not named x, y or z, more than three axes, or more devices than JAX has (naming the
+    XLA_FLAGS line that simulates them on CPU)."""
     from meshwright.passes.compiler import make_mesh as _make_mesh
 
     return _make_mesh(shape, devices)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
+
+from meshwright import validate
 
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -30,6 +34,35 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+def _checked(flag: str, check: Callable, *extra) -> Callable[[str], object]:
+    """An argparse `type` that runs a `meshwright.validate` check on the flag's text, so a bad
+    value is refused before the command starts, with the message the API gives."""
+    def convert(text: str):
+        try:
+            return check(text, flag, *extra)
+        except validate.InvalidArgument as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = check.__name__  # argparse names the type in some messages
+    return convert
+
+
+def _checked_list(flag: str, check: Callable) -> Callable[[str], tuple]:
+    """Comma-separated values, each through `check`: "8,16,32"."""
+    def convert(text: str) -> tuple:
+        items = [v for v in text.split(",") if v.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: no values; give them "
+                                             "separated by commas, e.g. 8,16")
+        try:
+            return tuple(check(v, flag) for v in items)
+        except validate.InvalidArgument as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = check.__name__
+    return convert
+
+
 # ---------------------------------------------------------------------------------------------
 # meshwright inspect MODEL
 
@@ -38,8 +71,10 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a bundled model preset (default: %(default)s -> the default small model)")
     p.add_argument("--phase", choices=("prefill", "decode"), default="decode")
-    p.add_argument("--batch", type=int, default=2, help="batch of the example inputs")
-    p.add_argument("--length", type=int, default=8, help="prompt length for prefill")
+    p.add_argument("--batch", type=_checked("--batch", validate.batch), default=2,
+                   help="batch of the example inputs")
+    p.add_argument("--length", type=_checked("--length", validate.length), default=8,
+                   help="prompt length for prefill")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_layers=4 (repeatable)")
     p.add_argument("--scan", action="store_true", help="layers as a scan (--set scan_layers=true)")
@@ -51,21 +86,23 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
                         "--diff annotate collective-einsum")
     p.add_argument("--side-by-side", action="store_true",
                    help="--diff in two columns instead of a unified diff")
-    p.add_argument("--width", type=int, default=200,
+    p.add_argument("--width", type=_checked("--width", validate.positive_int), default=200,
                    help="--side-by-side: total width (default: %(default)s)")
     p.add_argument("--collective-einsum", choices=("auto", "on", "off"), default="auto",
                    help="looped collective einsums: auto (where the hardware profile says "
                         "overlap pays), on, off (default: %(default)s)")
     p.add_argument("--hardware", default=None,
-                   help="hardware profile the lowering prices with (default: cpu)")
-    p.add_argument("--mesh", default="2x2x2", metavar="XxYxZ",
-                   help="mesh for --after annotate/lower (simulated CPU devices; "
-                        "default: %(default)s)")
+                   help="hardware profile the lowering prices with (default: cpu; tpu-v4 for "
+                        "a mesh of more devices than one CPU host profile covers, e.g. 4x4x4)")
+    p.add_argument("--mesh", type=_checked("--mesh", validate.mesh_shape), default="2x2x2",
+                   metavar="XxYxZ", help="mesh for --after annotate/lower (simulated CPU "
+                   "devices, as many as it has; default: %(default)s)")
     p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout for lowering")
     p.add_argument("--force-attention", metavar="LAYOUT",
                    help="pin the attention layout for lowering")
     p.add_argument("--source", action="store_true", help="append each equation's source line")
-    p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT")
+    p.add_argument("--dot", metavar="FILE", type=_checked("--dot", validate.output_file),
+                   help="also write the graph as Graphviz DOT")
     p.add_argument("--summary", action="store_true", help="print op counts, FLOPs and bytes")
 
 
@@ -76,19 +113,24 @@ def _sharded_step(cfg, args):
     from meshwright import api
     from meshwright.models import build
 
-    sizes = tuple(int(v) for v in args.mesh.lower().split("x"))
+    sizes = args.mesh  # (x, y, z), checked by validate.mesh_shape
     mesh = api.make_mesh(dict(zip("xyz", sizes)))
     model = build(cfg)
     xs = model.example_args(args.phase, batch=args.batch, length=args.length,
                             key=jax.random.PRNGKey(0))
-    force = {"mesh": sizes + (1,) * (3 - len(sizes))}
+    force = {"mesh": sizes}
     if args.force_ffn:
         force["ffn"] = args.force_ffn
     if args.force_attention:
         force["attention"] = args.force_attention
     if "ffn" not in force or "attention" not in force:
         force = {k: v for k, v in force.items() if k != "mesh"}  # the planner picks the mesh
-    step = api.shard(model.fn(args.phase), mesh=mesh, force=force, hardware=args.hardware,
+    hardware = args.hardware
+    if hardware is None:
+        from meshwright.passes.hardware import get_hardware
+
+        hardware = "cpu" if len(mesh.devices.flat) <= get_hardware("cpu").max_chips else "tpu-v4"
+    step = api.shard(model.fn(args.phase), mesh=mesh, force=force, hardware=hardware,
                      collective_einsum=args.collective_einsum)
     return step, xs
 
@@ -156,24 +198,28 @@ def _run_inspect(args) -> int:
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="palm-540b", help="model preset (default: %(default)s)")
-    p.add_argument("--checkpoint", metavar="DIR",
+    p.add_argument("--checkpoint", metavar="DIR", type=_checked("--checkpoint", validate.input_dir),
                    help="plan a Hugging Face checkpoint directory from its config.json "
                         "(no weights are read); replaces --model")
     p.add_argument("--hardware", default="tpu-v4", help="hardware profile (default: %(default)s)")
-    p.add_argument("--chips", type=int, default=64, help="number of chips (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per step (default: %(default)s)")
-    p.add_argument("--context", type=int, default=2048,
+    p.add_argument("--chips", type=_checked("--chips", validate.positive_int), default=64,
+                   help="number of chips, a slice size of --hardware (default: %(default)s)")
+    p.add_argument("--batch", type=_checked("--batch", validate.batch), default=64,
+                   help="sequences per step (default: %(default)s)")
+    p.add_argument("--context", type=_checked("--context", validate.length), default=2048,
                    help="prompt tokens (prefill) / KV length (decode) (default: %(default)s)")
     p.add_argument("--phase", choices=("prefill", "decode"), default="decode")
     p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default="bf16")
-    p.add_argument("--gen-tokens", type=int, default=64,
+    p.add_argument("--gen-tokens", type=_checked("--gen-tokens", validate.positive_int),
+                   default=64,
                    help="decode steps counted in latency_seconds (default: %(default)s)")
     p.add_argument("--force-ffn", metavar="LAYOUT",
                    help="pin the FFN layout: ws-1d, ws-2d, wg-x, wg-xy, wg-xyz")
     p.add_argument("--force-attention", metavar="LAYOUT", help="pin attention: heads or batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_kv_heads=48 (repeatable)")
-    p.add_argument("--kv-memory-fraction", type=float, default=0.3,
+    p.add_argument("--kv-memory-fraction", default=0.3,
+                   type=_checked("--kv-memory-fraction", validate.fraction),
                    help="share of memory the KV cache may use for max_context "
                         "(default: %(default)s)")
 
@@ -187,6 +233,7 @@ def _run_plan(args) -> int:
         from meshwright.models.hf import load_config
 
         model = load_config(args.checkpoint)
+    validate.slice_chips(args.chips, args.hardware, "--chips")
     result = plan(model, hardware=args.hardware, chips=args.chips, batch=args.batch,
                   context=args.context, phase=args.phase, weights=args.weights,
                   gen_tokens=args.gen_tokens, force_ffn=args.force_ffn,
@@ -203,26 +250,21 @@ def _run_plan(args) -> int:
 # meshwright frontier --model NAME --hardware HW --png FILE
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
 def _add_frontier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="palm-540b", help="model preset (default: %(default)s)")
     p.add_argument("--hardware", default="tpu-v4", help="hardware profile (default: %(default)s)")
-    p.add_argument("--chips", type=_int_list, default=None,
-                   help="comma-separated chip counts (default: 8,16,...,256 within the slice)")
-    p.add_argument("--batches", type=_int_list, default=None,
+    p.add_argument("--chips", type=_checked_list("--chips", validate.positive_int),
+                   default=None, help="comma-separated chip counts, slice sizes of --hardware "
+                   "(default: 8,16,...,256 within the slice)")
+    p.add_argument("--batches", type=_checked_list("--batches", validate.batch), default=None,
                    help="comma-separated batch sizes (default: 1,2,4,...,1024)")
-    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--context", type=_checked("--context", validate.length), default=2048)
     p.add_argument("--phases", default="prefill,decode", help="default: %(default)s")
     p.add_argument("--weights", default="bf16,int8", help="weight formats (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
-    p.add_argument("--png", metavar="FILE", help="draw the Pareto frontiers to this PNG")
+    p.add_argument("--png", metavar="FILE", type=_checked("--png", validate.output_file),
+                   help="draw the Pareto frontiers to this PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -230,6 +272,8 @@ def _add_frontier_arguments(p: argparse.ArgumentParser) -> None:
 def _run_frontier(args) -> int:
     from meshwright.passes.frontier import sweep
 
+    for chips in args.chips or ():
+        validate.slice_chips(chips, args.hardware, "--chips")
     result = sweep(args.model, hardware=args.hardware, chips=args.chips, batches=args.batches,
                    context=args.context,
                    phases=tuple(args.phases.split(",")), weights=tuple(args.weights.split(",")),
@@ -253,9 +297,9 @@ def _run_frontier(args) -> int:
 
 
 def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=8,
+    p.add_argument("--devices", type=_checked("--devices", validate.device_count), default=8,
                    help="simulated devices to measure with (default: %(default)s)")
-    p.add_argument("--output", metavar="FILE",
+    p.add_argument("--output", metavar="FILE", type=_checked("--output", validate.output_file),
                    help="where to save the profile (default: $MESHWRIGHT_CACHE/cpu.json or "
                         "~/.cache/meshwright/cpu.json)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
@@ -284,6 +328,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="palm-tiny", help="model preset (default: %(default)s)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR",
+                        type=_checked("--checkpoint", validate.input_dir),
                         help="serve a Hugging Face checkpoint directory instead of a preset")
     source.add_argument("--model-fn", metavar="MODULE:FACTORY",
                         help="serve your own model: FACTORY() in MODULE returns (model, "
@@ -293,32 +338,46 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field (repeatable)")
     p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
     p.add_argument("--no-shuffle", action="store_true", help="fused without the memory shuffle")
-    p.add_argument("--requests", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--requests", type=_checked("--requests", validate.positive_int), default=64,
+                   help="default: %(default)s (with --trace: at most the trace's entries)")
     arrival = p.add_mutually_exclusive_group()
-    arrival.add_argument("--rate", type=float, help="Poisson arrivals per second")
-    arrival.add_argument("--interval", type=float, help="fixed seconds between arrivals")
-    p.add_argument("--out-len", type=int, nargs=2, default=(16, 256), metavar=("A", "B"),
+    arrival.add_argument("--rate", type=_checked("--rate", validate.positive_number),
+                         help="Poisson arrivals per second")
+    arrival.add_argument("--interval", type=_checked("--interval", validate.non_negative_number),
+                         help="fixed seconds between arrivals")
+    p.add_argument("--out-len", type=_checked("--out-len", validate.positive_int), nargs=2,
+                   default=(16, 256), metavar=("A", "B"),
                    help="output lengths uniform in [A, B] (default: 16 256)")
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(4, 16), metavar=("A", "B"),
+    p.add_argument("--prompt-len", type=_checked("--prompt-len", validate.positive_int),
+                   nargs=2, default=(4, 16), metavar=("A", "B"),
                    help="prompt lengths uniform in [A, B] (default: 4 16)")
-    p.add_argument("--trace", metavar="FILE", help="JSON trace of output lengths")
-    p.add_argument("--max-slots", type=int, default=8, help="KV slots (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="KV length per slot (default: the largest prompt + output, rounded)")
-    p.add_argument("--window", type=float, default=0.01,
-                   help="dynamic batching window in seconds (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=1, help="runs; figures are medians")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", metavar="FILE", type=_checked("--trace", validate.input_file),
+                   help="JSON trace of output lengths")
+    p.add_argument("--max-slots", type=_checked("--max-slots", validate.positive_int), default=8,
+                   help="KV slots (default: %(default)s)")
+    p.add_argument("--max-len", type=_checked("--max-len", validate.max_len), default=None,
+                   help="KV length per slot; requests longer than it are shortened, and the "
+                        "workload line says how many (default: the largest prompt + output, "
+                        "rounded up to 64)")
+    p.add_argument("--window", type=_checked("--window", validate.non_negative_number),
+                   default=0.01, help="dynamic batching window in seconds (default: %(default)s)")
+    p.add_argument("--repeats", type=_checked("--repeats", validate.positive_int), default=1,
+                   help="runs; figures are medians")
+    p.add_argument("--seed", type=_checked("--seed", validate.non_negative_int), default=0)
     p.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
                    help="virtual: measured compute time, idle gaps skipped (default)")
     p.add_argument("--sweep", action="store_true",
                    help="Flover's sweep: every policy at several mean inter-arrival times")
-    p.add_argument("--intervals", default="0.001,0.003,0.01,0.03,0.1,0.3",
-                   help="mean inter-arrival times of --sweep, seconds (default: %(default)s)")
-    p.add_argument("--png", metavar="FILE", help="--sweep: draw the speedups to this PNG")
-    p.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--intervals", default=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+                   type=_checked_list("--intervals", validate.positive_number),
+                   help="mean inter-arrival times of --sweep, seconds (default: "
+                        "0.001,0.003,0.01,0.03,0.1,0.3)")
+    p.add_argument("--png", metavar="FILE", type=_checked("--png", validate.output_file),
+                   help="--sweep: draw the speedups to this PNG")
+    p.add_argument("--output", metavar="FILE", type=_checked("--output", validate.output_file),
+                   help="also write the JSON result to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=_checked("--devices", validate.device_count), default=1,
                    help="compile every bucket with mw.shard on this many (simulated CPU) "
                         "devices, each in the planner's layout (default: 1, plain jax.jit)")
     p.add_argument("--hardware", default="cpu",
@@ -331,16 +390,13 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 @_command("bench", "benchmarks: `bench serve` replays a Poisson workload through the runtime")
 def _run_bench(args) -> int:
-    if args.devices > 1:  # simulated CPU devices: the flag must be set before JAX starts
-        from meshwright.runtime.demo import ensure_host_devices
-
-        ensure_host_devices(args.devices)
-    from meshwright.runtime import bench
+    from meshwright.runtime import bench  # main() set the simulated device count already
 
     if args.model_fn and args.set:
         raise ValueError("--set overrides a preset's config; a --model-fn model is built by "
                          "its factory (change it there)")
-    lo, hi = args.out_len
+    lo, hi = validate.int_range(args.out_len, "--out-len")
+    validate.int_range(args.prompt_len, "--prompt-len")
     max_len = args.max_len or max(64, -(-(hi + args.prompt_len[1]) // 64) * 64)
     progress = not (args.no_progress or args.json)
     engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=max_len,
@@ -350,7 +406,7 @@ def _run_bench(args) -> int:
                                hardware=args.hardware,
                                share_weights=not args.no_share_weights)
     if args.sweep:
-        intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
+        intervals = list(args.intervals)
         result = bench.sweep(engine=engine, intervals=intervals, requests=args.requests,
                              out_len=(lo, hi), prompt_len=tuple(args.prompt_len),
                              window_s=args.window, seed=args.seed, repeats=args.repeats,
@@ -399,15 +455,15 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s; 0: any free")
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=_checked("--devices", validate.device_count), default=1,
                    help="compile every bucket with mw.shard on this many (simulated CPU) "
                         "devices, each in the planner's layout (default: 1, plain jax.jit)")
     p.add_argument("--hardware", default="cpu",
                    help="--devices: the profile the planner prices layouts with "
                         "(default: %(default)s)")
-    p.add_argument("--max-slots", type=int, default=8,
+    p.add_argument("--max-slots", type=_checked("--max-slots", validate.positive_int), default=8,
                    help="KV slots: requests decoded together (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=_checked("--max-len", validate.max_len), default=None,
                    help="KV length per slot, prompt + output (default: the model's)")
     p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
     p.add_argument("--max-queue", type=int, default=256,
@@ -456,21 +512,22 @@ def _run_serve(args) -> int:
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=24,
+    p.add_argument("--requests", type=_checked("--requests", validate.positive_int), default=24,
                    help="requests in the Poisson burst (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=40.0,
+    p.add_argument("--rate", type=_checked("--rate", validate.positive_number), default=40.0,
                    help="mean arrivals per second of the burst (default: %(default)s)")
-    p.add_argument("--out-len", type=int, nargs=2, default=(16, 192), metavar=("A", "B"),
+    p.add_argument("--out-len", type=_checked("--out-len", validate.positive_int), nargs=2,
+                   default=(16, 192), metavar=("A", "B"),
                    help="max tokens per request, uniform in [A, B] (default: 16 192)")
-    p.add_argument("--max-len", type=int, default=256,
+    p.add_argument("--max-len", type=_checked("--max-len", validate.max_len), default=256,
                    help="KV length per slot, prompt + output (default: %(default)s)")
-    p.add_argument("--stream", type=int, default=3,
+    p.add_argument("--stream", type=_checked("--stream", validate.non_negative_int), default=3,
                    help="prompts of the streaming section, 0 for none (default: %(default)s)")
     p.add_argument("--no-check", action="store_true",
                    help="skip comparing the streamed completions with unsharded decoding")
-    p.add_argument("--checkpoint", metavar="DIR",
+    p.add_argument("--checkpoint", metavar="DIR", type=_checked("--checkpoint", validate.input_dir),
                    help="serve a Hugging Face checkpoint directory instead of the bundled model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_checked("--seed", validate.non_negative_int), default=0)
     p.add_argument("--hardware", default="cpu",
                    help="profile the planner prices each bucket's layout with (default: "
                         "%(default)s; e.g. tpu-v4: still runs on the simulated CPU mesh)")
@@ -481,9 +538,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def _run_demo(args) -> int:
     from meshwright.runtime import demo  # imports no JAX: the device flag can still be set
 
-    demo.ensure_host_devices(demo.DEVICES)
     options = demo.DemoOptions(
-        requests=args.requests, rate=args.rate, out_len=tuple(args.out_len),
+        requests=args.requests, rate=args.rate,
+        out_len=validate.int_range(args.out_len, "--out-len"),
         max_len=args.max_len, stream=args.stream, check=not args.no_check,
         checkpoint=args.checkpoint, seed=args.seed, hardware=args.hardware,
         progress=not (args.no_progress or args.json))
@@ -498,16 +555,19 @@ def _run_demo(args) -> int:
 
 
 def _add_launch_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--processes", type=int, required=True,
-                   help="how many processes to start")
-    p.add_argument("--devices-per-process", type=int, default=None, metavar="K",
+    p.add_argument("-n", "--processes", type=_checked("--processes", validate.positive_int),
+                   required=True, help="how many processes to start")
+    p.add_argument("--devices-per-process", default=None, metavar="K",
+                   type=_checked("--devices-per-process", validate.device_count),
                    help="simulated CPU devices in each process (XLA_FLAGS); default: as set")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_checked("--timeout", validate.positive_number),
+                   default=None, metavar="SECONDS",
                    help="a process silent this long counts as lost, and the others stop "
                         "(MESHWRIGHT_TIMEOUT_S; default 60)")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=_checked("--port", validate.positive_int), default=None,
                    help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--deadline", type=_checked("--deadline", validate.positive_number),
+                   default=None, metavar="SECONDS",
                    help="stop the whole job after this long (exit code 124)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="the program every process runs")
@@ -517,7 +577,7 @@ def _add_launch_arguments(p: argparse.ArgumentParser) -> None:
 def _run_launch(args) -> int:
     from meshwright.runtime.launch import launch
 
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    cmd = validate.command(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd, "COMMAND")
     result = launch(cmd, args.processes, devices_per_process=args.devices_per_process,
                     timeout_s=args.timeout, port=args.port, deadline_s=args.deadline,
                     out=None if args.json else sys.stdout, keep_output=args.json)
@@ -539,55 +599,40 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set d_model=256 (repeatable)")
     p.add_argument("--platform", action="append", choices=("tpu", "cuda", "rocm", "cpu"),
                    help="platform to lower for (repeatable; default: tpu)")
-    p.add_argument("--mesh", default="4x4x4", metavar="XxYxZ",
-                   help="the target mesh (default: %(default)s)")
+    p.add_argument("--mesh", type=_checked("--mesh", validate.mesh_shape), default="4x4x4",
+                   metavar="XxYxZ", help="the target mesh (default: %(default)s)")
     p.add_argument("--hardware", default=None,
                    help="hardware profile the planner prices (default: tpu-v4 for tpu, "
                         "h100 for cuda, cpu for cpu)")
     p.add_argument("--phase", choices=("prefill", "decode"), default="decode")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
-    p.add_argument("--length", type=int, default=128,
+    p.add_argument("--batch", type=_checked("--batch", validate.batch), default=8,
+                   help="sequences per step (default: %(default)s)")
+    p.add_argument("--length", type=_checked("--length", validate.length), default=128,
                    help="prompt length (prefill) (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=_checked("--max-len", validate.max_len), default=None,
                    help="KV cache length (default: the config's max_len)")
     p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout")
     p.add_argument("--force-attention", metavar="LAYOUT", help="pin the attention layout")
     p.add_argument("--out", required=True, metavar="FILE",
+                   type=_checked("--out", validate.output_file),
                    help="the artifact; the manifest goes to FILE.json")
-
-
-def _mesh_sizes(text: str) -> tuple[int, int, int]:
-    try:
-        sizes = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--mesh takes XxYxZ, e.g. 4x4x4; got {text!r}") from None
-    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
-        raise ValueError(f"--mesh takes one to three positive sizes, e.g. 4x4x4; got {text!r}")
-    return sizes + (1,) * (3 - len(sizes))
 
 
 @_command("export", "lower the sharded program for a TPU or GPU mesh (jax.export); write it")
 def _run_export(args) -> int:
-    import os
+    from meshwright.passes.export import export_model  # main() simulated the mesh's devices
 
-    sizes = _mesh_sizes(args.mesh)
-    n = sizes[0] * sizes[1] * sizes[2]
-    if "jax" not in sys.modules:  # simulate as many CPU devices as the target mesh has
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if "xla_force_host_platform_device_count" not in f]
-        os.environ["XLA_FLAGS"] = " ".join(flags + [
-            f"--xla_force_host_platform_device_count={max(n, 8)}"])
-    from meshwright.passes.export import export_model
+    sizes = args.mesh
 
     platforms = tuple(args.platform or ("tpu",))
     program = export_model(args.model, platforms=platforms, mesh=sizes, phase=args.phase,
                            batch=args.batch, length=args.length, max_len=args.max_len,
                            hardware=args.hardware, overrides=args.set,
                            force_ffn=args.force_ffn, force_attention=args.force_attention)
-    manifest_path = program.save(args.out)
+    manifest_path = program.save(str(args.out))
     m = program.manifest
     counted = program.collectives()
-    summary = {"artifact": args.out, "manifest": str(manifest_path), "bytes": m["bytes"],
+    summary = {"artifact": str(args.out), "manifest": str(manifest_path), "bytes": m["bytes"],
                "platforms": m["platforms"], "mesh": m["mesh"], "layouts": m["layouts"],
                "collectives_in_stablehlo": counted, "collectives_emitted":
                m["collectives_emitted"], "predicted": m["predicted"]}
@@ -617,8 +662,26 @@ def _run_export(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+class _UsageError(Exception):
+    """A command line argparse refused, raised instead of argparse printing usage and exiting,
+    so it is reported like every other error: one line, or JSON with --json."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # "argument --batch: --batch -4: must be ..." -> "--batch -4: must be ..."
+        m = re.match(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if m and any(m.group(2).startswith(f"{flag} ") for flag in m.group(1).split("/")):
+            message = m.group(2)
+        raise _UsageError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="meshwright",
         description="Shard Transformer inference across device meshes: trace, plan, rewrite, "
                     "lower, run and serve.")
@@ -633,38 +696,104 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _simulate_devices(count: int = 8) -> None:
-    """On a CPU-only machine, simulate `count` devices (XLA reads the flag when JAX first
-    initialises, so this only works before anything imports jax)."""
-    import os
+DEFAULT_DEVICES = 8  # simulated CPU devices when a command needs no particular count
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
-    if "jax" in sys.modules or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
+
+def devices_needed(args: argparse.Namespace) -> int:
+    """The simulated CPU devices a parsed command line needs: the mesh it lowers on, the
+    devices it serves or measures with; 0 when it needs none in particular."""
+    if args.command == "inspect" and (args.diff or args.after in (
+            "annotate", "collective-einsum", "lower")):
+        return args.mesh[0] * args.mesh[1] * args.mesh[2]
+    if args.command == "export":
+        return args.mesh[0] * args.mesh[1] * args.mesh[2]
+    if args.command in ("bench", "serve", "calibrate"):
+        return args.devices
+    if args.command == "demo":
+        from meshwright.runtime.demo import DEVICES  # imports no JAX
+
+        return DEVICES
+    return 0
+
+
+def _simulate_devices(count: int) -> None:
+    """On a CPU-only machine, simulate at least `count` devices (and 8 when nothing asks for
+    more). XLA reads the flag when JAX first initialises, so this only works before anything
+    imports jax; afterwards a mesh too large for the devices says which flag to set. A count
+    already in XLA_FLAGS is kept when it is enough."""
+    if "jax" in sys.modules:
         return
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={count}").strip()
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    have = [f for f in flags if f.startswith(_COUNT_FLAG)]
+    if have:
+        try:
+            if int(have[-1].partition("=")[2]) >= count:
+                return
+        except ValueError:
+            pass
+    flags = [f for f in flags if not f.startswith(_COUNT_FLAG)]
+    os.environ["XLA_FLAGS"] = " ".join(
+        flags + [f"{_COUNT_FLAG}={max(count, DEFAULT_DEVICES if not have else 1)}"])
+
+
+def _error(command: str | None, message: str, as_json: bool, code: int = 2) -> int:
+    """Report an error the way every command does: one line on stderr, or {"error": ...} on
+    stdout with --json."""
+    message = " ".join(str(message).split())  # one line, whatever the exception held
+    if as_json:
+        _print_json({"error": message})
+    else:
+        print(f"{command or 'meshwright'}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _user_error(e: Exception) -> bool:
+    """Errors about the user's function rather than meshwright's code (their modules import
+    JAX, so they are looked up only once an error happened)."""
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in (
+        ("meshwright.ir.trace", "UnsupportedError"), ("meshwright.passes.base", "PassError"))]
+    return any(k is not None and isinstance(e, k) for k in kinds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    _simulate_devices()
+    """Run one command line; returns the exit code: 0 done, 2 a bad request (one line on
+    stderr, or {"error": ...} with --json), 1 an internal error (a bug: one line, and the
+    traceback with MESHWRIGHT_TRACEBACK=1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:  # the top parser reports unknown flags: name the command
+        prog = f"meshwright {argv[0]}" if e.prog == "meshwright" and argv and \
+            argv[0] in _COMMANDS else e.prog
+        return _error(prog, str(e), "--json" in argv)
     if not args.command:
         parser.print_help()
         return 0
+    command = f"meshwright {args.command}"
+    as_json = getattr(args, "json", False)
     _, _, run = _COMMANDS[args.command]
     try:
+        _simulate_devices(devices_needed(args))
         return run(args) or 0
     except BrokenPipeError:  # `meshwright plan ... | head`: the reader left; not an error
         sys.stderr.close()
         return 0
-    except (KeyError, ValueError) as e:  # user errors: a clear message, no traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        if getattr(args, "json", False):
-            _print_json({"error": str(msg)})
-        else:
-            print(f"meshwright {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # user errors: a clear message, no traceback
+        return _error(command, e.args[0] if e.args else str(e), as_json)
+    except (ValueError, ImportError) as e:
+        return _error(command, str(e), as_json)
+    except OSError as e:  # a file that cannot be read or written
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        return _error(command, f"{e.strerror or e}:{where}" if where else str(e), as_json)
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if _user_error(e):  # a function meshwright cannot trace, a pass that refused it
+            return _error(command, str(e), as_json)
+        if os.environ.get("MESHWRIGHT_TRACEBACK"):
+            raise
+        return _error(command, f"internal error, {type(e).__name__}: {e} (a bug in "
+                      "meshwright; MESHWRIGHT_TRACEBACK=1 shows where)", as_json, code=1)
 
 
 if __name__ == "__main__":

@@ -44,19 +44,12 @@ def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
 
         >>> mesh = mw.make_mesh({"x": 2, "y": 2, "z": 2})
     """
-    if isinstance(shape, dict):
-        unknown = set(shape) - set(AXES)
-        if unknown:
-            raise ValueError(f"mesh axes are named x, y, z; got {sorted(unknown)}")
-        sizes = tuple(int(shape.get(a, 1)) for a in AXES)
-    else:
-        sizes = tuple(shape) + (1,) * (3 - len(shape))
+    from meshwright.validate import enough_devices, mesh_shape
+
+    sizes = mesh_shape(shape, "mesh")  # InvalidArgument for 0, negative or a 4th axis
     devices = list(devices if devices is not None else jax.devices())
     n = int(np.prod(sizes))
-    if n > len(devices):
-        raise ValueError(f"a {'x'.join(map(str, sizes))} mesh needs {n} devices; "
-                         f"{len(devices)} are available (on CPU, set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={n} before importing jax)")
+    enough_devices(n, len(devices), f"a {'x'.join(map(str, sizes))} mesh")
     return JaxMesh(np.array(devices[:n]).reshape(sizes), AXES,
                    axis_types=(AxisType.Auto,) * 3)
 

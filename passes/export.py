@@ -163,7 +163,7 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     ShardedFunction) at these arguments for `platforms` with `jax.export`."""
     import meshwright
 
-    platforms = tuple(platforms)
+    platforms = (platforms,) if isinstance(platforms, str) else tuple(platforms)
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown or not platforms:
         raise ValueError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
@@ -389,16 +389,22 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
     from meshwright.models import build, get_config
     from meshwright.passes.compiler import make_mesh, shard
 
+    from meshwright import validate
+
+    platforms = (platforms,) if isinstance(platforms, str) else tuple(platforms)
+    mesh = validate.mesh_shape(mesh, "mesh")
+    batch = validate.batch(batch)
+    length = validate.length(length)
+    max_len = validate.max_len(max_len, "max_len")
+    phase = validate.choice(phase, "phase", ("prefill", "decode"))
     config = get_config(model).with_overrides(list(overrides))
     if max_len is not None:
         config = config.replace(max_len=max_len)
+    if phase == "prefill":
+        validate.length(length, "length", max_len=config.max_len)
     built = build(config)
-    n = int(np.prod(mesh))
-    if jax.device_count() < n:
-        raise ValueError(f"a {'x'.join(map(str, mesh))} mesh needs {n} devices and JAX has "
-                         f"{jax.device_count()}: on CPU set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={n} before JAX starts "
-                         "(meshwright export does this itself)")
+    validate.enough_devices(int(np.prod(mesh)), jax.device_count(),
+                            f"a {'x'.join(map(str, mesh))} mesh")
     args = jax.eval_shape(lambda key: built.example_args(phase, batch=batch, length=length,
                                                          key=key), jax.random.PRNGKey(0))
     # the mesh is the target's (a 4x4x4 slice is a 4x4x4 torus); the planner picks the layouts

@@ -58,6 +58,9 @@ class HardwareProfile:
     # (collective-einsum's cost model). 0 unless a profile says so: a calibrated CPU profile
     # saved before this field existed must not claim overlap.
     collective_matmul_overlap: float = 0.0
+    # The chip counts one slice comes in, smallest first (vendor docs); empty: any count up to
+    # max_chips. Checked where a user names chips for this hardware (`meshwright plan`).
+    slice_chips: tuple[int, ...] = ()
 
     def peak_flops(self, weights: str) -> float:
         """Matmul peak for a weight format: int8 weights are dequantised, matmuls stay bf16."""
@@ -74,7 +77,10 @@ class HardwareProfile:
     @classmethod
     def from_dict(cls, data: dict) -> HardwareProfile:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        if "slice_chips" in fields:  # a JSON list
+            fields["slice_chips"] = tuple(fields["slice_chips"])
+        return cls(**fields)
 
     def replace(self, **changes) -> HardwareProfile:
         return dataclasses.replace(self, **changes)
@@ -118,6 +124,10 @@ TPU_V4 = HardwareProfile(
     # Assumed: host dispatch, sampling and synchronisation, once per step.
     step_overhead_s=1e-3,
     max_chips=4096,  # a TPU v4 pod (Cloud docs)
+    # Cloud TPU v4 topologies: 2x2x1, 2x2x2, 2x2x4, 2x4x4, then AxBxC with A, B, C multiples
+    # of 4 up to 16x16x16 (4x4x4 = 64 chips, 4x4x8, ...)
+    slice_chips=(4, 8, 16, 32, *sorted({64 * a * b * c for a in range(1, 5)
+                                        for b in range(1, 5) for c in range(1, 5)})),
     # Assumed: ICI transfers are DMAs that run beside the MXUs (Wang et al., ASPLOS 2023,
     # overlap them fully with looped einsums on TPU v4).
     collective_matmul_overlap=1.0,
@@ -141,6 +151,7 @@ TPU_V5E = HardwareProfile(
     collective_step_latency_s=3e-6,  # assumed like tpu-v4
     step_overhead_s=1e-3,  # assumed like tpu-v4
     max_chips=256,  # a v5e pod slice is at most 16 x 16
+    slice_chips=(1, 4, 8, 16, 32, 64, 128, 256),  # Cloud TPU v5e: v5litepod-1 ... -256
     collective_matmul_overlap=1.0,  # assumed like tpu-v4
     source="Google Cloud TPU v5e docs; overheads assumed like tpu-v4",
 )

@@ -44,6 +44,10 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
     planner (with the `hardware` profile) picks for it, weights placed once
     (`layouts.sharded_engine`; on CPU the simulated devices must exist before JAX starts:
     XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+    from meshwright import validate
+
+    devices = validate.device_count(devices, "devices")
+    max_len = validate.max_len(max_len, "max_len")
     tokenizer = None
     if model_fn is not None:
         from meshwright.models.functions import load_model_fn
@@ -73,10 +77,7 @@ def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | 
         from meshwright.runtime.layouts import sharded_engine
 
         available = jax.devices()
-        if len(available) < devices:
-            raise ValueError(f"--devices {devices}: JAX has {len(available)} device(s); on CPU "
-                             f"set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
-                             "before JAX starts")
+        validate.enough_devices(devices, len(available), f"devices={devices}")
         return sharded_engine(m, params, available[:devices], hardware=hardware,
                               share_weights=share_weights, max_slots=max_slots,
                               max_len=max_len or m.max_len, progress=progress,

@@ -325,6 +325,10 @@ class Engine:
                  tokenizer: Any = None, unroll: bool = True,
                  weights_first: bool | str = "auto", weights: str = "native",
                  warm_sampler: bool = False) -> None:
+        from meshwright import validate
+
+        max_len = validate.max_len(max_len, "max_len")  # None: the model's; 0 is refused
+        max_slots = validate.positive_int(max_slots, "max_slots")
         model = _as_model(model)
         self.notes: list[str] = []  # what runs otherwise than given, and why
         if isinstance(model, Model):

@@ -125,6 +125,9 @@ def validate_request(request: Request, *, max_len: int | None,
     if max_len is not None:
         if len(prompt) > max_len:
             return f"prompt of {len(prompt)} tokens is longer than max_len={max_len}"
+        if len(prompt) == max_len:
+            return (f"prompt of {len(prompt)} tokens fills max_len={max_len} and leaves no "
+                    f"room for output: shorten it to at most {max_len - 1} tokens")
         if len(prompt) + request.max_tokens > max_len:
             return (f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) = "
                     f"{len(prompt) + request.max_tokens} exceeds max_len={max_len}; lower "

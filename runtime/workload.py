@@ -14,6 +14,7 @@ prompts are random token ids. Everything is seeded.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,10 +65,14 @@ def make_workload(requests: int, *, rate: float | None = None, interval: float |
         times = np.concatenate([[0.0], np.cumsum(gaps[1:])]) if requests else np.zeros(0)
     else:
         times = np.arange(requests) * (interval or 0.0)
-    lo, hi = out_len
-    if not 1 <= lo <= hi:
-        raise ValueError(f"out_len must be 1 <= a <= b, got {out_len}")
+    from meshwright import validate
+
+    lo, hi = validate.int_range(out_len, "out_len")
+    prompt_len = validate.int_range(prompt_len, "prompt_len")
+    if max_len is not None:
+        max_len = validate.max_len(max_len, "max_len")
     arrivals = []
+    shortened = 0  # requests whose prompt or output was cut to fit max_len
     for i in range(requests):
         n_out = int(rng.integers(lo, hi + 1))
         n_prompt = int(rng.integers(prompt_len[0], prompt_len[1] + 1))
@@ -77,7 +82,8 @@ def make_workload(requests: int, *, rate: float | None = None, interval: float |
             n_out = int(e["output_len"])
             n_prompt = int(e.get("prompt_len", n_prompt))
             t = float(e.get("arrival_s", t))
-        if max_len is not None:
+        if max_len is not None and n_prompt + n_out > max_len:
+            shortened += 1
             n_out = min(n_out, max_len - 1)
             n_prompt = max(1, min(n_prompt, max_len - n_out))
         prompt = tuple(int(x) for x in rng.integers(0, vocab_size, size=n_prompt))
@@ -88,13 +94,22 @@ def make_workload(requests: int, *, rate: float | None = None, interval: float |
     how = (f"Poisson {rate:g}/s" if rate is not None
            else f"every {interval:g} s" if interval is not None else "all at t=0")
     src = "trace" if entries is not None else f"uniform [{lo}, {hi}]"
-    return Workload(arrivals, f"{requests} requests, {how}, output lengths {src}, seed {seed}")
+    # the header says what ran: requests cut to fit max_len are counted, never hidden
+    cut = (f", {shortened} of {requests} shortened to fit max_len {max_len}"
+           if shortened else "")
+    return Workload(arrivals, f"{requests} requests, {how}, output lengths {src}{cut}, "
+                              f"seed {seed}")
 
 
 def _load_trace(trace: str | Sequence) -> list[dict]:
-    if isinstance(trace, str):
+    if isinstance(trace, (str, os.PathLike)):
         with open(trace) as f:
-            trace = json.load(f)
+            try:
+                trace = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"trace {os.fspath(trace)!r} is not JSON ({e}); it holds a "
+                                 "list of output lengths or of {\"output_len\": N, ...} "
+                                 "objects") from None
     entries = []
     for e in trace:
         entries.append({"output_len": e} if isinstance(e, (int, float)) else dict(e))

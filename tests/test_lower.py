@@ -167,7 +167,7 @@ def test_what_cannot_be_sharded_runs_replicated_and_says_so():
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="unknown FFN layout 'ws-3d'"):
         mw.shard(lambda x: x, force={"ffn": "ws-3d"})
-    with pytest.raises(ValueError, match="needs 16 devices; 8 are available"):
+    with pytest.raises(ValueError, match="needs 16 devices and JAX has 8"):
         mw.make_mesh({"x": 4, "y": 4})
     model, args, _ = case("palm-tiny", "decode")
     with pytest.raises(ValueError, match="does not use the 8 devices"):
