@@ -162,3 +162,41 @@ def test_mesh_shapes_accepted(spec, sizes):
 def test_true_is_not_a_count():
     with pytest.raises(InvalidArgument, match="not a whole number"):
         validate.positive_int(True, "batch")
+
+
+# ---- device count: each command simulates what its request needs --------------------------
+
+def test_every_command_simulates_the_devices_its_request_needs():
+    """A fresh process (the flag is read when JAX starts): the count each command line asks
+    for, then `inspect --mesh 4x2x2` lowered for real on the 16 devices it set."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from meshwright import cli\n"
+        "needs = {}\n"
+        "for argv in (['inspect', '--mesh', '4x4x4', '--after', 'lower'],\n"
+        "             ['inspect', '--mesh', '4x4x4'], ['bench', 'serve', '--devices', '16'],\n"
+        "             ['serve', '--devices', '12'], ['export', '--mesh', '2x2x4', '--out', 'x'],\n"
+        "             ['plan'], ['demo']):\n"
+        "    needs[' '.join(argv)] = cli.devices_needed(cli.build_parser().parse_args(argv))\n"
+        "print(json.dumps(needs))\n"
+        "rc = cli.main(['inspect', '--mesh', '4x2x2', '--after', 'lower', '--batch', '16',\n"
+        "               '--json'])\n"
+        "import jax\n"
+        "print(json.dumps({'rc': rc, 'devices': jax.device_count()}))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[0]) == {
+        "inspect --mesh 4x4x4 --after lower": 64, "inspect --mesh 4x4x4": 0,
+        "bench serve --devices 16": 16, "serve --devices 12": 12,
+        "export --mesh 2x2x4 --out x": 16, "plan": 0, "demo": 8}
+    graph = json.loads("\n".join(lines[1:-1]))
+    assert graph["after"] == "lower" and any("_x" in line for line in graph["graph"])
+    assert json.loads(lines[-1]) == {"rc": 0, "devices": 16}
