@@ -106,12 +106,28 @@ class ExportedProgram:
         if tree != self.exported.in_tree.children()[0]:
             raise ValueError(f"the arguments do not have the exported structure: got {tree}, "
                              f"exported {self.exported.in_tree.children()[0]}")
+        self._check_shapes(flat)
         specs = [jax.sharding.PartitionSpec(*_spec_from_json(i["spec"]))
                  for i in self.manifest["inputs"]]
         from meshwright.runtime.distributed import put
 
         placed = [put(x, NamedSharding(mesh, s)) for x, s in zip(flat, specs)]
         return self.exported.call(*jax.tree_util.tree_unflatten(tree, placed))
+
+
+    def _check_shapes(self, flat: list) -> None:
+        """Refuse arguments of another shape or dtype than exported, naming the first (a
+        program is lowered for one batch: JAX would fail deep inside, e.g. IndivisibleError)."""
+        for k, (x, want) in enumerate(zip(flat, self.manifest["inputs"])):
+            shape = list(np.shape(x))
+            dtype = str(x.dtype) if hasattr(x, "dtype") else str(np.asarray(x).dtype)
+            if shape != list(want["shape"]) or dtype != want["dtype"]:
+                path = want.get("path", f"input {k}")
+                raise ValueError(
+                    f"{path}: this program was exported for {want['dtype']}"
+                    f"{list(want['shape'])}, got {dtype}{shape}; an exported program runs "
+                    "the shapes it was lowered at: export it again at these (e.g. meshwright "
+                    "export --batch N), or pad the batch to the exported one")
 
 
 def load_exported(path: str | Path) -> ExportedProgram:

@@ -471,6 +471,17 @@ def _along_one_axis(ctx, node, ins):
     return [(o, spec) for o in out]
 
 
+@lower_rule("fft")
+def _fft(ctx, node, ins):
+    # jnp.fft.*: transforms the last len(fft_lengths) axes whole (they are gathered; an
+    # elementwise split of them would transform each shard alone), the leading axes stay split
+    x, spec = ins[0]
+    rank = len(spec.dims)
+    x, spec = _unshard_dims(ctx, node, x, spec,
+                            set(range(rank - len(node.params["fft_lengths"]), rank)))
+    return [(_bind(node, [x])[0], spec)]
+
+
 @lower_rule("slice")
 def _slice(ctx, node, ins):
     x, spec = ins[0]

@@ -138,7 +138,12 @@ def test_cpu_export_round_trips_with_the_live_logits(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # shapes alone export too (no weights in memory)
     structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    assert step.export(*structs, platforms=("cpu",)).collectives() == program.collectives()
+    assert step.export(*structs, platforms="cpu").collectives() == program.collectives()
+    # another batch than exported: refused by name, not JAX's IndivisibleError
+    other = model.example_args("decode", batch=4, key=jax.random.PRNGKey(3))
+    with pytest.raises(ValueError, match=r"was exported for \w+\[8.*got \w+\[4.*export it "
+                                         r"again"):
+        loaded(*other)
 
 
 def test_bad_artifacts_are_clear_errors(tmp_path):

@@ -254,3 +254,16 @@ def test_heads_the_mesh_does_not_divide_move_once_and_reduce_once(ffn, attention
     assert report["by_kind"].get("all-reduce", 0) < 0.02 * report["measured"]
     if report["predicted"]:  # ws-1d/heads: 2 heads padded to 8 is refused by the cost model
         assert abs(report["measured"] / report["predicted"] - 1) < 0.10
+
+
+def test_fft_of_the_logits_transforms_whole_rows():
+    """jnp.fft applied to sharded logits: its axis gathered first, not each shard alone."""
+    model, args, _ = case("palm-tiny", "decode")
+
+    def step(*a):
+        logits, cache = model.decode_step(*a)
+        return jnp.abs(jnp.fft.fft(logits)), cache
+
+    sharded = mw.shard(step, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}),
+                       force={"ffn": "ws-2d", "attention": "heads", "mesh": (2, 2, 2)})
+    assert_close(sharded(*args), step(*args))
