@@ -222,6 +222,11 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    type=_checked("--kv-memory-fraction", validate.fraction),
                    help="share of memory the KV cache may use for max_context "
                         "(default: %(default)s)")
+    p.add_argument("--nodes", type=_checked("--nodes", validate.positive_int), default=None,
+                   help="split --chips into this many equal nodes / TPU slices (default: one "
+                        "node if they fit one, else the fewest)")
+    p.add_argument("--cross-node", choices=("replicas", "pipeline", "stretched"), default=None,
+                   help="pin what crosses the network between nodes (default: the cheapest)")
 
 
 @_command("plan", "choose mesh, FFN and attention layouts with the analytical cost model")
@@ -238,7 +243,8 @@ def _run_plan(args) -> int:
                   context=args.context, phase=args.phase, weights=args.weights,
                   gen_tokens=args.gen_tokens, force_ffn=args.force_ffn,
                   force_attention=args.force_attention,
-                  kv_memory_fraction=args.kv_memory_fraction, overrides=args.set)
+                  kv_memory_fraction=args.kv_memory_fraction, overrides=args.set,
+                  nodes=args.nodes, cross_node=args.cross_node)
     if args.json:
         _print_json(result.to_dict())
     else:

@@ -183,6 +183,13 @@ PRESETS: dict[str, TransformerConfig] = {
     "llama-70b": _llama("llama-70b", 80, 8192, 28672, 64, 8),  # Llama 2 70B: GQA, 8 kv heads
     "llama3-8b": _llama("llama3-8b", 32, 4096, 14336, 32, 8, vocab=128256, max_len=8192,
                         theta=500000.0),
+    # Llama 3.1 405B (meta-llama/Llama-3.1-405B config.json): 126 layers, E 16384, F 53248,
+    # 128 heads of 128, 8 KV heads, 128k context with llama3 RoPE scaling (factor 8 of 8192).
+    # 810 GB of bf16 weights: more than one node of 8 x 80 GB.
+    "llama3-405b": _llama("llama3-405b", 126, 16384, 53248, 128, 8, vocab=128256,
+                          max_len=131072, theta=500000.0).replace(
+        rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_len=8192),
     # ---- small sizes that run on this machine (tests, demos) ----
     "gpt2-tiny": TransformerConfig(
         name="gpt2-tiny", family="gpt2", n_layers=2, d_model=64, d_ff=256, n_heads=4,

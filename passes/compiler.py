@@ -344,6 +344,13 @@ class ShardedFunction:
                                context=context, phase=phase, weights=weights,
                                force_ffn=self.force.get("ffn"),
                                force_attention=self.force.get("attention"))
+            if plan.nodes > 1:  # replicas / pipeline stages across nodes are not lowered yet
+                across, plan = plan.cross_node.label, None
+                raise ValueError(
+                    f"{n} devices of {self.hardware} are more than one node "
+                    f"({across} was planned); mw.shard lowers plans inside one node: use at "
+                    f"most {get_hardware(self.hardware).max_chips} devices, or pin ffn and "
+                    "attention in force=")
         except ValueError:
             if not (self.force.get("ffn") and self.force.get("attention")):
                 raise

@@ -35,6 +35,7 @@ from typing import Literal
 
 from meshwright.models.config import TransformerConfig
 from meshwright.passes.hardware import HardwareProfile
+from meshwright.passes.network import CollectiveTime, two_level_collective
 
 FFN_LAYOUTS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
 ATTENTION_LAYOUTS = ("heads", "batch")
@@ -48,19 +49,57 @@ Phase = Literal["prefill", "decode"]
 
 @dataclass(frozen=True)
 class Mesh:
-    """A logical 3D mesh of chips, `x * y * z = n` (sizes of 1 allowed)."""
+    """A logical 3D mesh of chips, `x * y * z = n` (sizes of 1 allowed).
+
+    `slow` gives, per axis, over how many nodes it runs (its outer factor; 1: the axis stays
+    inside a node). A mesh with any factor > 1 spans `nodes` nodes of `chips_per_node` chips,
+    and its collectives over those axes cross the slow network (`passes/network.py`).
+
+        >>> m = Mesh(4, 2, 2, slow=(2, 1, 1))  # x: 2 nodes x 2 chips
+        >>> m.nodes, m.chips_per_node, m.slow_axes, str(m)
+        (2, 8, {'x': 2}, '[2*2]x2x2')
+    """
 
     x: int
     y: int
     z: int
+    slow: tuple[int, int, int] = (1, 1, 1)
+
+    def __post_init__(self) -> None:
+        for a, s in zip("xyz", self.slow):
+            if s < 1 or getattr(self, a) % s:
+                raise ValueError(f"mesh axis {a}={getattr(self, a)} cannot run over {s} nodes "
+                                 f"(nodes must divide the axis)")
 
     @property
     def n(self) -> int:
         return self.x * self.y * self.z
 
+    @property
+    def nodes(self) -> int:
+        """Nodes the mesh spans (1 unless an axis crosses nodes)."""
+        return math.prod(self.slow)
+
+    @property
+    def chips_per_node(self) -> int:
+        return self.n // self.nodes
+
+    @property
+    def slow_axes(self) -> dict[str, int]:
+        """The axes that cross nodes, and over how many nodes each runs."""
+        return {a: s for a, s in zip("xyz", self.slow) if s > 1}
+
     def size(self, axes: str) -> int:
         """Chips in a group spanning `axes`, e.g. size("yz") = y * z."""
         return math.prod(getattr(self, a) for a in axes)
+
+    def slow_size(self, axes: str) -> int:
+        """Nodes a group spanning `axes` reaches (1: the group stays inside a node)."""
+        return math.prod(self.slow["xyz".index(a)] for a in axes)
+
+    def inside_node(self) -> Mesh:
+        """The part of the mesh inside one node: every axis divided by its node count."""
+        return Mesh(*(getattr(self, a) // s for a, s in zip("xyz", self.slow)))
 
     def ring_steps(self, axes: str) -> int:
         """Neighbour exchanges of a collective done axis by axis: sum(a_i - 1)."""
@@ -70,7 +109,8 @@ class Mesh:
         return {"x": self.x, "y": self.y, "z": self.z}
 
     def __str__(self) -> str:
-        return f"{self.x}x{self.y}x{self.z}"
+        return "x".join(f"[{s}*{getattr(self, a) // s}]" if s > 1 else str(getattr(self, a))
+                        for a, s in zip("xyz", self.slow))
 
 
 def factorizations(n: int) -> list[Mesh]:
@@ -192,6 +232,10 @@ class CandidateCost:
     comm_bytes_per_chip: float  # bytes through each chip's links per step
     bound: str  # "compute" | "memory": which side of the roofline
     notes: list[str] = field(default_factory=list)
+    # The part of comm_s spent on the network between nodes (0 inside one node): bandwidth
+    # not hidden and the ring steps across nodes of the collectives over axes that cross.
+    slow_network_s: float = 0.0
+    slow_bytes_per_chip: float = 0.0  # bytes each chip sends across nodes per step
 
     @property
     def name(self) -> str:
@@ -199,7 +243,8 @@ class CandidateCost:
 
     def breakdown(self) -> dict:
         return {"compute_s": self.compute_s, "weight_load_s": self.weight_load_s,
-                "kv_load_s": self.kv_load_s, "comm_s": self.comm_s}
+                "kv_load_s": self.kv_load_s, "comm_s": self.comm_s,
+                "slow_network_s": self.slow_network_s}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -363,9 +408,44 @@ def step_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload,
             Collective("all-gather", "xyz", rows * cfg.d_model * a, "unembedding input")]
 
 
+def collective_time(c: Collective, mesh: Mesh, hw: HardwareProfile,
+                    options: CostOptions) -> CollectiveTime:
+    """How long one collective takes, split into the fast and the slow network's parts.
+
+    A collective whose axes stay inside a node is priced by `collective_seconds`; one over
+    axes that cross nodes is hierarchical (`network.two_level_collective`): its part inside
+    a node priced the same way on the node's share of the mesh, plus the slow network's."""
+    k_slow = mesh.slow_size(c.axes)
+    if k_slow == 1:
+        bw_s, lat_s = collective_seconds(c, mesh, hw, options)
+        return CollectiveTime(fast_s=bw_s, slow_s=0.0, latency_s=lat_s, slow_latency_s=0.0)
+    node = mesh.inside_node()
+    k_fast = node.size(c.axes)
+
+    def fast(kind: str, nbytes: float) -> tuple[float, float]:
+        return collective_seconds(Collective(kind, c.axes, nbytes, c.what, c.weights), node,
+                                  hw, options)
+
+    fast_s, slow_s, slow_lat = two_level_collective(c.kind, c.bytes_per_chip, k_fast, k_slow,
+                                                    fast, hw, options.ring_correction)
+    lat = (hw.collective_latency_s + hw.collective_step_latency_s * node.ring_steps(c.axes))
+    return CollectiveTime(fast_s=fast_s, slow_s=slow_s, latency_s=lat, slow_latency_s=slow_lat)
+
+
+def slow_bytes(c: Collective, mesh: Mesh, options: CostOptions) -> float:
+    """Bytes one chip sends across nodes for this collective (0 inside a node)."""
+    k_slow = mesh.slow_size(c.axes)
+    if k_slow == 1:
+        return 0.0
+    ring = (k_slow - 1) / k_slow if options.ring_correction else 1.0
+    share = 1.0 if c.kind == "all-to-all" else 1.0 / mesh.inside_node().size(c.axes)
+    return c.bytes_per_chip * share * ring
+
+
 def collective_seconds(c: Collective, mesh: Mesh, hw: HardwareProfile,
                        options: CostOptions) -> tuple[float, float]:
-    """(bandwidth time, latency) of one collective.
+    """(bandwidth time, latency) of one collective inside a node (see `collective_time` for
+    collectives that cross nodes).
 
     All-gather / reduce-scatter over K chips: D/bw * (K-1)/K (the paper's model: a chip's
     links are all usable). All-to-all on a torus: with uniform traffic a byte travels on
@@ -474,20 +554,29 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
     per_layer = layer_collectives(cfg, mesh, work, ffn, attention, heads)
     per_step = step_collectives(cfg, mesh, work, ffn)
     act_bw = weight_bw = latency = comm_bytes = 0.0
+    slow_act = slow_weights = slow_latency = slow_sent = 0.0  # parts of the above across nodes
     for coll, times in ((per_layer, cfg.n_layers), (per_step, 1)):
         for c in coll:
-            bw_s, lat_s = collective_seconds(c, mesh, hw, options)
+            t = collective_time(c, mesh, hw, options)
             if c.weights:
-                weight_bw += bw_s * times
+                weight_bw += t.bandwidth_s * times
+                slow_weights += t.slow_s * times
             else:
-                act_bw += bw_s * times
-            latency += lat_s * times
+                act_bw += t.bandwidth_s * times
+                slow_act += t.slow_s * times
+            latency += t.total_latency_s * times
+            slow_latency += t.slow_latency_s * times
             if mesh.size(c.axes) > 1:
                 comm_bytes += c.bytes_per_chip * times
+                slow_sent += slow_bytes(c, mesh, options) * times
     hidden_weights = min(weight_bw, roofline_s) if options.prefetch_weight_gathers else 0.0
     comm_s = (act_bw * (1 - options.activation_comm_overlap) + weight_bw - hidden_weights
               + latency)
     comm_total_s = act_bw + weight_bw + latency
+    # The slow network's share of comm_s; prefetched weight gathers hide in proportion.
+    exposed_weights = (weight_bw - hidden_weights) / weight_bw if weight_bw else 0.0
+    slow_network_s = (slow_act * (1 - options.activation_comm_overlap)
+                      + slow_weights * exposed_weights + slow_latency)
 
     step_s = roofline_s + comm_s + hw.step_overhead_s
 
@@ -516,7 +605,7 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
         hardware_flops=hardware_flops, cost_per_token=n * step_s / work.tokens,
         padded_heads=heads, collectives_per_layer=sum(mesh.size(c.axes) > 1 for c in per_layer),
         comm_bytes_per_chip=comm_bytes, bound="compute" if compute_s >= memory_s else "memory",
-        notes=notes)
+        notes=notes, slow_network_s=slow_network_s, slow_bytes_per_chip=slow_sent)
 
 
 def ffn_comm_seconds(layout: str, batch_tokens: float, d_model: float, d_ff: float,

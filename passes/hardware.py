@@ -9,6 +9,9 @@ a vendor datasheet, the Pope et al. paper ("Efficiently Scaling Transformer Infe
     >>> hw = get_hardware("tpu-v4")
     >>> hw.peak_flops_bf16 / 1e12, hw.ici_bandwidth / 1e9, hw.topology
     (275.0, 270.0, 'torus3d')
+    >>> h100 = get_hardware("h100")  # 8 GPUs per node, InfiniBand between nodes
+    >>> h100.max_chips, h100.dcn_bandwidth / 1e9, h100.max_nodes
+    (8, 50.0, 128)
 
 The CPU profile (`cpu`) is read from the file `meshwright calibrate` saves
 (`$MESHWRIGHT_CACHE/cpu.json`, default `~/.cache/meshwright/cpu.json`) when it exists.
@@ -54,6 +57,14 @@ class HardwareProfile:
     step_overhead_s: float  # fixed cost per forward step (dispatch, sampling, host sync)
     max_chips: int  # chips in one slice / node that the interconnect above connects
     source: str = ""  # one line: where the numbers come from
+    # ---- The network between nodes (GPU servers) or slices (TPU Multislice). `max_chips`
+    # above is the limit of one node / slice; a job spans up to `max_nodes` equal ones, and
+    # a byte to a chip of another node crosses this slower network. max_nodes 1: none.
+    max_nodes: int = 1  # nodes / slices one job can span
+    dcn_bandwidth: float = 0.0  # per chip, one direction, bytes/s, to chips of other nodes
+    dcn_efficiency: float = 1.0  # achievable fraction of dcn_bandwidth in collectives
+    dcn_latency_s: float = 0.0  # one exchange between nodes (a ring step across nodes)
+    dcn_name: str = ""  # what that network is, for explain() ("InfiniBand NDR", "DCN")
     # Fraction of a looped collective einsum's transfers that can run while its matmuls do
     # (collective-einsum's cost model). 0 unless a profile says so: a calibrated CPU profile
     # saved before this field existed must not claim overlap.
@@ -65,6 +76,11 @@ class HardwareProfile:
     def peak_flops(self, weights: str) -> float:
         """Matmul peak for a weight format: int8 weights are dequantised, matmuls stay bf16."""
         return self.peak_flops_fp32 if weights == "fp32" else self.peak_flops_bf16
+
+    @property
+    def spans_nodes(self) -> bool:
+        """Whether a job may span several nodes / slices of this hardware."""
+        return self.max_nodes > 1 and self.dcn_bandwidth > 0
 
     @property
     def torus_dims(self) -> int:
@@ -131,7 +147,17 @@ TPU_V4 = HardwareProfile(
     # Assumed: ICI transfers are DMAs that run beside the MXUs (Wang et al., ASPLOS 2023,
     # overlap them fully with looped einsums on TPU v4).
     collective_matmul_overlap=1.0,
-    source="Pope et al. 2023 Sec. 4; Google Cloud TPU v4 docs; overheads fitted to Table 2",
+    # Between slices (Multislice): chips send through their hosts' NICs over the data-centre
+    # network. Cloud docs publish no per-host NIC figure for v4: assumed the v5e's share,
+    # 25 Gb/s per chip; latency assumed (a host round trip). Slices: no published limit on
+    # how many one job spans; 64 assumed as the planner's bound.
+    max_nodes=64,
+    dcn_bandwidth=3.125e9,
+    dcn_efficiency=0.8,  # assumed
+    dcn_latency_s=25e-6,  # assumed
+    dcn_name="DCN (Multislice)",
+    source="Pope et al. 2023 Sec. 4; Google Cloud TPU v4 docs; overheads fitted to Table 2; "
+           "DCN assumed like tpu-v5e",
 )
 
 TPU_V5E = HardwareProfile(
@@ -153,7 +179,14 @@ TPU_V5E = HardwareProfile(
     max_chips=256,  # a v5e pod slice is at most 16 x 16
     slice_chips=(1, 4, 8, 16, 32, 64, 128, 256),  # Cloud TPU v5e: v5litepod-1 ... -256
     collective_matmul_overlap=1.0,  # assumed like tpu-v4
-    source="Google Cloud TPU v5e docs; overheads assumed like tpu-v4",
+    # Between slices (Multislice): Cloud TPU v5e docs: 2 x 100 Gbps NICs per 8-chip host, and
+    # 6.4 Tbps of data-centre network per 256-chip pod: 25 Gb/s = 3.125 GB/s per chip.
+    max_nodes=64,  # assumed: no published limit on slices per Multislice job
+    dcn_bandwidth=3.125e9,
+    dcn_efficiency=0.8,  # assumed
+    dcn_latency_s=25e-6,  # assumed: chips reach the DCN through their host
+    dcn_name="DCN (Multislice)",
+    source="Google Cloud TPU v5e docs; overheads and DCN efficiency/latency assumed",
 )
 
 H100 = HardwareProfile(
@@ -172,16 +205,27 @@ H100 = HardwareProfile(
     collective_latency_s=5e-6,  # assumed: NCCL launch + sync
     collective_step_latency_s=2e-6,  # assumed: one NVLink step
     step_overhead_s=1e-3,  # assumed: kernel launches / host sync per step
-    max_chips=8,  # one HGX node; beyond it the network is InfiniBand, not modelled
+    max_chips=8,  # one HGX node; beyond it the network is InfiniBand (below)
     collective_matmul_overlap=0.8,  # assumed: NCCL's copy kernels take some of the SMs
-    source="NVIDIA H100 SXM datasheet; overheads assumed",
+    # Between nodes: DGX H100/H200 (NVIDIA DGX BasePOD reference architecture) has eight
+    # single-port ConnectX-7 for the compute fabric, one per GPU, up to 400 Gb/s InfiniBand
+    # NDR: 50 GB/s per GPU each way. The NVIDIA HGX AI Factory reference architecture
+    # (2-8-9-400: 400 Gb/s per GPU) is designed at 32, 64 and 128 nodes: 128 the bound.
+    max_nodes=128,
+    dcn_bandwidth=50e9,
+    dcn_efficiency=0.8,  # assumed, as NVLink: NCCL bus bandwidth ~80% of the wire
+    dcn_latency_s=10e-6,  # assumed: an RDMA exchange through NCCL's proxy, per ring step
+    dcn_name="InfiniBand NDR",
+    source="NVIDIA H100 SXM datasheet; DGX BasePOD reference architecture; overheads "
+           "assumed",
 )
 
 H200 = H100.replace(
     name="h200",
     hbm_bytes=141e9,  # NVIDIA H200 SXM datasheet: 141 GB HBM3e
     hbm_bandwidth=4.8e12,  # 4.8 TB/s; compute and NVLink as H100
-    source="NVIDIA H200 SXM datasheet; compute and NVLink as H100; overheads assumed",
+    source="NVIDIA H200 SXM datasheet; compute, NVLink and InfiniBand as H100 (DGX H200); "
+           "overheads assumed",
 )
 
 A100 = HardwareProfile(
@@ -202,7 +246,15 @@ A100 = HardwareProfile(
     step_overhead_s=1e-3,  # assumed, as h100
     max_chips=8,  # one HGX node
     collective_matmul_overlap=0.8,  # assumed, as h100
-    source="NVIDIA A100 SXM 80GB datasheet; overheads assumed",
+    # Between nodes: DGX A100 has eight single-port ConnectX-6 for the compute fabric, one
+    # per GPU, 200 Gb/s InfiniBand HDR: 25 GB/s per GPU each way (DGX A100 user guide). The
+    # DGX SuperPOD reference architecture for A100 spans 140 nodes.
+    max_nodes=140,
+    dcn_bandwidth=25e9,
+    dcn_efficiency=0.8,  # assumed, as h100
+    dcn_latency_s=10e-6,  # assumed, as h100
+    dcn_name="InfiniBand HDR",
+    source="NVIDIA A100 SXM 80GB datasheet; DGX A100 user guide; overheads assumed",
 )
 
 # Conservative defaults for this machine's simulated devices (8 XLA host devices sharing the
@@ -228,6 +280,15 @@ CPU_DEFAULT = HardwareProfile(
     # The simulated devices' "transfers" are memory copies by the same threads that run the
     # matmuls: nothing overlaps (the benchmark benchmarks/collective_einsum.py agrees).
     collective_matmul_overlap=0.0,
+    # Between processes (`meshwright launch`, or hosts): gloo over TCP. From
+    # benchmarks/distributed.py on this 2-core machine (docs/distributed.md): the same programs
+    # over 2 processes x 4 devices cost 3-9 ms more per collective than in one process, and
+    # the layout moving 1.8 MB more per device ~36 ms more (~50 MB/s). Rough, under load.
+    max_nodes=16,  # assumed: processes on one machine or a few hosts
+    dcn_bandwidth=50e6,
+    dcn_efficiency=1.0,  # a measured rate
+    dcn_latency_s=3e-3,
+    dcn_name="gloo over TCP",
     source="conservative defaults; run `meshwright calibrate` to measure this machine",
 )
 
@@ -249,12 +310,21 @@ def calibrated_profile_path(name: str = "cpu") -> Path:
     return cache_dir() / f"{name}.json"
 
 
+# What `meshwright calibrate` does not measure: a profile saved without these fields (or
+# before they existed) takes them from the defaults.
+_NETWORK_FIELDS = ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name")
+
+
 def load_calibrated(name: str = "cpu") -> HardwareProfile | None:
     """The profile saved by `meshwright calibrate`, or None if there is none (or it is bad)."""
     path = calibrated_profile_path(name)
     try:
-        data = json.loads(path.read_text())
-        return HardwareProfile.from_dict(data.get("profile", data))
+        data = dict(json.loads(path.read_text()))
+        data = dict(data.get("profile", data))
+        if name == "cpu":
+            for f in _NETWORK_FIELDS:
+                data.setdefault(f, getattr(CPU_DEFAULT, f))
+        return HardwareProfile.from_dict(data)
     except (OSError, ValueError, TypeError):
         return None
 

@@ -11,6 +11,15 @@ the smaller (x, y, z). Every candidate's cost is kept for `Plan.explain()`.
     ('ws-2d', 'batch', {'x': 4, 'y': 4, 'z': 4})
 
 `plan_config` is the same planner on a `TransformerConfig` (a traced graph's blocks give one).
+
+More chips than one node (or TPU slice) holds are `nodes` equal nodes: the planner then
+decides what crosses the slow network between them -- replicas, pipeline stages, or the
+layouts stretched over it -- with the two-level network model (`passes/multinode.py`), and
+`explain()` says why. One node plans exactly as before.
+
+    >>> p = plan("llama3-405b", hardware="h100", chips=16, batch=64, context=2048)
+    >>> p.nodes, p.cross_node.kind in ("pipeline", "stretched")
+    (2, True)
 """
 
 from __future__ import annotations
@@ -30,6 +39,15 @@ from meshwright.passes.cost_model import (
     factorizations,
 )
 from meshwright.passes.hardware import HardwareProfile, get_hardware
+from meshwright.passes.multinode import (
+    CROSSINGS,
+    CrossNodeCost,
+    NodeSplit,
+    PricingContext,
+    min_memory_chips,
+    price_crossings,
+    split_nodes,
+)
 
 DEFAULT_KV_MEMORY_FRACTION = 0.3  # Pope et al. Table 1 reserves 30% of memory for the KV cache
 
@@ -57,6 +75,14 @@ class Plan:
     forced: dict  # {"ffn": ..., "attention": ...} pins given by the caller
     config: TransformerConfig = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    # Beyond one node: how the chips sit in nodes, the chosen way of crossing them (`best`
+    # is then its layout: on one node, one pipeline stage, or the stretched mesh), every
+    # other way priced, and the ways that could not run with their reasons.
+    split: NodeSplit | None = None
+    cross_node: CrossNodeCost | None = None
+    cross_node_candidates: list[CrossNodeCost] = field(default_factory=list)
+    cross_node_rejected: list[tuple[str, str]] = field(default_factory=list)
+    hardware_profile: HardwareProfile | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         """One line; `explain()` gives the table, `to_dict()` everything.
@@ -65,11 +91,17 @@ class Plan:
             mesh 4x4x4, 36.9 ms/step, MFU 0.11, fits; 206 candidates, 74 rejected)
         """
         b = self.best
+        where = (f" ({self.split}; {self.cross_node.label})" if self.cross_node else "")
         return (f"Plan({self.model} {self.phase} batch {self.batch} context {self.context} "
-                f"on {self.chips} {self.hardware} chips: {b.ffn_layout}/{b.attention_layout} "
-                f"on mesh {b.mesh}, {b.step_s * 1e3:.3g} ms/step, MFU {b.mfu:.2f}, "
-                f"{'fits' if b.fits else 'does not fit'}; {len(self.candidates)} candidates, "
-                f"{len(self.rejected)} rejected)")
+                f"on {self.chips} {self.hardware} chips{where}: {b.ffn_layout}/"
+                f"{b.attention_layout} on mesh {b.mesh}, {self.step_seconds * 1e3:.3g} ms/step, "
+                f"MFU {self.mfu:.2f}, {'fits' if self.fits else 'does not fit'}; "
+                f"{len(self.candidates)} candidates, {len(self.rejected)} rejected)")
+
+    @property
+    def nodes(self) -> int:
+        """Nodes (or TPU slices) the plan spans."""
+        return self.split.nodes if self.split else 1
 
     # ---- the DESIGN.md surface -------------------------------------------------------------
     @property
@@ -85,43 +117,65 @@ class Plan:
         return self.best.mesh.to_dict()
 
     @property
+    def _whole(self) -> CandidateCost | CrossNodeCost:
+        """What the step's totals come from: the way of crossing nodes, else the layout."""
+        return self.cross_node or self.best
+
+    @property
     def step_seconds(self) -> float:
-        return self.best.step_s
+        return self._whole.step_s
 
     @property
     def latency_seconds(self) -> float:
         """Prefill: the step. Decode: `gen_tokens` steps at this context."""
         steps = self.gen_tokens if self.phase == "decode" else 1
-        return self.best.step_s * steps
+        return self.step_seconds * steps
 
     @property
     def mfu(self) -> float:
-        return self.best.mfu
+        return self._whole.mfu
 
     @property
     def fits(self) -> bool:
-        return self.best.fits
+        return self._whole.fits
 
     def to_dict(self) -> dict:
-        """The `meshwright plan --json` object (DESIGN.md section 1 keys, and more)."""
-        b = self.best
+        """The `meshwright plan --json` object (DESIGN.md section 1 keys, and more).
+
+        Across nodes, `mesh` is the layout's mesh (one node's, a pipeline stage's, or the
+        stretched mesh), `slow_axes` the axes that cross nodes (`replica`, `stage` outside
+        it; x, y, z of a stretched mesh), `stages` the pipeline stages, and `breakdown` the
+        whole step's, with `slow_network_s` (time on the network between nodes) and
+        `bubble_s` (pipeline fill and drain)."""
+        b, w = self.best, self._whole
+        x = self.cross_node
+        breakdown = w.breakdown() if x else {**b.breakdown(), "bubble_s": 0.0}
         return {
             "model": self.model, "hardware": self.hardware, "chips": self.chips,
             "batch": self.batch, "context": self.context, "phase": self.phase,
             "weights": self.weights, "gen_tokens": self.gen_tokens,
+            "nodes": self.nodes,
+            "chips_per_node": self.split.chips_per_node if self.split else self.chips,
+            "slow_axes": x.slow_axes if x else {},
+            "stages": x.stage_list() if x else [],
             "ffn_layout": b.ffn_layout, "attention_layout": b.attention_layout,
             "mesh": b.mesh.to_dict(),
-            "step_seconds": b.step_s, "latency_seconds": self.latency_seconds, "mfu": b.mfu,
-            "breakdown": b.breakdown(),
-            "weight_bytes_per_chip": b.weight_bytes_per_chip,
-            "kv_cache_bytes_per_chip": b.kv_cache_bytes_per_chip,
-            "max_context": b.max_context, "kv_memory_fraction": self.kv_memory_fraction,
-            "fits": b.fits,
-            "cost_chip_seconds_per_token": b.cost_per_token,
-            "overhead_seconds": b.overhead_s,
-            "memory_bytes_per_chip": b.memory_bytes_per_chip,
+            "step_seconds": w.step_s, "latency_seconds": self.latency_seconds, "mfu": w.mfu,
+            "breakdown": breakdown,
+            "weight_bytes_per_chip": w.weight_bytes_per_chip,
+            "kv_cache_bytes_per_chip": w.kv_cache_bytes_per_chip,
+            "max_context": w.max_context, "kv_memory_fraction": self.kv_memory_fraction,
+            "fits": w.fits,
+            "cost_chip_seconds_per_token": w.cost_per_token,
+            "overhead_seconds": w.overhead_s,
+            "memory_bytes_per_chip": w.memory_bytes_per_chip,
             "padded_heads": b.padded_heads,
-            "bound": b.bound, "forced": self.forced, "notes": self.notes + b.notes,
+            "bound": b.bound, "forced": self.forced,
+            "notes": self.notes + (x.notes if x else []) + b.notes,
+            "cross_node": x.to_dict() if x else None,
+            "cross_node_candidates": [c.to_dict() for c in self.cross_node_candidates],
+            "cross_node_rejected": [{"way": name, "reason": why}
+                                    for name, why in self.cross_node_rejected],
             "candidates": [_candidate_dict(c) for c in self.candidates],
             "rejected": [{"layout": name, "reason": why} for name, why in self.rejected],
             "blocks": self.blocks,
@@ -140,6 +194,8 @@ class Plan:
 
     def explain(self) -> str:
         """A table of the winner and the best of every other layout, with the reason."""
+        if self.cross_node is not None:
+            return self._explain_across_nodes()
         b = self.best
         head = (f"{self.model} on {self.chips} x {self.hardware}, {self.phase}, batch "
                 f"{self.batch}, context {self.context}, {self.weights} weights")
@@ -163,19 +219,7 @@ class Plan:
             lines.append(f"note: {note}")
         lines.append("")
         rows = [b] + self.runners_up()
-        header = (f"{'':2}{'ffn/attention':16}{'mesh':>9}{'step ms':>11}{'vs best':>10}"
-                  f"{'MFU':>7}{'compute':>10}{'weights':>10}{'kv':>9}{'comm':>10}"
-                  f"{'GiB/chip':>10}  fits")
-        lines.append(header)
-        lines.append("-" * len(header))
-        for c in rows:
-            mark = "* " if c is b else "  "
-            lines.append(
-                f"{mark}{c.ffn_layout + '/' + c.attention_layout:16}{c.mesh!s:>9}"
-                f"{c.step_s * 1e3:11.4g}{c.step_s / b.step_s - 1:+10.1%}{c.mfu:7.1%}"
-                f"{c.compute_s * 1e3:10.4g}{c.weight_load_s * 1e3:10.4g}"
-                f"{c.kv_load_s * 1e3:9.3g}{c.comm_s * 1e3:10.4g}"
-                f"{c.memory_bytes_per_chip / 2**30:10.2f}  {'yes' if c.fits else 'no'}")
+        lines += _layout_table(rows, b)
         lines.append("(times in ms per step; comm = exposed communication incl. latency)")
         lines.append("")
         lines.append("why: " + self._reason(rows))
@@ -187,6 +231,106 @@ class Plan:
             for name, why in never:
                 lines.append(f"  {name}: {why}")
         return "\n".join(lines)
+
+    def _explain_across_nodes(self) -> str:
+        """The way of crossing nodes chosen, every other way priced, and the layout inside."""
+        x, b, split = self.cross_node, self.best, self.split
+        hw = self.hardware_profile
+        head = (f"{self.model} on {self.chips} x {self.hardware} ({split.nodes} nodes of "
+                f"{split.chips_per_node}), {self.phase}, batch {self.batch}, context "
+                f"{self.context}, {self.weights} weights")
+        lines = [head, "=" * len(head), ""]
+        lines.append(f"between nodes: {hw.dcn_name or 'network'}, "
+                     f"{hw.dcn_bandwidth / 1e9:.4g} GB/s per chip at {hw.dcn_efficiency:.0%}, "
+                     f"{hw.dcn_latency_s * 1e6:.3g} us per exchange; inside a node "
+                     f"{hw.ici_bandwidth / 1e9:.4g} GB/s per chip")
+        lines.append(f"chosen: {_describe(x)}" + (f"  (forced: {self.forced})"
+                                                   if self.forced else ""))
+        lines.append(f"  layout {'in each stage' if x.stages > 1 else 'on its mesh'}: FFN "
+                     f"{b.ffn_layout}, attention {b.attention_layout}, mesh {b.mesh}"
+                     + (f" at microbatch {self.batch // x.replicas // x.microbatches}"
+                        if x.stages > 1 else ""))
+        lat = (f"{self.latency_seconds:.4g} s for {self.gen_tokens} tokens"
+               if self.phase == "decode" else f"{self.latency_seconds:.4g} s")
+        lines.append(f"step {x.step_s * 1e3:.4g} ms (slow network {x.slow_network_s * 1e3:.4g} "
+                     f"ms, pipeline bubble {x.bubble_s * 1e3:.4g} ms), latency {lat}, MFU "
+                     f"{x.mfu:.1%}, {x.cost_per_token:.3g} chip-s/token")
+        lines.append(
+            f"memory per chip: weights {_gib(x.weight_bytes_per_chip)}"
+            + (f" + gathered layer {_gib(x.gathered_weight_bytes_per_chip)}"
+               if x.gathered_weight_bytes_per_chip else "")
+            + f" + KV cache {_gib(x.kv_cache_bytes_per_chip)} = "
+            f"{_gib(x.memory_bytes_per_chip)} (fits); max context {x.max_context} "
+            f"({self.kv_memory_fraction:.0%} of memory for KV)")
+        for note in self.notes + b.notes:
+            lines.append(f"note: {note}")
+        lines.append("")
+        header = (f"{'':2}{'across nodes':34}{'layout':14}{'mesh':>13}{'step ms':>10}"
+                  f"{'vs best':>9}{'slow net':>10}{'bubble':>9}{'GiB/chip':>10}")
+        lines.append(header)
+        lines.append("-" * len(header))
+        for c in self.cross_node_candidates:
+            mark = "* " if c is x else "  "
+            lines.append(
+                f"{mark}{c.label:34}{c.layout.ffn_layout + '/' + c.layout.attention_layout:14}"
+                f"{c.layout.mesh!s:>13}{c.step_s * 1e3:10.4g}{c.step_s / x.step_s - 1:+9.1%}"
+                f"{c.slow_network_s * 1e3:10.4g}{c.bubble_s * 1e3:9.4g}"
+                f"{c.memory_bytes_per_chip / 2**30:10.2f}")
+        lines.append("(ms per step; slow net = time on the network between nodes; mesh "
+                     "[n*k]: an axis over n nodes of k chips)")
+        if self.cross_node_rejected:
+            lines.append("")
+            lines.append("cannot run:")
+            for name, why in self.cross_node_rejected:
+                lines.append(f"  {name}: {why}")
+        lines.append("")
+        lines.append("why: " + self._reason_across_nodes())
+        lines.append("")
+        where = ("one pipeline stage at the microbatch" if x.stages > 1 else
+                 "the stretched mesh" if x.kind == "stretched" else "one node")
+        lines.append(f"layouts on {where}:")
+        rows = [b] + self.runners_up()
+        lines += _layout_table(rows, b)
+        lines.append("(times in ms per " + ("microbatch through one stage" if x.stages > 1
+                                             else "step") + "; comm incl. latency)")
+        return "\n".join(lines)
+
+    def _reason_across_nodes(self) -> str:
+        x = self.cross_node
+        if self.forced:
+            return f"forced to {self.forced}; the cheapest way for it was taken."
+        if x.kind == "replicas":
+            what = "each node holds a whole copy of the weights, so nothing crosses the slow " \
+                   "network"
+        elif x.kind == "pipeline":
+            what = (f"only activations cross the slow network ({x.slow_network_s * 1e3:.3g} ms "
+                    f"a step), for a {x.bubble_s * 1e3:.4g} ms bubble while the {x.stages} "
+                    "stages fill and drain")
+        else:
+            axes = ", ".join(f"{a} (across {n} nodes)"
+                             for a, n in x.layout.mesh.slow_axes.items())
+            what = (f"the layout's collectives over {axes} spend {x.slow_network_s * 1e3:.3g} "
+                    "ms a step on the slow network")
+        parts = [f"{x.label}: {what}"]
+        others = [c for c in self.cross_node_candidates if c.kind != x.kind]
+        if others:
+            r = others[0]
+            diffs = {"its pipeline bubble": (x.bubble_s, r.bubble_s),
+                     "its time on the slow network": (x.slow_network_s, r.slow_network_s),
+                     "its compute": (x.compute_s, r.compute_s),
+                     "its weight loading": (x.weight_load_s, r.weight_load_s),
+                     "its KV cache loading": (x.kv_load_s, r.kv_load_s),
+                     "its communication inside nodes": (x.comm_s - x.slow_network_s,
+                                                        r.comm_s - r.slow_network_s)}
+            name, (mine, theirs) = max(diffs.items(), key=lambda kv: kv[1][1] - kv[1][0])
+            parts.append(f"the best {r.kind} ({r.label}) is {r.step_s / x.step_s - 1:.1%} "
+                         f"slower: {name} takes {theirs * 1e3:.4g} ms against "
+                         f"{mine * 1e3:.4g} ms here")
+        for name, why in self.cross_node_rejected:
+            if name.endswith("replicas") and x.kind != "replicas":
+                parts.append(f"replicas cannot run ({why})")
+                break
+        return "; ".join(parts) + "."
 
     def _reason(self, rows: list[CandidateCost]) -> str:
         b = self.best
@@ -211,6 +355,36 @@ class Plan:
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
+
+
+def _describe(x: CrossNodeCost) -> str:
+    """One line: what crosses the slow network."""
+    reps = (f"{x.replicas} replicas of {x.nodes_per_replica} node"
+            f"{'s' if x.nodes_per_replica > 1 else ''} (batch split {x.replicas} ways); "
+            if x.replicas > 1 else "")
+    if x.kind == "replicas":
+        return f"{x.replicas} replicas, one per node (batch split {x.replicas} ways)"
+    if x.kind == "pipeline":
+        return (f"{reps}pipeline of {x.stages} stages ({x.layers_per_stage} layers each, one "
+                f"node each), {x.microbatches} microbatch{'es' if x.microbatches > 1 else ''}")
+    axes = ", ".join(f"{a} over {n} nodes" for a, n in x.layout.mesh.slow_axes.items())
+    return f"{reps}layout stretched across nodes ({axes})"
+
+
+def _layout_table(rows: list[CandidateCost], best: CandidateCost) -> list[str]:
+    header = (f"{'':2}{'ffn/attention':16}{'mesh':>9}{'step ms':>11}{'vs best':>10}"
+              f"{'MFU':>7}{'compute':>10}{'weights':>10}{'kv':>9}{'comm':>10}"
+              f"{'GiB/chip':>10}  fits")
+    lines = [header, "-" * len(header)]
+    for c in rows:
+        mark = "* " if c is best else "  "
+        lines.append(
+            f"{mark}{c.ffn_layout + '/' + c.attention_layout:16}{c.mesh!s:>9}"
+            f"{c.step_s * 1e3:11.4g}{c.step_s / best.step_s - 1:+10.1%}{c.mfu:7.1%}"
+            f"{c.compute_s * 1e3:10.4g}{c.weight_load_s * 1e3:10.4g}"
+            f"{c.kv_load_s * 1e3:9.3g}{c.comm_s * 1e3:10.4g}"
+            f"{c.memory_bytes_per_chip / 2**30:10.2f}  {'yes' if c.fits else 'no'}")
+    return lines
 
 
 def _dedupe(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -280,13 +454,26 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
                 phase: str = "decode", weights: str = "bf16", gen_tokens: int = 64,
                 force_ffn: str | None = None, force_attention: str | None = None,
                 kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION,
-                options: CostOptions | None = None, blocks: list[dict] | None = None) -> Plan:
+                options: CostOptions | None = None, blocks: list[dict] | None = None,
+                nodes: int | None = None, cross_node: str | None = None) -> Plan:
     """Plan one step of `config` (see `plan`). `blocks` defaults to the preset's blocks."""
     hw = get_hardware(hardware)
     _check_request(hw, chips, gen_tokens, kv_memory_fraction, force_ffn, force_attention)
+    split = split_nodes(hw, chips, nodes)
     work = Workload(batch=batch, context=context, phase=phase, weights=weights)
     ffns = (force_ffn,) if force_ffn else FFN_LAYOUTS
     atts = (force_attention,) if force_attention else ATTENTION_LAYOUTS
+    if cross_node is not None and cross_node not in CROSSINGS:
+        raise ValueError(f"unknown way of crossing nodes {cross_node!r}; known: "
+                         f"{', '.join(CROSSINGS)}")
+    if split.nodes > 1:
+        return _plan_across_nodes(config, hw, split, work, gen_tokens, force_ffn,
+                                  force_attention, kv_memory_fraction, options, blocks,
+                                  cross_node, ffns, atts)
+    if cross_node is not None:
+        raise ValueError(f"cross_node={cross_node!r} needs 2 or more nodes; {chips} chips of "
+                         f"{hw.name} are one node (give nodes=2 or more, or more than "
+                         f"{hw.max_chips} chips)")
     cands, rejected = evaluate_all(config, hw, chips, work, ffns, atts, options,
                                    kv_memory_fraction)
     forced = {k: v for k, v in (("ffn", force_ffn), ("attention", force_attention)) if v}
@@ -306,16 +493,48 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
                 forced=forced, config=config, notes=notes)
 
 
+def _plan_across_nodes(config, hw, split, work, gen_tokens, force_ffn, force_attention,
+                       kv_fraction, options, blocks, cross_node, ffns, atts) -> Plan:
+    """Price every way of crossing the nodes (`multinode.price_crossings`); take the
+    cheapest that fits."""
+    kinds = (cross_node,) if cross_node else None
+    costs, rejected = price_crossings(config, hw, split, work, ffns, atts, options,
+                                      kv_fraction, kinds)
+    forced = {k: v for k, v in (("ffn", force_ffn), ("attention", force_attention),
+                                ("cross_node", cross_node)) if v}
+    if not costs:
+        raise ValueError(_no_crossing_message(config, hw, split, work, rejected, forced))
+    best = costs[0]
+    ctx = PricingContext(config, hw, split, work, ffns, atts, options or CostOptions(),
+                         kv_fraction)
+    layouts = CROSSINGS[best.kind].layouts(ctx, best)
+    notes = []
+    if work.context > config.max_len:
+        notes.append(f"context {work.context} exceeds the model's max_len {config.max_len}")
+    return Plan(model=config.name, hardware=hw.name, chips=split.chips, batch=work.batch,
+                context=work.context, phase=work.phase, weights=work.weights,
+                gen_tokens=gen_tokens, kv_memory_fraction=kv_fraction, best=best.layout,
+                candidates=layouts, rejected=[],
+                blocks=blocks if blocks is not None else blocks_of(config), forced=forced,
+                config=config, notes=notes, split=split, cross_node=best,
+                cross_node_candidates=costs, cross_node_rejected=rejected,
+                hardware_profile=hw)
+
+
 def plan(model: str | TransformerConfig, hardware: str | HardwareProfile = "tpu-v4",
          chips: int = 64, batch: int = 64, context: int = 2048, phase: str = "decode",
          weights: str = "bf16", gen_tokens: int = 64, force_ffn: str | None = None,
          force_attention: str | None = None,
          kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, overrides=(),
-         options: CostOptions | None = None) -> Plan:
+         options: CostOptions | None = None, nodes: int | None = None,
+         cross_node: str | None = None) -> Plan:
     """The cheapest layout that fits, for a preset name or a config.
 
     `overrides` are `key=value` config changes (the CLI's `--set`). Impossible requests raise
     KeyError (unknown model/hardware) or ValueError naming the nearest feasible choice.
+    `nodes` splits the chips into that many equal nodes (default: one node when they fit
+    one, else the fewest); `cross_node` pins what crosses them: "replicas", "pipeline" or
+    "stretched".
 
         >>> plan("palm-540b", chips=64, batch=512, context=2048, phase="prefill").ffn_layout
         'wg-xyz'
@@ -324,7 +543,8 @@ def plan(model: str | TransformerConfig, hardware: str | HardwareProfile = "tpu-
     return plan_config(cfg, hardware=hardware, chips=chips, batch=batch, context=context,
                        phase=phase, weights=weights, gen_tokens=gen_tokens,
                        force_ffn=force_ffn, force_attention=force_attention,
-                       kv_memory_fraction=kv_memory_fraction, options=options)
+                       kv_memory_fraction=kv_memory_fraction, options=options, nodes=nodes,
+                       cross_node=cross_node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +555,6 @@ def _check_request(hw: HardwareProfile, chips: int, gen_tokens: int, kv_fraction
                    force_ffn: str | None, force_attention: str | None) -> None:
     if chips < 1:
         raise ValueError(f"chips must be >= 1, got {chips}")
-    if chips > hw.max_chips:
-        raise ValueError(f"{hw.name} connects at most {hw.max_chips} chips in one "
-                         f"slice/node; got chips={chips}")
     if gen_tokens < 1:
         raise ValueError(f"gen_tokens must be >= 1, got {gen_tokens}")
     if not 0 < kv_fraction <= 1:
@@ -347,6 +564,26 @@ def _check_request(hw: HardwareProfile, chips: int, gen_tokens: int, kv_fraction
     if force_attention is not None and force_attention not in ATTENTION_LAYOUTS:
         raise ValueError(f"unknown attention layout {force_attention!r}; known: "
                          f"{', '.join(ATTENTION_LAYOUTS)}")
+
+
+def _no_crossing_message(cfg, hw, split, work, rejected, forced) -> str:
+    """Nothing runs across these nodes: the reasons, and the largest job of this hardware
+    when even that cannot hold the model."""
+    head = (f"{cfg.name} at batch {work.batch}, context {work.context} cannot run on "
+            f"{split} x {hw.name}" + (f" with {forced}" if forced else "") + ": ")
+    reasons = "; ".join(f"{name}: {why}" for name, why in rejected[:4])
+    need = min_memory_chips(cfg, work)
+    most_nodes, per_node = hw.max_nodes, hw.max_chips
+    largest = most_nodes * per_node * hw.hbm_bytes
+    if need > largest:
+        return (head + reasons + f". It needs at least {need / 1e12:.3g} TB of weights and KV "
+                f"cache, more than the largest {hw.name} job holds ({most_nodes} nodes x "
+                f"{per_node} x {hw.hbm_bytes / 1e9:.0f} GB = {largest / 1e12:.3g} TB): lower "
+                "the batch or context, or use int8 weights.")
+    more = -(-need // (split.chips_per_node * hw.hbm_bytes))
+    hint = (f" Weights and KV cache alone need {need / 1e9:.4g} GB: at least {int(more)} "
+            f"nodes of {split.chips_per_node}" if more > split.nodes else "")
+    return head + reasons + "." + (hint + "." if hint else "")
 
 
 def _no_layout_message(cfg, hw, chips, work, rejected, forced) -> str:

@@ -6,6 +6,7 @@ import time
 import pytest
 from meshwright.models.config import PRESETS, get_config
 from meshwright.passes.frontier import pareto, sweep
+from meshwright.passes.hardware import get_hardware
 from meshwright.passes.planner import blocks_of, plan, plan_config
 
 from meshwright.cli import main
@@ -42,7 +43,11 @@ def test_plan_json_has_the_design_keys(capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object
     assert DESIGN_KEYS <= set(out)
-    assert set(out["breakdown"]) == {"compute_s", "weight_load_s", "kv_load_s", "comm_s"}
+    assert set(out["breakdown"]) == {"compute_s", "weight_load_s", "kv_load_s", "comm_s",
+                                     "slow_network_s", "bubble_s"}
+    # one node: nothing crosses a slow network
+    assert out["nodes"] == 1 and out["slow_axes"] == {} and out["stages"] == []
+    assert out["breakdown"]["slow_network_s"] == out["breakdown"]["bubble_s"] == 0
     assert set(out["mesh"]) == {"x", "y", "z"}
     assert out["mesh"]["x"] * out["mesh"]["y"] * out["mesh"]["z"] == 64
     assert out["ffn_layout"] in {"ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz"}
@@ -156,8 +161,9 @@ def test_context_that_fits_nowhere():
 def test_more_chips_than_heads_and_batch_can_use():
     with pytest.raises(ValueError, match="At most 32 chips are usable"):
         plan("palm-8b", chips=64, batch=1, phase="prefill")
-    with pytest.raises(ValueError, match="at most 8 chips"):
-        plan("llama-7b", hardware="h100", chips=16)
+    with pytest.raises(ValueError, match="at most 8 chips in one slice/node and its profile "
+                                         "has no network between nodes"):
+        plan("llama-7b", hardware=get_hardware("h100").replace(max_nodes=1), chips=16)
 
 
 def test_cli_errors_are_clean(capsys):

@@ -1,0 +1,237 @@
+"""Beyond one node: the two-level network model, what crosses the slow network, bad input."""
+
+import json
+
+import pytest
+from meshwright.models.config import get_config
+from meshwright.passes import cost_model as cm
+from meshwright.passes.cost_model import CostOptions, Mesh, Workload, evaluate, factorizations
+from meshwright.passes.hardware import get_hardware
+from meshwright.passes.multinode import (
+    NodeSplit,
+    price_crossings,
+    split_nodes,
+    stretched_meshes,
+)
+from meshwright.passes.planner import plan
+
+from meshwright.cli import main
+
+H100 = get_hardware("h100")
+LLAMA_405B = get_config("llama3-405b")
+DECODE = Workload(batch=64, context=2048, phase="decode", weights="bf16")
+
+
+# ---- the profiles and the preset ---------------------------------------------------------------
+
+
+def test_profiles_have_a_network_between_nodes():
+    assert (H100.max_chips, H100.max_nodes, H100.dcn_bandwidth) == (8, 128, 50e9)  # 400 Gb/s
+    assert get_hardware("h200").dcn_bandwidth == H100.dcn_bandwidth
+    assert get_hardware("a100").dcn_bandwidth == 25e9  # 200 Gb/s HDR per GPU
+    assert get_hardware("tpu-v5e").dcn_bandwidth == 200e9 / 8 / 8  # 2 x 100 Gb/s per 8 chips
+    for name in ("tpu-v4", "tpu-v5e", "h100", "h200", "a100", "cpu"):
+        hw = get_hardware(name)
+        assert hw.spans_nodes and hw.dcn_bandwidth < hw.ici_bandwidth and hw.dcn_name
+
+
+def test_calibrated_cpu_file_without_network_fields_keeps_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path))
+    old = get_hardware("cpu").to_dict()
+    for f in ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name"):
+        old.pop(f)
+    (tmp_path / "cpu.json").write_text(json.dumps({"profile": {**old, "source": "old file"}}))
+    cpu = get_hardware("cpu")
+    assert cpu.source == "old file" and cpu.spans_nodes
+
+
+def test_llama3_405b_preset_is_the_public_config():
+    c = LLAMA_405B
+    assert (c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size) == (
+        126, 16384, 53248, 128, 8, 128, 128256)
+    assert c.rope_scaling == "llama3" and c.rope_scaling_factor == 8.0 and not c.tie_embeddings
+    assert 2 * c.n_params() / 1e9 == pytest.approx(811.7, abs=0.1)  # GB of bf16 weights
+
+
+# ---- the two-level collective ------------------------------------------------------------------
+
+
+def test_mesh_over_nodes():
+    m = Mesh(4, 2, 2, slow=(2, 1, 1))
+    assert (m.nodes, m.chips_per_node, m.slow_axes, str(m)) == (2, 8, {"x": 2}, "[2*2]x2x2")
+    assert m.inside_node() == Mesh(2, 2, 2) and m.slow_size("yz") == 1
+    assert m.to_dict() == {"x": 4, "y": 2, "z": 2}
+    with pytest.raises(ValueError, match="axis y=2 cannot run over 4 nodes"):
+        Mesh(2, 2, 2, slow=(1, 4, 1))
+
+
+def test_collective_inside_a_node_is_priced_as_before():
+    c = cm.Collective("all-gather", "yz", 1e6, "t")
+    m = Mesh(4, 2, 2, slow=(2, 1, 1))
+    t = cm.collective_time(c, m, H100, CostOptions())
+    assert (t.bandwidth_s, t.total_latency_s) == cm.collective_seconds(c, Mesh(4, 2, 2), H100,
+                                                                       CostOptions())
+    assert t.slow_network_s == 0
+
+
+@pytest.mark.parametrize("kind", ["all-gather", "reduce-scatter"])
+def test_hierarchical_gather_sends_one_node_share_over_the_slow_network(kind):
+    d = 8e6  # bytes per chip
+    m = Mesh(4, 2, 2, slow=(2, 1, 1))  # 2 nodes of 8; the group xyz: 8 chips in each node
+    t = cm.collective_time(cm.Collective(kind, "xyz", d, "t"), m, H100, CostOptions())
+    slow_bw = 50e9 * 0.8
+    fast_bw = 450e9 * 0.8
+    assert t.slow_s == pytest.approx(d / 8 * (1 / 2) / slow_bw)
+    assert t.fast_s == pytest.approx(d * (7 / 8) / fast_bw)
+    assert t.slow_latency_s == pytest.approx(H100.dcn_latency_s)
+    assert t.latency_s == pytest.approx(H100.collective_latency_s
+                                        + H100.collective_step_latency_s * 3)  # 2x2x2 ring steps
+    assert cm.slow_bytes(cm.Collective(kind, "xyz", d, "t"), m, CostOptions()) == d / 16
+
+
+def test_all_to_all_across_nodes():
+    d = 8e6
+    m = Mesh(4, 2, 2, slow=(2, 1, 1))
+    t = cm.collective_time(cm.Collective("all-to-all", "xyz", d, "t"), m, H100, CostOptions())
+    assert t.slow_s == pytest.approx(d / 2 / (50e9 * 0.8))  # half of a chip's data leaves
+    assert t.fast_s == pytest.approx(d / 2 * (7 / 8) / (450e9 * 0.8))
+
+
+def test_stretching_an_axis_over_nodes_only_costs_communication():
+    work = Workload(batch=64, context=2048, phase="decode", weights="bf16")
+    cfg = get_config("llama-70b")
+    inside = evaluate(cfg, H100, Mesh(4, 2, 2), work, "ws-2d", "batch")
+    across = evaluate(cfg, H100, Mesh(4, 2, 2, slow=(2, 1, 1)), work, "ws-2d", "batch")
+    assert across.compute_s == inside.compute_s and across.weight_load_s == inside.weight_load_s
+    assert across.memory_bytes_per_chip == inside.memory_bytes_per_chip
+    assert across.comm_s > inside.comm_s and across.slow_network_s > 0
+    assert inside.slow_network_s == 0 and inside.slow_bytes_per_chip == 0
+    assert across.step_s - inside.step_s == pytest.approx(across.comm_s - inside.comm_s)
+
+
+def test_stretched_meshes_put_every_node_count_on_an_axis():
+    meshes = stretched_meshes(8, 2)
+    assert all(m.nodes == 2 and m.chips_per_node == 8 for m in meshes)
+    assert Mesh(4, 2, 2, slow=(2, 1, 1)) in meshes and Mesh(2, 2, 4, slow=(1, 1, 2)) in meshes
+    assert len({(m.x, m.y, m.z) for m in meshes}) < len(meshes) <= 3 * len(factorizations(16))
+
+
+# ---- what crosses the slow network ---------------------------------------------------------------
+
+
+def test_pipeline_step_is_stages_plus_microbatches():
+    costs, _ = price_crossings(LLAMA_405B, H100, NodeSplit(2, 8), DECODE, kinds=("pipeline",))
+    p = costs[0]
+    assert (p.kind, p.stages, p.layers_per_stage, p.replicas) == ("pipeline", 2, 63, 1)
+    stage = LLAMA_405B.replace(n_layers=63)
+    micro = Workload(64 // p.microbatches, 2048, "decode", "bf16")
+    c = evaluate(stage, H100, p.layout.mesh, micro, p.layout.ffn_layout,
+                 p.layout.attention_layout)
+    t = c.step_s - c.overhead_s
+    hop = micro.tokens * 16384 * 2 / 8 / (50e9 * 0.8) + H100.dcn_latency_s
+    m = p.microbatches
+    assert p.step_s == pytest.approx(2 * t + hop + (m - 1) * max(t, hop) + c.overhead_s)
+    assert p.bubble_s == pytest.approx(t) and p.slow_network_s == pytest.approx(hop)
+    assert p.kv_cache_bytes_per_chip == pytest.approx(m * c.kv_cache_bytes_per_chip)
+    assert p.stage_list() == [{"stage": 0, "layers": [0, 63], "node": 0},
+                              {"stage": 1, "layers": [63, 126], "node": 1}]
+
+
+def test_replicas_win_when_a_copy_fits_a_node():
+    p = plan("llama-70b", hardware="h100", chips=16, batch=64, context=2048)
+    assert (p.nodes, p.cross_node.kind, p.cross_node.replicas) == (2, "replicas", 2)
+    assert p.to_dict()["slow_axes"] == {"replica": 2}
+    assert p.cross_node.slow_network_s == 0
+    # each replica runs half the batch on one node: the step of one node at batch 32
+    one = plan("llama-70b", hardware="h100", chips=8, batch=32, context=2048)
+    assert p.step_seconds == pytest.approx(one.step_seconds)
+
+
+def test_llama3_405b_on_two_h100_nodes(capsys):
+    """810 GB of bf16 weights do not fit one node of 8 x 80 GB: the plan spans 2 nodes."""
+    assert main(["plan", "--model", "llama3-405b", "--hardware", "h100", "--chips", "16",
+                 "--weights", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nodes"] == 2 and out["chips_per_node"] == 8 and out["fits"]
+    assert out["cross_node"]["kind"] in ("pipeline", "stretched")
+    assert out["slow_axes"] and out["breakdown"]["slow_network_s"] > 0
+    assert out["memory_bytes_per_chip"] <= 80e9
+    reasons = {r["way"]: r["reason"] for r in out["cross_node_rejected"]}
+    assert "does not fit one node of 8 x h100" in reasons["2 replicas"]
+    kinds = {c["kind"] for c in out["cross_node_candidates"]}
+    assert kinds == {"pipeline", "stretched"}
+    assert main(["plan", "--model", "llama3-405b", "--hardware", "h100", "--chips", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 nodes of 8)" in text and "InfiniBand NDR" in text and "why: " in text
+    assert "cannot run:\n  2 replicas: does not fit" in text
+
+
+def test_forcing_a_pipeline():
+    p = plan("llama3-405b", hardware="h100", chips=16, batch=64, cross_node="pipeline")
+    d = p.to_dict()
+    assert d["slow_axes"] == {"stage": 2} and len(d["stages"]) == 2
+    assert d["breakdown"]["bubble_s"] > 0 and d["forced"] == {"cross_node": "pipeline"}
+    assert "pipeline of 2 stages (63 layers each, one node each)" in p.explain()
+
+
+def test_prefill_pipelines_its_microbatches():
+    p = plan("llama3-405b", hardware="h100", chips=16, batch=8, phase="prefill",
+             cross_node="pipeline")
+    assert p.cross_node.microbatches > 1  # the bubble shrinks with more microbatches
+
+
+def test_one_node_plans_as_before():
+    a = plan("palm-540b", hardware="tpu-v4", chips=64, batch=64, phase="decode",
+             weights="int8")
+    b = plan("palm-540b", hardware="tpu-v4", chips=64, batch=64, phase="decode",
+             weights="int8", nodes=1)
+    assert a.explain() == b.explain() and a.nodes == 1 and a.cross_node is None
+
+
+def test_tpu_slices():
+    p = plan("llama3-405b", hardware="tpu-v5e", chips=128, nodes=2, batch=64)
+    assert p.split == NodeSplit(2, 64) and p.fits
+    assert "DCN" in p.explain()
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_unequal_nodes_name_the_numbers():
+    with pytest.raises(ValueError, match=r"20 chips do not split into 3 equal nodes \(6.67 "
+                                         r"chips each\).*use 18 or 21 chips"):
+        split_nodes(H100, 20)
+    with pytest.raises(ValueError, match="16 chips on 1 nodes would be 16 per node"):
+        split_nodes(H100, 16, nodes=1)
+    with pytest.raises(ValueError, match="h100 jobs span at most 128 nodes"):
+        split_nodes(H100, 8 * 129)
+    with pytest.raises(ValueError, match="tpu-v5e slices do not come in 100 chips"):
+        split_nodes(get_hardware("tpu-v5e"), 200, nodes=2)
+    assert split_nodes(H100, 12) == NodeSplit(2, 6)  # 6 GPUs of each node
+
+
+def test_slow_axis_that_does_not_divide_what_the_plan_puts_on_it():
+    with pytest.raises(ValueError, match=r"126 layers do not split into 4 equal pipeline "
+                                         r"stages \(31.5 each\).*batch 3 does not split over 2 "
+                                         r"replicas \(1.5 sequences each\)"):
+        plan("llama3-405b", hardware="h100", chips=32, batch=3, cross_node="pipeline")
+    with pytest.raises(ValueError, match=r"batch 3 does not split over 2 replicas \(1.5 "
+                                         r"sequences each\)"):
+        plan("llama-7b", hardware="h100", chips=16, batch=3, cross_node="replicas")
+    with pytest.raises(ValueError, match="needs 2 or more nodes"):
+        plan("llama-7b", hardware="h100", chips=8, cross_node="pipeline")
+    with pytest.raises(ValueError, match="unknown way of crossing nodes 'ring'"):
+        plan("llama-7b", hardware="h100", chips=16, cross_node="ring")
+
+
+def test_model_that_fits_no_configuration():
+    with pytest.raises(ValueError, match=r"more than the largest h100 job holds \(128 nodes x 8 "
+                                         r"x 80 GB = 81.9 TB\)"):
+        plan("llama3-405b", hardware="h100", chips=16, batch=4096, context=131072)
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["plan", "--model", "llama3-405b", "--hardware", "h100", "--chips", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meshwright plan: error:") and "\n" not in err
+    assert "20 chips do not split into 3 equal nodes" in err
