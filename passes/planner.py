@@ -627,8 +627,13 @@ def _no_fit_message(cfg, hw, chips, work, cands, options, kv_fraction, ffns, att
             break
         n *= 2
     else:
-        suggestions.append(f"does not fit on any {hw.name} slice up to {hw.max_chips} chips "
-                           "at this batch and context")
+        nodes = _nodes_that_fit(cfg, hw, work, options, kv_fraction, ffns, atts)
+        if nodes:
+            suggestions.append(f"needs more than one {hw.name} node: it fits {nodes} nodes of "
+                               f"{hw.max_chips} (--chips {nodes * hw.max_chips})")
+        else:
+            suggestions.append(f"does not fit on any {hw.name} slice up to {hw.max_chips} "
+                               "chips at this batch and context")
     weights_fit = [c for c in cands
                    if c.weight_bytes_per_chip + c.gathered_weight_bytes_per_chip < hw.hbm_bytes]
     if weights_fit:
@@ -643,6 +648,24 @@ def _no_fit_message(cfg, hw, chips, work, cands, options, kv_fraction, ffns, att
     else:
         suggestions.append("the weights alone do not fit")
     return msg + " " + "; ".join(suggestions) + "."
+
+
+def _nodes_that_fit(cfg, hw, work, options, kv_fraction, ffns, atts, tries: int = 4) -> int:
+    """The fewest full nodes (tried from the memory lower bound, doubling) on which some way
+    of crossing them fits, or 0 (none within `tries` or `max_nodes`)."""
+    if not hw.spans_nodes:
+        return 0
+    need = min_memory_chips(cfg, work)  # weights and KV cache once: a lower bound
+    nodes = max(2, -(-int(need) // int(hw.max_chips * hw.hbm_bytes)))
+    for _ in range(tries):
+        if nodes > hw.max_nodes:
+            return 0
+        costs, _ = price_crossings(cfg, hw, NodeSplit(nodes, hw.max_chips), work, ffns, atts,
+                                   options, kv_fraction)
+        if costs:
+            return nodes
+        nodes *= 2
+    return 0
 
 
 def _ctx_limit(c: CandidateCost, hw: HardwareProfile, context: int) -> int:

@@ -230,6 +230,12 @@ def test_model_that_fits_no_configuration():
         plan("llama3-405b", hardware="h100", chips=16, batch=4096, context=131072)
 
 
+def test_one_node_too_small_points_beyond_it():
+    with pytest.raises(ValueError, match=r"needs more than one h100 node: it fits 2 nodes of 8 "
+                                         r"\(--chips 16\)"):
+        plan("llama3-405b", hardware="h100", chips=8, batch=64)
+
+
 def test_cli_bad_input_is_one_line(capsys):
     assert main(["plan", "--model", "llama3-405b", "--hardware", "h100", "--chips", "20"]) == 2
     err = capsys.readouterr().err.strip()
