@@ -511,6 +511,18 @@ def _check_all_used(checkpoint: SafetensorsCheckpoint, used: set[str], arch: _Ar
             f"its config.json disagree, or the model has a part meshwright does not implement")
 
 
+def _auto_axes(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """The mesh with Auto axes. `jax.make_mesh` makes Explicit ones, under which the models'
+    embedding lookup (a gather from a table split by rows) fails for want of an out_sharding;
+    with Auto axes XLA's partitioner places every op, as on meshwright's own meshes."""
+    from jax.sharding import AxisType
+
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def split_largest_axis(mesh: jax.sharding.Mesh,
                        axis: str | None = None) -> Callable[[str, jax.ShapeDtypeStruct],
                                                             NamedSharding]:
@@ -522,6 +534,7 @@ def split_largest_axis(mesh: jax.sharding.Mesh,
     """
     axis = axis or mesh.axis_names[0]
     n = mesh.shape[axis]
+    mesh = _auto_axes(mesh)
 
     def sharding(path: str, shape: jax.ShapeDtypeStruct) -> NamedSharding:
         dims = [d for d in np.argsort(shape.shape, kind="stable")[::-1]

@@ -12,6 +12,7 @@ imported lazily, so `meshwright.runtime.scheduler` stays usable without initiali
 """
 
 import importlib
+import importlib.util
 
 _EXPORTS = {
     "Engine": "engine", "Bucket": "engine", "RequestHandle": "engine", "ServeReport": "engine",
@@ -33,4 +34,6 @@ __all__ = ["Bucket", "DistributedEngine", "Engine", "KVCache", "Request", "Reque
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"meshwright.runtime.{_EXPORTS[name]}"), name)
+    if importlib.util.find_spec(f"meshwright.runtime.{name}") is not None:
+        return importlib.import_module(f"meshwright.runtime.{name}")  # mw.runtime.layouts
     raise AttributeError(f"module 'meshwright.runtime' has no attribute {name!r}")
