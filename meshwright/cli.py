@@ -619,6 +619,9 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache length (default: the config's max_len)")
     p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout")
     p.add_argument("--force-attention", metavar="LAYOUT", help="pin the attention layout")
+    p.add_argument("--weights", choices=("native", "int8"), default="native",
+                   help="int8: the program takes int8 weights, converted from the float "
+                        "ones once when it is loaded (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="FILE",
                    type=_checked("--out", validate.output_file),
                    help="the artifact; the manifest goes to FILE.json")
@@ -634,14 +637,16 @@ def _run_export(args) -> int:
     program = export_model(args.model, platforms=platforms, mesh=sizes, phase=args.phase,
                            batch=args.batch, length=args.length, max_len=args.max_len,
                            hardware=args.hardware, overrides=args.set,
-                           force_ffn=args.force_ffn, force_attention=args.force_attention)
+                           force_ffn=args.force_ffn, force_attention=args.force_attention,
+                           weights=args.weights)
     manifest_path = program.save(str(args.out))
     m = program.manifest
     counted = program.collectives()
     summary = {"artifact": str(args.out), "manifest": str(manifest_path), "bytes": m["bytes"],
                "platforms": m["platforms"], "mesh": m["mesh"], "layouts": m["layouts"],
                "collectives_in_stablehlo": counted, "collectives_emitted":
-               m["collectives_emitted"], "predicted": m["predicted"]}
+               m["collectives_emitted"], "predicted": m["predicted"],
+               "load_conversion": m.get("load_conversion")}
     if args.json:
         _print_json(summary)
         return 0
@@ -650,6 +655,13 @@ def _run_export(args) -> int:
           f"{', '.join(platforms)} on a {'x'.join(map(str, sizes))} mesh: FFN "
           f"{m['layouts']['ffn']}, attention {m['layouts']['attention']}")
     print(f"wrote {args.out} ({m['bytes']} bytes of serialized StableHLO) and {manifest_path}")
+    conversion = m.get("load_conversion")
+    if conversion:  # weights converted at load time: a second program, applied once
+        kinds = sorted({step.split()[0] for i in m["inputs"] if "converted" in i
+                        for step in i["converted"]["steps"]})  # "int8", "interleave"
+        print(f"wrote {args.out}.convert ({conversion['bytes']} bytes): converts "
+              f"{len(conversion['weights'])} weights ({', '.join(kinds)}) once, when the "
+              "program is loaded")
     print(f"{'collective':<20}{'in StableHLO':>14}{'bytes/device':>14}{'lowering emitted':>18}")
     for kind in sorted(set(counted["count"]) | set(m["collectives_emitted"])):
         emitted = m["collectives_emitted"].get(kind, {"count": 0})

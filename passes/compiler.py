@@ -64,6 +64,16 @@ def _mesh_devices(mesh) -> list:
     raise TypeError(f"mesh must be a jax.sharding.Mesh or a dict of axis sizes, got {mesh!r}")
 
 
+def convert_argument(steps: list, x) -> list:
+    """One argument through its load-time conversions (`Compiled.load_transforms[i]`): the
+    arrays the program takes in its place (int8: values, scale). Traceable: an exported
+    program's conversion (passes/export.py) is these steps under `jax.jit`."""
+    ys = [x]
+    for step in steps:
+        ys = [z for y in ys for z in step(y)]
+    return ys
+
+
 @dataclass
 class Compiled:
     """Everything one compilation produced, for one input signature."""
@@ -114,9 +124,7 @@ class Compiled:
             if hit is not None and hit[0]() is x:
                 out += hit[1]
                 continue
-            ys = [x]
-            for step in steps:
-                ys = [z for y in ys for z in step(y)]
+            ys = convert_argument(steps, x)
             placed = [self._put(y, len(out) + k) for k, y in enumerate(ys)]
             try:
                 self._converted[i] = (weakref.ref(x), placed)

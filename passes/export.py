@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 FORMAT = "meshwright-export/1"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -42,29 +42,43 @@ def _manifest_path(path: str | Path) -> Path:
 
 @dataclass
 class ExportedProgram:
-    """A `jax.export.Exported` sharded program and its manifest; call it like the function."""
+    """A `jax.export.Exported` sharded program and its manifest; call it like the function.
+
+    A program whose weights are converted when they are loaded (fused Q/K/V stored
+    interleaved, int8 weights) carries the conversion as a second exported program,
+    `conversion`: it takes those weights as the caller has them and returns the arrays the
+    program takes in their place, sharded as it takes them. Calling the program applies it
+    once per set of weight arrays (`convert`); the manifest's `load_conversion` names the
+    weights and each input's `converted` what it becomes.
+    """
 
     exported: Any  # jax.export.Exported
     manifest: dict
     # the Compiled it was lowered from (its `records`: every collective the lowering emitted,
     # with the equation that emitted it); None for a program read back from a file
     compiled: Any = field(default=None, repr=False, compare=False)
+    conversion: Any = None  # jax.export.Exported of the load-time conversion, if any
+    # the converted weights of the last call: (weak references to the caller's arrays, the
+    # mesh, the arrays made from them)
+    _converted: tuple | None = field(default=None, repr=False, compare=False)
 
     # ---- saving ---------------------------------------------------------------------------
     def serialize(self) -> bytes:
-        try:
-            return bytes(self.exported.serialize())
-        except ImportError as e:  # jax.export imports flatbuffers only here
-            raise ImportError(f"serializing an exported program needs the flatbuffers "
-                              f"package: pip install flatbuffers ({e})") from None
+        return _serialize(self.exported)
 
     def save(self, path: str | Path) -> Path:
-        """Write the artifact to `path` and the manifest to `path`.json; returns the manifest
-        path."""
+        """Write the artifact to `path` and the manifest to `path`.json (and a load-time
+        conversion to `path`.convert); returns the manifest path."""
         data = self.serialize()
         Path(path).write_bytes(data)
         manifest = dict(self.manifest, artifact=Path(path).name, bytes=len(data),
                         sha256=hashlib.sha256(data).hexdigest())
+        if self.conversion is not None:
+            extra = _serialize(self.conversion)
+            Path(f"{path}.convert").write_bytes(extra)
+            manifest["load_conversion"] = dict(
+                manifest["load_conversion"], artifact=f"{Path(path).name}.convert",
+                bytes=len(extra), sha256=hashlib.sha256(extra).hexdigest())
         self.manifest = manifest
         out = _manifest_path(path)
         out.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
@@ -76,7 +90,8 @@ class ExportedProgram:
         return self.exported.mlir_module()
 
     def collectives(self) -> dict:
-        """The collectives in the StableHLO (`stablehlo_collectives`)."""
+        """The collectives in the StableHLO (`stablehlo_collectives`); the load-time
+        conversion's, which run once, are not counted."""
         return stablehlo_collectives(self.stablehlo())
 
     # ---- running --------------------------------------------------------------------------
@@ -88,7 +103,8 @@ class ExportedProgram:
 
     def __call__(self, *args, mesh=None):
         """Run the program on a mesh of the exported shape (default: the first devices of
-        this job), placing the arguments as the manifest says."""
+        this job), placing the arguments as the manifest says (converting the weights the
+        program converts at load time, once)."""
         platform = jax.devices()[0].platform
         platform = {"gpu": "cuda"}.get(platform, platform)
         if platform not in self.exported.platforms:
@@ -103,17 +119,69 @@ class ExportedProgram:
             raise ValueError(f"this program runs on {n} devices; the mesh has "
                              f"{mesh.devices.size}")
         flat, tree = jax.tree_util.tree_flatten(args)
-        if tree != self.exported.in_tree.children()[0]:
+        inputs = self.manifest["inputs"]
+        # the program takes a converted weight as a tuple of the arrays it becomes
+        want, expected = self.exported.in_tree.children()[0], None
+        if len(flat) == len(inputs):
+            expected = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(tree, [
+                tuple(0 for _ in i["converted"]["to"]) if "converted" in i else 0
+                for i in inputs]))
+        if len(flat) != len(inputs) or expected != want:
             raise ValueError(f"the arguments do not have the exported structure: got {tree}, "
-                             f"exported {self.exported.in_tree.children()[0]}")
+                             f"exported {self._caller_tree()}")
         self._check_shapes(flat)
-        specs = [jax.sharding.PartitionSpec(*_spec_from_json(i["spec"]))
-                 for i in self.manifest["inputs"]]
         from meshwright.runtime.distributed import put
 
-        placed = [put(x, NamedSharding(mesh, s)) for x, s in zip(flat, specs)]
-        return self.exported.call(*jax.tree_util.tree_unflatten(tree, placed))
+        converted = self.convert(flat, mesh)
+        leaves = [converted[k] if k in converted else
+                  put(x, NamedSharding(mesh, PartitionSpec(*_spec_from_json(i["spec"]))))
+                  for k, (x, i) in enumerate(zip(flat, inputs))]
+        return self.exported.call(*jax.tree_util.tree_unflatten(tree, leaves))
 
+    def convert(self, flat: list, mesh) -> dict[int, tuple]:
+        """{argument index: the arrays the program takes in its place} for the arguments
+        converted at load time, by the exported conversion; the arrays of the last call are
+        kept while the caller's weight arrays live, so each set is converted once."""
+        indices = [k for k, i in enumerate(self.manifest["inputs"]) if "converted" in i]
+        if not indices:
+            return {}
+        if self._converted is not None:
+            refs, on, arrays = self._converted
+            if on is mesh and all(r() is flat[k] for r, k in zip(refs, indices)):
+                return arrays
+        from meshwright.runtime.distributed import put
+
+        specs = [PartitionSpec(*_spec_from_json(self.manifest["inputs"][k]["spec"]))
+                 for k in indices]
+        outs = iter(self.conversion.call(*[put(flat[k], NamedSharding(mesh, s))
+                                           for k, s in zip(indices, specs)]))
+        arrays = {k: tuple(next(outs) for _ in self.manifest["inputs"][k]["converted"]["to"])
+                  for k in indices}
+        try:
+            import weakref
+
+            self._converted = ([weakref.ref(flat[k]) for k in indices], mesh, arrays)
+        except TypeError:  # not weak-referenceable (numpy scalars): convert every call
+            self._converted = None
+        return arrays
+
+    def _caller_tree(self):
+        """The arguments' structure as the caller passes them: the exported one with each
+        converted weight's tuple of arrays as the one array it is converted from."""
+        want = self.exported.in_tree.children()[0]
+        marks = [(k, j, len(i["converted"]["to"]) if "converted" in i else 0)
+                 for k, i in enumerate(self.manifest["inputs"])
+                 for j in range(len(i["converted"]["to"]) if "converted" in i else 1)]
+        if len(marks) != want.num_leaves:
+            return want
+        leaves = [_Mark(*m) for m in marks]
+
+        def converted(x) -> bool:  # the whole tuple of one converted weight
+            return (isinstance(x, tuple) and len(x) > 0 and isinstance(x[0], _Mark)
+                    and x[0].index == 0 and x[0].converted == len(x))
+
+        return jax.tree_util.tree_structure(jax.tree_util.tree_map(
+            lambda _: 0, jax.tree_util.tree_unflatten(want, leaves), is_leaf=converted))
 
     def _check_shapes(self, flat: list) -> None:
         """Refuse arguments of another shape or dtype than exported, naming the first (a
@@ -130,6 +198,36 @@ class ExportedProgram:
                     "export --batch N), or pad the batch to the exported one")
 
 
+@dataclass(frozen=True)
+class _Mark:
+    """A leaf of an exported program's arguments: caller argument `argument`, `index` of the
+    `converted` arrays it becomes (0 when not converted)."""
+
+    argument: int
+    index: int
+    converted: int
+
+
+def _serialize(exported) -> bytes:
+    try:
+        return bytes(exported.serialize())
+    except ImportError as e:  # jax.export imports flatbuffers only here
+        raise ImportError(f"serializing an exported program needs the flatbuffers "
+                          f"package: pip install flatbuffers ({e})") from None
+
+
+def _read_artifact(path: Path, sha256: str | None, manifest_path: Path):
+    data = path.read_bytes()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the checksum in {manifest_path.name}: the "
+                         "file was changed or truncated; export it again")
+    try:
+        return jax.export.deserialize(bytearray(data))
+    except ImportError as e:
+        raise ImportError(f"reading an exported program needs the flatbuffers package: "
+                          f"pip install flatbuffers ({e})") from None
+
+
 def load_exported(path: str | Path) -> ExportedProgram:
     """Read an artifact written by `ExportedProgram.save` / `meshwright export` (and its
     manifest, `path`.json)."""
@@ -144,16 +242,17 @@ def load_exported(path: str | Path) -> ExportedProgram:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{manifest_path} is not a {FORMAT} manifest "
                          f"(format {manifest.get('format')!r})")
-    data = path.read_bytes()
-    if manifest.get("sha256") and hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{path} does not match the checksum in {manifest_path.name}: the "
-                         "file was changed or truncated; export it again")
-    try:
-        exported = jax.export.deserialize(bytearray(data))
-    except ImportError as e:
-        raise ImportError(f"reading an exported program needs the flatbuffers package: "
-                          f"pip install flatbuffers ({e})") from None
-    return ExportedProgram(exported, manifest)
+    exported = _read_artifact(path, manifest.get("sha256"), manifest_path)
+    conversion = None
+    if manifest.get("load_conversion"):
+        extra = path.parent / manifest["load_conversion"]["artifact"]
+        if not extra.exists():
+            raise FileNotFoundError(
+                f"{path} converts weights when they are loaded, and its conversion "
+                f"{extra.name} is missing: copy it with {path.name} and {manifest_path.name}")
+        conversion = _read_artifact(extra, manifest["load_conversion"].get("sha256"),
+                                    manifest_path)
+    return ExportedProgram(exported, manifest, conversion=conversion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,25 +283,56 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     if unknown or not platforms:
         raise ValueError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
                          f"choose from {', '.join(PLATFORMS)}")
+    from meshwright.passes.compiler import convert_argument
+
     c = step._lowered(args, {})  # lowered for the mesh; not compiled for this host's CPU
-    if getattr(c, "load_transforms", None):
-        raise ValueError(
-            "this program converts some weights when they are loaded ("
-            + "; ".join(c.describe_load_transforms())
-            + "), which an exported program cannot carry; export it with weights='native'")
     flat, in_tree = jax.tree_util.tree_flatten(args)
-    shardings = [NamedSharding(c.jax_mesh, s.partition_spec()) for s in c.in_specs]
-    structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype")
-                                    else np.asarray(x).dtype, sharding=sh)
-               for x, sh in zip(flat, shardings)]
+    mesh = c.jax_mesh
+    # the program's own inputs (after the load-time conversions), in order, and which of
+    # them each caller argument becomes: arguments converted at load time turn into one or
+    # more program inputs (int8: values, scale), the others into themselves
+    program_specs = [s.partition_spec() for s in c.in_specs]
+    program_structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=NamedSharding(mesh, spec))
+                       for v, spec in zip(c.graph.inputs, program_specs)]
+    owned: list[list[int]] = []
+    for i, x in enumerate(flat):
+        start = sum(len(o) for o in owned)
+        steps = c.load_transforms.get(i)
+        n = 1 if not steps else len(jax.eval_shape(
+            lambda w, steps=steps: convert_argument(steps, w), _struct(x)))
+        owned.append(list(range(start, start + n)))
+    if sum(len(o) for o in owned) != len(program_structs):
+        raise AssertionError(f"{len(flat)} arguments make {sum(len(o) for o in owned)} "
+                             f"program inputs; the program takes {len(program_structs)}")
+    converted = sorted(c.load_transforms)
+    # a converted argument arrives as the program would take it unconverted: sharded as its
+    # first converted array is, mapped back through the conversion's dimension order
+    specs = [PartitionSpec(*_source_spec(c.load_transforms[i], program_specs[owned[i][0]]))
+             if i in c.load_transforms else program_specs[owned[i][0]]
+             for i in range(len(flat))]
+    structs = [jax.ShapeDtypeStruct(*_shape_dtype(x), sharding=NamedSharding(mesh, spec))
+               for x, spec in zip(flat, specs)]
     out_tree = c.graph.out_tree
 
     def program(*call_args):
         outs = c.jitted(*jax.tree_util.tree_leaves(call_args))
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
+    # converted arguments become tuples of the arrays they turn into (see ExportedProgram)
+    leaves = [tuple(program_structs[k] for k in owned[i]) if i in c.load_transforms
+              else program_structs[owned[i][0]] for i in range(len(flat))]
     exported = jax.export.export(jax.jit(program), platforms=platforms)(
-        *jax.tree_util.tree_unflatten(in_tree, structs))
+        *jax.tree_util.tree_unflatten(in_tree, leaves))
+    conversion = None
+    if converted:
+        def convert(*weights):
+            return [y for i, w in zip(converted, weights)
+                    for y in convert_argument(c.load_transforms[i], w)]
+
+        outs = [NamedSharding(mesh, program_specs[k]) for i in converted for k in owned[i]]
+        conversion = jax.export.export(jax.jit(convert, out_shardings=outs),
+                                       platforms=platforms)(*[structs[i] for i in converted])
     paths = [_arg_name(step.fn, p[0].idx) + jax.tree_util.keystr(p[1:])
              for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
     out_avals = exported.out_avals
@@ -219,9 +349,9 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
         "layouts": {"ffn": c.ffn_layout, "attention": c.attention_layout},
         "phase": step.phase,
         "hardware": step.hardware,
-        "inputs": [{"path": p, "shape": list(s.shape), "dtype": str(s.dtype),
-                    "spec": _spec_json(spec.partition_spec())}
-                   for p, s, spec in zip(paths, structs, c.in_specs)],
+        "inputs": [_input_json(p, s, i, c.load_transforms.get(i),
+                               [program_structs[k] for k in owned[i]])
+                   for i, (p, s) in enumerate(zip(paths, structs))],
         "outputs": [{"shape": list(a.shape), "dtype": str(a.dtype),
                      "spec": _spec_json(spec.partition_spec())}
                     for a, spec in zip(out_avals, c.out_specs)],
@@ -236,7 +366,44 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
         "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
         "calling_convention_version": exported.calling_convention_version,
     }
-    return ExportedProgram(exported, manifest, compiled=c)
+    if conversion is not None:
+        manifest["load_conversion"] = {
+            "weights": [paths[i] for i in converted],
+            "outputs": sum(len(owned[i]) for i in converted),
+            "applied": "once per set of weight arrays, by the loaded program before its "
+                       "first call (ExportedProgram.convert)"}
+    return ExportedProgram(exported, manifest, compiled=c, conversion=conversion)
+
+
+def _shape_dtype(x) -> tuple[tuple[int, ...], Any]:
+    return tuple(np.shape(x)), (x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+
+
+def _struct(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(*_shape_dtype(x))
+
+
+def _source_spec(steps: list, spec) -> tuple:
+    """The partition spec of an argument before its conversion `steps`, given the spec of
+    the first array they make: each step maps it back (`input_spec`); replicated when a step
+    cannot say."""
+    spec = tuple(spec)
+    for step in reversed(steps):
+        if not hasattr(step, "input_spec"):
+            return ()
+        spec = step.input_spec(spec)
+    return spec
+
+
+def _input_json(path: str, struct, index: int, steps: list | None, program: list) -> dict:
+    entry = {"path": path, "shape": list(struct.shape), "dtype": str(struct.dtype),
+             "spec": _spec_json(struct.sharding.spec)}
+    if steps:
+        entry["converted"] = {
+            "steps": [s.describe() if hasattr(s, "describe") else str(s) for s in steps],
+            "to": [{"shape": list(p.shape), "dtype": str(p.dtype),
+                    "spec": _spec_json(p.sharding.spec)} for p in program]}
+    return entry
 
 
 def _arg_name(fn, index: int) -> str:
@@ -395,12 +562,15 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
                  mesh: tuple[int, int, int] = (4, 4, 4), phase: str = "decode", batch: int = 8,
                  length: int = 128, max_len: int | None = None, hardware: str | None = None,
                  overrides: tuple[str, ...] | list[str] = (), force_ffn: str | None = None,
-                 force_attention: str | None = None) -> ExportedProgram:
+                 force_attention: str | None = None,
+                 weights: str = "native") -> ExportedProgram:
     """Plan a model preset for `mesh` on `hardware`, lower it, and export it for `platforms`.
 
     Only shapes are needed: the weights and the cache are `jax.ShapeDtypeStruct`s, so a
     large model exports without its parameters in memory. The mesh must exist here (on a
     CPU-only machine, simulate `X*Y*Z` devices before JAX starts; `meshwright export` does).
+    `weights="int8"` exports int8 weights: the program takes them converted, and the float
+    weights are converted once when it is loaded (`ExportedProgram.conversion`).
     """
     from meshwright.models import build, get_config
     from meshwright.passes.compiler import make_mesh, shard
@@ -413,6 +583,7 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
     length = validate.length(length)
     max_len = validate.max_len(max_len, "max_len")
     phase = validate.choice(phase, "phase", ("prefill", "decode"))
+    weights = validate.choice(weights, "weights", ("native", "int8"))
     config = get_config(model).with_overrides(list(overrides))
     if max_len is not None:
         config = config.replace(max_len=max_len)
@@ -428,7 +599,7 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
     force["mesh"] = tuple(mesh)
     hardware = hardware or DEFAULT_HARDWARE[platforms[0]]
     step = shard(built.fn(phase), mesh=make_mesh(dict(zip(AXES, mesh))), phase=phase,
-                 hardware=hardware, force=force)
+                 hardware=hardware, force=force, weights=weights)
     program = export_sharded(step, *args, platforms=platforms)
     # the preset's own config (the traced graph's is named after the step function)
     program.manifest["model_config"] = _config_json(config)

@@ -58,6 +58,10 @@ class Interleave:
     def __call__(self, x):
         return [jnp.take(jnp.asarray(x), jnp.asarray(self.permutation()), axis=self.dim)]
 
+    def input_spec(self, spec: tuple) -> tuple:
+        """The argument's partition spec when its permutation is placed with `spec`."""
+        return tuple(spec)
+
     def describe(self) -> str:
         return (f"interleave dim {self.dim}: parts {list(self.sizes)} as {self.shards} shards "
                 f"of [{' | '.join(f'{s // self.shards}' for s in self.sizes)}]")

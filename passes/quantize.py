@@ -116,7 +116,10 @@ def contracted_last(ndim: int, axes: Sequence[int]) -> tuple[int, ...]:
 
 def _quantize(w, axes: tuple[int, ...], layout: tuple[int, ...], xp) -> Int8Weight:
     w32 = w.astype(xp.float32)
-    scale = xp.max(xp.abs(w32), axis=axes, keepdims=True) / xp.float32(INT8_MAX)
+    # times the reciprocal, not divided: XLA rewrites a division by a constant so, and the
+    # host (numpy) and device conversions must agree bit for bit (an exported program
+    # converts on the devices what mw.shard converted on the host)
+    scale = xp.max(xp.abs(w32), axis=axes, keepdims=True) * xp.float32(1 / INT8_MAX)
     values = xp.clip(xp.round(w32 / xp.maximum(scale, _TINY)), -INT8_MAX, INT8_MAX)
     return Int8Weight(xp.transpose(values.astype(xp.int8), layout), scale.astype(xp.float32),
                       layout)
@@ -139,6 +142,8 @@ def quantize_weight(w: Any, axes: Sequence[int],
         return Int8Weight(jax.ShapeDtypeStruct([w.shape[d] for d in layout], jnp.int8),
                           jax.ShapeDtypeStruct(_scale_shape(w.shape, axes), jnp.float32),
                           layout)
+    if jc.is_tracer(w):  # inside a traced program (an exported load-time conversion)
+        return _quantize(w, axes, layout, jnp)
     if isinstance(w, jax.Array) and (len(w.sharding.device_set) > 1 or w.size >= 1 << 20):
         return _quantize_on_devices(w, axes, layout)
     q = _quantize(np.asarray(w), axes, layout, np)
@@ -156,6 +161,10 @@ class Int8Quantizer:
     def __call__(self, w) -> list:
         q = quantize_weight(w, self.reduce_axes, self.layout)
         return [q.values, q.scale]
+
+    def input_spec(self, spec: tuple) -> tuple:
+        """The weight's partition spec when its int8 values are placed with `spec`."""
+        return tuple(spec[self.layout.index(d)] for d in range(len(self.layout)))
 
     def describe(self) -> str:
         return (f"int8 per output channel (scale over dims {list(self.reduce_axes)}), values "

@@ -53,6 +53,10 @@ class Permute:
     def __call__(self, x) -> list:
         return [jnp.transpose(jnp.asarray(x), self.order)]
 
+    def input_spec(self, spec: tuple) -> tuple:
+        """The argument's partition spec when it is placed permuted with `spec`."""
+        return tuple(spec[self.order.index(d)] for d in range(len(self.order)))
+
     def describe(self) -> str:
         return f"stored with dimensions {list(self.order)} (weight first in its matmul)"
 

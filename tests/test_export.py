@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from meshwright.models import build, get_config
 from meshwright.passes.export import load_exported, stablehlo_collectives
+from zoo import fused_qkv_transformer
 
 import meshwright as mw
 
@@ -197,3 +198,111 @@ def test_stablehlo_counter_counts_a_looped_einsum_as_the_collective_it_replaces(
     assert counted["count"] == {"collective-permute": 3}
     assert counted["total_bytes"] == 3 * 4 * 8 * 4
     assert counted["model_bytes"] == 4 * 4 * 8 * 4
+
+
+# ---- programs that convert weights at load time: fused Q/K/V interleaved, int8 ----------------
+
+FUSED_FORCE = {"ffn": "ws-2d", "attention": "heads"}
+
+
+@pytest.fixture(scope="module")
+def exported_converted_64(tmp_path_factory):
+    """For tpu on 4x4x4 (64 simulated devices, lowering only): the test zoo's fused-QKV
+    model through step.export, and palm-tiny with int8 weights through meshwright export."""
+    tmp = tmp_path_factory.mktemp("export_converted")
+    tests = os.path.dirname(__file__)
+    code = (
+        "import os, sys, json\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=64'\n"
+        f"sys.path.insert(0, {tests!r})\n"
+        "import jax\n"
+        "import meshwright as mw\n"
+        "from meshwright.cli import main\n"
+        "from zoo import fused_qkv_transformer\n"
+        "fn, args = fused_qkv_transformer(jax.random.PRNGKey(0))\n"
+        "shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)\n"
+        "step = mw.shard(fn, mesh=mw.make_mesh({'x': 4, 'y': 4, 'z': 4}), hardware='tpu-v4',\n"
+        f"                force=dict({FUSED_FORCE!r}, mesh=(4, 4, 4)))\n"
+        "program = step.export(*shapes, platforms='tpu')\n"
+        f"program.save({str(tmp)!r} + '/fused.mwx')\n"
+        "print(json.dumps(program.collectives()))\n"
+        "assert main(['export', 'palm-tiny', '--weights', 'int8', '--platform', 'tpu',\n"
+        "             '--mesh', '4x4x4', '--batch', '64', '--json',\n"
+        f"             '--out', {str(tmp)!r} + '/int8.mwx']) == 0\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fused_counted, cli = out.stdout.strip().split("\n", 1)
+    return tmp, json.loads(fused_counted), json.loads(cli)
+
+
+def test_fused_qkv_and_int8_export_for_a_4x4x4_tpu_mesh(exported_converted_64):
+    tmp, fused_counted, cli = exported_converted_64
+    fused = load_exported(tmp / "fused.mwx")
+    assert fused.collectives() == fused_counted
+    assert fused.manifest["load_conversion"]["weights"] == ["params['qkv']",
+                                                            "params['qkv_b']"]
+    qkv = next(i for i in fused.manifest["inputs"] if i["path"] == "params['qkv']")
+    assert qkv["shape"] == [32, 96] and "interleave dim 1" in qkv["converted"]["steps"][0]
+    # it arrives split over the FFN layout's (y, z) as the program takes its permutation
+    assert qkv["converted"]["to"] == [{"shape": [32, 96], "dtype": "float32",
+                                       "spec": qkv["spec"]}]
+    assert qkv["spec"][1] is not None
+    int8 = load_exported(tmp / "int8.mwx")
+    assert cli["load_conversion"]["weights"] == int8.manifest["load_conversion"]["weights"]
+    converted = [i for i in int8.manifest["inputs"] if "converted" in i]
+    assert len(converted) == 14 and all(i["dtype"] == "float32" for i in converted)
+    assert all([t["dtype"] for t in i["converted"]["to"]] == ["int8", "float32"]
+               for i in converted)
+    # the program's collectives are the lowering's; the conversion's run once, apart
+    assert cli["collectives_in_stablehlo"]["count"] == {
+        k: v["count"] for k, v in cli["collectives_emitted"].items()}
+    for program in (fused, int8):
+        assert program.exported.platforms == program.conversion.platforms == ("tpu",)
+        assert (tmp / program.manifest["load_conversion"]["artifact"]).stat().st_size == \
+            program.manifest["load_conversion"]["bytes"]
+        with pytest.raises(ValueError, match="exported for tpu, and this process runs on cpu"):
+            program(*[np.zeros(i["shape"], i["dtype"]) for i in program.manifest["inputs"]])
+
+
+def _round_trip(step, args, path):
+    live = step(*args)
+    step.export(*args, platforms="cpu").save(path)
+    loaded = mw.load_exported(path)
+    got = loaded(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(live)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return loaded
+
+
+def test_fused_qkv_export_round_trips_on_cpu(tmp_path):
+    """The zoo's fused-QKV model (its Q/K/V weight stored interleaved for 4 shards of the
+    fused dimension): exported for cpu on 8 devices, loaded, run: the live program's
+    logits bit for bit; the weights are converted by the artifact's conversion, once."""
+    fn, args = fused_qkv_transformer(jax.random.PRNGKey(1))
+    step = mw.shard(fn, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}),
+                    force=dict(FUSED_FORCE, mesh=(2, 2, 2)))
+    assert any("interleave" in t for t in step.compiled(*args).describe_load_transforms())
+    loaded = _round_trip(step, args, tmp_path / "fused.mwx")
+    first = loaded.convert(jax.tree.leaves(args), loaded.mesh())
+    assert loaded.convert(jax.tree.leaves(args), loaded.mesh()) is first  # converted once
+    # the caller's structure, not the program's (a converted weight is one argument)
+    with pytest.raises(ValueError, match=r"exported PyTreeDef\(\(\{.*'qkv': \*, 'qkv_b': \*"):
+        loaded(args[0])
+    (tmp_path / "fused.mwx.convert").unlink()
+    with pytest.raises(FileNotFoundError, match="conversion fused.mwx.convert is missing"):
+        mw.load_exported(tmp_path / "fused.mwx")
+
+
+def test_int8_export_round_trips_on_cpu(tmp_path):
+    """palm-tiny with int8 weights on 8 devices: the artifact takes the float weights and
+    converts them as mw.shard does (bit for bit), then runs the int8 program."""
+    model = build(get_config("palm-tiny"))
+    args = model.example_args("decode", batch=8, key=jax.random.PRNGKey(4))
+    step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}),
+                    weights="int8", force={"ffn": "ws-2d", "attention": "batch",
+                                           "mesh": (2, 2, 2)})
+    loaded = _round_trip(step, args, tmp_path / "int8.mwx")
+    assert len(loaded.manifest["load_conversion"]["weights"]) == 14
