@@ -117,7 +117,8 @@ def make_mesh(shape, devices=None):
 
 def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = None,
           weights: str = "native", passes=None, force: dict | None = None,
-          collective_einsum="auto", donate_argnums: int | tuple[int, ...] = ()):
+          collective_einsum="auto", donate_argnums: int | tuple[int, ...] = (),
+          strict: bool = False):
     """Compile a function for a device mesh and run it there; decorator or call form.
 
         >>> @mw.shard(mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}), force={"ffn": "ws-2d"})
@@ -131,9 +132,14 @@ def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = Non
     never does), "on", "off", or a configured `CollectiveEinsum` pass. `donate_argnums` as in
     `jax.jit`: `donate_argnums=2` lets a decode step update its KV cache in place on every
     device (the arrays passed in are deleted by the call).
+
+    Anything that would run other than planned -- a value the layout splits whose size does
+    not divide over its mesh axes, an operation lowered replicated -- runs replicated
+    (correct) and is listed with its reason in `explain()`, `report()["replicated_fallbacks"]`
+    and an export's manifest; `strict=True` makes it an error (`NotAsPlanned`, a ValueError).
     """
     from meshwright.passes.compiler import shard as _shard
 
     return _shard(fn, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
                   passes=passes, force=force, collective_einsum=collective_einsum,
-                  donate_argnums=donate_argnums)
+                  donate_argnums=donate_argnums, strict=strict)

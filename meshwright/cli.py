@@ -100,6 +100,9 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-ffn", metavar="LAYOUT", help="pin the FFN layout for lowering")
     p.add_argument("--force-attention", metavar="LAYOUT",
                    help="pin the attention layout for lowering")
+    p.add_argument("--strict", action="store_true",
+                   help="--after annotate/lower: an error instead of lowering any part "
+                        "replicated that the layout splits (e.g. heads that do not divide)")
     p.add_argument("--source", action="store_true", help="append each equation's source line")
     p.add_argument("--dot", metavar="FILE", type=_checked("--dot", validate.output_file),
                    help="also write the graph as Graphviz DOT")
@@ -131,8 +134,17 @@ def _sharded_step(cfg, args):
 
         hardware = "cpu" if len(mesh.devices.flat) <= get_hardware("cpu").max_chips else "tpu-v4"
     step = api.shard(model.fn(args.phase), mesh=mesh, force=force, hardware=hardware,
-                     collective_einsum=args.collective_einsum)
+                     collective_einsum=args.collective_einsum, strict=args.strict)
     return step, xs
+
+
+def _print_fallbacks(fallbacks: list[str] | None) -> None:
+    """What ran other than planned, on stderr (stdout holds the graph or the table)."""
+    if fallbacks:
+        print(f"\nran replicated (correct, not sharded as planned; --strict refuses): "
+              f"{len(fallbacks)}", file=sys.stderr)
+        for f in fallbacks:
+            print(f"  - {f}", file=sys.stderr)
 
 
 @_command("inspect", "print the dataflow graph of a bundled model")
@@ -160,9 +172,11 @@ def _run_inspect(args) -> int:
             print(text or f"(no difference between {args.diff[0]} and {args.diff[1]})")
         return 0
     text = None
+    fallbacks = None  # what ran replicated where the layout splits it (lowered graphs only)
     if args.after in ("annotate", "collective-einsum", "lower"):
         step, xs = _sharded_step(cfg, args)
         graph = step.graph(*xs, after="lower")
+        fallbacks = step.report(*xs)["replicated_fallbacks"]
         if args.after != "lower" and not args.source:
             text = step.graph_text(*xs, after=args.after)
     else:
@@ -181,9 +195,12 @@ def _run_inspect(args) -> int:
             out["blocks"] = graph.meta["blocks"].to_list()
         if args.dot:
             out["dot"] = args.dot
+        if fallbacks is not None:
+            out["replicated_fallbacks"] = fallbacks
         _print_json(out)
         return 0
     print(text or graph.format(source=args.source))
+    _print_fallbacks(fallbacks)
     if args.summary:
         print()
         print(graph.format_summary())
@@ -622,6 +639,9 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("native", "int8"), default="native",
                    help="int8: the program takes int8 weights, converted from the float "
                         "ones once when it is loaded (default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="an error instead of exporting a program that runs any part "
+                        "replicated that the plan splits (listed in the manifest otherwise)")
     p.add_argument("--out", required=True, metavar="FILE",
                    type=_checked("--out", validate.output_file),
                    help="the artifact; the manifest goes to FILE.json")
@@ -638,7 +658,7 @@ def _run_export(args) -> int:
                            batch=args.batch, length=args.length, max_len=args.max_len,
                            hardware=args.hardware, overrides=args.set,
                            force_ffn=args.force_ffn, force_attention=args.force_attention,
-                           weights=args.weights)
+                           weights=args.weights, strict=args.strict)
     manifest_path = program.save(str(args.out))
     m = program.manifest
     counted = program.collectives()
@@ -646,7 +666,8 @@ def _run_export(args) -> int:
                "platforms": m["platforms"], "mesh": m["mesh"], "layouts": m["layouts"],
                "collectives_in_stablehlo": counted, "collectives_emitted":
                m["collectives_emitted"], "predicted": m["predicted"],
-               "load_conversion": m.get("load_conversion")}
+               "load_conversion": m.get("load_conversion"),
+               "replicated_fallbacks": m["replicated_fallbacks"]}
     if args.json:
         _print_json(summary)
         return 0
@@ -674,6 +695,7 @@ def _run_export(args) -> int:
               if counted["model_bytes"] != counted["total_bytes"] else "")
     print(f"collective bytes per device: {counted['total_bytes']} in StableHLO{looped}, "
           f"{predicted if predicted is not None else '-'} predicted by the cost model")
+    _print_fallbacks(m["replicated_fallbacks"])
     return 0
 
 

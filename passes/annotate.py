@@ -146,6 +146,17 @@ def _weight_spec(v: Value, layout: Layout, mesh: MeshInfo, table: dict) -> Spec:
     return spec
 
 
+def input_spec(v: Value, weight: bool, layout: Layout, mesh: MeshInfo) -> Spec:
+    """The spec of one graph input under `layout`: a weight as stored, a KV cache as attention
+    holds it, anything else (token ids, positions, activations) as the residual stream."""
+    roles = _roles(v)
+    if weight:
+        return _weight_spec(v, layout, mesh, layout.stored)
+    if "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
+        return spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
+    return spec_for(roles, v.shape, layout.residual, mesh)
+
+
 def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     prog = ia._Program()
     ia._collect(g, prog, ia._parameter_inputs(g))
@@ -155,13 +166,7 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     # Inputs.
     in_specs = []
     for v in g.inputs:
-        roles = _roles(v)
-        if v.id in prog.weight:
-            spec = _weight_spec(v, layout, mesh, layout.stored)
-        elif "kv_length" in roles and len(v.shape) >= 4:  # a KV cache
-            spec = spec_for(roles, v.shape, _attention_map(layout, roles), mesh)
-        else:  # token ids, positions, activations: as the residual stream
-            spec = spec_for(roles, v.shape, layout.residual, mesh)
+        spec = input_spec(v, v.id in prog.weight, layout, mesh)
         v.producer.meta["target"] = [spec]
         in_specs.append(spec)
     g.meta["in_specs"] = in_specs

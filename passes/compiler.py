@@ -39,6 +39,52 @@ AXES = ("x", "y", "z")
 ANALYSES = ["infer-axes", "find-blocks", "fuse-parallel-block"]
 
 
+class NotAsPlanned(ValueError):
+    """`mw.shard(..., strict=True)`: part of the program would run other than planned
+    (replicated where the layout splits it); `reasons` lists each part and why."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons)
+        more = f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else ""
+        super().__init__(
+            f"strict: {len(reasons)} part(s) would run replicated where the plan splits "
+            f"them: {'; '.join(reasons[:2])}{more}. Pick a mesh and layouts whose sizes "
+            "divide these dimensions (or a batch that does), or drop strict to run them "
+            "replicated (explain() lists them all)")
+
+
+class _AnySplitFits(MeshInfo):
+    """A mesh on which every split divides: the specs a layout asks for before sizes that do
+    not divide drop axes (`spec_for`)."""
+
+    def fits(self, size: int, axes) -> bool:
+        return True
+
+
+def unsplit_inputs(g: Graph, layout, mesh: MeshInfo, weight_ids: set) -> list[str]:
+    """Inputs with a dimension the layout splits over mesh axes that ends up whole on every
+    device (its size does not divide by theirs): replicated where the plan (and the cost
+    model's prediction) has it split. A dimension that keeps some of its axes (48 heads on
+    4x4x4 take x and y of x, y, z) is split as the planner priced it, and not listed."""
+    from meshwright.passes.annotate import input_spec
+
+    out = []
+    paths = g.meta.get("float_input_paths") or []
+    for i, (v, actual) in enumerate(zip(g.inputs, g.meta["in_specs"])):
+        wanted = input_spec(v, v.id in weight_ids, layout, _AnySplitFits(mesh.sizes))
+        roles = v.producer.meta["axes"][v.index]
+        for d, (want, got) in enumerate(zip(wanted.dims, actual.dims)):
+            if want and not got:
+                name = paths[i] if i < len(paths) else f"argument {i}"
+                n = mesh.count(want)
+                out.append(f"{name} {v.dtype}{list(v.shape)}: dimension {d} "
+                           f"({roles[d] or '?'}, {v.shape[d]}) is not split over "
+                           f"{', '.join(want)} ({n} devices) as {layout.ffn}/"
+                           f"{layout.attention} plans: {v.shape[d]} does not divide by {n}; "
+                           "every device holds all of it")
+    return out
+
+
 def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
     """A mesh with axes x, y, z (missing ones of size 1), e.g. make_mesh({"x": 2, "y": 4}).
 
@@ -157,7 +203,7 @@ class ShardedFunction:
     def __init__(self, fn: Callable, mesh=None, phase: str = "auto", hardware: str | None = None,
                  weights: str = "native", passes: list | None = None,
                  force: dict | None = None, collective_einsum="auto",
-                 donate_argnums: int | tuple[int, ...] = ()):
+                 donate_argnums: int | tuple[int, ...] = (), strict: bool = False):
         from meshwright.passes.collective_einsum import CollectiveEinsum
 
         if phase not in ("auto", "prefill", "decode"):
@@ -179,6 +225,8 @@ class ShardedFunction:
         self.weights = weights
         self.passes = passes
         self.force = force
+        # strict: anything that would run other than planned (replicated) is an error
+        self.strict = bool(strict)
         # arguments whose buffers the program may reuse for its outputs (as jax.jit's): a KV
         # cache donated is updated in place on every device instead of copied
         self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) \
@@ -264,6 +312,10 @@ class ShardedFunction:
         g.meta["pass_text"] = {"annotate": g.format()}  # for step.diff(); ~5 ms
         g.meta["float_input_paths"] = [v.producer.params.get("path", f"argument {i}")
                                        for i, v in enumerate(g.inputs)]
+        # inputs the layout splits that run whole (a size that does not divide)
+        unsplit = unsplit_inputs(g, g.meta["layout"], mesh_info, set(prog.weight))
+        if self.strict and unsplit:
+            raise NotAsPlanned(unsplit)
         show("annotate", g)
         t0 = time.perf_counter()
         interleave_fused(g, mesh_info)
@@ -309,12 +361,15 @@ class ShardedFunction:
         t0 = time.perf_counter()
         lowered = jitted.lower(*structs)
         timings["lower"] = time.perf_counter() - t0
+        fallbacks = unsplit + list(result.fallbacks)
+        if self.strict and fallbacks:
+            raise NotAsPlanned(fallbacks)
         show("lower", g)
         return Compiled(graph=g, config=config, plan=plan, ffn_layout=ffn,
                         attention_layout=attention, mesh_shape=mesh_shape, jax_mesh=jmesh,
                         in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
                         records=list(emitter.records),
-                        fallbacks=list(result.fallbacks), predicted=predicted,
+                        fallbacks=fallbacks, predicted=predicted,
                         timings=timings, load_transforms=transforms)
 
     def _donated(self, args, kwargs, transforms: dict, n_program: int) -> tuple[int, ...]:
@@ -509,15 +564,16 @@ class ShardedFunction:
 def shard(fn: Callable | None = None, *, mesh=None, phase: str = "auto",
           hardware: str | None = None, weights: str = "native", passes: list | None = None,
           force: dict | None = None, collective_einsum="auto",
-          donate_argnums: int | tuple[int, ...] = ()):
+          donate_argnums: int | tuple[int, ...] = (), strict: bool = False):
     """Compile `fn` for a device mesh: decorator (`@mw.shard(mesh=...)`) or call
     (`mw.shard(fn, mesh=...)`). Options: `mesh`, `phase`, `hardware`, `weights`, `passes`,
-    `force` (see docs/overview.md), `collective_einsum`, and `donate_argnums` as in
+    `force` (see docs/overview.md), `collective_einsum`, `donate_argnums` as in
     `jax.jit` (e.g. 2 for a decode step's KV cache: updated in place on every device; the
-    arrays passed are deleted by the call)."""
+    arrays passed are deleted by the call), and `strict` (NotAsPlanned, a ValueError,
+    instead of running any part replicated that the plan splits)."""
     def wrap(f):
         return ShardedFunction(f, mesh=mesh, phase=phase, hardware=hardware, weights=weights,
                                passes=passes, force=force, collective_einsum=collective_einsum,
-                               donate_argnums=donate_argnums)
+                               donate_argnums=donate_argnums, strict=strict)
 
     return wrap(fn) if fn is not None else wrap

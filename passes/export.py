@@ -563,7 +563,7 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
                  length: int = 128, max_len: int | None = None, hardware: str | None = None,
                  overrides: tuple[str, ...] | list[str] = (), force_ffn: str | None = None,
                  force_attention: str | None = None,
-                 weights: str = "native") -> ExportedProgram:
+                 weights: str = "native", strict: bool = False) -> ExportedProgram:
     """Plan a model preset for `mesh` on `hardware`, lower it, and export it for `platforms`.
 
     Only shapes are needed: the weights and the cache are `jax.ShapeDtypeStruct`s, so a
@@ -571,6 +571,8 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
     CPU-only machine, simulate `X*Y*Z` devices before JAX starts; `meshwright export` does).
     `weights="int8"` exports int8 weights: the program takes them converted, and the float
     weights are converted once when it is loaded (`ExportedProgram.conversion`).
+    `strict`: refuse (NotAsPlanned) rather than export a program that runs part of the model
+    replicated where the plan splits it (the manifest's `replicated_fallbacks` lists them).
     """
     from meshwright.models import build, get_config
     from meshwright.passes.compiler import make_mesh, shard
@@ -599,7 +601,7 @@ def export_model(model: str, *, platforms: tuple[str, ...] = ("tpu",),
     force["mesh"] = tuple(mesh)
     hardware = hardware or DEFAULT_HARDWARE[platforms[0]]
     step = shard(built.fn(phase), mesh=make_mesh(dict(zip(AXES, mesh))), phase=phase,
-                 hardware=hardware, force=force, weights=weights)
+                 hardware=hardware, force=force, weights=weights, strict=strict)
     program = export_sharded(step, *args, platforms=platforms)
     # the preset's own config (the traced graph's is named after the step function)
     program.manifest["model_config"] = _config_json(config)
