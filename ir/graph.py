@@ -327,18 +327,37 @@ class Graph:
             self.inputs = [v for v in self.inputs if v.producer is not node]
         self.version += 1
 
-    def eliminate_dead_code(self) -> int:
-        """Remove equations whose outputs are unused (inputs are kept); returns the count."""
+    def eliminate_dead_code(self, candidates: Iterable[Node] | None = None) -> int:
+        """Remove equations whose outputs are unused (inputs are kept); returns the count.
+        `candidates`: look only at these nodes and at what removing them frees (a rewrite
+        that just orphaned them, in a graph with no other dead code); default: every node.
+
+        1. Candidates: every node nothing uses (no edge leaves it), or those given.
+        2. Take one: if it is not an input, not effectful and none of its outputs is a graph
+           output, remove it; its operands' producers become candidates (they may have lost
+           their last user).
+        Removing never makes a node live again, so this reaches the same fixpoint as sweeping
+        the topological order backwards, in time linear in the graph (a sweep per call, and a
+        sort per sweep, made a pass that cleans up once per layer quadratic in depth).
+        """
+        returned = {o.id for o in self.outputs if isinstance(o, Value)}
+        work = ([n for n in self._nx.nodes if self._nx.out_degree(n) == 0]
+                if candidates is None else [n.id for n in candidates])
         removed = 0
-        for node in reversed(self.topo_order()):
-            if node.op == "input":
+        while work:
+            node_id = work.pop()
+            if node_id not in self._nx or self._nx.out_degree(node_id):
+                continue
+            node = self.node(node_id)
+            if node.op == "input" or any(o.id in returned for o in node.outputs):
                 continue
             if node.primitive is not None and getattr(node.primitive, "name", "") in _EFFECTFUL:
                 continue
-            if any(self.users(o) or self.is_output(o) for o in node.outputs):
-                continue
-            self.remove_node(node)
+            work.extend({v.producer.id for v in node.inputs if isinstance(v, Value)})
+            self._nx.remove_node(node_id)
             removed += 1
+        if removed:
+            self.version += 1
         return removed
 
     # ---- checking ----------------------------------------------------------------------

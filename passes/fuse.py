@@ -46,6 +46,7 @@ def fuse_parallel_blocks(g: Graph) -> int:
     attention = [b for b in blocks.of_kind("attention") if b.detail.get("parallel")]
     ffn = [b for b in blocks.of_kind("ffn") if b.detail.get("parallel")]
     fused = 0
+    cleaned: set[int] = set()  # graphs with no dead code left but what a fusion orphans
     for att, mlp in zip(attention, ffn):
         out_proj = _last_weight_dot(att)
         down = _last_weight_dot(mlp)
@@ -65,7 +66,10 @@ def fuse_parallel_blocks(g: Graph) -> int:
             total = body.add_node(lax.add_p, [a, b], source=add2.source)
             result = body.add_node(lax.add_p, [x, total.out], source=add2.source)
             body.replace_all_uses_with(add2.out, result.out)
-            body.eliminate_dead_code()
+            # the first time a whole sweep, then only what this fusion orphaned (a sweep
+            # per layer was quadratic in depth)
+            body.eliminate_dead_code(None if id(body) not in cleaned else [add2])
+            cleaned.add(id(body))
             total.meta["fused_sum"] = True
             total.meta["note"] = "fused parallel-block sum"
             for proj in (out_proj, down):

@@ -131,6 +131,20 @@ class Symbols:
                 return tuple(self.find(f) for f in fs)
         return None
 
+    def part_index(self) -> tuple[dict[int, tuple[int, ...]], dict[int, int]]:
+        """`factors` and `whole_of` of every class at once, as {class: factors} and
+        {class: whole}: one pass over the products and pieces instead of one per class
+        (which was quadratic in depth). Valid until the next `unify`."""
+        factors: dict[int, tuple[int, ...]] = {}
+        for whole, fs in self.products.items():
+            factors.setdefault(self.find(whole), tuple(self.find(f) for f in fs))
+        wholes: dict[int, int] = {}
+        for piece, whole in self.pieces.items():
+            p, w = self.find(piece), self.find(whole)
+            if p != w:
+                wholes.setdefault(p, w)
+        return factors, wholes
+
     def whole_of(self, s: int) -> int | None:
         """The symbol s was sliced or split out of, if any."""
         r = self.find(s)
@@ -912,15 +926,16 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
                 if n.role(c) is None and (c in cut or _is_indexed_apart(prog, n, node.out, c)):
                     n.name(c, "fused")
     # Whatever is left: products of named classes, and parts of named classes (RoPE halves).
+    factors_of, whole_of = syms.part_index()  # naming does not unify: valid throughout
     for _ in range(3):
         for c in list(_all_classes(n)):
             if n.role(c) is not None:
                 continue
-            fs = syms.factors(c)
+            fs = factors_of.get(c)
             if fs and all(n.role(f) for f in fs):
                 n.name(c, "*".join(n.role(f) for f in fs))
                 continue
-            whole = syms.whole_of(c)
+            whole = whole_of.get(c)
             if whole is not None and n.role(whole) is not None:
                 ratio = syms.size[whole] // syms.size[c]
                 exact = ratio * syms.size[c] == syms.size[whole]
