@@ -41,20 +41,21 @@ def trace_model(config, phase: str = "decode", batch: int = 2, length: int = 8,
     return trace(model.fn(phase), *args)
 
 
-# The analysis pipeline in order; `meshwright inspect --after PASS` stops after PASS.
-ANALYSIS_PIPELINE = ("infer-axes", "find-blocks", "plan")
-
-
 def run_passes_until(graph: Graph, after: str, **plan_options) -> Graph:
-    """Run the pipeline on a traced graph up to and including the pass named `after`."""
-    from meshwright.passes import PassManager, get_pass
+    """Run mw.shard's pipeline (`meshwright.passes.PIPELINE`) on a traced graph up to and
+    including the pass named `after`, one of the stages before the mesh is needed (trace
+    through plan); `plan_options` configure the plan pass."""
+    from meshwright.passes import ANALYSES, STAGES, PassManager, get_pass
 
     if after == "trace":
         return graph
-    if after not in ANALYSIS_PIPELINE:
+    shown = (*ANALYSES, "plan")
+    if after not in shown:
+        needs_mesh = f" ({after!r} needs the mesh: step.graph_text(*args, after={after!r}))" \
+            if after in STAGES else ""
         raise ValueError(f"unknown pass {after!r}; the pipeline is: trace, "
-                         f"{', '.join(ANALYSIS_PIPELINE)}")
-    names = ANALYSIS_PIPELINE[:ANALYSIS_PIPELINE.index(after) + 1]
+                         f"{', '.join(shown)}{needs_mesh}")
+    names = shown[:shown.index(after) + 1]
     passes = [get_pass(n, **plan_options) if n == "plan" else n for n in names]
     return PassManager(passes, verify=True).run(graph)
 

@@ -78,9 +78,11 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_layers=4 (repeatable)")
     p.add_argument("--scan", action="store_true", help="layers as a scan (--set scan_layers=true)")
+    from meshwright.passes.base import STAGES
+
     p.add_argument("--after", metavar="PASS", default="trace",
-                   help="show the graph after this pass: trace (default), infer-axes, "
-                        "find-blocks, plan, annotate, collective-einsum, lower")
+                   help="show the graph after this pass: trace (default), "
+                        + ", ".join(STAGES[1:]))
     p.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"),
                    help="compare the graph text after two passes (unified diff), e.g. "
                         "--diff annotate collective-einsum")
@@ -156,11 +158,11 @@ def _run_inspect(args) -> int:
     cfg = get_config(name).with_overrides(args.set)
     if args.scan:
         cfg = cfg.replace(scan_layers=True)
-    shown = ("trace", "infer-axes", "find-blocks", "plan", "annotate", "collective-einsum",
-             "lower")
+    from meshwright.passes.base import STAGES
+
     for name in [args.after, *(args.diff or [])]:
-        if name not in shown:
-            raise ValueError(f"unknown pass {name!r}; the pipeline is: {', '.join(shown)}")
+        if name not in STAGES:
+            raise ValueError(f"unknown pass {name!r}; the pipeline is: {', '.join(STAGES)}")
     if args.diff:
         step, xs = _sharded_step(cfg, args)
         text = step.diff(*xs, before=args.diff[0], after=args.diff[1],
@@ -173,7 +175,7 @@ def _run_inspect(args) -> int:
         return 0
     text = None
     fallbacks = None  # what ran replicated where the layout splits it (lowered graphs only)
-    if args.after in ("annotate", "collective-einsum", "lower"):
+    if STAGES.index(args.after) > STAGES.index("plan"):  # these need the mesh
         step, xs = _sharded_step(cfg, args)
         graph = step.graph(*xs, after="lower")
         fallbacks = step.report(*xs)["replicated_fallbacks"]

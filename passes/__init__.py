@@ -2,19 +2,24 @@
 
 Every pass registers itself by name in `PASSES` when its module loads; `get_pass(name)` loads
 the module of a pass named in `PASS_MODULES` on demand, so importing the planner alone does
-not import JAX.
+not import JAX. `PIPELINE` lists mw.shard's stages in the order they run.
 """
 
 from meshwright.passes.base import (
+    ANALYSES,
     PASS_MODULES,
     PASSES,
+    PIPELINE,
+    STAGES,
     Pass,
     PassContext,
     PassError,
     PassManager,
+    Stage,
     get_pass,
+    pipeline_diagram,
     register,
 )
 
-__all__ = ["PASSES", "PASS_MODULES", "Pass", "PassContext", "PassError", "PassManager",
-           "get_pass", "register"]
+__all__ = ["ANALYSES", "PASSES", "PASS_MODULES", "PIPELINE", "STAGES", "Pass", "PassContext",
+           "PassError", "PassManager", "Stage", "get_pass", "pipeline_diagram", "register"]

@@ -24,16 +24,58 @@ if TYPE_CHECKING:
 
 PASSES: dict[str, type[Pass]] = {}
 
-# Pass name -> the module that defines it (imported on first use). One place lists them all.
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of `mw.shard`'s pipeline."""
+
+    name: str
+    module: str  # the module that defines its pass (trace: the tracer; lower: mw.shard)
+    leaves: str  # what the program is after it (the diagram in docs/overview.md)
+    when: str = ""  # the option it runs under, if not always
+
+
+# mw.shard's pipeline, in the order it runs: the one list the CLI, `step.graph`, the docs'
+# diagram (tests/test_pipeline_list.py) and the pass registry read.
+PIPELINE: tuple[Stage, ...] = (
+    Stage("trace", "meshwright.ir.trace", "Graph"),
+    Stage("infer-axes", "meshwright.passes.infer_axes", "axes labelled"),
+    Stage("find-blocks", "meshwright.passes.find_blocks", "blocks"),
+    Stage("fuse-parallel-block", "meshwright.passes.fuse", "one reduction per parallel block"),
+    Stage("plan", "meshwright.passes.plan", "layouts"),
+    Stage("annotate", "meshwright.passes.annotate", "shardings"),
+    Stage("interleave-fused", "meshwright.passes.interleave", "fused weights interleaved"),
+    Stage("quantize-int8", "meshwright.passes.quantize", "int8 weights", when="weights='int8'"),
+    Stage("collective-einsum", "meshwright.passes.collective_einsum", "matmuls looped"),
+    Stage("lower", "meshwright.passes.compiler", "shard_map program"),
+)
+STAGES: tuple[str, ...] = tuple(s.name for s in PIPELINE)
+# The stages mw.shard runs before planning (its `passes=` option replaces them).
+ANALYSES: tuple[str, ...] = STAGES[1:STAGES.index("plan")]
+
+# Pass name -> the module that defines it (imported on first use): every stage that is a
+# pass (trace makes the graph; lower is mw.shard's compile boundary), and weights-first.
 PASS_MODULES: dict[str, str] = {
-    "infer-axes": "meshwright.passes.infer_axes",
-    "find-blocks": "meshwright.passes.find_blocks",
-    "plan": "meshwright.passes.plan",
-    "quantize-int8": "meshwright.passes.quantize",
-    "fuse-parallel-block": "meshwright.passes.fuse",
-    "collective-einsum": "meshwright.passes.collective_einsum",
+    **{s.name: s.module for s in PIPELINE if s.name not in ("trace", "lower")},
     "weights-first": "meshwright.passes.weights_first",
 }
+
+
+def pipeline_diagram(width: int = 100) -> str:
+    """The pipeline as the text diagram of docs/overview.md, wrapped at `width`."""
+    pieces = ["fn"]
+    for s in PIPELINE:
+        arrow = f"─{s.name}{f' ({s.when})' if s.when else ''}─>"
+        pieces.append(f"{arrow} {s.leaves}")
+    pieces.append("─jit─> run")
+    lines, line = [], ""
+    for p in pieces:
+        if line and len(line) + 1 + len(p) > width:
+            lines.append(line)
+            line = "   " + p
+        else:
+            line = f"{line} {p}" if line else p
+    return "\n".join([*lines, line])
 
 
 def rule_registry(table: dict) -> Callable:
@@ -81,6 +123,10 @@ class PassError(Exception):
 def get_pass(name: str, **options) -> Pass:
     if name not in PASSES and name in PASS_MODULES:
         importlib.import_module(PASS_MODULES[name])
+    if name in ("trace", "lower"):
+        raise KeyError(f"{name!r} is a stage of mw.shard, not a pass to run alone: "
+                       + ("mw.trace(fn, *args) makes the graph" if name == "trace" else
+                          "mw.shard(fn, ...).lower(*args) lowers it"))
     try:
         cls = PASSES[name]
     except KeyError:

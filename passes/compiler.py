@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import Mesh as JaxMesh
 from meshwright.ir import Graph, trace
 from meshwright.passes.annotate import annotate
-from meshwright.passes.base import PassManager
+from meshwright.passes.base import ANALYSES, STAGES, PassManager
 from meshwright.passes.hlo import collective_bytes
 from meshwright.passes.interleave import interleave_fused
 from meshwright.passes.lower import LowerContext, Lowered, lower_graph
@@ -36,7 +36,6 @@ from meshwright.passes.sharding import (
 )
 
 AXES = ("x", "y", "z")
-ANALYSES = ["infer-axes", "find-blocks", "fuse-parallel-block"]
 
 
 class NotAsPlanned(ValueError):
@@ -491,14 +490,13 @@ class ShardedFunction:
         return "\n".join(lines)
 
     def graph(self, *args, after: str = "lower", **kwargs) -> Graph:
-        """The graph after a named pass: trace, infer-axes, find-blocks (each run anew), or plan,
-        annotate, collective-einsum, lower (the compiled graph, which carries every pass's
-        annotations; `graph_text` has the text as it was right after each)."""
-        order = ["trace", "infer-axes", "find-blocks", "plan", "annotate", "collective-einsum",
-                 "lower"]
-        if after not in order:
-            raise ValueError(f"unknown pass {after!r}; the pipeline is {', '.join(order)}")
-        if after in ("plan", "annotate", "collective-einsum", "lower"):
+        """The graph after a named stage of `meshwright.passes.PIPELINE`: trace through
+        fuse-parallel-block (each run anew), or plan and after (the compiled graph, which
+        carries every pass's annotations; `graph_text` has the text as it was right after
+        each)."""
+        if after not in STAGES:
+            raise ValueError(f"unknown pass {after!r}; the pipeline is {', '.join(STAGES)}")
+        if STAGES.index(after) >= STAGES.index("plan"):
             return self.compiled(*args, **kwargs).graph
         from meshwright.api import run_passes_until
 
@@ -516,7 +514,15 @@ class ShardedFunction:
 
     def graph_text(self, *args, after: str = "lower", **kwargs) -> str:
         """The graph's text as it was right after a named pass (annotate and
-        collective-einsum are kept from the compilation; the others printed anew)."""
+        collective-einsum are kept from the compilation; interleave-fused and quantize-int8
+        recompiled to catch it; the others printed anew)."""
+        if after in ("interleave-fused", "quantize-int8"):
+            if after == "quantize-int8" and self.weights != "int8":
+                raise ValueError("quantize-int8 runs only with weights='int8'")
+            texts = {}
+            self.compile_watched(lambda name, g: texts.setdefault(name, g.format()), *args,
+                                 **kwargs)
+            return texts[after]
         if after in ("plan", "annotate", "collective-einsum"):
             texts = self.compiled(*args, **kwargs).graph.meta["pass_text"]
             # plan's and annotate's results are not part of the text: the same text

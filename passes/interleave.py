@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.passes.base import Pass, PassContext, register
 from meshwright.passes.sharding import MeshInfo
 
 _ELEMENTWISE = frozenset({"add", "sub", "mul", "convert_element_type", "copy"})
@@ -193,3 +194,19 @@ def interleave_fused(g: Graph, mesh: MeshInfo) -> Graph:
             transforms[index[arg.id]] = [Interleave(dim, sizes, n)]
         node.meta["interleave"] = {"axes": axes, "sizes": sizes}
     return g
+
+
+@register
+@dataclass(frozen=True)
+class InterleaveFused(Pass):
+    """Fused projection weights stored interleaved, so that their split runs on each shard
+    (see the module docstring). Run after `annotate`, with the mesh."""
+
+    name = "interleave-fused"
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
+        mesh = ctx.options.get("mesh_info")
+        if mesh is None or "in_specs" not in graph.meta:
+            raise ValueError("interleave-fused needs 'annotate' first and the mesh "
+                             "(ctx.options['mesh_info'])")
+        return interleave_fused(graph, mesh)

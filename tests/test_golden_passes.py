@@ -32,15 +32,15 @@ import pytest
 from meshwright.ir.diff import diff_text
 from meshwright.ir.printer import value_names
 from meshwright.models import build, get_config
+from meshwright.passes import STAGES as PIPELINE_STAGES
 from meshwright.passes import PassManager
 
 import meshwright as mw
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "passes")
 REGENERATE = "python tests/test_golden_passes.py"
-# Every stage of the pipeline in the order it runs, then the one-device pass.
-STAGES = ("trace", "infer-axes", "find-blocks", "fuse-parallel-block", "plan", "annotate",
-          "interleave-fused", "quantize-int8", "collective-einsum", "lower", "weights-first")
+# Every stage of mw.shard's pipeline in the order it runs, then the one-device pass.
+STAGES = (*PIPELINE_STAGES, "weights-first")
 FORCE = {"ffn": "ws-2d", "attention": "batch", "mesh": (2, 2, 2)}
 
 
