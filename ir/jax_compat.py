@@ -1,7 +1,7 @@
 """Every import of JAX internals in meshwright lives here, and only here.
 
 JAX moves its internals between releases (many `jax.core` names are gone in 0.10). Keeping them
-in one adapter means a JAX upgrade touches one file, which `tests/test_jax_compat.py` checks.
+in one adapter means a JAX upgrade touches one file.
 Public `jax.extend.core` comes first; private modules only where no public name exists.
 """
 

@@ -103,7 +103,7 @@ class Plan:
         """Nodes (or TPU slices) the plan spans."""
         return self.split.nodes if self.split else 1
 
-    # ---- the DESIGN.md surface -------------------------------------------------------------
+    # ---- the plan --json surface ----------------------------------------------------------
     @property
     def ffn_layout(self) -> str:
         return self.best.ffn_layout
@@ -140,7 +140,7 @@ class Plan:
         return self._whole.fits
 
     def to_dict(self) -> dict:
-        """The `meshwright plan --json` object (DESIGN.md section 1 keys, and more).
+        """The `meshwright plan --json` object (the keys docs/cost_model.md documents, and more).
 
         Across nodes, `mesh` is the layout's mesh (one node's, a pipeline stage's, or the
         stretched mesh), `slow_axes` the axes that cross nodes (`replica`, `stage` outside

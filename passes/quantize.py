@@ -15,7 +15,7 @@ What it rewrites (one weight input of shape W, contracted over dims C at its use
              %acc:i32 = dot_general[preferred_element_type=int32] %xq %w.values
              %y = convert(%acc) * %xs * %w.scale                   (in the original dtype)
 
-This is DESIGN.md section 7's fast path: on XLA:CPU, int8 weights multiplied with float
+This is the fast path measured on XLA:CPU: int8 weights multiplied with float
 activations convert the whole weight on every call (~7x slower than float32), while int8 x
 int8 -> int32 runs on the integer GEMM kernels. A matrix-vector product (one activation row,
 i.e. decode at batch 1) would fall onto XLA's slow integer GEMV, so a single row is padded with
