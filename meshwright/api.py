@@ -105,15 +105,22 @@ def plan(model: str | Any = "palm-tiny", hardware: str = "tpu-v4", chips: int = 
                          phase=phase or "decode", overrides=overrides, **common)
 
 
-def make_mesh(shape, devices=None):
+def make_mesh(shape, devices=None, slow=None):
     """A device mesh with axes x, y, z: `mw.make_mesh({"x": 2, "y": 2, "z": 2})`.
+
+    Over several processes' devices (`meshwright launch`) each process is a node and the
+    mesh is hybrid: an axis crosses nodes with its outer factor, `slow={"x": 2}` (default:
+    the outer axes take the nodes first); in one process `slow` treats consecutive blocks of
+    the devices as nodes.
 
     Raises `meshwright.validate.InvalidArgument` (a ValueError) for a size below 1, an axis
     not named x, y or z, more than three axes, or more devices than JAX has (naming the
-    XLA_FLAGS line that simulates them on CPU)."""
+    XLA_FLAGS line that simulates them on CPU); a ValueError naming the numbers for a slow
+    factor that does not divide its axis or does not match the processes, and for processes
+    holding unequal numbers of the devices."""
     from meshwright.passes.compiler import make_mesh as _make_mesh
 
-    return _make_mesh(shape, devices)
+    return _make_mesh(shape, devices, slow=slow)
 
 
 def shard(fn=None, *, mesh=None, phase: str = "auto", hardware: str | None = None,

@@ -11,6 +11,7 @@ shapes, dtypes). Everything it builds is in a `Compiled` record.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,10 +85,19 @@ def unsplit_inputs(g: Graph, layout, mesh: MeshInfo, weight_ids: set) -> list[st
     return out
 
 
-def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
+def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None,
+              slow: dict[str, int] | tuple[int, ...] | None = None) -> JaxMesh:
     """A mesh with axes x, y, z (missing ones of size 1), e.g. make_mesh({"x": 2, "y": 4}).
 
+    Over the devices of several processes (nodes) the mesh is hybrid, as
+    `jax.experimental.mesh_utils.create_hybrid_device_mesh` lays it out: axis a runs over
+    `slow[a]` nodes (its outer factor) and a / slow[a] devices inside each. `slow` defaults
+    to the nodes taken by the outer axes first (`node_factors`: 2 processes of 4 devices as
+    a 2x2x2 mesh: x crosses them); in one process it says which consecutive blocks of the
+    devices to treat as nodes (default: none).
+
         >>> mesh = mw.make_mesh({"x": 2, "y": 2, "z": 2})
+        >>> mesh = mw.make_mesh({"x": 4, "y": 2}, slow={"x": 2})  # x over 2 nodes
     """
     from meshwright.validate import enough_devices, mesh_shape
 
@@ -95,8 +105,101 @@ def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None) -> JaxMesh:
     devices = list(devices if devices is not None else jax.devices())
     n = int(np.prod(sizes))
     enough_devices(n, len(devices), f"a {'x'.join(map(str, sizes))} mesh")
-    return JaxMesh(np.array(devices[:n]).reshape(sizes), AXES,
-                   axis_types=(AxisType.Auto,) * 3)
+    devices = devices[:n]
+    groups = node_groups(devices)
+    if slow is None and len(groups) == 1:
+        return JaxMesh(np.array(devices).reshape(sizes), AXES,
+                       axis_types=(AxisType.Auto,) * 3)
+    text = "x".join(map(str, sizes))
+    if slow is None:
+        slow = node_factors(sizes, len(groups))
+    else:
+        slow = tuple(int(slow.get(a, 1)) for a in AXES) if isinstance(slow, dict) \
+            else tuple(int(s) for s in slow) + (1,) * (3 - len(slow))
+        for a, size, s in zip(AXES, sizes, slow):
+            if s < 1 or size % s:
+                raise ValueError(f"mesh {text}: axis {a}={size} cannot run over {s} nodes "
+                                 f"(the nodes an axis crosses must divide it)")
+        nodes = int(np.prod(slow))
+        if len(groups) == 1:  # one process: consecutive blocks of the devices as nodes
+            groups = [devices[k * n // nodes:(k + 1) * n // nodes] for k in range(nodes)]
+        elif nodes != len(groups):
+            raise ValueError(f"mesh {text} with slow={dict(zip(AXES, slow))} spans {nodes} "
+                             f"nodes; its devices are on {len(groups)} processes: the nodes "
+                             f"the axes cross must multiply to {len(groups)}")
+    inner = [size // s for size, s in zip(sizes, slow)]
+    grid = np.empty((len(groups), n // len(groups)), dtype=object)
+    for k, g in enumerate(groups):
+        grid[k, :] = g
+    # (node x, node y, node z, in-node x, y, z) -> each axis its node factor outside
+    grid = grid.reshape(*slow, *inner).transpose(0, 3, 1, 4, 2, 5).reshape(sizes)
+    return JaxMesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def node_groups(devices) -> list[list]:
+    """The devices of each node: one node per process of a multi-process job (in process
+    order), else one. Processes must hold equally many of the devices: a ValueError naming
+    the counts otherwise."""
+    by_process: dict[int, list] = {}
+    for d in devices:
+        by_process.setdefault(int(getattr(d, "process_index", 0)), []).append(d)
+    counts = {p: len(v) for p, v in sorted(by_process.items())}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"process {p}: {c}" for p, c in counts.items())
+        raise ValueError(f"the processes hold unequal numbers of the mesh's devices ({listed});"
+                         " a mesh over processes needs the same number from each: start every"
+                         " process with the same device count (meshwright launch does)")
+    return [by_process[p] for p in sorted(by_process)]
+
+
+def node_factors(sizes, nodes: int) -> tuple[int, int, int]:
+    """How many of `nodes` nodes each axis of a mesh of `sizes` (x, y, z) crosses when the
+    outer axes take them first: x the largest share it divides, then y, then z.
+
+        >>> node_factors((2, 2, 2), 2), node_factors((1, 2, 4), 4)
+        ((2, 1, 1), (1, 2, 2))
+    """
+    out, rest = [], nodes
+    for size in sizes:
+        g = math.gcd(int(size), rest)
+        out.append(g)
+        rest //= g
+    if rest != 1:
+        raise ValueError(f"a {'x'.join(map(str, sizes))} mesh does not split over {nodes} "
+                         f"nodes: {nodes} does not divide its {int(np.prod(sizes))} devices")
+    return tuple(out)
+
+
+# What mw.shard lowers of the planner's ways across nodes (passes/multinode.py): a layout
+# stretched over the nodes is the paper's layout on the bigger mesh, only priced otherwise.
+LOWERED_CROSSINGS = ("stretched",)
+
+
+def _lowerable(plan, config, request: dict):
+    """`plan`, or across nodes when its way of crossing them is not lowered, the plan of the
+    best one that is, with a note saying what was set aside and at what price; a ValueError
+    naming the reasons when none runs."""
+    from meshwright.passes.planner import plan_config
+
+    if plan.nodes == 1 or plan.cross_node.kind in LOWERED_CROSSINGS:
+        return plan
+    x = plan.cross_node
+    runs = [c for c in plan.cross_node_candidates if c.kind in LOWERED_CROSSINGS]
+    if not runs:
+        why = "; ".join(f"{name}: {reason}" for name, reason in plan.cross_node_rejected
+                        if any(k in name for k in LOWERED_CROSSINGS)) or "not priced"
+        raise ValueError(
+            f"{plan.chips} devices on {plan.nodes} nodes: the planner chose {x.label}, which "
+            f"mw.shard does not lower yet, and no layout stretched over the nodes runs ({why});"
+            " pin ffn, attention and mesh in force= to lower a layout anyway")
+    chosen = plan_config(config, **{**request, "nodes": plan.nodes,
+                                    "cross_node": runs[0].kind})
+    chosen.forced["cross_node"] = f"{runs[0].kind} (what mw.shard lowers)"
+    chosen.notes.append(
+        f"the planner's best across {plan.nodes} nodes is {x.label} ({x.step_s * 1e3:.3g} "
+        f"ms/step); mw.shard does not lower {x.kind} yet, so this runs "
+        f"{chosen.cross_node.label} ({chosen.cross_node.step_s * 1e3:.3g} ms/step)")
+    return chosen
 
 
 def _mesh_devices(mesh) -> list:
@@ -143,6 +246,7 @@ class Compiled:
     load_transforms: dict[int, list] = field(default_factory=dict)
     _converted: dict = field(default_factory=dict, repr=False)
     executable: Any = field(default=None, repr=False)  # see `compiled`
+    slow: tuple[int, int, int] = (1, 1, 1)  # nodes (processes) each mesh axis runs over
 
     @property
     def compiled(self):
@@ -294,13 +398,16 @@ class ShardedFunction:
             plan, predicted = None, None
             ffn, attention = self.force["ffn"], self.force["attention"]
             mesh_shape = self._forced_mesh_shape()
+            slow = self._node_factors(mesh_shape)
         else:
-            plan, ffn, attention, mesh_shape, predicted = self._choose(config, work, phase)
+            plan, ffn, attention, mesh_shape, predicted, slow = self._choose(config, work,
+                                                                             phase)
         timings["plan"] = time.perf_counter() - t0
         g.meta["plan"] = plan
         show("plan", g)
         mesh_info = MeshInfo(mesh_shape)
-        jmesh = make_mesh(mesh_shape, self.devices)
+        # axes that cross nodes run over them as the plan priced (the lowering is the same)
+        jmesh = make_mesh(mesh_shape, self.devices, slow=slow)
         prog = ia._Program()
         ia._collect(g, prog, ia._parameter_inputs(g))
         g.meta["weight_values"] = prog.weight
@@ -369,7 +476,7 @@ class ShardedFunction:
                         in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
                         records=list(emitter.records),
                         fallbacks=fallbacks, predicted=predicted,
-                        timings=timings, load_transforms=transforms)
+                        timings=timings, load_transforms=transforms, slow=tuple(slow))
 
     def _donated(self, args, kwargs, transforms: dict, n_program: int) -> tuple[int, ...]:
         """The program's argument indices of the donated arguments' arrays. Arrays converted
@@ -387,13 +494,16 @@ class ShardedFunction:
         return tuple(int(i) + shift for i in donated)
 
     def _choose(self, config, work, phase):
-        """(plan, ffn, attention, mesh shape, predicted cost): the planner's choice, with
-        whatever `force` pins."""
+        """(plan, ffn, attention, mesh shape, predicted cost, nodes per axis): the planner's
+        choice, with whatever `force` pins. Over the devices of several processes every
+        process is a node: the planner prices what crosses between them, and mw.shard lowers
+        the layouts it stretches over nodes (`LOWERED_CROSSINGS`)."""
         from meshwright.passes.cost_model import LayoutNotApplicable, Mesh, Workload, evaluate
         from meshwright.passes.hardware import get_hardware
         from meshwright.passes.planner import plan_config
 
         n = len(self.devices)
+        nodes = len(node_groups(self.devices))
         weights = self.weights if self.weights != "native" else (
             "bf16" if config.dtype == "bfloat16" else "fp32")
         context = work["context"]
@@ -401,44 +511,49 @@ class ShardedFunction:
         if isinstance(forced_mesh, (tuple, list)):
             forced_mesh = dict(zip(AXES, forced_mesh))
         plan = None
+        request = {"hardware": self.hardware, "chips": n, "batch": work["batch"],
+                   "context": context, "phase": phase, "weights": weights,
+                   "force_ffn": self.force.get("ffn"),
+                   "force_attention": self.force.get("attention"),
+                   "nodes": nodes if nodes > 1 else None}
         try:
-            plan = plan_config(config, hardware=self.hardware, chips=n, batch=work["batch"],
-                               context=context, phase=phase, weights=weights,
-                               force_ffn=self.force.get("ffn"),
-                               force_attention=self.force.get("attention"))
-            if plan.nodes > 1:  # replicas / pipeline stages across nodes are not lowered yet
-                across, plan = plan.cross_node.label, None
-                raise ValueError(
-                    f"{n} devices of {self.hardware} are more than one node "
-                    f"({across} was planned); mw.shard lowers plans inside one node: use at "
-                    f"most {get_hardware(self.hardware).max_chips} devices, or pin ffn and "
-                    "attention in force=")
+            plan = _lowerable(plan_config(config, **request), config, request)
         except ValueError:
             if not (self.force.get("ffn") and self.force.get("attention")):
                 raise
         if forced_mesh is None and plan is not None:
             best = plan.best
             return (plan, best.ffn_layout, best.attention_layout,
-                    {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}, best)
+                    {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}, best,
+                    best.mesh.slow)
         mesh_shape = self._forced_mesh_shape()
+        slow = self._node_factors(mesh_shape, plan.nodes if plan is not None else None)
         # the planner's best candidate on the pinned mesh (the pins on ffn/attention hold)
         on_mesh = [cand for cand in (plan.candidates if plan else [])
-                   if (cand.mesh.x, cand.mesh.y, cand.mesh.z) ==
-                   tuple(mesh_shape[a] for a in AXES)]
+                   if (cand.mesh.x, cand.mesh.y, cand.mesh.z, tuple(cand.mesh.slow)) ==
+                   (*(mesh_shape[a] for a in AXES), slow)]
         if on_mesh:
             best = on_mesh[0]
-            return plan, best.ffn_layout, best.attention_layout, mesh_shape, best
+            return plan, best.ffn_layout, best.attention_layout, mesh_shape, best, slow
         ffn = self.force.get("ffn") or (plan.best.ffn_layout if plan else "ws-2d")
         attention = self.force.get("attention") or (plan.best.attention_layout if plan
                                                     else "heads")
         predicted = None
         try:
             predicted = evaluate(config, get_hardware(self.hardware),
-                                 Mesh(**mesh_shape), Workload(work["batch"], context, phase,
-                                                              weights), ffn, attention)
+                                 Mesh(**mesh_shape, slow=slow),
+                                 Workload(work["batch"], context, phase, weights), ffn,
+                                 attention)
         except (LayoutNotApplicable, ValueError):
             predicted = None
-        return plan, ffn, attention, mesh_shape, predicted
+        return plan, ffn, attention, mesh_shape, predicted, slow
+
+    def _node_factors(self, mesh_shape: dict[str, int],
+                      nodes: int | None = None) -> tuple[int, int, int]:
+        """Nodes each axis of a pinned mesh crosses: the processes' (or the plan's `nodes`),
+        taken by the outer axes first (`node_factors`)."""
+        nodes = nodes or len(node_groups(self.devices))
+        return node_factors([mesh_shape[a] for a in AXES], nodes)
 
     def _forced_mesh_shape(self) -> dict[str, int]:
         n = len(self.devices)
@@ -471,8 +586,10 @@ class ShardedFunction:
         lines = []
         if c.plan is not None:
             lines.append(c.plan.explain())
+        across = ", ".join(f"{a} over {k} nodes" for a, k in zip(AXES, c.slow) if k > 1)
         lines.append(f"lowered with FFN {c.ffn_layout}, attention {c.attention_layout} on mesh "
-                     f"{'x'.join(str(c.mesh_shape[a]) for a in AXES)} (x, y, z)")
+                     f"{'x'.join(str(c.mesh_shape[a]) for a in AXES)} (x, y, z)"
+                     + (f"; {across} (each node a process)" if across else ""))
         if self.force:
             lines.append(f"forced by the caller: {self.force}")
         converted = c.describe_load_transforms()

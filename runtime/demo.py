@@ -201,12 +201,18 @@ def _layout_name(ffn: str, attention: str, mesh: dict) -> str:
     return f"{ffn}/{attention} {mesh['x']}x{mesh['y']}x{mesh['z']}"
 
 
-def plan_for(config, *, phase: str, batch: int, context: int):
-    """The analytical planner's choice on the 8 simulated CPU devices (fp32 weights)."""
+def plan_for(config, *, phase: str, batch: int, context: int, devices=None):
+    """The analytical planner's choice on the 8 simulated CPU devices (fp32 weights), or on
+    `devices`: over several processes' devices each process is a node, and the plan is the
+    best layout stretched over them (what mw.shard lowers across nodes)."""
+    from meshwright.passes.compiler import node_groups
     from meshwright.passes.planner import plan_config
 
-    return plan_config(config, hardware="cpu", chips=DEVICES, batch=batch, context=context,
-                       phase=phase, weights="fp32")
+    chips = DEVICES if devices is None else len(devices)
+    nodes = 1 if devices is None else len(node_groups(devices))
+    across = {"nodes": nodes, "cross_node": "stretched"} if nodes > 1 else {}
+    return plan_config(config, hardware="cpu", chips=chips, batch=batch, context=context,
+                       phase=phase, weights="fp32", **across)
 
 
 def choose_pin(plan) -> tuple[dict, str]:
@@ -214,12 +220,19 @@ def choose_pin(plan) -> tuple[dict, str]:
     bucket, and why: the planner's choice when it is weight-stationary; otherwise the
     cheapest weight-stationary candidate, since weight-gathered layouts split the batch over
     chips and cannot run the small buckets (batch 1)."""
+    from meshwright.passes.compiler import node_factors
+
+    def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
+        return c.ffn_layout.startswith("ws-") and (plan.nodes == 1 or tuple(c.mesh.slow) ==
+                                                   node_factors((c.mesh.x, c.mesh.y, c.mesh.z),
+                                                                plan.nodes))
+
     best = plan.best
-    if best.ffn_layout.startswith("ws-"):
+    if runs(best):
         return ({"ffn": best.ffn_layout, "mesh": best.mesh.to_dict()},
                 f"the planner's choice at batch {plan.batch}")
     for c in plan.candidates:
-        if c.ffn_layout.startswith("ws-"):
+        if runs(c):
             why = (f"the cheapest weight-stationary candidate at batch {plan.batch}; the "
                    f"planner's {best.ffn_layout} splits the batch and cannot run batch 1")
             return {"ffn": c.ffn_layout, "mesh": c.mesh.to_dict()}, why
@@ -251,7 +264,8 @@ def compile_buckets(model, params, mesh, buckets, *, pin: dict,
     for phase, bucket in bar if bar is not None else todo:
         if bar is not None:
             bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
-        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=bucket.length)
+        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=bucket.length,
+                        devices=list(mesh.devices.flat))
         step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin,
                         donate_argnums=(2,))
         args = example_args(model, params, phase, bucket.batch, bucket.length)

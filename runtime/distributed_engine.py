@@ -210,7 +210,7 @@ def distributed_sharded_engine(model, params: dict, devices: Sequence | None = N
     buckets = engine.buckets()
     if pin is None:
         pin, _ = choose_pin(plan_for(model.config, phase="decode", batch=max_slots,
-                                     context=max_len))
+                                     context=max_len, devices=devices))
     mesh = mw.make_mesh(pin["mesh"], devices)
     compiled = compile_buckets(model, engine.params, mesh, buckets, pin=pin)
     biggest = compiled[max(k for k in compiled if k[0] == "decode")]

@@ -187,26 +187,40 @@ def _context(phase: str, bucket) -> int:
 
 def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu",
                  weights: str = "fp32", mesh: dict | None = None,
-                 share_weights: bool = True) -> EngineLayouts:
+                 share_weights: bool = True, nodes: int | None = None) -> EngineLayouts:
     """Choose the engine's mesh and stored weight layout, then each bucket's layout (see the
     module docstring). `buckets` are (phase, Bucket) pairs; `mesh` pins the factorisation
     (the stored layout is then the reference bucket's best on it). `share_weights=False`
     drops rule 3's restriction: every bucket runs its cheapest layout on the mesh, and a
     bucket whose layout stores the weights otherwise keeps its own copy of them (placed once;
-    memory, not traffic) -- to see what the restriction costs."""
-    from meshwright.passes.cost_model import Workload
+    memory, not traffic) -- to see what the restriction costs.
+
+    `nodes`: the chips are that many nodes (the processes of a multi-process job; default:
+    as the hardware profile splits `chips`). Across nodes every bucket runs a layout
+    stretched over them, each mesh axis crossing the nodes `mw.shard` lays it over
+    (`node_factors`), priced with the network between nodes; `free` is then the planner's
+    choice across the nodes, which may be replicas or pipeline stages."""
+    from meshwright.passes.compiler import node_factors
+    from meshwright.passes.cost_model import Mesh, Workload, factorizations
     from meshwright.passes.hardware import get_hardware
+    from meshwright.passes.multinode import PricingContext, split_nodes
     from meshwright.passes.planner import evaluate_all, plan_config
 
     buckets = list(buckets)
     hw = get_hardware(hardware)
+    split = split_nodes(hw, chips, nodes)
     free, cands = {}, {}
     for phase, bucket in buckets:
+        work = Workload(bucket.batch, _context(phase, bucket), phase, weights)
         free[(phase, bucket)] = plan_config(config, hardware=hw, chips=chips,
-                                            batch=bucket.batch, context=_context(phase, bucket),
-                                            phase=phase, weights=weights)
-        ok, _ = evaluate_all(config, hw, chips, Workload(bucket.batch, _context(phase, bucket),
-                                                         phase, weights))
+                                            batch=bucket.batch, context=work.context,
+                                            phase=phase, weights=weights, nodes=nodes)
+        if split.nodes == 1:
+            ok, _ = evaluate_all(config, hw, chips, work)
+        else:  # the paper's layouts on meshes over the nodes, as mw.shard lays them out
+            meshes = [Mesh(m.x, m.y, m.z, slow=node_factors((m.x, m.y, m.z), split.nodes))
+                      for m in factorizations(chips)]
+            ok = PricingContext(config, hw, split, work).layouts(config, meshes, work)
         cands[(phase, bucket)] = [c for c in ok if c.fits]
     decode = [(p, b) for p, b in buckets if p == "decode"]
     ref = max(decode or buckets, key=lambda k: (k[0] == "decode", k[1].batch, k[1].length))
@@ -427,8 +441,12 @@ def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "c
                     progress=progress, **engine_kwargs)  # resolves the buckets; unrolls a scan
     cfg = engine.config or engine.model.planning_config(engine.params, engine.max_len)
     weights = weights or ("bf16" if cfg.dtype == "bfloat16" else "fp32")
+    from meshwright.passes.compiler import node_groups
+
+    nodes = len(node_groups(devices))  # the processes' devices: one node each
     plan = plan_layouts(cfg, engine.buckets(), chips=len(devices), hardware=hardware,
-                        weights=weights, mesh=mesh, share_weights=share_weights)
+                        weights=weights, mesh=mesh, share_weights=share_weights,
+                        nodes=nodes if nodes > 1 else None)
     engine.compile_fn = ShardedCompiler(engine.model, engine.params, devices, plan,
                                         hardware=hardware)
     engine.layout_plan = plan

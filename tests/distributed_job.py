@@ -74,6 +74,29 @@ def run_layouts(result: dict, out_dir: str, which: list[int]) -> None:
     result["layouts"] = rows
 
 
+def run_planned(result: dict) -> None:
+    """mw.shard with nothing pinned on every process's devices: the planner prices the
+    processes as nodes, and the layout it stretches over them runs, equal to one device."""
+    model, args = layout_args("palm-tiny", "decode")
+    step = mw.shard(model.decode_step)
+    with mw.distributed.guard("planned across processes"):
+        out = mw.distributed.gather(step(*args))
+    c = step.compiled(*args)
+    err = None
+    if info.is_leader:
+        want = jax.jit(model.decode_step)(*args)
+        err = max(float(np.max(np.abs(a - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
+    placed = c.place(jax.tree.leaves(args))
+    result["planned"] = {
+        "max_abs_err_vs_unsharded": err, "nodes": c.plan.nodes,
+        "cross_node": c.plan.cross_node.kind, "slow": list(c.slow),
+        "mesh": c.mesh_shape, "layouts": [c.ffn_layout, c.attention_layout],
+        "mesh_processes": sorted({d.process_index for d in c.jax_mesh.devices.flat}),
+        "inputs_spanning_processes": sum(not x.is_fully_addressable for x in placed),
+        "explain": step.explain(*args)}
+
+
 def serve_workload():
     from meshwright.runtime.workload import make_workload
 
@@ -90,9 +113,9 @@ def run_serve(result: dict) -> None:
     params = jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a,
                           model.init_params(jax.random.PRNGKey(0)))
     t0 = time.perf_counter()
-    served = distributed_sharded_engine(
-        model, params, pin={"ffn": "ws-2d", "mesh": {"x": 2, "y": 2, "z": 2}}, max_slots=4,
-        max_len=16, prefill_lengths=(16,))
+    # nothing pinned: planned over the two processes' devices as two nodes
+    served = distributed_sharded_engine(model, params, max_slots=4, max_len=16,
+                                        prefill_lengths=(16,))
     engine = served.engine
     compile_s = time.perf_counter() - t0
     if engine.is_leader:
@@ -104,7 +127,10 @@ def run_serve(result: dict) -> None:
                            "steps": engine.stats.steps,
                            "kv_moves": report.metrics["kv_moves"],
                            "buckets_used": report.metrics["buckets_used"],
-                           "compile_s": compile_s}
+                           "compile_s": compile_s,
+                           "mesh_processes": sorted({d.process_index for c in
+                                                     served.buckets.values()
+                                                     for d in c.mesh.devices.flat})}
     else:
         result["followed_steps"] = engine.follow()
 
@@ -174,7 +200,8 @@ def main() -> None:
             LAYOUTS[:] = EVERY_LAYOUT
             run_layouts(result, out_dir, list(range(len(LAYOUTS))))
         else:
-            {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint}[name](result)
+            {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint,
+             "planned": run_planned}[name](result)
     with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
         json.dump(result, f)
     mw.distributed.shutdown()

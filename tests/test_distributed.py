@@ -46,7 +46,7 @@ def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def job_2x4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job2x4")
-    return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve")
+    return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve", "planned")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,23 @@ def test_layouts_on_4_processes_x_2_devices(job_4x2):
     assert check_layouts(results) == ["wg-xyz/heads"]
 
 
+def test_a_model_planned_over_processes_is_sharded_over_all_of_them(job_2x4):
+    """mw.shard with nothing pinned on 2 processes x 4 devices: each process a node, a
+    layout stretched over both (planned, not replicated), equal to one device."""
+    planned = job_2x4[0]["planned"]
+    assert planned["max_abs_err_vs_unsharded"] < 2e-5, planned
+    assert planned["nodes"] == 2 and planned["cross_node"] == "stretched"
+    assert planned["mesh_processes"] == [0, 1] and planned["inputs_spanning_processes"] > 0
+    assert np.prod(list(planned["mesh"].values())) == 8
+    assert sorted(planned["slow"]) == [1, 1, 2]  # one axis crosses the two processes
+    axis = "xyz"[planned["slow"].index(2)]
+    assert f"; {axis} over 2 nodes (each node a process)" in planned["explain"]
+    assert "2 nodes of 4" in planned["explain"]
+    # where the planner's best way across nodes is not lowered, explain() says what ran
+    assert ("(what mw.shard lowers)" not in planned["explain"]
+            or "mw.shard does not lower" in planned["explain"])
+
+
 def test_each_process_reads_only_its_checkpoint_blocks(job_2x4, job_4x2):
     for results, blocks in ((job_2x4, 4), (job_4x2, 2)):
         for r in results:
@@ -105,6 +122,7 @@ def test_greedy_serving_equals_single_process(job_2x4):
     assert served["tokens"] == [r.tokens for r in report.results]
     assert served["decode_steps"] == report.metrics["decode_steps"]
     assert served["kv_moves"] == report.metrics["kv_moves"] > 0  # the shuffle ran
+    assert served["mesh_processes"] == [0, 1]  # planned over both processes' devices
     assert results[1]["followed_steps"] == served["steps"] > served["decode_steps"]
 
 
