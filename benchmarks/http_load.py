@@ -12,16 +12,18 @@ all four, in a rotated order) so that the machine's other load hits them alike:
 - in-process: `Engine.serve(workload, clock="wall")` on an engine built like the server's
   (`bench.make_engine`, the bundled model, the same slots and max_len);
 - http-stream: `meshwright serve` in a subprocess, each request streamed (a chunk per
-  engine step), sent at its arrival time from asyncio by a bare HTTP/1.1 client (`_one`);
-  TTFT is the first streamed chunk (for a completion: the first token), latency the `[DONE]`;
+  engine step), sent at its arrival time from asyncio by a bare HTTP/1.1 client (`_one`:
+  one connection per request, the body read as it arrives and parsed at its end); TTFT is
+  the first streamed chunk (for a completion: the first token), latency the stream's end;
 - http-stream-20ms: the same with a second server started with `--stream-interval 20` (a
   stream sends at most one chunk per 20 ms);
 - http-whole: not streamed (one JSON answer per request; no TTFT).
 
 Each reports throughput (generated tokens / first arrival to last token), p50/p99 latency,
 p50/p99 time to first token, and CPU time per generated token: of this process for
-in-process; of the server process and of the load generator for HTTP (on two cores the
-client's CPU is taken from the server). The table gives medians over repeats and HTTP's
+in-process; for HTTP of the server process, of its event-loop thread alone (server-loop: the
+HTTP work; the rest is the engine thread and XLA's threads) and of the load generator (on two
+cores the client's CPU is taken from the server). The table gives medians over repeats and HTTP's
 throughput overhead, 1 - http / in-process. Writes benchmarks/results/http_load.json.
 """
 
@@ -125,10 +127,16 @@ class ServerProcess:
         if not ready.wait(600) or self.proc.poll() is not None:
             raise RuntimeError("the server did not start:\n" + "\n".join(self.lines))
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User + system CPU time so far of the server process, and of its main thread
+        alone (uvicorn's event loop: the HTTP side; the engine runs in its own thread and
+        XLA in its pools)."""
+        def read(path: str) -> float:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        pid = self.proc.pid
+        return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -137,8 +145,8 @@ class ServerProcess:
 
 async def _one(host: str, port: int, t0: float, arrival: float, prompt: list[int],
                max_tokens: int, stream: bool) -> tuple[float, float | None, float, int]:
-    """One streamed completion over its own connection, at its arrival time: (sent, first
-    chunk, [DONE], completion tokens). A bare HTTP/1.1 client on asyncio streams: on two
+    """One completion over its own connection, at its arrival time: (sent, first chunk of a
+    stream, its end, completion tokens). A bare HTTP/1.1 client on asyncio streams: on two
     cores the load generator's own CPU time slows the server, and a full client library
     spends several times more per streamed chunk."""
     await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
@@ -156,18 +164,25 @@ async def _one(host: str, port: int, t0: float, arrival: float, prompt: list[int
         answer = json.loads(await reader.read())
         writer.close()
         return sent, None, time.perf_counter(), answer["usage"]["completion_tokens"]
-    first, events, buffer = None, [], b""
-    while not buffer.endswith(b"data: [DONE]\n\n"):
-        size = int((await reader.readuntil(b"\r\n")).strip(), 16)  # chunked encoding
-        chunk = await reader.readexactly(size + 2)
+    # The body as it comes, parsed once at the end: the load generator reads each arrival
+    # once (one read per chunk or batch of chunks), not event by event.
+    first, parts, tail = None, [], b""
+    while not tail.endswith(b"\r\n0\r\n\r\n"):  # chunked encoding's last, empty chunk
+        data = await reader.read(1 << 16)
+        if not data:
+            raise RuntimeError("the server closed the stream before its end")
         if first is None:
             first = time.perf_counter()
-        buffer = buffer[-64:] + chunk[:-2]
-        events.append(chunk[:-2])
+        parts.append(data)
+        tail = tail[-8:] + data[-8:]
     done = time.perf_counter()
     writer.close()
-    last = b"".join(events).split(b"\n\n")[-3]  # the final chunk, before [DONE]
-    tokens = json.loads(last[len(b"data: "):])["usage"]["completion_tokens"]
+    body = b"".join(parts)
+    if not body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+        raise RuntimeError(f"the stream did not end with [DONE]: {body[-200:]!r}")
+    start = body.rindex(b"data: {")  # the final chunk, with usage
+    tokens = json.loads(body[start + 6:body.index(b"\n\n", start)])["usage"][
+        "completion_tokens"]
     return sent, first, done, tokens
 
 
@@ -179,15 +194,18 @@ async def _drive(address: str, load, stream: bool) -> list[tuple]:
 
 
 def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
-    server_cpu, client_cpu = server.cpu_seconds(), own_cpu_seconds()
+    (server_cpu, loop_cpu), client_cpu = server.cpu_seconds(), own_cpu_seconds()
     out = asyncio.run(_drive(server.address, load, stream))
-    server_cpu, client_cpu = server.cpu_seconds() - server_cpu, own_cpu_seconds() - client_cpu
+    server_after, loop_after = server.cpu_seconds()
+    server_cpu, loop_cpu = server_after - server_cpu, loop_after - loop_cpu
+    client_cpu = own_cpu_seconds() - client_cpu
     assert all(tokens == n for (*_, tokens), (_, _, n) in zip(out, load))
     span = max(done for _, _, done, _ in out) - min(sent for sent, *_ in out)
     tokens = sum(tokens for *_, tokens in out)
     m = summary(tokens, span, [done - sent for sent, _, done, _ in out],
                 [first - sent for sent, first, _, _ in out] if stream else None)
     m["cpu_us_per_token"] = {"server": server_cpu / tokens * 1e6,
+                             "server_loop": loop_cpu / tokens * 1e6,
                              "client": client_cpu / tokens * 1e6}
     return m
 
@@ -256,6 +274,7 @@ def main() -> None:
     if args.quick:
         args.rates, args.requests, args.repeats = "1000", 32, 1
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    load_start = os.getloadavg()
 
     from meshwright.runtime import bench
     from meshwright.runtime.demo import use_compilation_cache
@@ -294,11 +313,15 @@ def main() -> None:
     print(f"{args.model}{''.join(' --set ' + o for o in args.set)}, {args.max_slots} slots, max_len {args.max_len}, {args.requests} requests "
           f"per run, output lengths uniform [{args.out_len[0]}, {args.out_len[1]}], greedy; "
           f"median of {args.repeats} runs, the four ways alternated")
+    print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at the "
+          f"start, {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end "
+          f"({os.cpu_count()} cores)")
     print(table(rows))
     result = {"model": args.model, "overrides": args.set, "max_slots": args.max_slots, "max_len": args.max_len,
               "requests": args.requests, "out_len": list(args.out_len),
               "repeats": args.repeats, "seed": args.seed, "rows": rows,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_start": load_start,
                           "load_average": os.getloadavg()},
               "command": "python benchmarks/http_load.py " + " ".join(sys.argv[1:])}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,10 @@ class ModelText:
     """How the served model's text becomes tokens and back, and messages a prompt.
 
     `tokenizer`: encode(str) -> ids (or an object with `.ids`, as `tokenizers` returns) and
-    decode(ids) -> str. Generated `eos_token_ids` end a request (finish reason "stop") and are
+    decode(ids) -> str; None for a model without one (a model from the user's functions, a
+    checkpoint without tokenizer.json): it takes prompts as token ids only, refuses text
+    prompts, chat and stop strings (400), and its answers carry the generated `token_ids`
+    (their text is empty). Generated `eos_token_ids` end a request (finish reason "stop") and are
     not part of its text. `chat_template`: None for the plain template
     (`plain_chat_prompt`)."""
 
@@ -155,9 +158,17 @@ class ModelText:
     chat_template: ChatTemplate | None = None
     note: str = ""  # how text is handled, for the server's start-up lines
 
+    @property
+    def token_ids_only(self) -> bool:
+        """No tokenizer: token ids in, token ids out."""
+        return self.tokenizer is None
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. A chat prompt is encoded without the tokenizer's own special
         tokens: the template writes those it wants (as Hugging Face does)."""
+        if self.tokenizer is None:
+            raise ApiError(NO_TOKENIZER + "send the prompt as a list of token ids",
+                           param="prompt")
         try:
             out = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except TypeError:  # a tokenizer without that option
@@ -165,7 +176,11 @@ class ModelText:
         return list(getattr(out, "ids", out))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids if int(i) not in self.eos_token_ids])
+        if self.tokenizer is None:
+            return ""
+        if self.eos_token_ids:
+            ids = [i for i in ids if i not in self.eos_token_ids]
+        return self.tokenizer.decode(ids)
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:
         if self.chat_template is None:
@@ -234,6 +249,9 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         text, start = self._decoded, self._sent
+        if not self._stop:
+            self._sent = len(text)
+            return text[start:]
         # Nothing sent can hold a stop string's start (that tail was held back).
         found = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
         upto = len(text)
@@ -299,13 +317,19 @@ def parse_completion(body: dict, model_id: str, limits: Limits,
     prompt = _prompt(body.get("prompt", _MISSING), limits, text)
     max_tokens = _max_tokens(body, "max_tokens", len(prompt), limits,
                              default=limits.completion_max_tokens)
-    return _spec("completions", body, prompt, max_tokens)
+    spec = _spec("completions", body, prompt, max_tokens)
+    if spec.stop and text.token_ids_only:
+        raise ApiError(NO_TOKENIZER + "stop strings are text; leave stop out", param="stop")
+    return spec
 
 
 def parse_chat(body: dict, model_id: str, limits: Limits, text: ModelText) -> GenerationSpec:
     """`POST /v1/chat/completions`: messages rendered by the model's chat template (or the
     plain one) into a prompt."""
     _check_fields(body, CHAT_FIELDS, model_id)
+    if text.token_ids_only:
+        raise ApiError(NO_TOKENIZER + "chat messages are text; POST /v1/completions with the "
+                       "prompt as a list of token ids", param="messages")
     messages = _messages(body.get("messages", _MISSING))
     ids = tuple(text.encode(text.chat_prompt(messages), add_special_tokens=False))
     _check_ids(ids, "messages", limits)
@@ -322,6 +346,7 @@ def parse_chat(body: dict, model_id: str, limits: Limits, text: ModelText) -> Ge
 
 
 _MISSING = object()
+NO_TOKENIZER = "this model has no tokenizer, so it reads and writes token ids only: "
 
 
 def _check_fields(body: dict, allowed: set[str], model_id: str) -> None:
@@ -551,14 +576,18 @@ class Answer:
             if self.endpoint == "chat" else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, use: dict) -> dict:
-        """The whole answer (not streamed)."""
+    def full(self, text: str, finish_reason: str, use: dict,
+             token_ids: list[int] | None = None) -> dict:
+        """The whole answer (not streamed); `token_ids` (a model without a tokenizer) go in
+        its choice."""
         if self.endpoint == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None,
                       "finish_reason": finish_reason}
+        if token_ids is not None:
+            choice["token_ids"] = list(token_ids)
         return {**self._head(False), "choices": [choice], "usage": use}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
@@ -581,9 +610,14 @@ class Answer:
             out["usage"] = use
         return out
 
-    def delta_event(self, text: str) -> bytes:
+    def delta_event(self, text: str, token_ids: list[int] | None = None) -> bytes:
         """`sse(self.chunk(text))`, from bytes rendered once per answer: a stream sends one
-        of these per batch of new text, so its cost is the server's per-token cost."""
+        of these per batch of new text, so its cost is the server's per-token cost. With
+        `token_ids` (a model without a tokenizer) the choice carries them."""
+        if token_ids is not None:
+            out = self.chunk(text)
+            out["choices"][0]["token_ids"] = list(token_ids)
+            return sse(out)
         if self._delta_parts is None:
             head = json.dumps(self._head(True), separators=(",", ":"))[:-1]  # without its }
             field = '"delta":{"content":' if self.endpoint == "chat" else '"text":'

@@ -39,7 +39,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,58 +88,83 @@ class ServeOptions:
 
 
 class Handoff:
-    """Items from the engine thread to asyncio queues: `put` from any thread; the event loop
-    delivers everything put since its last turn in one callback."""
+    """Wakes handlers from the engine thread: `wake(future)` from any thread; the event loop
+    resolves every future asked for since its last turn in one callback (one
+    `loop.call_soon_threadsafe` per engine step at most)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: deque = deque()
+        self._waiters: list[asyncio.Future] = []
         self._lock = threading.Lock()
-        self._scheduled = False
 
-    def put(self, queue: asyncio.Queue, item: Any) -> None:
+    def wake(self, waiter: asyncio.Future) -> None:
         with self._lock:
-            self._items.append((queue, item))
-            if self._scheduled:
+            self._waiters.append(waiter)
+            if len(self._waiters) > 1:  # a callback is on its way already
                 return
-            self._scheduled = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
             self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for queue, item in items:
-            queue.put_nowait(item)
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
-GONE = "client disconnected"  # put in a submission's queue when its client goes away
+GONE = "client disconnected"  # delivered to a submission when its client goes away
 
 
 class Submission:
     """One request in the engine as its handler sees it: tokens, its Result, a disconnect or
-    an engine failure arrive, in order, in `queue`."""
+    an engine failure arrive, in order, in its mailbox (`put`, from any thread); the handler
+    takes everything there at once (`next`). The event loop is woken only for a handler that
+    waits: one busy sending, or sleeping out `--stream-interval`, finds its tokens when it
+    comes back, at no cost to the loop meanwhile."""
 
     def __init__(self, handoff: Handoff) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.handle = None  # the engine's RequestHandle
         self._handoff = handoff
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._waiter: asyncio.Future | None = None  # set while the handler waits
 
     def on_token(self, request_id: int, token: int) -> None:  # engine thread
-        self._handoff.put(self.queue, token)
+        self.put(token)
 
     def on_finish(self, result: Result) -> None:  # engine thread
-        self._handoff.put(self.queue, result)
+        self.put(result)
+
+    def put(self, item: int | Result | str) -> None:
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:  # the handler waits: wake it (once)
+            self._handoff.wake(waiter)
 
     async def next(self) -> tuple[list[int], Result | None, str | None]:
         """Wait for news: (new tokens, the Result if it ended, a reason to give up)."""
-        items = [await self.queue.get()]
-        while not self.queue.empty():
-            items.append(self.queue.get_nowait())
-        tokens = [i for i in items if isinstance(i, int)]
-        result = next((i for i in items if isinstance(i, Result)), None)
-        trouble = next((i for i in items if isinstance(i, str)), None)
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    break
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if self._waiter is waiter:
+                        self._waiter = None
+        tokens, result, trouble = [], None, None
+        for item in items:
+            if type(item) is int:
+                tokens.append(item)
+            elif isinstance(item, Result):
+                result = result or item
+            else:
+                trouble = trouble or item
         return tokens, result, trouble
 
 
@@ -329,7 +353,7 @@ class Server:
 
     def _fail_all(self, message: str) -> None:
         for sub in list(self._active):
-            sub.queue.put_nowait(message)
+            sub.put(message)
 
     def begin_drain(self) -> None:
         """SIGTERM or Ctrl-C: admit nothing more; what is in flight finishes."""
@@ -357,8 +381,24 @@ class Server:
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.metrics_text, methods=["GET"])]
-        app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        routed = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
             404: self._not_found, 405: self._not_allowed})
+        # The generation endpoints are called straight from the ASGI entry, not through
+        # Starlette's router and middleware: a streamed answer sends a message per batch of
+        # tokens, and each of those layers would wrap every send.
+        generate = {"/v1/completions": self.completions,
+                    "/v1/chat/completions": self.chat_completions}
+
+        async def app(scope, receive, send):
+            handler = generate.get(scope["path"]) if scope["type"] == "http" and \
+                scope["method"] == "POST" else None
+            if handler is None:
+                return await routed(scope, receive, send)
+            from starlette.requests import Request
+
+            response = await handler(Request(scope, receive))
+            await response(scope, receive, send)
+
         key = self.options.api_key
         return BearerAuth(app, key, self._unauthorized) if key else app
 
@@ -439,7 +479,7 @@ class Server:
         self.metrics.prompt_tokens.inc(len(spec.prompt))
         gen = _Generation(sub, spec, api.TextStream(self.text.decode, spec.stop), t_start)
         answer = api.Answer(endpoint, self.model_id)
-        watcher = asyncio.ensure_future(_put_on_disconnect(request.receive, sub.queue))
+        watcher = asyncio.ensure_future(_put_on_disconnect(request.receive, sub))
         self._active.add(sub)
         if spec.stream:
             return EventStream(self._events(gen, answer), on_close=lambda: self._close(
@@ -447,12 +487,13 @@ class Server:
         try:
             text = ""
             while True:
-                delta, finish, trouble = await self._next(gen)
+                delta, _, finish, trouble = await self._next(gen)
                 if trouble is not None:  # (a client that left gets nothing anyway)
                     return _error(500, trouble, "server_error")
                 text += delta
                 if finish is not None:
-                    return _json(answer.full(text, finish, gen.usage()))
+                    ids = gen.text.tokens if self.text.token_ids_only else None
+                    return _json(answer.full(text, finish, gen.usage(), ids))
         finally:
             self._close(gen, watcher)
 
@@ -470,17 +511,20 @@ class Server:
 
     async def _events(self, gen: _Generation, answer: api.Answer) -> AsyncIterator[bytes]:
         """The stream: chat's role chunk, a chunk per batch of new text, the final chunk
-        (finish_reason, usage), the usage-only chunk when asked, then [DONE]."""
+        (finish_reason, usage), the usage-only chunk when asked, then [DONE]. A model without
+        a tokenizer: a chunk per batch of new tokens, carrying their ids."""
         if answer.endpoint == "chat":
             yield api.sse(answer.chunk("", role=True))
+        ids_only = self.text.token_ids_only
         while True:
-            delta, finish, trouble = await self._next(gen)
+            delta, tokens, finish, trouble = await self._next(gen)
             if trouble is not None:
                 if trouble != GONE:  # the client is still there: say what happened
                     yield api.sse(api.error_body(trouble, "server_error"))
                 return
-            if delta:
-                yield answer.delta_event(delta)
+            if delta or (ids_only and tokens):
+                yield answer.delta_event(delta, tokens) if ids_only else \
+                    answer.delta_event(delta)
                 if self.options.stream_interval_s and finish is None:
                     # tokens gather meanwhile: one chunk per interval at most (the engine
                     # does not wait for it)
@@ -494,16 +538,16 @@ class Server:
                 yield api.SSE_DONE
                 return
 
-    async def _next(self, gen: _Generation) -> tuple[str, str | None, str | None]:
-        """Wait for the engine's next tokens: (new text, finish_reason once it ends, trouble:
-        the client left or the engine failed). A stop string aborts the request in the
+    async def _next(self, gen: _Generation) -> tuple[str, list[int], str | None, str | None]:
+        """Wait for the engine's next tokens: (new text, the new tokens, finish_reason once it
+        ends, trouble: the client left or the engine failed). A stop string aborts the request in the
         engine (its slot is free at the next iteration)."""
         endpoint = gen.spec.endpoint
         tokens, result, trouble = await gen.sub.next()
         if trouble is not None:
             gen.outcome = "disconnected" if trouble == GONE else "error"
             self.metrics.requests.inc(endpoint=endpoint, outcome=gen.outcome)
-            return "", None, trouble
+            return "", [], None, trouble
         if tokens and not gen.generated:  # its first token reached the handler
             self.metrics.ttft.observe(time.perf_counter() - gen.t_start)
         elif result is not None and result.tokens and not gen.generated:  # delivered whole
@@ -525,7 +569,7 @@ class Server:
             gen.outcome = finish
             self.metrics.requests.inc(endpoint=endpoint, outcome=finish)
             self.metrics.latency.observe(time.perf_counter() - gen.t_start)
-        return delta, finish, None
+        return delta, tokens, finish, None
 
     def _close(self, gen: _Generation, watcher: asyncio.Future) -> None:
         """The handler is done with a request (answered, client gone, or cancelled by the
@@ -554,13 +598,13 @@ class _Generation:
         return api.usage(len(self.spec.prompt), self.generated)
 
 
-async def _put_on_disconnect(receive, queue: asyncio.Queue) -> None:
+async def _put_on_disconnect(receive, sub: Submission) -> None:
     """Wait for the client to go away (the body is already read, so the next ASGI message
-    is http.disconnect) and tell the handler through its queue."""
+    is http.disconnect) and tell the handler through its mailbox."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            queue.put_nowait(GONE)
+            sub.put(GONE)
             return
 
 
@@ -667,23 +711,23 @@ def build_engine(options: ServeOptions):
         warm_sampler=True)  # requests sample by default (OpenAI's temperature is 1)
 
 
-class _BytesAsTokens:
-    """Text as UTF-8 bytes, one token per byte, for a model without a tokenizer; generated
-    ids past 255 decode as U+FFFD."""
+class _Utf8Bytes:
+    """The bundled model's byte-level tokenizer (`models.demo.ByteTokenizer`), decoding a
+    list of ids in one call: a stream decodes at every step."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return b"".join(bytes([i]) if 0 <= i < 256 else "\ufffd".encode() for i in ids).decode(
-            "utf-8", errors="replace")
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def model_text(engine, options: ServeOptions) -> api.ModelText:
     """How the served model reads and writes text: its tokenizer; for a checkpoint also its
-    end-of-sequence ids and chat template (rendered sandboxed); bytes as tokens for a model
-    without a tokenizer (refused when its vocabulary has fewer than 256 ids)."""
-    eos, template, note = (), None, ""
+    end-of-sequence ids and chat template (rendered sandboxed). A model without a tokenizer
+    (from the user's functions, or a checkpoint without tokenizer.json) reads and writes
+    token ids only."""
+    eos, template = (), None
     if options.checkpoint is not None:
         from meshwright.models.hf import load_generation_info
 
@@ -693,13 +737,13 @@ def model_text(engine, options: ServeOptions) -> api.ModelText:
             template = api.ChatTemplate(info.chat_template, info.bos_token, info.eos_token)
     tokenizer = engine.tokenizer
     if tokenizer is None:
-        if engine.vocab_size < 256:
-            raise ValueError(f"{engine.name} has no tokenizer and a vocabulary of "
-                             f"{engine.vocab_size} ids, too few for bytes: give the checkpoint "
-                             "a tokenizer.json, or serve a model with one")
-        tokenizer, note = _BytesAsTokens(), "no tokenizer: text is UTF-8 bytes, one token each"
-    elif options.checkpoint is None and options.model_fn is None:
-        note = "byte-level: one token per UTF-8 byte"
+        return api.ModelText(None, tuple(eos), None, (
+            "text: none, the model has no tokenizer: prompts are token ids, answers carry "
+            "token_ids (their text is empty); chat and stop strings are refused"))
+    from meshwright.models.demo import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer, note = _Utf8Bytes(), "byte-level: one token per UTF-8 byte"
     else:
         note = "the checkpoint's tokenizer.json"
     chat = ("the checkpoint's chat template (sandboxed Jinja)" if template is not None
@@ -795,7 +839,7 @@ def serve(options: ServeOptions, out=sys.stdout) -> int:
                   f"is set (--api-key or {API_KEY_ENV})", file=out, flush=True)
     config = uvicorn.Config(server.app, log_level="warning", access_log=options.access_log,
                             lifespan="on", timeout_graceful_shutdown=options.drain_timeout_s,
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, proxy_headers=False)
     runner = _Uvicorn(config, on_exit=server.begin_drain)
     server.uvicorn = runner
     runner.run(sockets=[sock])

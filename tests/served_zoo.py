@@ -179,3 +179,13 @@ def flax_mha(key):
 
 
 SERVED = {"einsum_gqa": einsum_gqa, "flax_mha": flax_mha}
+
+
+def einsum_gqa_served():
+    """`meshwright serve --model-fn served_zoo:einsum_gqa_served` (tests/ on the path): the
+    einsum model as the engine takes it, and its params."""
+    from meshwright.models import from_functions
+
+    prefill, decode_step, init_cache, params, vocab = einsum_gqa(jax.random.PRNGKey(3))
+    return from_functions(prefill, decode_step, init_cache, vocab, max_len=64,
+                          name="einsum-gqa"), params

@@ -39,9 +39,10 @@ CACHE = os.path.abspath(os.environ.get(
 class Live:
     """A `meshwright serve` subprocess: its address, its output so far, and a way to stop it."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, **env_vars: str) -> None:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
+                   **env_vars)
         env.pop("MESHWRIGHT_API_KEY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshwright.cli", "serve", "--port", "0", "--no-progress",
@@ -86,14 +87,18 @@ class Live:
 
 @pytest.fixture(scope="module")
 def servers():
-    """Three servers started together (they compile at the same time): the main one; a
-    one-slot, one-place-queue server behind an API key with a small body bound; and one
-    to be drained by SIGTERM."""
+    """Four servers started together (they compile at the same time): the main one; a
+    one-slot, one-place-queue server behind an API key with a small body bound; one to be
+    drained by SIGTERM; and the user's model of tests/served_zoo.py (--model-fn)."""
     started = {
         "main": Live("--max-slots", "8", "--max-len", str(MAX_LEN)),
         "guarded": Live("--max-slots", "1", "--max-len", "64", "--max-queue", "1",
                         "--api-key", KEY, "--max-body-bytes", "4096"),
         "drain": Live("--max-slots", "2", "--max-len", "256", "--drain-timeout", "60"),
+        "own": Live("--model-fn", "served_zoo:einsum_gqa_served", "--max-slots", "2",
+                    "--max-len", "32", PYTHONPATH=os.pathsep.join(filter(None, [
+                        os.path.dirname(os.path.abspath(__file__)),
+                        os.environ.get("PYTHONPATH")]))),
     }
     try:
         yield {name: s.wait_ready() for name, s in started.items()}
@@ -405,27 +410,22 @@ def test_api_key_and_body_bound(servers):
 def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
     drain = servers["drain"]
     client = drain.client()
-    first = threading.Barrier(3)
     results = {}
 
     def one(i):  # two run in the two slots, the third waits for one of them
-        stream = client.completions.create(model=MODEL, prompt=f"Psalm {i}", max_tokens=200,
+        stream = client.completions.create(model=MODEL, prompt=f"Psalm {i}", max_tokens=240,
                                            temperature=0, stream=True)
-        chunks = []
-        for chunk in stream:
-            if not chunks and i < 2:
-                first.wait(30)
-            chunks.append(chunk)
-        results[i] = chunks
+        results[i] = list(stream)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for t in threads[:2]:
+    for t in threads:
         t.start()
-    first.wait(30)  # both running streams have their first token (they hold both slots)
-    threads[2].start()
-    deadline = time.time() + 30
-    while drain.metrics()["meshwright_queue_waiting"] < 1 and time.time() < deadline:
-        time.sleep(0.005)  # ... and the third one waits for a slot
+    deadline, m = time.time() + 30, {}
+    while time.time() < deadline and not results:  # until all three are in the server
+        m = drain.metrics()
+        if m["meshwright_requests_running"] == 2 and m["meshwright_queue_waiting"] == 1:
+            break
+    assert not results, "a stream ended before all three were in flight"
     drain.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
@@ -433,12 +433,49 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
     assert sorted(results) == [0, 1, 2]
     for chunks in results.values():  # every stream finished in full
         assert chunks[-1].choices[0].finish_reason == "length"
-        assert chunks[-1].usage.completion_tokens == 200
+        assert chunks[-1].usage.completion_tokens == 240
     (line,) = [x for x in drain.lines if x.startswith("draining: ")]
     assert int(line.split()[1]) >= 2, line  # at least the two running ones were in flight
     assert drain.lines[-1] == "stopped"
     with pytest.raises(httpx.ConnectError):  # no longer admitting
         httpx.get(f"{drain.address}/health")
+
+
+def test_a_model_from_functions_serves_token_ids(servers):
+    """--model-fn: the user's model (no tokenizer) takes token-id prompts and answers with the
+    tokens it generated, the same as the model run alone; text, chat and stop strings are
+    refused with a 400 that says so."""
+    from served_zoo import einsum_gqa_served
+
+    own = servers["own"]
+    assert any("no tokenizer" in line for line in own.lines), own.output
+    model, params = einsum_gqa_served()
+    engine = Engine(model, params, max_slots=1, max_len=32, progress=False)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [60, 0, 7]]
+    alone = [r.tokens for r in engine.generate(prompts, max_tokens=12)]
+    url = f"{own.address}/v1/completions"
+    body = {"model": "einsum-gqa", "max_tokens": 12, "temperature": 0}
+    for prompt, expected in zip(prompts, alone):
+        r = httpx.post(url, json={**body, "prompt": prompt}, timeout=60)
+        assert r.status_code == 200, r.text
+        (choice,) = r.json()["choices"]
+        assert choice["token_ids"] == expected and choice["text"] == ""
+        with httpx.stream("POST", url, json={**body, "prompt": prompt, "stream": True},
+                          timeout=60) as r:
+            events = [line[len("data: "):] for line in r.iter_lines() if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert [t for c in chunks for t in c.get("token_ids", [])] == expected
+        assert chunks[-1]["finish_reason"] == "length"
+    refused = [({"prompt": "In the beginning"}, "prompt"), ({"prompt": [1, 2], "stop": "x"},
+                                                            "stop")]
+    for extra, param in refused:
+        r = httpx.post(url, json={**body, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "no tokenizer" in r.json()["error"]["message"]
+    r = httpx.post(f"{own.address}/v1/chat/completions", json={
+        "model": "einsum-gqa", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
 def test_metrics_are_prometheus_text(main):
@@ -527,7 +564,7 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port must be <= 65535"),
-    (["--max-slots", "0"], "--max-slots must be >= 1"),
+    (["--max-slots", "0"], "--max-slots 0: must be a whole number >= 1"),
     (["--checkpoint", "/no/such/checkpoint"], "/no/such/checkpoint"),
     (["--model", "no-such-preset"], "no-such-preset"),
 ])
