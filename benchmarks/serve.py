@@ -23,8 +23,8 @@ Parts:
 - between: rates between static's and fused's capacity, 512 requests (static's queue grows).
 - sweep: Flover's sweep shape (32 requests of equal length, 32 slots, inter-arrival varied),
   speedup of fused over static and dynamic; drawn to docs/img/serve_sweep.png.
-- burst: time to first token when requests arrive together (Poisson at 1000/s, 8 slots) on a
-  Llama-shaped model (8 layers, E 512, 8 heads / 2 KV heads): the requests admitted in one
+- burst: time to first token when requests arrive together (Poisson at 1000/s; 48 requests on
+  8 slots, and 32 on 32 slots) on a Llama-shaped model (8 layers, E 512, 8 heads / 2 KV heads): the requests admitted in one
   iteration prefilled together (the engine's default) against one prompt per prefill call.
 
 Timing: a virtual clock (measured compute time, idle gaps skipped); figures are medians of
@@ -236,26 +236,41 @@ BURST_MODEL = ("llama-tiny", ("name=llama-e512", "n_layers=8", "d_model=512", "d
 
 
 def burst(requests: int, repeats: int) -> dict:
+    """Two bursts: more requests than slots (8 slots, `requests` of them: after the first
+    wave, requests join one by one as slots free, so TTFT is mostly queueing) and one that
+    fits the slots (32 requests on 32 slots: every prompt waits only for the prefills).
+    The two prefill settings run alternately, repeat by repeat; medians per setting."""
+    from meshwright.runtime.bench import _median_metrics
+
     model, overrides = BURST_MODEL
+    settings = (("one prompt per call", {"prefill_rows": (1,)}), ("batched (default)", {}))
     rows = []
-    for label, kwargs in (("one prompt per call", {"prefill_rows": (1,)}),
-                          ("batched (default)", {})):
-        engine = bench.make_engine(model, overrides=overrides, max_slots=8, max_len=320,
-                                   progress=False, **kwargs)
-        m = bench.serve_bench(engine=engine, policy="fused", requests=requests, rate=1000.0,
-                              out_len=(16, 64), prompt_len=(16, 64), repeats=repeats,
-                              progress=False)
-        row = {"prefill": label, "prefill_rows": list(engine.prefill_rows),
-               "ttft_p50_s": m["ttft_s"]["p50"], "ttft_p99_s": m["ttft_s"]["p99"],
-               "latency_p50_s": m["latency_s"]["p50"],
-               "throughput_tokens_per_s": m["throughput_tokens_per_s"],
-               "prefill_calls": m["prefill_calls"], "prefills": m["prefills"]}
-        rows.append(row)
-        print(f"{label:<22} rows {row['prefill_rows']}: TTFT p50 "
-              f"{1e3 * row['ttft_p50_s']:.0f} ms, p99 {1e3 * row['ttft_p99_s']:.0f} ms; "
-              f"latency p50 {1e3 * row['latency_p50_s']:.0f} ms; "
-              f"{row['throughput_tokens_per_s']:.0f} tok/s; {row['prefills']} prompts in "
-              f"{row['prefill_calls']} prefill calls")
+    for slots, n in ((8, requests), (32, min(requests, 32))):
+        engines = [bench.make_engine(model, overrides=overrides, max_slots=slots, max_len=320,
+                                     progress=False, **kwargs) for _, kwargs in settings]
+        runs: list[list[dict]] = [[] for _ in settings]
+        for r in range(repeats):
+            order = range(len(settings)) if r % 2 == 0 else reversed(range(len(settings)))
+            for i in order:
+                runs[i].append(bench.serve_bench(
+                    engine=engines[i], policy="fused", requests=n, rate=1000.0,
+                    out_len=(16, 64), prompt_len=(16, 64), progress=False))
+        for (label, _), engine, measured in zip(settings, engines, runs):
+            m = _median_metrics(measured) if len(measured) > 1 else measured[0]
+            row = {"slots": slots, "requests": n, "prefill": label,
+                   "prefill_rows": list(engine.prefill_rows),
+                   "ttft_p50_s": m["ttft_s"]["p50"], "ttft_p99_s": m["ttft_s"]["p99"],
+                   "latency_p50_s": m["latency_s"]["p50"],
+                   "throughput_tokens_per_s": m["throughput_tokens_per_s"],
+                   "prefill_calls": m["prefill_calls"], "prefills": m["prefills"]}
+            rows.append(row)
+            print(f"{n:3d} requests, {slots:2d} slots, {label:<20} rows "
+                  f"{row['prefill_rows']}: TTFT p50 {1e3 * row['ttft_p50_s']:.0f} ms, p99 "
+                  f"{1e3 * row['ttft_p99_s']:.0f} ms; latency p50 "
+                  f"{1e3 * row['latency_p50_s']:.0f} ms; "
+                  f"{row['throughput_tokens_per_s']:.0f} tok/s; {row['prefills']} prompts in "
+                  f"{row['prefill_calls']} prefill calls")
+        del engines
     return {"model": f"{model} {' '.join(overrides)}", "requests": requests, "rows": rows}
 
 

@@ -126,21 +126,26 @@ class WallClock:
 
 class VirtualClock:
     """Replay time: advances by the measured wall time of the engine's work, and jumps over
-    idle waits instead of sleeping. Same numbers as a wall clock, without the idle time."""
+    idle waits instead of sleeping. Same numbers as a wall clock, without the idle time
+    (inside `compute`, `now()` includes the work so far)."""
 
     def __init__(self) -> None:
         self._t = 0.0
+        self._since: float | None = None  # perf_counter at the start of the current compute
 
     def now(self) -> float:
-        return self._t
+        if self._since is None:
+            return self._t
+        return self._t + time.perf_counter() - self._since
 
     @contextlib.contextmanager
     def compute(self):
-        t0 = time.perf_counter()
+        self._since = time.perf_counter()
         try:
             yield
         finally:
-            self._t += time.perf_counter() - t0
+            self._t += time.perf_counter() - self._since
+            self._since = None
 
     def wait_until(self, t: float) -> None:
         self._t = max(self._t, t)
@@ -153,6 +158,9 @@ class StepClock(VirtualClock):
     def __init__(self, step_s: float = 1e-3) -> None:
         super().__init__()
         self.step_s = step_s
+
+    def now(self) -> float:
+        return self._t  # the iteration's start, however long its work
 
     @contextlib.contextmanager
     def compute(self):
@@ -420,6 +428,7 @@ class Engine:
         self._lock = threading.RLock()
         self._progress = threading.Condition(self._lock)  # notified on submit, abort, step
         self._abort_ids: list[int] = []  # aborted, applied at the start of the next step
+        self._first_tokens: dict[int, float] = {}  # request id -> when its prefill handed it out
         self._loop_thread: int | None = None  # the thread in run_forever, if any
         self._collect_done = True  # keep finished Results for run_until_idle and serve
         self.set_policy(policy, shuffle=shuffle, window_s=window_s, max_queue=max_queue)
@@ -825,11 +834,14 @@ class Engine:
     def _finish_step(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> None:
         """Hand the step's tokens to the scheduler, stream them, deliver finished results."""
         with self._lock:
-            finished = self.scheduler.update(out, sampled, now)
+            early, self._first_tokens = self._first_tokens, {}
+            handed_out = {p.request_id for p in out.prefills}
+            finished = self.scheduler.update(out, sampled, now, times=early)
             self.stats.steps += 1
             self.stats.tokens += len(sampled)
             for request_id, token in sampled.items():
-                self._handles[request_id]._push(token)
+                if request_id not in handed_out:  # a prefill's first token went out already
+                    self._handles[request_id]._push(token)
             for result in finished:
                 self._handles.pop(result.request_id)._finish(result)
                 if self._collect_done:
@@ -909,10 +921,28 @@ class Engine:
             self.kv.write([p.slot for p in group], cache)
             params = [self.scheduler.slots[p.slot].request.sampling for p in group]
             params += [None] * (bucket.batch - len(group))
-            out = sample_tokens(logits, params, [0] * bucket.batch)
-            sampled.update({p.request_id: int(out[row]) for row, p in enumerate(group)})
+            out = np.asarray(sample_tokens(logits, params, [0] * bucket.batch))
+            first = {p.request_id: int(out[row]) for row, p in enumerate(group)}
+            sampled.update(first)
+            self._hand_out_first(first)
         self.stats.prefills += len(prefills)
         return sampled
+
+    def _hand_out_first(self, first: dict[int, int]) -> None:
+        """A prefill call's first tokens go to their handles as soon as the call ends, not
+        at the end of the iteration (after the other calls and the decode step): under a
+        burst the first prompts' TTFT is their own call's, not the whole admission's. The
+        time is kept for the scheduler's record (not under a StepClock, where every token of
+        an iteration is stamped at its end)."""
+        now = None if isinstance(self.clock, StepClock) else self.clock.now()
+        with self._lock:
+            for request_id, token in first.items():
+                handle = self._handles.get(request_id)  # none on a follower process
+                if handle is None:
+                    continue
+                if now is not None:
+                    self._first_tokens[request_id] = now
+                handle._push(token)
 
     def kv_length_for(self, positions: Sequence[int]) -> int:
         """The decode KV window that holds every row's position: the smallest `kv_lengths`

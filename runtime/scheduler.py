@@ -387,9 +387,11 @@ class Scheduler:
 
     # ---- update -------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled_tokens: Mapping[int, int],
-               now: float) -> list[Result]:
+               now: float, times: Mapping[int, float] | None = None) -> list[Result]:
         """Record the token sampled for every prefill and decode row of `output` (keyed by
-        request id) at time `now`; return the requests that finished, which leave at once."""
+        request id) at time `now` (or at `times[request_id]`, when the engine handed that
+        token out earlier in the iteration: a prefill call's first tokens); return the
+        requests that finished, which leave at once."""
         if output is not self._pending:
             raise RuntimeError("update() must get the output of the latest schedule()")
         expected = [p.request_id for p in output.prefills] + output.decode_ids
@@ -404,7 +406,7 @@ class Scheduler:
             state = self.slots[self._slot_of(output, request_id)]
             token = int(sampled_tokens[request_id])
             state.tokens.append(token)
-            state.token_times_s.append(now)
+            state.token_times_s.append(times.get(request_id, now) if times else now)
             req = state.request
             reason = ("stop" if token in req.stop_tokens
                       else "length" if len(state.tokens) >= req.max_tokens else None)

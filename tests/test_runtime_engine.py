@@ -506,3 +506,23 @@ def test_the_loop_in_a_thread_serves_concurrent_submits_and_aborts(palm):
     check_greedy(model, params, [requests[i] for i in done], [results[i][0] for i in done])
     assert steps and all(s > 0 for s in steps) and not engine.scheduler.has_work()
     assert engine.generate([[1, 2, 3]], max_tokens=2)[0].ok  # single-threaded use again
+
+
+def test_a_prefill_calls_first_tokens_go_out_when_the_call_ends(palm):
+    """Three prompts admitted in one iteration, prefilled in two calls (lengths 5 and 6 share
+    a 16-token bucket; 40 needs the long one): the first call's tokens are handed out, and
+    stamped, before the second call runs; the decode step comes after both."""
+    from meshwright.runtime.scheduler import Prefill
+
+    _, _, engine = palm
+    prompts = [tuple(range(1, 6)), tuple(range(1, 7)), tuple(range(1, 41))]
+    groups = engine.prefill_groups([Prefill(i, i, p) for i, p in enumerate(prompts)])
+    assert [len(g) for _, g in groups] == [2, 1]
+    arrivals = [(0.0, Request(prompt=p, max_tokens=3)) for p in prompts]
+    report = engine.serve(arrivals, clock="virtual", progress=False)
+    first = [r.token_times_s[0] for r in report.results]
+    second = [r.token_times_s[1] for r in report.results]
+    assert first[0] == first[1] < first[2]  # one call, then the other
+    assert max(first) < min(second)  # both calls before the first decode step
+    assert [r.ttft_s for r in report.results] == [t - r.arrival_s
+                                                  for t, r in zip(first, report.results)]
