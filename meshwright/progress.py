@@ -5,7 +5,7 @@ server's journal, `2> log`) that is tens of kilobytes of carriage returns. `bar`
 only when the stream is a terminal; anywhere else it counts silently and, when closed,
 writes one line such as
 
-    compiling palm-kjv: 12 bucket in 8.4 s
+    compiling palm-kjv: 12 buckets in 8.4 s
 
 Both objects take the same calls (iteration, `update`, `n` set directly and `refresh`,
 `set_postfix_str`, `close`, `with`), so callers need not know which they hold.
@@ -83,11 +83,12 @@ class QuietBar:
         self.postfix = s
 
     def summary(self) -> str:
-        """`desc: n unit in t s` (bytes as MB/GB with unit_scale)."""
+        """`desc: n units in t s` (bytes as MB/GB with unit_scale)."""
         seconds = time.perf_counter() - self._start
-        count = _scaled(self.n) if self.unit_scale else f"{self.n:g}"
-        return f"{self.desc}: {count}{self.unit if self.unit_scale else ' ' + self.unit} " \
-               f"in {seconds:.1f} s"
+        if self.unit_scale:
+            return f"{self.desc}: {_scaled(self.n)}{self.unit} in {seconds:.1f} s"
+        unit = self.unit + ("s" if self.n != 1 and not self.unit.endswith("s") else "")
+        return f"{self.desc}: {self.n:g} {unit} in {seconds:.1f} s"
 
     def close(self) -> None:
         if self._closed:

@@ -22,7 +22,7 @@ def test_away_from_a_terminal_one_line_when_done():
             seen.append(out.getvalue())
     assert seen == ["", "", ""]  # nothing written while it runs
     lines = out.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("serve fused: 3 req in "), lines
+    assert len(lines) == 1 and lines[0].startswith("serve fused: 3 reqs in "), lines
     assert "\r" not in out.getvalue()
 
 
@@ -31,7 +31,7 @@ def test_iterating_closes_once_and_scales_bytes():
     b = bar(["a", "b"], desc="mw.shard", unit="bucket", file=out)
     assert list(b) == ["a", "b"]
     b.close()  # closing again writes nothing more
-    assert out.getvalue().count("\n") == 1 and "mw.shard: 2 bucket in" in out.getvalue()
+    assert out.getvalue().count("\n") == 1 and "mw.shard: 2 buckets in" in out.getvalue()
     out = io.StringIO()
     loading = bar(total=3_000_000, desc="loading", unit="B", unit_scale=True, file=out)
     loading.update(2_500_000)
