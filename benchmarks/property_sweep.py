@@ -167,7 +167,7 @@ def fallback_kind(reason: str) -> str:
 def summarize(results: list[dict]) -> dict:
     status = Counter(r["status"] for r in results)
     replicated = [r for r in results if r["fallbacks"]]
-    kinds = Counter(fallback_kind(f) for r in replicated for f in set(r["fallbacks"]))
+    kinds = Counter(k for r in replicated for k in {fallback_kind(f) for f in r["fallbacks"]})
     return {"cases": len(results), "ok": status["ok"], "mismatches": status["mismatch"],
             "refused": status["refused"], "ran_some_part_replicated": len(replicated),
             "fallback_reasons": dict(kinds.most_common()),
@@ -176,6 +176,13 @@ def summarize(results: list[dict]) -> dict:
                                       default=0.0),
             "refused_reasons": dict(Counter(r["error"].split(":")[0][:80] for r in results
                                             if r["status"] == "refused").most_common(10))}
+
+
+def slim(r: dict) -> dict:
+    """A case's record for the JSON file: its label, outcome and its fallbacks' kinds."""
+    return {"label": r["label"], "status": r["status"], "error": r["error"],
+            "relative_error": r.get("relative_error"),
+            "replicated": sorted({fallback_kind(f) for f in r["fallbacks"]})}
 
 
 def main(argv=None) -> int:
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
         summary = summarize(results)
         summary.update(seconds=round(time.perf_counter() - t0, 1), command=command,
                        complete=complete)
-        Path(args.output).write_text(json.dumps({"summary": summary, "results": results},
+        Path(args.output).write_text(json.dumps({"summary": summary,
+                                                 "results": [slim(r) for r in results]},
                                                 indent=1, default=str) + "\n")
         return summary
 
