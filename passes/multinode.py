@@ -301,25 +301,8 @@ class Replicas(Crossing):
     single_node_replicas = True
 
     def price(self, ctx: PricingContext, replicas: int) -> CrossNodeCost:
-        b = _replica_batch(ctx, replicas)
-        work = Workload(b, ctx.work.context, ctx.work.phase, ctx.work.weights)
-        layouts = ctx.layouts(ctx.cfg, factorizations(ctx.split.chips_per_node), work)
-        fitting = [c for c in layouts if c.fits]
-        if not fitting:
-            raise _no_fit(layouts, f"one node of {ctx.split.chips_per_node} x {ctx.hw.name} "
-                                   f"at batch {b}", ctx.hw)
-        c = fitting[0]
-        return CrossNodeCost(
-            kind=self.kind, split=ctx.split, replicas=replicas, stages=1, microbatches=1,
-            layers_per_stage=ctx.cfg.n_layers, layout=c, step_s=c.step_s,
-            compute_s=c.compute_s, weight_load_s=c.weight_load_s, kv_load_s=c.kv_load_s,
-            comm_s=c.comm_s, slow_network_s=0.0, bubble_s=0.0, overhead_s=c.overhead_s,
-            slow_bytes_per_chip=0.0, weight_bytes_per_chip=c.weight_bytes_per_chip,
-            gathered_weight_bytes_per_chip=c.gathered_weight_bytes_per_chip,
-            kv_cache_bytes_per_chip=c.kv_cache_bytes_per_chip,
-            memory_bytes_per_chip=c.memory_bytes_per_chip, fits=True,
-            max_context=c.max_context, mfu=ctx.mfu(c.step_s),
-            cost_per_token=ctx.split.chips * c.step_s / ctx.work.tokens)
+        return _one_layout(self.kind, ctx, replicas, factorizations(ctx.split.chips_per_node),
+                           f"one node of {ctx.split.chips_per_node} x {ctx.hw.name}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -417,27 +400,35 @@ class Stretched(Crossing):
         group = ctx.split.nodes // replicas
         if group < 2:
             raise NotApplicable("a stretched layout needs 2 or more nodes per replica")
-        b = _replica_batch(ctx, replicas)
-        work = Workload(b, ctx.work.context, ctx.work.phase, ctx.work.weights)
-        layouts = ctx.layouts(ctx.cfg, stretched_meshes(ctx.split.chips_per_node, group),
-                              work)
-        fitting = [c for c in layouts if c.fits]
-        if not fitting:
-            raise _no_fit(layouts, f"over {group} nodes of {ctx.split.chips_per_node} x "
-                                   f"{ctx.hw.name} at batch {b}", ctx.hw)
-        c = fitting[0]
-        return CrossNodeCost(
-            kind=self.kind, split=ctx.split, replicas=replicas, stages=1, microbatches=1,
-            layers_per_stage=ctx.cfg.n_layers, layout=c, step_s=c.step_s,
-            compute_s=c.compute_s, weight_load_s=c.weight_load_s, kv_load_s=c.kv_load_s,
-            comm_s=c.comm_s, slow_network_s=c.slow_network_s, bubble_s=0.0,
-            overhead_s=c.overhead_s, slow_bytes_per_chip=c.slow_bytes_per_chip,
-            weight_bytes_per_chip=c.weight_bytes_per_chip,
-            gathered_weight_bytes_per_chip=c.gathered_weight_bytes_per_chip,
-            kv_cache_bytes_per_chip=c.kv_cache_bytes_per_chip,
-            memory_bytes_per_chip=c.memory_bytes_per_chip, fits=True,
-            max_context=c.max_context, mfu=ctx.mfu(c.step_s),
-            cost_per_token=ctx.split.chips * c.step_s / ctx.work.tokens)
+        return _one_layout(self.kind, ctx, replicas,
+                           stretched_meshes(ctx.split.chips_per_node, group),
+                           f"over {group} nodes of {ctx.split.chips_per_node} x {ctx.hw.name}")
+
+
+def _one_layout(kind: str, ctx: PricingContext, replicas: int, meshes: list[Mesh],
+                where: str) -> CrossNodeCost:
+    """A replica of the job as one of the paper's layouts on `meshes` (one node's, or a mesh
+    stretched over nodes): the best that fits, its slow-network time as the layout prices it
+    (none on one node's mesh)."""
+    b = _replica_batch(ctx, replicas)
+    work = Workload(b, ctx.work.context, ctx.work.phase, ctx.work.weights)
+    layouts = ctx.layouts(ctx.cfg, meshes, work)
+    fitting = [c for c in layouts if c.fits]
+    if not fitting:
+        raise _no_fit(layouts, f"{where} at batch {b}", ctx.hw)
+    c = fitting[0]
+    return CrossNodeCost(
+        kind=kind, split=ctx.split, replicas=replicas, stages=1, microbatches=1,
+        layers_per_stage=ctx.cfg.n_layers, layout=c, step_s=c.step_s,
+        compute_s=c.compute_s, weight_load_s=c.weight_load_s, kv_load_s=c.kv_load_s,
+        comm_s=c.comm_s, slow_network_s=c.slow_network_s, bubble_s=0.0,
+        overhead_s=c.overhead_s, slow_bytes_per_chip=c.slow_bytes_per_chip,
+        weight_bytes_per_chip=c.weight_bytes_per_chip,
+        gathered_weight_bytes_per_chip=c.gathered_weight_bytes_per_chip,
+        kv_cache_bytes_per_chip=c.kv_cache_bytes_per_chip,
+        memory_bytes_per_chip=c.memory_bytes_per_chip, fits=True,
+        max_context=c.max_context, mfu=ctx.mfu(c.step_s),
+        cost_per_token=ctx.split.chips * c.step_s / ctx.work.tokens)
 
 
 # The ways of crossing nodes, in the order ties are broken (fewest bytes over the network
