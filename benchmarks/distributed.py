@@ -33,11 +33,8 @@ LAYOUTS = [("ws-1d", "heads", (1, 1, 8)), ("ws-2d", "batch", (2, 2, 2)),
 BATCH, MAX_LEN = 8, 256
 
 
-def worker(out: str, repeats: int) -> None:
-    """Measure every layout in this job (one process, or every process of a launched job)."""
-    import meshwright as mw
-
-    info = mw.distributed.initialize()
+def _demo_decode():
+    """The bundled demo model and one decode step's arguments at BATCH x MAX_LEN."""
     import jax
     from meshwright.models import build, load_demo_model
 
@@ -45,7 +42,17 @@ def worker(out: str, repeats: int) -> None:
     model = build(config.replace(max_len=MAX_LEN))
     _, tokens, cache, positions = model.example_args("decode", batch=BATCH,
                                                      key=jax.random.PRNGKey(0))
-    args = (params, tokens, cache, positions)
+    return model, (params, tokens, cache, positions)
+
+
+def worker(out: str, repeats: int) -> None:
+    """Measure every layout in this job (one process, or every process of a launched job)."""
+    import meshwright as mw
+
+    info = mw.distributed.initialize()
+    import jax
+
+    model, args = _demo_decode()
     rows = []
     for ffn, attention, mesh in LAYOUTS:
         step = mw.shard(model.decode_step, force={"ffn": ffn, "attention": attention,
@@ -79,13 +86,8 @@ def stretched_worker(out: str, repeats: int, pin: str | None) -> None:
 
     info = mw.distributed.initialize()
     import jax
-    from meshwright.models import build, load_demo_model
 
-    config, params = load_demo_model()
-    model = build(config.replace(max_len=MAX_LEN))
-    _, tokens, cache, positions = model.example_args("decode", batch=BATCH,
-                                                     key=jax.random.PRNGKey(0))
-    args = (params, tokens, cache, positions)
+    model, args = _demo_decode()
     force = None
     if pin:
         ffn, attention, *mesh = pin.split(",")
