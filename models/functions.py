@@ -213,14 +213,9 @@ def check_contract(model, params: Any) -> None:
     leaves = jax.tree.leaves(cache)
     if not leaves:
         raise ModelContractError(f"{name}: init_cache({batch}, {length}) returned no arrays")
-    try:
-        result = jax.eval_shape(model.decode_fn, *_decode_args(model, params, batch, length))
-    except Exception as e:
-        raise ModelContractError(f"{name}: decode_step(params, tokens ({batch},), cache, "
-                                 f"positions ({batch},)) does not trace: {type(e).__name__}: "
-                                 f"{e}") from e
-    logits, out = _pair(name, "decode_step", result)
-    _same_cache(name, "decode_step", cache, out)
+    logits = _traced(name, "decode_step", f"decode_step(params, tokens ({batch},), cache, "
+                     f"positions ({batch},))", model.decode_fn,
+                     _decode_args(model, params, batch, length), cache)
     if tuple(getattr(logits, "shape", ())) != (batch, model.vocab_size):
         raise ModelContractError(f"{name}: decode_step returns logits "
                                  f"{tuple(getattr(logits, 'shape', ()))}; the contract is "
@@ -242,19 +237,28 @@ def check_contract(model, params: Any) -> None:
     args = (_structs(params), jax.ShapeDtypeStruct((batch, prompt), jnp.int32), fresh)
     if model.prefill_takes_last:
         args = (*args, _rows(batch))
-    try:
-        result = jax.eval_shape(model.prefill_fn, *args)
-    except Exception as e:
-        raise ModelContractError(f"{name}: prefill(params, tokens ({batch}, {prompt}), cache"
-                                 f"{', last' if model.prefill_takes_last else ''}) does not "
-                                 f"trace: {type(e).__name__}: {e}") from e
-    logits, out = _pair(name, "prefill", result)
-    _same_cache(name, "prefill", fresh, out)
+    logits = _traced(name, "prefill", f"prefill(params, tokens ({batch}, {prompt}), cache"
+                     f"{', last' if model.prefill_takes_last else ''})", model.prefill_fn,
+                     args, fresh)
     want = (batch, model.vocab_size) if model.prefill_takes_last else \
         (batch, prompt, model.vocab_size)
     if tuple(getattr(logits, "shape", ())) != want:
         raise ModelContractError(f"{name}: prefill returns logits {tuple(logits.shape)}; the "
                                  f"contract is {want}")
+
+
+def _traced(name: str, what: str, call: str, fn, args, cache):
+    """`fn`'s (logits, cache) traced on `args` (shapes only), the cache checked against the
+    one it was given; the logits. A function that does not trace is a ModelContractError
+    naming the call."""
+    try:
+        result = jax.eval_shape(fn, *args)
+    except Exception as e:
+        raise ModelContractError(f"{name}: {call} does not trace: {type(e).__name__}: "
+                                 f"{e}") from e
+    logits, out = _pair(name, what, result)
+    _same_cache(name, what, cache, out)
+    return logits
 
 
 def _pair(name: str, what: str, result) -> tuple:
