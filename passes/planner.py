@@ -208,13 +208,7 @@ class Plan:
                if self.phase == "decode" else f"{self.latency_seconds:.4g} s")
         lines.append(f"step {b.step_s * 1e3:.4g} ms, latency {lat}, MFU {b.mfu:.1%}, "
                      f"{b.cost_per_token:.3g} chip-s/token, {b.bound}-bound")
-        lines.append(
-            f"memory per chip: weights {_gib(b.weight_bytes_per_chip)}"
-            + (f" + gathered layer {_gib(b.gathered_weight_bytes_per_chip)}"
-               if b.gathered_weight_bytes_per_chip else "")
-            + f" + KV cache {_gib(b.kv_cache_bytes_per_chip)} = {_gib(b.memory_bytes_per_chip)}"
-            f" ({'fits' if b.fits else 'does NOT fit'}); max context {b.max_context} "
-            f"({self.kv_memory_fraction:.0%} of memory for KV)")
+        lines.append(_memory_line(b, self.kv_memory_fraction))
         for note in self.notes + b.notes:
             lines.append(f"note: {note}")
         lines.append("")
@@ -255,13 +249,7 @@ class Plan:
         lines.append(f"step {x.step_s * 1e3:.4g} ms (slow network {x.slow_network_s * 1e3:.4g} "
                      f"ms, pipeline bubble {x.bubble_s * 1e3:.4g} ms), latency {lat}, MFU "
                      f"{x.mfu:.1%}, {x.cost_per_token:.3g} chip-s/token")
-        lines.append(
-            f"memory per chip: weights {_gib(x.weight_bytes_per_chip)}"
-            + (f" + gathered layer {_gib(x.gathered_weight_bytes_per_chip)}"
-               if x.gathered_weight_bytes_per_chip else "")
-            + f" + KV cache {_gib(x.kv_cache_bytes_per_chip)} = "
-            f"{_gib(x.memory_bytes_per_chip)} (fits); max context {x.max_context} "
-            f"({self.kv_memory_fraction:.0%} of memory for KV)")
+        lines.append(_memory_line(x, self.kv_memory_fraction))
         for note in self.notes + b.notes:
             lines.append(f"note: {note}")
         lines.append("")
@@ -351,6 +339,16 @@ class Plan:
                 f"The step is {b.bound}-bound "
                 f"(compute {b.compute_s * 1e3:.4g} ms vs weights+KV "
                 f"{(b.weight_load_s + b.kv_load_s) * 1e3:.4g} ms).")
+
+
+def _memory_line(c, kv_memory_fraction: float) -> str:
+    """explain()'s memory line of a candidate (or a cross-node cost)."""
+    return (f"memory per chip: weights {_gib(c.weight_bytes_per_chip)}"
+            + (f" + gathered layer {_gib(c.gathered_weight_bytes_per_chip)}"
+               if c.gathered_weight_bytes_per_chip else "")
+            + f" + KV cache {_gib(c.kv_cache_bytes_per_chip)} = {_gib(c.memory_bytes_per_chip)}"
+            f" ({'fits' if c.fits else 'does NOT fit'}); max context {c.max_context} "
+            f"({kv_memory_fraction:.0%} of memory for KV)")
 
 
 def _gib(x: float) -> str:
