@@ -138,19 +138,21 @@ def graph_from_jaxpr(closed: Any, name: str = "graph",
         seen[path] = n + 1
         env[var] = g.add_input(var.aval, path if n == 0 or path is None else f"{path}#{n}")
     for var, const in zip(jaxpr.constvars, closed.consts):
-        env[var] = _constant_operand(g, const, var.aval)
-    _emit(g, jaxpr, env, group=None, groups=itertools.count())
-    g.set_outputs([_read(env, v) for v in jaxpr.outvars])
+        env[var] = constant_operand(g, const, var.aval)
+    emit_jaxpr(g, jaxpr, env)
+    g.set_outputs([read_atom(env, v) for v in jaxpr.outvars])
     return g
 
 
-def _constant_operand(g: Graph, value: Any, aval: Any):
+def constant_operand(g: Graph, value: Any, aval: Any):
+    """A jaxpr constant as an operand of g: a scalar as a Literal, else a constant node."""
     if np.ndim(value) == 0:
         return Literal(np.asarray(value, dtype=aval.dtype), aval)
     return g.add_constant(value)
 
 
-def _read(env: dict, atom: Any):
+def read_atom(env: dict, atom: Any):
+    """The operand a jaxpr atom stands for: a Literal for a jaxpr literal, else env[atom]."""
     if jc.is_literal(atom):
         return Literal(atom.val, atom.aval)
     return env[atom]
@@ -160,6 +162,15 @@ def _read(env: dict, atom: Any):
 # the nodes of one such call (a "jit group", node.meta["jit_group"]) as one jitted function
 # again, so that XLA's fusion inside it gives the same bits as in the original function.
 _COMPILED_CALLS = frozenset({"jit", "pjit"})
+
+
+def emit_jaxpr(g: Graph, jaxpr: Any, env: dict, outer_source: str | None = None) -> None:
+    """Add the equations of `jaxpr` (an open Jaxpr) to g as nodes, as tracing does: calls
+    inlined, control flow kept as region nodes, unsupported primitives refused. `env` maps
+    the jaxpr's input and const vars to g's operands on entry and gains its equations'
+    outputs (read them with `read_atom`); an equation without a source line of its own
+    takes `outer_source`. `meshwright.ir.emit.emit_function` does this for a jnp function."""
+    _emit(g, jaxpr, env, group=None, groups=itertools.count(), outer_source=outer_source)
 
 
 def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups,
@@ -175,7 +186,7 @@ def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups,
                 f"unsupported primitive {name!r} at {source or 'an unknown source line'}: it has "
                 f"side effects ({', '.join(sorted(map(str, eqn.effects))) or name}) that "
                 f"meshwright cannot shard or replay; {hint}")
-        invals = [_read(env, v) for v in eqn.invars]
+        invals = [read_atom(env, v) for v in eqn.invars]
         inline = INLINE_RULES.get(name)
         if inline is not None:
             body = jc.closed(inline(eqn.params))
@@ -183,14 +194,14 @@ def _emit(g: Graph, jaxpr: Any, env: dict, group: int | None, groups,
             for var, val in zip(body.jaxpr.invars, invals):
                 sub_env[var] = val
             for var, const in zip(body.jaxpr.constvars, body.consts):
-                sub_env[var] = _constant_operand(g, const, var.aval)
+                sub_env[var] = constant_operand(g, const, var.aval)
             inner_group = group
             if inner_group is None and name in _COMPILED_CALLS:
                 inner_group = next(groups)
             _emit(g, body.jaxpr, sub_env, inner_group, groups, source)
             for out, inner in zip(eqn.outvars, body.jaxpr.outvars):
                 if not jc.is_dropvar(out):
-                    env[out] = _read(sub_env, inner)
+                    env[out] = read_atom(sub_env, inner)
             continue
         if not jc.has_impl(prim):
             raise UnsupportedError(

@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,15 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.ir import Graph, Node, Value
 from meshwright.ir import jax_compat as jc
+from meshwright.ir.emit import emit_function, nodes_between
 from meshwright.ir.interpreter import eval_graph
 from meshwright.passes import find_blocks as fb
 from meshwright.passes import infer_axes as ia
 from meshwright.passes.base import Pass, PassContext, register
-
-# the tracing module (`meshwright.ir.trace` the attribute is the function of that name)
-_trace = importlib.import_module("meshwright.ir.trace")
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation is exact
 # int32 accumulation is exact while contracted size x 127 x 127 < 2**31
@@ -208,48 +204,6 @@ def quantize_params(graph: Graph, params: Any, argnum: int = 0) -> Any:
     out = [quantize_weight(x, by_index[i].reduce_axes, by_index[i].layout) if i in by_index
            else x for i, x in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(tree, out)
-
-
-# ---- emitting a jnp function into a graph ------------------------------------------------------
-
-
-def emit_function(graph: Graph, fn: Callable, inputs: Sequence[Value | Literal],
-                  source: str | None = None, jit_group: int | None = None) -> list[Value]:
-    """Insert the equations of `fn(*inputs)` (any jnp/lax code) into `graph`; returns the
-    values standing for fn's outputs. Inlined like tracing does; the new nodes carry `source`
-    (e.g. the line of the equation they replace) and `jit_group`.
-
-        >>> (y,) = emit_function(g, lambda a, b: jnp.tanh(a @ b), [x, w], source=node.source)
-        >>> g.replace_all_uses_with(node.out, y)
-    """
-    structs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in inputs]
-    closed = jax.make_jaxpr(fn)(*structs)
-    jaxpr = closed.jaxpr
-    env: dict[Any, Any] = dict(zip(jaxpr.invars, inputs))
-    for var, const in zip(jaxpr.constvars, closed.consts):
-        env[var] = _trace._constant_operand(graph, const, var.aval)
-    _trace._emit(graph, jaxpr, env, group=None, groups=itertools.count(), outer_source=source)
-    outs = [_trace._read(env, v) for v in jaxpr.outvars]
-    stop = {v.id for v in inputs if isinstance(v, Value)}
-    for node in _nodes_between(outs, stop):
-        node.source = source
-        node.meta.pop("jit_group", None)
-        if jit_group is not None:
-            node.meta["jit_group"] = jit_group
-    return outs
-
-
-def _nodes_between(outs: Sequence[Any], stop: set[int]) -> list[Node]:
-    """The equations that compute `outs` from values in `stop` (the ones just emitted)."""
-    seen: dict[int, Node] = {}
-    frontier = [v for v in outs if isinstance(v, Value)]
-    while frontier:
-        v = frontier.pop()
-        if v.id in stop or v.producer.op in ("input", "constant") or id(v.producer) in seen:
-            continue
-        seen[id(v.producer)] = v.producer
-        frontier.extend(w for w in v.producer.inputs if isinstance(w, Value))
-    return list(seen.values())
 
 
 # ---- the fast-path matmul ----------------------------------------------------------------------
@@ -664,7 +618,7 @@ def _rewrite_dot(graph: Graph, dot: Node, k: int, w: _Q, rw: _Rewrite) -> None:
         return int8_matmul(xq, xs, values, scale, dn_stored, k, out_dtype)
 
     (y,) = _emit_like(graph, dot, fn, [xq, xs, w.values, w.scale])
-    new_dot = next(n for n in _nodes_between([y], {xq.id, xs.id, w.values.id, w.scale.id})
+    new_dot = next(n for n in nodes_between([y], {xq.id, xs.id, w.values.id, w.scale.id})
                    if n.op == "dot_general")
     new_dot.meta["note"] = "int8"
     for key in ("block", "operand_target"):

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from meshwright.ir.emit import emit_function
 from meshwright.models import build, get_config
-from meshwright.models.cache import cache_shapes
+from meshwright.models.cache import KVCacheShape
 from meshwright.passes import PassManager, get_pass
 from meshwright.passes.base import PassContext
 from meshwright.passes.quantize import (
     Int8Weight,
     contracted_last,
-    emit_function,
     int8_dot_general,
     quantize_params,
     quantize_weight,
@@ -51,7 +51,7 @@ def example(name, scan, phase, params=None):
         params = dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], params["layers"])
                                       for i in range(cfg.n_layers)])
     batch = 256 if phase == "decode" else 16
-    shapes = cache_shapes(cfg, batch)
+    shapes = KVCacheShape.of(cfg).shapes(batch)
     if phase == "prefill":
         tokens = rng.integers(0, cfg.vocab_size, (batch, 16), dtype=np.int32)
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
