@@ -64,8 +64,8 @@ class Permute:
 def weights_first(g: Graph, weights: set[int] | None = None) -> Graph:
     """Rewrite the graph in place (see the module docstring); returns it. `weights`: the ids
     of the inputs that are weights (default: infer-axes' parameter inputs)."""
+    from meshwright.ir.emit import emit_function
     from meshwright.passes import infer_axes as ia
-    from meshwright.passes.quantize import emit_function
 
     if weights is None:
         weights = ia._parameter_inputs(g)

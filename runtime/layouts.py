@@ -453,3 +453,117 @@ def sharded_engine(model, params: dict, devices: Sequence, *, hardware: str = "c
     if warmup:
         engine.compile_all(progress=progress)
     return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# A pinned build: one FFN layout and mesh forced on every bucket, for callers that place the
+# weights and the KV cache themselves (the multi-process engine, `distributed_engine.py`).
+# `sharded_engine` above is the per-bucket build (the demo's, bench's, README's).
+
+
+@dataclass
+class CompiledBucket:
+    phase: str
+    batch: int
+    length: int
+    planned: str  # the planner's own choice for this bucket: "ffn/attention mesh"
+    compiled: str  # what was compiled (after the pin)
+    seconds: float
+    fallbacks: list[str]
+    step: object  # ShardedFunction
+    specs: object  # input PartitionSpecs as the argument tree
+    mesh: object  # the jax Mesh it was compiled for
+
+
+@dataclass
+class ShardedEngine:
+    """What `distributed_engine.distributed_sharded_engine` builds on `compile_buckets`."""
+
+    engine: object  # runtime.engine.Engine, every bucket compiled through mw.shard
+    buckets: dict  # (phase, Bucket) -> CompiledBucket
+    weights_moved: list[str]  # buckets whose steps take the weights in another layout
+
+    @property
+    def weights_placed_once(self) -> bool:
+        """Every bucket takes the weights in the layout they were placed in."""
+        return not self.weights_moved
+
+
+def _layout_name(ffn: str, attention: str, mesh: dict) -> str:
+    return f"{ffn}/{attention} {_mesh_text(mesh)}"
+
+
+def plan_for(config, *, phase: str, batch: int, context: int, devices: Sequence):
+    """The analytical planner's choice on `devices` (cpu profile, fp32 weights): over several
+    processes' devices each process is a node, and the plan is the best layout stretched over
+    them (what mw.shard lowers across nodes)."""
+    from meshwright.passes.compiler import node_groups
+    from meshwright.passes.planner import plan_config
+
+    nodes = len(node_groups(devices))
+    across = {"nodes": nodes, "cross_node": "stretched"} if nodes > 1 else {}
+    return plan_config(config, hardware="cpu", chips=len(devices), batch=batch,
+                       context=context, phase=phase, weights="fp32", **across)
+
+
+def choose_pin(plan) -> tuple[dict, str]:
+    """The FFN layout and mesh to force on every bucket, from the decode plan at the largest
+    bucket, and why: the planner's choice when it is weight-stationary; otherwise the
+    cheapest weight-stationary candidate, since weight-gathered layouts split the batch over
+    chips and cannot run the small buckets (batch 1)."""
+    from meshwright.passes.compiler import node_factors
+
+    def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
+        return c.ffn_layout.startswith("ws-") and (plan.nodes == 1 or tuple(c.mesh.slow) ==
+                                                   node_factors((c.mesh.x, c.mesh.y, c.mesh.z),
+                                                                plan.nodes))
+
+    best = plan.best
+    if runs(best):
+        return ({"ffn": best.ffn_layout, "mesh": best.mesh.to_dict()},
+                f"the planner's choice at batch {plan.batch}")
+    for c in plan.candidates:
+        if runs(c):
+            why = (f"the cheapest weight-stationary candidate at batch {plan.batch}; the "
+                   f"planner's {best.ffn_layout} splits the batch and cannot run batch 1")
+            return {"ffn": c.ffn_layout, "mesh": c.mesh.to_dict()}, why
+    raise ValueError(f"no weight-stationary layout for {plan.model} on {plan.chips} chips: "
+                     "a pinned build needs one that runs every bucket")
+
+
+def compile_buckets(model, params, mesh, buckets, *, pin: dict,
+                    progress: bool = False) -> dict:
+    """`mw.shard` every (phase, Bucket) with `pin` forced on the jax `mesh`;
+    {(phase, bucket): CompiledBucket}."""
+    import jax
+
+    import meshwright as mw
+
+    todo = list(buckets)
+    bar = None
+    if progress:
+        from meshwright.progress import bar as progress_bar
+
+        bar = progress_bar(todo, desc="mw.shard", unit="bucket")
+    out = {}
+    for phase, bucket in bar if bar is not None else todo:
+        if bar is not None:
+            bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
+        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=bucket.length,
+                        devices=list(mesh.devices.flat))
+        step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin,
+                        donate_argnums=(2,))
+        args = example_args(model.config, params, phase, bucket.batch, bucket.length)
+        t0 = time.perf_counter()
+        c = step.compiled(*args)
+        seconds = time.perf_counter() - t0
+        specs = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure((args, {})),
+                                             [s.partition_spec() for s in c.in_specs])[0]
+        out[(phase, bucket)] = CompiledBucket(
+            phase, bucket.batch, bucket.length,
+            _layout_name(free.ffn_layout, free.attention_layout, free.mesh),
+            _layout_name(c.ffn_layout, c.attention_layout, c.mesh_shape), seconds,
+            list(c.fallbacks), step, specs, c.jax_mesh)
+    if bar is not None:
+        bar.close()
+    return out
