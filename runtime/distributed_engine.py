@@ -192,14 +192,14 @@ class _GatheredStep:
 def distributed_sharded_engine(model, params: dict, devices: Sequence | None = None, *,
                                pin: dict | None = None, max_slots: int = 8, max_len: int = 128,
                                **engine_kwargs: Any):
-    """`runtime.demo.sharded_engine` for a multi-process job: every bucket `mw.shard`-compiled
-    on one mesh over `devices` (default: `jax.devices()`, every process's), the weights put
-    in the pinned layout once (each process builds only its own devices' blocks), and a
-    `DistributedEngine` on top. The buckets are the engine's (`kv_lengths`, `prefill_rows`,
-    `prefill_lengths`, `prefill_tokens` among `engine_kwargs`). Returns the same
-    `ShardedEngine` record."""
+    """A sharded engine for a multi-process job, on `runtime.layouts`' pinned build
+    (`compile_buckets`): every bucket `mw.shard`-compiled on one mesh over `devices` (default:
+    `jax.devices()`, every process's) in one pinned layout, the weights put in it once (each
+    process builds only its own devices' blocks), and a `DistributedEngine` on top. The
+    buckets are the engine's (`kv_lengths`, `prefill_rows`, `prefill_lengths`,
+    `prefill_tokens` among `engine_kwargs`). Returns a `layouts.ShardedEngine` record."""
     import jax
-    from meshwright.runtime.demo import ShardedEngine, choose_pin, compile_buckets, plan_for
+    from meshwright.runtime.layouts import ShardedEngine, choose_pin, compile_buckets, plan_for
 
     import meshwright as mw
 
