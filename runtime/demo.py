@@ -178,127 +178,6 @@ def burst_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A pinned build: one FFN layout and mesh forced on every bucket. The demo itself builds its
-# engine with `layouts.sharded_engine` (a layout per bucket); these remain for callers that
-# compile the buckets themselves (the multi-process engine, `runtime/distributed_engine.py`).
-
-
-@dataclass
-class CompiledBucket:
-    phase: str
-    batch: int
-    length: int
-    planned: str  # the planner's own choice for this bucket: "ffn/attention mesh"
-    compiled: str  # what was compiled (after the pin)
-    seconds: float
-    fallbacks: list[str]
-    step: object  # ShardedFunction
-    specs: object  # input PartitionSpecs as the argument tree
-    mesh: object  # the jax Mesh it was compiled for
-
-
-def _layout_name(ffn: str, attention: str, mesh: dict) -> str:
-    return f"{ffn}/{attention} {mesh['x']}x{mesh['y']}x{mesh['z']}"
-
-
-def plan_for(config, *, phase: str, batch: int, context: int, devices=None):
-    """The analytical planner's choice on the 8 simulated CPU devices (fp32 weights), or on
-    `devices`: over several processes' devices each process is a node, and the plan is the
-    best layout stretched over them (what mw.shard lowers across nodes)."""
-    from meshwright.passes.compiler import node_groups
-    from meshwright.passes.planner import plan_config
-
-    chips = DEVICES if devices is None else len(devices)
-    nodes = 1 if devices is None else len(node_groups(devices))
-    across = {"nodes": nodes, "cross_node": "stretched"} if nodes > 1 else {}
-    return plan_config(config, hardware="cpu", chips=chips, batch=batch, context=context,
-                       phase=phase, weights="fp32", **across)
-
-
-def choose_pin(plan) -> tuple[dict, str]:
-    """The FFN layout and mesh to force on every bucket, from the decode plan at the largest
-    bucket, and why: the planner's choice when it is weight-stationary; otherwise the
-    cheapest weight-stationary candidate, since weight-gathered layouts split the batch over
-    chips and cannot run the small buckets (batch 1)."""
-    from meshwright.passes.compiler import node_factors
-
-    def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
-        return c.ffn_layout.startswith("ws-") and (plan.nodes == 1 or tuple(c.mesh.slow) ==
-                                                   node_factors((c.mesh.x, c.mesh.y, c.mesh.z),
-                                                                plan.nodes))
-
-    best = plan.best
-    if runs(best):
-        return ({"ffn": best.ffn_layout, "mesh": best.mesh.to_dict()},
-                f"the planner's choice at batch {plan.batch}")
-    for c in plan.candidates:
-        if runs(c):
-            why = (f"the cheapest weight-stationary candidate at batch {plan.batch}; the "
-                   f"planner's {best.ffn_layout} splits the batch and cannot run batch 1")
-            return {"ffn": c.ffn_layout, "mesh": c.mesh.to_dict()}, why
-    raise ValueError(f"no weight-stationary layout for {plan.model} on {plan.chips} chips: "
-                     "the demo needs one that runs every bucket")
-
-
-def example_args(model, params, phase: str, batch: int, length: int) -> tuple:
-    """Zero inputs of the engine's step at one bucket (the shapes `compile_fn` serves)."""
-    from meshwright.runtime.layouts import example_args as of_config
-
-    return of_config(model.config, params, phase, batch, length)
-
-
-def compile_buckets(model, params, mesh, buckets, *, pin: dict,
-                    progress: bool = False) -> dict:
-    """`mw.shard` every (phase, Bucket) with `pin` forced; {(phase, bucket): CompiledBucket}."""
-    import jax
-
-    import meshwright as mw
-
-    todo = list(buckets)
-    bar = None
-    if progress:
-        from meshwright.progress import bar as progress_bar
-
-        bar = progress_bar(todo, desc="mw.shard", unit="bucket")
-    out = {}
-    for phase, bucket in bar if bar is not None else todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{phase} {bucket.batch}x{bucket.length}")
-        free = plan_for(model.config, phase=phase, batch=bucket.batch, context=bucket.length,
-                        devices=list(mesh.devices.flat))
-        step = mw.shard(model.fn(phase), mesh=mesh, phase=phase, hardware="cpu", force=pin,
-                        donate_argnums=(2,))
-        args = example_args(model, params, phase, bucket.batch, bucket.length)
-        t0 = time.perf_counter()
-        c = step.compiled(*args)
-        seconds = time.perf_counter() - t0
-        specs = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure((args, {})),
-                                             [s.partition_spec() for s in c.in_specs])[0]
-        out[(phase, bucket)] = CompiledBucket(
-            phase, bucket.batch, bucket.length,
-            _layout_name(free.ffn_layout, free.attention_layout, free.mesh),
-            _layout_name(c.ffn_layout, c.attention_layout, c.mesh_shape), seconds,
-            list(c.fallbacks), step, specs, c.jax_mesh)
-    if bar is not None:
-        bar.close()
-    return out
-
-
-@dataclass
-class ShardedEngine:
-    """What `sharded_engine` builds."""
-
-    engine: object  # runtime.engine.Engine, every bucket compiled through mw.shard
-    buckets: dict  # (phase, Bucket) -> CompiledBucket
-    weights_moved: list[str]  # buckets whose steps take the weights in another layout
-
-    @property
-    def weights_placed_once(self) -> bool:
-        """Every bucket takes the weights in the layout they were placed in."""
-        return not self.weights_moved
-
-
-# ---------------------------------------------------------------------------------------------
 # Serving
 
 
@@ -410,6 +289,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     import jax
     import numpy as np
     from meshwright.models import build
+    from meshwright.runtime.layouts import example_args
 
     import meshwright as mw
 
@@ -438,7 +318,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO | None = sys.stdout
     # ---- 2. plan -------------------------------------------------------------------------
     echo(_section("2. plan"))
     slots = options.max_slots
-    args = example_args(model, dm.params, "decode", slots, max_len)
+    args = example_args(cfg, dm.params, "decode", slots, max_len)
     t0 = time.perf_counter()
     graph = mw.trace(model.decode_step, *args)
     plan = mw.plan(graph, hardware=options.hardware, chips=DEVICES, context=max_len,
@@ -598,10 +478,6 @@ def _home_relative(path: str) -> str:
 
 def _section(title: str) -> str:
     return f"\n== {title} " + "=" * max(3, 76 - len(title))
-
-
-def _mesh_text(mesh: dict) -> str:
-    return "x".join(str(mesh[a]) for a in ("x", "y", "z"))
 
 
 def _short_explain(text: str, rows: int = 6) -> str:
