@@ -1,12 +1,19 @@
-"""The KV cache of the reference models: its layout, its axes, and its writes. One owner.
+"""The KV cache of the reference models: its shape, its axes, its size, and its writes. One
+owner: `KVCacheShape` is the one description of the cache (the models build it, the engine
+resizes and moves it through its axes, the cost model and the planner count its bytes).
 
-    >>> from meshwright.models import build, get_config
+    >>> from meshwright.models import get_config
     >>> cfg = get_config("llama-tiny")                       # 2 layers, 2 kv heads, d_head 8
-    >>> cache = init_cache(cfg, batch=4, length=16)
+    >>> kv = KVCacheShape.of(cfg)
+    >>> kv.layer_shape(batch=4, length=16)                   # (batch, kv heads, positions, d_head)
+    (4, 2, 16, 8)
+    >>> cache = kv.zeros(batch=4, length=16)
     >>> len(cache["k"]), cache["k"][0].shape                 # one array per layer
     (2, (4, 2, 16, 8))
-    >>> cache_axes(cfg)["k"][0]
+    >>> kv.axes()["k"][0]
     CacheAxes(slot=0, length=2)
+    >>> kv.bytes_per_token(4)                                # K and V, every layer, float32
+    256
 
 Layout. Each layer's K and V are (batch, n_kv_heads, length, d_head):
 
@@ -22,8 +29,11 @@ Layout. Each layer's K and V are (batch, n_kv_heads, length, d_head):
   length bucket that holds its longest live sequence, so a decode step reads the live prefix
   only. The model derives every shape from the arrays it is given.
 
-`cache_axes` says, for every leaf, which axis holds the sequences (slots) and which the
+`KVCacheShape.axes` says, for every leaf, which axis holds the sequences (slots) and which the
 positions: the serving engine resizes, moves and writes caches through it and nothing else.
+A model served from functions (`models.functions`) brings its own cache tree; the engine
+reads its shapes and axes off that model the same way (`model.cache_shapes`,
+`model.cache_axes`).
 
 Writes are in place when the step donates the cache: decode writes one position per row
 (`write_token`, a scatter with the row as a batching dimension), prefill the first T positions
@@ -50,33 +60,54 @@ class CacheAxes:
     length: int  # the positions (the kv_length axis)
 
 
-def layer_shape(config: TransformerConfig, batch: int, length: int) -> tuple[int, ...]:
-    """(batch, n_kv_heads, length, d_head): one layer's K (or V)."""
-    return (batch, config.n_kv_heads, length, config.d_head)
+@dataclass(frozen=True)
+class KVCacheShape:
+    """The KV cache of a `TransformerConfig`: the arrays, their shapes, dtype and axes, and
+    the bytes a token takes. `length` (positions) defaults to the config's max_len."""
 
+    n_layers: int
+    n_kv_heads: int
+    d_head: int
+    max_len: int
+    dtype: str = "float32"
+    stacked: bool = False  # the layers stacked in one array (config.scan_layers)
 
-def cache_shapes(config: TransformerConfig, batch: int,
-                 length: int | None = None) -> dict[str, Any]:
-    """The cache as `jax.ShapeDtypeStruct`s (length defaults to config.max_len)."""
-    shape = layer_shape(config, batch, length or config.max_len)
-    dtype = jnp.dtype(config.dtype)
-    if config.scan_layers:
-        return {name: jax.ShapeDtypeStruct((config.n_layers, *shape), dtype) for name in NAMES}
-    return {name: [jax.ShapeDtypeStruct(shape, dtype) for _ in range(config.n_layers)]
-            for name in NAMES}
+    @classmethod
+    def of(cls, config: TransformerConfig) -> KVCacheShape:
+        return cls(config.n_layers, config.n_kv_heads, config.d_head, config.max_len,
+                   config.dtype, config.scan_layers)
 
+    def layer_shape(self, batch: int, length: int | None = None) -> tuple[int, ...]:
+        """(batch, n_kv_heads, length, d_head): one layer's K (or V)."""
+        return (batch, self.n_kv_heads, length or self.max_len, self.d_head)
 
-def init_cache(config: TransformerConfig, batch: int, length: int | None = None) -> dict:
-    """A zero cache for `batch` sequences of `length` positions (default config.max_len)."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, length))
+    def shapes(self, batch: int, length: int | None = None) -> dict[str, Any]:
+        """The cache as `jax.ShapeDtypeStruct`s: {"k": [...], "v": [...]}, one per layer, or
+        one (n_layers, ...) array each when stacked."""
+        shape = self.layer_shape(batch, length)
+        dtype = jnp.dtype(self.dtype)
+        if self.stacked:
+            return {name: jax.ShapeDtypeStruct((self.n_layers, *shape), dtype)
+                    for name in NAMES}
+        return {name: [jax.ShapeDtypeStruct(shape, dtype) for _ in range(self.n_layers)]
+                for name in NAMES}
 
+    def zeros(self, batch: int, length: int | None = None) -> dict:
+        """A zero cache for `batch` sequences of `length` positions."""
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.shapes(batch, length))
 
-def cache_axes(config: TransformerConfig) -> dict[str, Any]:
-    """A tree like the cache with a `CacheAxes` for every array."""
-    if config.scan_layers:
-        return {name: CacheAxes(slot=1, length=3) for name in NAMES}
-    return {name: [CacheAxes(slot=0, length=2) for _ in range(config.n_layers)]
-            for name in NAMES}
+    def axes(self) -> dict[str, Any]:
+        """A tree like the cache with a `CacheAxes` for every array."""
+        if self.stacked:
+            return {name: CacheAxes(slot=1, length=3) for name in NAMES}
+        return {name: [CacheAxes(slot=0, length=2) for _ in range(self.n_layers)]
+                for name in NAMES}
+
+    def bytes_per_token(self, bytes_per_element: int, kv_heads: int | None = None) -> int:
+        """Bytes of K and V for one token of one sequence over every layer, with all kv heads
+        or `kv_heads` of them (what one chip holds when the heads are split)."""
+        heads = self.n_kv_heads if kv_heads is None else kv_heads
+        return len(NAMES) * self.n_layers * heads * self.d_head * bytes_per_element
 
 
 def cache_length(cache: dict) -> int:

@@ -96,8 +96,11 @@ class TransformerConfig:
         return total
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """Bytes of K and V cache for one token of one sequence, over all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.d_head * bytes_per_element
+        """Bytes of K and V cache for one token of one sequence, over all layers
+        (`models.cache.KVCacheShape.bytes_per_token`)."""
+        from meshwright.models.cache import KVCacheShape
+
+        return KVCacheShape.of(self).bytes_per_token(bytes_per_element)
 
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed; unknown field names are an error that lists the known."""

@@ -23,7 +23,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 from meshwright.models import gpt2, llama, palm
-from meshwright.models.cache import cache_axes, cache_shapes, init_cache
+from meshwright.models.cache import KVCacheShape
 from meshwright.models.config import TransformerConfig, get_config
 
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "palm": palm, "llama": llama}
@@ -67,22 +67,27 @@ class Model:
         """
         return _init_params(self._impl.init_params, self.config, key)
 
+    @property
+    def kv_cache(self) -> KVCacheShape:
+        """The KV cache's description (`meshwright.models.cache`)."""
+        return KVCacheShape.of(self.config)
+
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         """Zero K/V cache for `batch` sequences of `length` positions (default max_len):
         {"k", "v"}, one (batch, n_kv_heads, length, d_head) array per layer (stacked with
         scan_layers). See `meshwright.models.cache`."""
-        return init_cache(self.config, batch, length)
+        return self.kv_cache.zeros(batch, length)
 
     def cache_shapes(self, batch: int, length: int | None = None) -> dict:
         """The cache `init_cache(batch, length)` makes, as `jax.ShapeDtypeStruct`s."""
-        return cache_shapes(self.config, batch, length)
+        return self.kv_cache.shapes(batch, length)
 
     def cache_axes(self, params: dict | None = None) -> dict:
         """A tree like the cache whose leaves say which axis holds the sequences (slot) and
         which the positions (length): how the serving engine resizes, moves and writes it.
         Declared, not traced (`params` is unused): a test checks that infer-axes reads the
         same axes off `decode_step`, as it does for a model served from functions."""
-        return cache_axes(self.config)
+        return self.kv_cache.axes()
 
     # the served-model protocol the engine reads (a `models.functions.FunctionModel` too)
     @property
@@ -143,7 +148,7 @@ class Model:
             tokens = jax.random.randint(k_tokens, (batch, length), 0, cfg.vocab_size, jnp.int32)
             return params, tokens, self.init_cache(batch)
         tokens = jax.random.randint(k_tokens, (batch,), 0, cfg.vocab_size, jnp.int32)
-        shapes = cache_shapes(cfg, batch)
+        shapes = self.cache_shapes(batch)
         leaves, tree = jax.tree.flatten(shapes)
         keys = jax.random.split(k_cache, len(leaves))
         cache = tree.unflatten([jax.random.normal(k, s.shape, jnp.float32).astype(s.dtype)
