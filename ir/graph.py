@@ -175,12 +175,35 @@ class Graph:
         self.name = name
         self._nx = nx.MultiDiGraph()  # node id -> attr "node"; edge key = (value id, operand no.)
         self._ids = itertools.count()
-        self.inputs: list[Value] = []
-        self.outputs: list[Operand] = []
+        # bumped on every mutation: the methods below and assigning `inputs` or `outputs`
+        # (caches of derived jaxprs, the topological order and `passes.analysis` check it)
+        self.version = 0
+        self._inputs: list[Value] = []
+        self._outputs: list[Operand] = []
         self.in_tree = None  # pytree structure of (args, kwargs); None for region bodies
         self.out_tree = None  # pytree structure of the result; None for region bodies
-        self.version = 0  # bumped on every mutation (caches of derived jaxprs check it)
         self.meta: dict[str, Any] = {}  # graph-level analysis results (axes report, blocks, plan)
+
+    @property
+    def inputs(self) -> list[Value]:
+        """The graph's flat inputs in argument order. To reorder them assign a new list (that
+        counts as a mutation); do not change the list in place."""
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, values: Iterable[Value]) -> None:
+        self._inputs = list(values)
+        self.version += 1
+
+    @property
+    def outputs(self) -> list[Operand]:
+        """What the graph returns (flat). Change with `set_outputs` or by assigning a list."""
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, values: Iterable[Operand]) -> None:
+        self._outputs = list(values)
+        self.version += 1
 
     # ---- construction ------------------------------------------------------------------
     def _new_node(self, op, primitive, inputs, params, out_avals, regions=None, source=None):
@@ -224,8 +247,7 @@ class Graph:
                               source)
 
     def set_outputs(self, outputs: Iterable[Operand]) -> None:
-        self.outputs = list(outputs)
-        self.version += 1
+        self.outputs = outputs  # the setter bumps the version
 
     # ---- queries -----------------------------------------------------------------------
     @property
