@@ -68,12 +68,21 @@ def _parse(hlo: str):
     return comps, entry
 
 
-def collective_bytes(hlo: str) -> dict:
-    """{"total": bytes, "by_kind": {kind: bytes}, "count": {kind: n}} per device per call."""
+def collective_bytes(hlo: str, nodes=None) -> dict:
+    """{"total": bytes, "by_kind": {kind: bytes}, "count": {kind: n}} per device per call.
+
+    `nodes` (the node of each device, indexed as the program's devices: the mesh's devices
+    in order) adds what crosses between nodes: "slow" (bytes per device sent to other nodes,
+    as the two-level model counts them: a collective over a group of k_slow nodes with k_fast
+    of its devices in each sends bytes/k_fast * (k_slow-1)/k_slow across nodes, an all-to-all
+    bytes * (k_slow-1)/k_slow, a collective-permute the operand of every pair that crosses;
+    averaged over the devices), "slow_by_kind" and "slow_count" (collectives that cross)."""
     comps, entry = _parse(hlo)
     by_kind: dict[str, int] = defaultdict(int)
     count: dict[str, int] = defaultdict(int)
     wire: dict[str, float] = defaultdict(float)
+    slow: dict[str, float] = defaultdict(float)
+    slow_count: dict[str, int] = defaultdict(int)
 
     def visit(name: str, times: int, depth: int = 0) -> None:
         if depth > 50 or name not in comps:
@@ -93,6 +102,11 @@ def collective_bytes(hlo: str) -> dict:
                 by_kind[kind] += nbytes * times
                 count[kind] += times
                 wire[kind] += nbytes * times * _wire_fraction(kind, line)
+                if nodes is not None:
+                    share = _slow_fraction(kind, line, nodes)
+                    if share:
+                        slow[kind] += nbytes * times * share
+                        slow_count[kind] += times
             if opcode == "while":
                 trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 n = int(trip.group(1)) if trip else 1
@@ -113,9 +127,51 @@ def collective_bytes(hlo: str) -> dict:
 
     if entry is not None:
         visit(entry, 1)
-    return {"total": int(sum(by_kind.values())), "by_kind": dict(by_kind),
-            "count": dict(count), "wire": round(sum(wire.values())),
-            "wire_by_kind": {k: round(v) for k, v in wire.items()}}
+    out = {"total": int(sum(by_kind.values())), "by_kind": dict(by_kind),
+           "count": dict(count), "wire": round(sum(wire.values())),
+           "wire_by_kind": {k: round(v) for k, v in wire.items()}}
+    if nodes is not None:
+        out.update(slow=round(sum(slow.values())), slow_by_kind={k: round(v) for k, v in
+                                                                 slow.items()},
+                   slow_count=dict(slow_count))
+    return out
+
+
+def replica_groups(line: str, devices: int) -> list[list[int]]:
+    """The device groups of one collective's HLO line: `replica_groups={{0,2},{1,3}}`, the
+    iota form `replica_groups=[2,2]<=[2,2]T(1,0)`, or none (`{}`: all `devices` together)."""
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
+    if m:
+        import numpy as np
+
+        shape = [int(x) for x in m.group(1).split(",")]
+        dims = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape).tolist()
+    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}", line)
+    groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}",
+                                                                       m.group(1))] if m else []
+    return [g for g in groups if g] or [list(range(devices))]
+
+
+def _slow_fraction(kind: str, line: str, nodes) -> float:
+    """The share of a collective's bytes (per device, averaged) that crosses between nodes."""
+    if kind == "collective-permute":
+        pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[-1])
+        if not pairs:
+            return 0.0
+        crossing = sum(nodes[int(a)] != nodes[int(b)] for a, b in pairs)
+        return crossing / len(nodes)
+    total, devices = 0.0, 0
+    for group in replica_groups(line, len(nodes)):
+        k_slow = len({nodes[d] for d in group})
+        k_fast = len(group) / k_slow
+        share = 1.0 if kind == "all-to-all" else 1.0 / k_fast
+        total += len(group) * share * (k_slow - 1) / k_slow
+        devices += len(group)
+    return total / devices if devices else 0.0
 
 
 def _group_size(line: str) -> int:
