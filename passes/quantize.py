@@ -59,8 +59,6 @@ from meshwright.ir import Graph, Node, Value
 from meshwright.ir import jax_compat as jc
 from meshwright.ir.emit import emit_function, nodes_between
 from meshwright.ir.interpreter import eval_graph
-from meshwright.passes import find_blocks as fb
-from meshwright.passes import infer_axes as ia
 from meshwright.passes.base import Pass, PassContext, register
 from meshwright.passes.int8_weights import (
     INT8_MAX,
@@ -79,6 +77,16 @@ from meshwright.passes.int8_weights import (
     quantize_weight,
     scale_shape,
     stored_dimension_numbers,
+)
+from meshwright.passes.quantize_match import (
+    SAME,
+    VIEWS,
+    Origin,
+    Skip,
+    big_dims,
+    input_path,
+    map_reshape,
+    select_weights,
 )
 
 # The pass, and what a caller of it uses: the int8 weight format, its conversion at load
@@ -104,153 +112,6 @@ __all__ = [
     "scale_shape",
     "stored_dimension_numbers",
 ]
-
-
-# ---- matching: which weights, contracted over which dims ----------------------------------------
-
-
-class _Skip(Exception):
-    """A weight use the rewrite does not take; the message says why."""
-
-
-_SAME = frozenset({"convert_element_type", "copy", "reduce_precision"})
-_VIEWS = _SAME | {"transpose", "reshape"}
-
-
-def _reshape_groups(sin: Sequence[int], sout: Sequence[int]) -> list[tuple[list, list]]:
-    """Minimal runs of input and output dims with equal products: ([in dims], [out dims])."""
-    groups, i, j = [], 0, 0
-    while i < len(sin) or j < len(sout):
-        gi, gj, pi, pj = [], [], 1, 1
-        if i < len(sin):
-            gi, pi, i = [i], sin[i], i + 1
-        if j < len(sout):
-            gj, pj, j = [j], sout[j], j + 1
-        while pi != pj:
-            if pi < pj and i < len(sin):
-                gi.append(i)
-                pi, i = pi * sin[i], i + 1
-            elif j < len(sout):
-                gj.append(j)
-                pj, j = pj * sout[j], j + 1
-            else:
-                raise _Skip(f"reshape {list(sin)} -> {list(sout)}")
-        groups.append((gi, gj))
-    return groups
-
-
-def _map_reshape(shape_from, shape_to, reduced: frozenset) -> frozenset:
-    """Dims of `shape_to` reduced when `reduced` dims of `shape_from` are; a run mixing
-    reduced and kept dims (of size > 1) cannot carry per-channel scales."""
-    out = set()
-    for gi, gj in _reshape_groups(shape_from, shape_to):
-        big = [d for d in gi if shape_from[d] > 1]
-        hits = [d in reduced for d in big]
-        if any(hits) and not all(hits):
-            raise _Skip(f"a reshape {list(shape_from)} -> {list(shape_to)} mixes contracted "
-                        "and kept dims")
-        if big and all(hits):
-            out.update(gj)
-    return frozenset(out)
-
-
-def _big(reduced, shape) -> frozenset:
-    return frozenset(d for d in reduced if shape[d] > 1)
-
-
-def _trace_back(v: Value, reduced: frozenset, parents: dict[int, Node]):
-    """Follow a weight operand back to a top-level input: (input, reduced dims there,
-    layers axis there or None, whether the way passed a reshape, whether it entered a scan)."""
-    layers, reshaped, scanned = None, False, False
-    while True:
-        p = v.producer
-        if p.op == "input":
-            owner = parents.get(id(p.graph))
-            if owner is None:
-                return v, reduced, layers, reshaped, scanned
-            if owner.op != "scan":
-                raise _Skip(f"the weight enters a {owner.op} region")
-            i = p.graph.inputs.index(v)
-            n_consts, n_carry = owner.params["num_consts"], owner.params["num_carry"]
-            if n_consts <= i < n_consts + n_carry:
-                raise _Skip("the weight is a scan carry")
-            outer = owner.inputs[i]
-            scanned = True
-            if not isinstance(outer, Value):
-                raise _Skip("the weight is a literal")
-            if i >= n_consts + n_carry:  # per-layer slice of a stacked weight
-                reduced = frozenset(d + 1 for d in reduced)
-                layers = 0  # the stacked-layers axis, in the outer operand's dims
-            v = outer
-        elif p.op in _SAME:
-            v = p.inputs[0]
-        elif p.op == "transpose":
-            perm = p.params["permutation"]
-            reduced = frozenset(perm[d] for d in reduced)
-            layers = None if layers is None else perm[layers]
-            v = p.inputs[0]
-        elif p.op == "reshape" and not p.params.get("dimensions"):
-            src = p.inputs[0]
-            reduced = _map_reshape(v.shape, src.shape, reduced)
-            layers, reshaped = None, True
-            v = src
-        else:
-            raise _Skip(f"the weight comes out of {p.op}")
-        if not isinstance(v, Value):
-            raise _Skip("the weight is a literal")
-
-
-@dataclass
-class _Origin:
-    input: Value
-    reduced: frozenset
-    layers: int | None
-    dots: list[Node]
-    permutable: bool = True  # no reshape on the way to a dot: can store contracted dims last
-    scanned: bool = False  # a scan slices it (or reads it) on the way to a dot
-
-
-def _select(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
-    prog = fb._prog(graph)
-    wanted = set(kinds) | ({"unembedding"} if unembedding else set())
-    selected: list[Node] = []
-    for b in graph.meta["blocks"].blocks:
-        if b.kind in wanted:
-            selected += [n for n in b.nodes if fb._is_weight_dot(prog, n) and n not in selected]
-    parents = graph.region_owners()
-    origins: dict[int, _Origin] = {}
-    skipped: list[str] = []
-    for dot in selected:
-        where = f"dot_general -> {list(dot.out.shape)} at {dot.source or '?'}"
-        try:
-            k = ia._weight_side(prog, dot)
-            w = dot.inputs[k]
-            (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
-            if lb or rb:
-                raise _Skip("it has batch dimensions")
-            if not (np.issubdtype(w.dtype, np.floating) or str(w.dtype) == "bfloat16"):
-                raise _Skip(f"the weight is {w.dtype}")
-            contract = tuple(lc if k == 0 else rc)
-            if math.prod(w.shape[d] for d in contract) > MAX_CONTRACTION:
-                raise _Skip("the contraction is too long for exact int32 accumulation")
-            src, reduced, layers, reshaped, scanned = _trace_back(w, frozenset(contract),
-                                                                  parents)
-        except _Skip as e:
-            skipped.append(f"{where}: {e}")
-            continue
-        o = origins.setdefault(src.id, _Origin(src, reduced, layers, []))
-        if _big(o.reduced, src.shape) != _big(reduced, src.shape):
-            skipped.append(f"{where}: the weight {_path(src)} is contracted over other dims "
-                           "elsewhere")
-            continue
-        o.dots.append(dot)
-        o.permutable = o.permutable and not reshaped
-        o.scanned = o.scanned or scanned
-    return [o for o in origins.values() if o.dots], skipped
-
-
-def _path(v: Value) -> str:
-    return v.producer.params.get("path") or f"input{v.producer.graph.inputs.index(v)}"
 
 
 # ---- rewriting ----------------------------------------------------------------------------------
@@ -296,7 +157,7 @@ def _push(graph: Graph, old: Value, w: _Q, rw: _Rewrite) -> None:
     for user in graph.users(old):
         positions = [k for k, v in enumerate(user.inputs) if v is old]
         try:
-            if user.op in _SAME:
+            if user.op in SAME:
                 _push(graph, user.out, dataclasses.replace(w, dtype=user.out.dtype), rw)
             elif user.op == "transpose":  # values stay put: only the layout is renamed
                 perm = user.params["permutation"]
@@ -307,7 +168,7 @@ def _push(graph: Graph, old: Value, w: _Q, rw: _Rewrite) -> None:
                     w.values, s2, frozenset(i for i, d in enumerate(perm) if d in w.reduced),
                     tuple(int(inverse[d]) for d in w.layout), w.dtype), rw)
             elif user.op == "reshape" and not user.params.get("dimensions") and w.plain():
-                new = _map_reshape(old.shape, user.out.shape, w.reduced)
+                new = map_reshape(old.shape, user.out.shape, w.reduced)
                 shape_s = scale_shape(user.out.shape, new)
                 (q2,) = _emit_like(graph, user, functools.partial(
                     jnp.reshape, shape=user.out.shape), [w.values])
@@ -322,10 +183,10 @@ def _push(graph: Graph, old: Value, w: _Q, rw: _Rewrite) -> None:
             elif user.op == "gather" and positions == [0] and w.plain():
                 _rewrite_gather(graph, user, w)
             else:
-                raise _Skip(user.op)
-            if user.op in _VIEWS and not graph.users(user.out) and not graph.is_output(user.out):
+                raise Skip(user.op)
+            if user.op in VIEWS and not graph.users(user.out) and not graph.is_output(user.out):
                 graph.remove_node(user)  # a view of the float weight, now unused
-        except _Skip:
+        except Skip:
             (deq,) = _emit_like(graph, user, functools.partial(
                 _dequantize, layout=w.layout, dtype=w.dtype), [w.values, w.scale])
             for k in positions:
@@ -342,12 +203,12 @@ def _rewrite_dot(graph: Graph, dot: Node, k: int, w: _Q, rw: _Rewrite) -> None:
     dn = dot.params["dimension_numbers"]
     contract = dn[0][k]
     shape = dot.inputs[k].shape
-    if _big(w.reduced, shape) != _big(frozenset(contract), shape):
-        raise _Skip("contracted over other dims than the scales")
+    if big_dims(w.reduced, shape) != big_dims(frozenset(contract), shape):
+        raise Skip("contracted over other dims than the scales")
     try:
         dn_stored = stored_dimension_numbers(dn, k, w.layout)
     except ValueError as e:
-        raise _Skip(str(e)) from None
+        raise Skip(str(e)) from None
     x = dot.inputs[1 - k]
     x_contract = tuple(dn[0][1 - k])
     # q, k and v (gate and up) read the same activation: quantize its rows once
@@ -413,9 +274,9 @@ def _push_into_scan(graph: Graph, scan: Node, old: Value, w: _Q, rw: _Rewrite) -
     n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
     positions = [k for k, v in enumerate(scan.inputs) if v is old]
     if any(n_consts <= k < n_consts + n_carry for k in positions):
-        raise _Skip("a scan carry")
+        raise Skip("a scan carry")
     if any(k >= n_consts + n_carry for k in positions) and w.layout[0] != 0:
-        raise _Skip("the scanned axis is not the first one stored")
+        raise Skip("the scanned axis is not the first one stored")
     body: Graph = scan.regions["jaxpr"]
     inputs, body_inputs = list(scan.inputs), list(body.inputs)
     linear = list(scan.params.get("linear", ()))  # older JAX: one flag per operand
@@ -477,7 +338,7 @@ def _permuted_spec(spec: Any, layout: tuple[int, ...]) -> Any:
     return spec.with_dims(spec.dims[d] for d in layout)
 
 
-def _rewrite_input(graph: Graph, o: _Origin, rw: _Rewrite, layout_rule: str) -> tuple[int, ...]:
+def _rewrite_input(graph: Graph, o: Origin, rw: _Rewrite, layout_rule: str) -> tuple[int, ...]:
     """Replace a float weight input by int8 values and scales; returns the values' layout."""
     old = o.input
     pos = graph.inputs.index(old)
@@ -587,7 +448,7 @@ def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
     if "quantize-int8" in graph.meta:
         raise ValueError(f"graph {graph.name!r} has already been through 'quantize-int8'")
     float_in_tree = graph.in_tree
-    origins, skipped = _select(graph, tuple(blocks), unembedding)
+    origins, skipped = select_weights(graph, tuple(blocks), unembedding)
     n_flat = len(graph.inputs)
     index = {v.id: i for i, v in enumerate(graph.inputs)}
 
@@ -612,7 +473,7 @@ def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
         before = (rw.dots, rw.dequantized)
         weights_layout = _rewrite_input(graph, o, rw, layout)
         weights.append(QuantizedInput(
-            path=_path(o.input), index=index[o.input.id], shape=o.input.shape,
+            path=input_path(o.input), index=index[o.input.id], shape=o.input.shape,
             dtype=str(o.input.dtype), reduce_axes=tuple(sorted(o.reduced)),
             layout=weights_layout,
             layers_axis=o.layers, dots=rw.dots - before[0],
