@@ -3,7 +3,8 @@
 Counts and FLOPs inside a scan body are multiplied by the scan's length (what runs, not what
 is written). A *parameter* is an input that reaches the weight side of a dot_general or the
 table side of a gather only through layout operations (reshape, transpose, convert, slicing,
-a scan's per-layer slice) - weights, not activations or caches.
+a scan's per-layer slice) - weights, not activations or caches: `passes.analysis`'s
+`weight_inputs`, the definition every pass uses.
 """
 
 from __future__ import annotations
@@ -14,57 +15,9 @@ from typing import Any
 import numpy as np
 from meshwright.ir.graph import Graph, Node, Value, flops_of_dot_general, format_aval
 
-# Operations through which a weight is still "the same weight".
-_VIEW_OPS = frozenset({"reshape", "transpose", "convert_element_type", "squeeze",
-                       "broadcast_in_dim", "slice", "dynamic_slice", "copy", "copy_p",
-                       "expand_dims", "rev"})
-
 
 def _nbytes(v: Value) -> int:
     return int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
-
-
-def _is_float(g: Graph, value_id: int) -> bool:
-    for v in g.inputs:
-        if v.id == value_id:
-            return np.issubdtype(v.dtype, np.floating) or str(v.dtype) == "bfloat16"
-    return True  # an input of an enclosing graph: checked where it entered
-
-
-def _param_inputs(g: Graph, origin: dict[int, int | None]) -> set[int]:
-    """Ids of top-level input values used as weights; `origin` maps value id -> input id."""
-    found: set[int] = set()
-    for node in g.topo_order():
-        if node.op == "input":
-            continue
-        ins = [origin.get(v.id) if isinstance(v, Value) else None for v in node.inputs]
-        if node.op in _VIEW_OPS and ins and ins[0] is not None:
-            origin[node.outputs[0].id] = ins[0]
-        elif node.op == "dot_general":
-            # A weight is contracted (an outer product, like RoPE's positions x frequencies,
-            # contracts nothing) and is floating point (positions and ids are integers).
-            (contracting, _), _ = node.params["dimension_numbers"]
-            if not contracting:
-                continue
-            lhs, rhs = (i if i is not None and _is_float(g, i) else None for i in ins)
-            if rhs is not None and (lhs is None or lhs != rhs):
-                found.add(rhs)  # x @ w, or both inputs: by convention the right one is the weight
-            elif lhs is not None and rhs is None:
-                found.add(lhs)  # w @ x
-        elif node.op == "gather" and ins and ins[0] is not None:
-            found.add(ins[0])
-        elif node.op == "scan":
-            body: Graph = node.regions["jaxpr"]
-            n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
-            inner: dict[int, int | None] = {}
-            for i, (outer, bv) in enumerate(zip(ins, body.inputs)):
-                if n_consts <= i < n_consts + n_carry:
-                    continue  # a carry changes every iteration: not a weight
-                inner[bv.id] = outer
-            for bv in body.inputs:
-                inner.setdefault(bv.id, None)
-            found |= _param_inputs(body, inner)
-    return found
 
 
 def summarize(g: Graph) -> dict[str, Any]:
@@ -80,8 +33,9 @@ def summarize(g: Graph) -> dict[str, Any]:
                          "out": format_aval(node.out.aval), "flops": f, "times": trips,
                          "source": node.source})
             total_flops += f * trips
-    origin = {v.id: v.id for v in g.inputs}
-    params = _param_inputs(g, origin)
+    from meshwright.passes.analysis import analyze  # the passes' analysis: one definition
+
+    params = analyze(g).weight_inputs
     by_argument: dict[str, int] = {}
     for v in g.inputs:
         arg = (v.producer.params["path"] or "input").split(".")[0]

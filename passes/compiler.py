@@ -171,8 +171,9 @@ def node_factors(sizes, nodes: int) -> tuple[int, int, int]:
 
 
 # What mw.shard lowers of the planner's ways across nodes (passes/multinode.py): a layout
-# stretched over the nodes is the paper's layout on the bigger mesh, only priced otherwise.
-LOWERED_CROSSINGS = ("stretched",)
+# stretched over the nodes is the paper's layout on the bigger mesh, only priced otherwise;
+# replicas split the batch over a mesh axis outside it (passes/replicas.py).
+LOWERED_CROSSINGS = ("replicas", "stretched")
 
 
 def _lowerable(plan, config, request: dict):
@@ -402,6 +403,11 @@ class ShardedFunction:
         else:
             plan, ffn, attention, mesh_shape, predicted, slow = self._choose(config, work,
                                                                              phase)
+            from meshwright.passes.replicas import compile_replicas
+
+            replicated = compile_replicas(self, plan, g, args, kwargs, printer)
+            if replicated is not None:  # the batch split between node groups
+                return replicated
         timings["plan"] = time.perf_counter() - t0
         g.meta["plan"] = plan
         show("plan", g)

@@ -578,10 +578,10 @@ def _link_region_users(prog: _Program, node: Node, inner_inputs: list[Value]) ->
 
 
 def _parameter_inputs(g: Graph) -> set[int]:
-    """Inputs used as weights: on the weight side of a dot_general or as a gather table."""
-    from meshwright.ir.summary import _param_inputs
+    """Inputs used as weights: `analyze(g).weight_inputs`."""
+    from meshwright.passes.analysis import analyze
 
-    return _param_inputs(g, {v.id: v.id for v in g.inputs})
+    return set(analyze(g).weight_inputs)
 
 
 @dataclass

@@ -74,12 +74,16 @@ def run_layouts(result: dict, out_dir: str, which: list[int]) -> None:
     result["layouts"] = rows
 
 
-def run_planned(result: dict) -> None:
+def run_planned(result: dict, key: str = "planned", hardware=None) -> None:
     """mw.shard with nothing pinned on every process's devices: the planner prices the
-    processes as nodes, and the layout it stretches over them runs, equal to one device."""
+    processes as nodes and what it lowers across them runs (2 replicas of palm-tiny; with
+    `hardware` whose chips cannot hold a copy per node, a layout stretched over both),
+    equal to one device. Also what crosses the processes in the compiled program."""
+    from meshwright.passes.hlo import collective_bytes
+
     model, args = layout_args("palm-tiny", "decode")
-    step = mw.shard(model.decode_step)
-    with mw.distributed.guard("planned across processes"):
+    step = mw.shard(model.decode_step, hardware=hardware)
+    with mw.distributed.guard(f"{key} across processes"):
         out = mw.distributed.gather(step(*args))
     c = step.compiled(*args)
     err = None
@@ -88,13 +92,30 @@ def run_planned(result: dict) -> None:
         err = max(float(np.max(np.abs(a - np.asarray(b))))
                   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
     placed = c.place(jax.tree.leaves(args))
-    result["planned"] = {
+    mesh = c.jax_mesh
+    counted = collective_bytes(c.compiled.as_text(),
+                               nodes=[d.process_index for d in mesh.devices.flat])
+    result[key] = {
         "max_abs_err_vs_unsharded": err, "nodes": c.plan.nodes,
-        "cross_node": c.plan.cross_node.kind, "slow": list(c.slow),
-        "mesh": c.mesh_shape, "layouts": [c.ffn_layout, c.attention_layout],
-        "mesh_processes": sorted({d.process_index for d in c.jax_mesh.devices.flat}),
+        "cross_node": c.plan.cross_node.kind, "replicas": c.plan.cross_node.replicas,
+        "slow": list(c.slow), "mesh": c.mesh_shape, "axes": list(mesh.axis_names),
+        "layouts": [c.ffn_layout, c.attention_layout],
+        "mesh_processes": sorted({d.process_index for d in mesh.devices.flat}),
+        "replica_processes": [sorted({d.process_index for d in mesh.devices[r].flat})
+                              for r in range(mesh.shape.get("replica", 0))],
         "inputs_spanning_processes": sum(not x.is_fully_addressable for x in placed),
+        "slow_bytes": counted["slow"], "collective_bytes": counted["total"],
+        "slow_bytes_predicted": c.plan.cross_node.slow_bytes_per_chip,
         "explain": step.explain(*args)}
+
+
+def run_stretched(result: dict) -> None:
+    """As `planned`, on a cpu profile whose chips hold too little for a copy of palm-tiny per
+    node of 4 (150 kB): the planner's best is a 2-stage pipeline, not lowered yet, so a
+    layout stretched over both processes runs."""
+    from meshwright.passes.hardware import CPU_DEFAULT
+
+    run_planned(result, "stretched", CPU_DEFAULT.replace(hbm_bytes=150_000))
 
 
 def serve_workload():
@@ -201,7 +222,7 @@ def main() -> None:
             run_layouts(result, out_dir, list(range(len(LAYOUTS))))
         else:
             {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint,
-             "planned": run_planned}[name](result)
+             "planned": run_planned, "stretched": run_stretched}[name](result)
     with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
         json.dump(result, f)
     mw.distributed.shutdown()

@@ -46,7 +46,8 @@ def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def job_2x4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job2x4")
-    return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve", "planned")
+    return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve", "planned",
+                   "stretched")
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +83,35 @@ def test_layouts_on_4_processes_x_2_devices(job_4x2):
     assert check_layouts(results) == ["wg-xyz/heads"]
 
 
-def test_a_model_planned_over_processes_is_sharded_over_all_of_them(job_2x4):
-    """mw.shard with nothing pinned on 2 processes x 4 devices: each process a node, a
-    layout stretched over both (planned, not replicated), equal to one device."""
+def test_a_model_planned_over_processes_runs_as_replicas(job_2x4):
+    """mw.shard with nothing pinned on 2 processes x 4 devices: each process a node; the
+    planner's best is a replica per node, and that runs: the batch split over a `replica`
+    axis whose replicas are the processes, nothing else crossing them, equal to one device."""
     planned = job_2x4[0]["planned"]
     assert planned["max_abs_err_vs_unsharded"] < 2e-5, planned
-    assert planned["nodes"] == 2 and planned["cross_node"] == "stretched"
-    assert planned["mesh_processes"] == [0, 1] and planned["inputs_spanning_processes"] > 0
-    assert np.prod(list(planned["mesh"].values())) == 8
-    assert sorted(planned["slow"]) == [1, 1, 2]  # one axis crosses the two processes
-    axis = "xyz"[planned["slow"].index(2)]
-    assert f"; {axis} over 2 nodes (each node a process)" in planned["explain"]
-    assert "2 nodes of 4" in planned["explain"]
-    # where the planner's best way across nodes is not lowered, explain() says what ran
-    assert ("(what mw.shard lowers)" not in planned["explain"]
-            or "mw.shard does not lower" in planned["explain"])
+    assert (planned["nodes"], planned["cross_node"], planned["replicas"]) == (2, "replicas", 2)
+    assert planned["axes"] == ["replica", "x", "y", "z"]
+    assert planned["replica_processes"] == [[0], [1]]
+    assert planned["inputs_spanning_processes"] > 0
+    assert planned["slow_bytes"] == 0 < planned["collective_bytes"]
+    assert "lowered as 2 replicas" in planned["explain"]
+    assert "does not lower" not in planned["explain"]
+
+
+def test_a_layout_stretched_over_processes_when_a_copy_does_not_fit_a_node(job_2x4):
+    """Chips too small for a copy per node: the planner's 2-stage pipeline is not lowered, so
+    its best stretched layout runs over all 8 devices (one axis across the processes), says
+    so, equals one device, and sends across the processes what the model predicts."""
+    run = job_2x4[0]["stretched"]
+    assert run["max_abs_err_vs_unsharded"] < 2e-5, run
+    assert (run["nodes"], run["cross_node"], run["replicas"]) == (2, "stretched", 1)
+    assert run["mesh_processes"] == [0, 1] and run["inputs_spanning_processes"] > 0
+    assert run["axes"] == ["x", "y", "z"] and np.prod(list(run["mesh"].values())) == 8
+    assert sorted(run["slow"]) == [1, 1, 2]  # one axis crosses the two processes
+    axis = "xyz"[run["slow"].index(2)]
+    assert f"; {axis} over 2 nodes (each node a process)" in run["explain"]
+    assert "mw.shard does not lower pipeline" in run["explain"]
+    assert run["slow_bytes"] == pytest.approx(run["slow_bytes_predicted"], rel=0.1)
 
 
 def test_each_process_reads_only_its_checkpoint_blocks(job_2x4, job_4x2):
