@@ -35,10 +35,21 @@ from typing import Literal
 
 from meshwright.models.config import TransformerConfig
 from meshwright.passes.hardware import HardwareProfile
+from meshwright.passes.layouts import (
+    ATTENTION_NAMES,
+    FFN_NAMES,
+    Collective,
+    LayoutNotApplicable,  # noqa: F401 (imported from here by the planner and others)
+    attention_layout,
+    ffn_layout,
+    padded_heads,
+)
 from meshwright.passes.network import CollectiveTime, two_level_collective
 
-FFN_LAYOUTS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
-ATTENTION_LAYOUTS = ("heads", "batch")
+# The layouts are objects in `passes/layouts.py`; these are their names (live: a layout
+# registered there is priced from then on), in the planner's tie-break order.
+FFN_LAYOUTS = FFN_NAMES
+ATTENTION_LAYOUTS = ATTENTION_NAMES
 PHASES = ("prefill", "decode")
 WEIGHT_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 # Activations and the KV cache are bf16 with bf16 or int8 weights (int8 is weight-only).
@@ -187,21 +198,6 @@ class CostOptions:
     max_head_padding: float = 2.0
 
 
-@dataclass(frozen=True)
-class Collective:
-    """One collective per layer (or per step for embedding ones), as the model counts it."""
-
-    kind: str  # "all-gather" | "reduce-scatter" | "all-to-all"
-    axes: str  # mesh axes it spans, e.g. "yz"
-    bytes_per_chip: float  # all-gather: output; reduce-scatter: input; all-to-all: data held
-    what: str  # which tensor, for explain()
-    weights: bool = False  # a weight all-gather (prefetchable) rather than activations
-
-
-class LayoutNotApplicable(ValueError):
-    """This layout cannot run this workload on this mesh (the message says why)."""
-
-
 @dataclass
 class CandidateCost:
     """The predicted cost of one (mesh, FFN layout, attention layout) for one step."""
@@ -253,68 +249,26 @@ class CandidateCost:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout geometry
-
-
-def _wg_axes(ffn: str) -> tuple[str, str]:
-    """(axes weights are gathered over, remaining axes) of a weight-gathered layout."""
-    return {"wg-x": ("x", "yz"), "wg-xy": ("xy", "z"), "wg-xyz": ("xyz", "")}[ffn]
+# Layout geometry: each layout's own (`passes/layouts.py`)
 
 
 def batch_shards(ffn: str, mesh: Mesh) -> int:
     """Chips the batch is split over by the FFN layout (1 for weight-stationary)."""
-    return mesh.size(_wg_axes(ffn)[0]) if ffn.startswith("wg") else 1
+    return ffn_layout(ffn).batch_shards(mesh)
 
 
 def head_shards(ffn: str, attention: str, mesh: Mesh) -> int:
     """Chips the query heads are split over in the attention computation."""
-    if attention == "batch":
-        return 1
-    return mesh.n // batch_shards(ffn, mesh)
-
-
-def padded_heads(cfg: TransformerConfig, shards: int, options: CostOptions) -> int:
-    """Query heads after padding to a multiple of `shards` (whole heads on every chip)."""
-    if not options.pad_heads or shards <= 1:
-        return cfg.n_heads
-    return -(-cfg.n_heads // shards) * shards
+    return attention_layout(attention).head_shards(ffn_layout(ffn), mesh)
 
 
 def check_layout(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str, attention: str,
                  options: CostOptions) -> None:
-    """Raise LayoutNotApplicable if this layout cannot run this step on this mesh."""
-    if ffn not in FFN_LAYOUTS:
-        raise ValueError(f"unknown FFN layout {ffn!r}; known: {', '.join(FFN_LAYOUTS)}")
-    if attention not in ATTENTION_LAYOUTS:
-        raise ValueError(
-            f"unknown attention layout {attention!r}; known: {', '.join(ATTENTION_LAYOUTS)}")
-    n = mesh.n
-    if ffn == "ws-2d" and mesh.x == 1 and n > 1:
-        raise LayoutNotApplicable("ws-2d with X = 1 is ws-1d")
-    if ffn.startswith("wg"):
-        gathered = mesh.size(_wg_axes(ffn)[0])
-        if gathered < 2:
-            raise LayoutNotApplicable(f"{ffn} gathers over {gathered} chip: same as ws-2d")
-        if ffn != "wg-xyz" and gathered == n:
-            raise LayoutNotApplicable(f"{ffn} gathers over all {n} chips: same as wg-xyz")
-        if work.batch < gathered:
-            raise LayoutNotApplicable(
-                f"{ffn} splits the batch over {gathered} chips but batch is {work.batch}")
-        if ffn == "wg-xyz" and attention == "heads":
-            raise LayoutNotApplicable("wg-xyz already splits attention by batch")
-    if attention == "batch" and work.batch < n:
-        raise LayoutNotApplicable(
-            f"attention over batch needs batch >= chips ({work.batch} < {n})")
-    if attention == "heads":
-        shards = head_shards(ffn, attention, mesh)
-        heads = padded_heads(cfg, shards, options)
-        if heads < shards:
-            raise LayoutNotApplicable(
-                f"attention over heads: {cfg.n_heads} heads cannot cover {shards} chips")
-        if heads > options.max_head_padding * cfg.n_heads:
-            raise LayoutNotApplicable(
-                f"attention over heads: {cfg.n_heads} heads padded to {heads} for {shards} "
-                "chips wastes more than half the attention")
+    """Raise LayoutNotApplicable if this layout cannot run this step on this mesh (each
+    layout's `check`), ValueError for a name no layout is registered under."""
+    f, a = ffn_layout(ffn), attention_layout(attention)
+    f.check(mesh, work)
+    a.check(cfg, mesh, work, f, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,28 +293,12 @@ def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: s
     n_in = cfg.ffn_matrices - 1  # input projections of the FFN: gelu 1, swiglu 2
     q_width = heads * d  # query (and attention output) width
     kv_width = 2 * k * d  # K and V projections
+    lay, att = ffn_layout(ffn), attention_layout(attention)
     out: list[Collective] = []
 
     def sub_block(tag: str, in_width: float, out_width: float) -> None:
         """E-side and hidden-side collectives of one block whose hidden widths are given."""
-        if ffn == "ws-1d":
-            out.append(Collective("all-gather", "xyz", t * e * a, f"{tag} input B.L.E"))
-            out.append(Collective("reduce-scatter", "xyz", t * e * a, f"{tag} output B.L.E"))
-        elif ffn == "ws-2d":
-            yz = mesh.size("yz")
-            out.append(Collective("all-gather", "yz", t * e / mesh.x * a, f"{tag} input B.L.E/X"))
-            out.append(Collective("reduce-scatter", "x", t * in_width / yz * a,
-                                  f"{tag} hidden B.L.F/YZ"))
-            out.append(Collective("all-gather", "x", t * out_width / yz * a,
-                                  f"{tag} hidden B.L.F/YZ"))
-            out.append(Collective("reduce-scatter", "yz", t * e / mesh.x * a,
-                                  f"{tag} output B.L.E/X"))
-        else:
-            gathered, rest = _wg_axes(ffn)
-            if rest:
-                per = t / mesh.size(gathered) * e * a
-                out.append(Collective("all-gather", rest, per, f"{tag} input B/N.L.E"))
-                out.append(Collective("reduce-scatter", rest, per, f"{tag} output B/N.L.E"))
+        out.extend(lay.block_collectives(mesh, t, e, a, tag, in_width, out_width))
 
     ffn_in, ffn_out = n_in * f, f
     att_in, att_out = q_width + kv_width, q_width
@@ -369,32 +307,12 @@ def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: s
     else:
         sub_block("attention", att_in, att_out)
         sub_block("ffn", ffn_in, ffn_out)
-
-    # Attention layout: batch sharding moves Q/K/V to sequences and the output back.
-    if ffn.startswith("wg"):
-        gathered, rest = _wg_axes(ffn)
-    else:
-        gathered, rest = "", "xyz"
-    if attention == "batch" and rest:
-        out.append(Collective("all-to-all", rest, t * (q_width + kv_width) / mesh.n * a,
-                              "Q,K,V heads->batch"))
-        out.append(Collective("all-to-all", rest, t * q_width / mesh.n * a,
-                              "attention out batch->heads"))
-    elif attention == "heads" and k < mesh.size(rest) and rest and not (
-            ffn == "ws-1d" and k == 1):
-        # Multiquery / GQA over heads: every chip needs the K/V heads its queries use. In
-        # ws-1d with one K/V head every chip already holds the whole input B.L.E and
-        # projects that head itself from the (small, replicated) K/V weights: nothing moves.
-        per_chip_tokens = t / max(1, mesh.size(gathered))
-        out.append(Collective("all-gather", rest, per_chip_tokens * 2 * d * a,
-                              "K,V replicated for heads"))
-
+    # Attention layout: batch sharding moves Q/K/V to sequences and the output back; heads
+    # with fewer K/V heads than chips gathers them.
+    out.extend(att.collectives(mesh, lay, t, q_width, kv_width, k, d, a))
     # Weight-gathered: all-gather the layer's weights over the gathered axes.
-    if ffn.startswith("wg"):
-        gathered, _ = _wg_axes(ffn)
-        w = _layer_weight_elems(cfg, heads) * WEIGHT_BYTES[work.weights]
-        out.append(Collective("all-gather", gathered, w * mesh.size(gathered) / mesh.n,
-                              "layer weights", weights=True))
+    out.extend(lay.weight_collectives(
+        mesh, _layer_weight_elems(cfg, heads) * WEIGHT_BYTES[work.weights]))
     return out
 
 
@@ -502,11 +420,9 @@ def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: Worklo
     batch group with ceil(K / head shards) KV heads; multiquery keeps the whole K/V on every
     chip, which is why decode prefers the batch layout (Pope et al. Sec. 3.3)."""
     per_head = 2 * cfg.n_layers * cfg.d_head * ACTIVATION_BYTES[work.weights]
-    if attention == "batch":
-        return per_head * cfg.n_kv_heads * -(-work.batch // mesh.n)
-    groups = batch_shards(ffn, mesh)
-    shards = mesh.n // groups
-    return per_head * -(-cfg.n_kv_heads // shards) * -(-work.batch // groups)
+    kv_heads, sequences = attention_layout(attention).kv_share(cfg, mesh, work.batch,
+                                                               ffn_layout(ffn))
+    return per_head * kv_heads * sequences
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +497,7 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Work
     step_s = roofline_s + comm_s + hw.step_overhead_s
 
     # ---- memory capacity
-    gathered_buffer = layer_elems * wbytes * gathered / n if ffn.startswith("wg") else 0.0
+    gathered_buffer = layer_elems * wbytes * gathered / n if ffn_layout(ffn).gathered else 0.0
     memory = weight_bytes + gathered_buffer + kv_bytes
     fits = memory <= hw.hbm_bytes
     kv_budget = min(kv_memory_fraction * hw.hbm_bytes,
@@ -623,22 +539,5 @@ def ffn_comm_seconds(layout: str, batch_tokens: float, d_model: float, d_ff: flo
         >>> ffn_comm_seconds("ws-2d", 1, 1, 4, Mesh(4, 4, 4), 1.0) * 8 / 8  # 8/sqrt(64)
         1.0
     """
-    n = mesh.n
-
-    def ring(k: int) -> float:
-        return (k - 1) / k if ring_correction else 1.0
-
-    t, e, f = batch_tokens, d_model, d_ff
-    if layout == "ws-1d":
-        return 2 * t * e * ring(n) / bandwidth
-    if layout == "ws-2d":
-        yz = mesh.size("yz")
-        return (2 * t * e / mesh.x * ring(yz) + 2 * t * f / yz * ring(mesh.x)) / bandwidth
-    gathered_axes, rest = _wg_axes(layout)
-    big_n = mesh.size(gathered_axes)
-    weights = n_matrices * e * f * big_n / n * ring(big_n)
-    if ring_correction and not rest:
-        acts = 0.0
-    else:
-        acts = 2 * t * e / big_n * ring(n // big_n)
-    return (weights + acts) / bandwidth
+    return ffn_layout(layout).closed_form(batch_tokens, d_model, d_ff, mesh, bandwidth,
+                                          ring_correction, n_matrices)

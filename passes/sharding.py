@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
+from meshwright.passes.layouts import ATTENTION_NAMES, FFN_NAMES, attention_layout, ffn_layout
 
 Axes = tuple[str, ...]
 
@@ -330,11 +331,8 @@ def _pure_gathers(dims, target) -> list[tuple[int, Axes]] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layouts: which mesh axes each dimension role uses, per FFN and attention layout.
-#
-# Weights are stored E_x F_(z,y) (heads like F) for ws-2d and every weight-gathered layout, so
-# prefill and decode can switch between them without moving weights; ws-1d stores E F_xyz.
-# The order (z, y) keeps every weight-gathered variant a gather of the minor axes.
+# Layouts: which mesh axes each dimension role uses, per FFN and attention layout (the axis maps
+# of the layout objects in `passes/layouts.py`, put together for annotate and lower).
 
 
 @dataclass(frozen=True)
@@ -348,38 +346,30 @@ class Layout:
     attention_batch: Axes  # batch axes inside attention when attention == "batch"
 
     def weight_gather_axes(self) -> Axes:
-        return {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}.get(self.ffn, ())
+        """The axes a weight-gathered layout gathers each layer's weights over (else ())."""
+        return tuple(ffn_layout(self.ffn).gathered)
+
+    @property
+    def attention_splits_batch(self) -> bool:
+        """Attention runs split over sequences (attention "batch")."""
+        return attention_layout(self.attention).splits_batch
+
+    @property
+    def whole_input(self) -> bool:
+        """Every chip multiplies the whole input B.L.E (ws-1d)."""
+        return ffn_layout(self.ffn).whole_input
 
 
 def make_layout(ffn: str, attention: str) -> Layout:
-    heads_like = ("mlp", "heads", "kv_heads", "fused")
-    if ffn == "ws-1d":
-        xyz = ("x", "y", "z")
-        stored = {r: xyz for r in heads_like}
-        stored = {**stored, "vocab": xyz}
-        return Layout(ffn, attention, stored, stored, {"embed": xyz},
-                      {r: xyz for r in heads_like}, xyz)
-    stored = {"embed": ("x",), **{r: ("z", "y") for r in heads_like}}
-    if ffn == "ws-2d":
-        # The vocabulary (embedding and unembedding) is split like the residual stream:
-        # lookups reduce-scatter into it, logits stay split over the vocabulary.
-        stored["vocab"] = ("x", "z", "y")
-        hidden = {r: ("z", "y", "x") for r in heads_like}
-        # Inside batch-sharded attention, batch is (x, z, y): the query's partial sums over x
-        # scatter onto batch and its heads (z, y) follow with one all-to-all.
-        return Layout(ffn, attention, stored, stored, {"embed": ("x", "z", "y")}, hidden,
-                      ("x", "z", "y"))
-    batch = {"wg-x": ("x",), "wg-xy": ("x", "y"), "wg-xyz": ("x", "y", "z")}[ffn]
-    rest = tuple(a for a in ("z", "y") if a not in batch)
-    stored["vocab"] = rest
-    use = {"embed": (), "vocab": rest, **{r: rest for r in heads_like}}
-    residual = {"batch": batch, "embed": rest}
-    hidden = {"batch": batch, **{r: rest for r in heads_like}}
-    return Layout(ffn, attention, stored, use, residual, hidden, batch + rest)
+    """The axis maps of the registered layouts `ffn` and `attention` (a ValueError names the
+    known ones for any other name)."""
+    f = ffn_layout(ffn)
+    attention_layout(attention)
+    return Layout(ffn, attention, f.stored, f.use, f.residual, f.hidden, f.attention_batch)
 
 
-LAYOUT_NAMES_FFN = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
-LAYOUT_NAMES_ATTENTION = ("heads", "batch")
+LAYOUT_NAMES_FFN = FFN_NAMES  # live views of the registries' names
+LAYOUT_NAMES_ATTENTION = ATTENTION_NAMES
 
 
 def spec_for(roles, shape, role_axes: dict, mesh: MeshInfo) -> Spec:
