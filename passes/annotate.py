@@ -52,7 +52,7 @@ def _hidden_map(layout: Layout, roles) -> dict:
 
 
 def _attention_map(layout: Layout, roles) -> dict:
-    if layout.attention == "batch":
+    if layout.attention_splits_batch:
         return {"batch": layout.attention_batch}
     return _hidden_map(layout, roles)
 
@@ -108,7 +108,7 @@ def _groups_take_rest(spec: Spec, v: Value, layout: Layout, mesh: MeshInfo) -> S
     axes the K kv heads cannot (2 kv heads over x, their groups over (y, z)), as the
     reshape that made them split them, instead of being gathered."""
     roles = _roles(v)
-    if layout.attention != "heads" or "groups" not in roles or "kv_heads" not in roles:
+    if layout.attention_splits_batch or "groups" not in roles or "kv_heads" not in roles:
         return spec
     g = roles.index("groups")
     heads = tuple(a for a in layout.hidden.get("heads", ()) if mesh.sizes.get(a, 1) > 1)
@@ -133,7 +133,7 @@ def _weight_spec(v: Value, layout: Layout, mesh: MeshInfo, table: dict) -> Spec:
     if "vocab" in roles:  # the table is split by rows only
         return spec_for(roles, v.shape, {"vocab": table.get("vocab", ())}, mesh)
     spec = spec_for(roles, v.shape, _weight_map(table, roles), mesh)
-    if "head_dim" not in roles or layout.ffn == "ws-1d" or any(
+    if "head_dim" not in roles or layout.whole_input or any(
             r is not None and r.split("*")[0] == "heads" for r in roles):
         return spec  # query and output weights keep their heads' split
     used = spec.used()
@@ -160,7 +160,7 @@ def input_spec(v: Value, weight: bool, layout: Layout, mesh: MeshInfo) -> Spec:
 def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     prog = ia._Program()
     ia._collect(g, prog, ia._parameter_inputs(g))
-    if layout.attention == "batch":
+    if layout.attention_splits_batch:
         layout = replace(layout, attention_batch=attention_batch_order(g, prog, layout, mesh))
     g.meta["layout"] = layout
     # Inputs.
@@ -233,7 +233,7 @@ def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
         target = spec_for(out_roles, node.out.shape, _logits_map(layout, out_roles), mesh)
     elif "embed" in out_roles:  # a projection back to the model width
         target = spec_for(out_roles, node.out.shape, layout.residual, mesh)
-    elif layout.attention == "batch" and any(
+    elif layout.attention_splits_batch and any(
             r is not None and r.split("*")[0] in ("heads", "kv_heads", "groups", "head_dim")
             for r in out_roles):
         # Q, K, V under attention over batch go straight to attention's layout: partial sums

@@ -24,6 +24,7 @@ import numpy as np
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.ir.interpreter import region_jaxpr
 from meshwright.passes.base import rule_registry
+from meshwright.passes.layouts import attention_layout
 from meshwright.passes.sharding import Emitter, MeshInfo, Spec, reshard
 
 _LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose",
@@ -51,6 +52,8 @@ class LowerContext:
         # broadcast operand that must move is re-broadcast from its (small) moved input.
         self.broadcasts: dict[int, tuple] = {}
         self.attention = attention  # the attention layout ("heads" or "batch")
+        # attention runs split over sequences (its layout object's, `passes/layouts.py`)
+        self.attention_splits_batch = attention_layout(attention).splits_batch
         self.attention_batch = attention_batch  # batch axes inside batch-sharded attention
 
     @classmethod
@@ -309,7 +312,7 @@ def _reshape(ctx, node, ins):
             while keep and sout[gj[0]] % ctx.mesh.count(axes[:keep]):
                 keep -= 1
             rest = axes[keep:]
-            if keep and rest and ctx.attention == "heads" and len(gj) > 1 and \
+            if keep and rest and not ctx.attention_splits_batch and len(gj) > 1 and \
                     sout[gj[0]] == ctx.mesh.count(axes[:keep]) and \
                     sout[gj[1]] % ctx.mesh.count(rest) == 0 and \
                     _out_role(node, gj[1]) in ("groups", "heads"):
@@ -318,7 +321,7 @@ def _reshape(ctx, node, ins):
                 # heads over x, their query groups over (y, z))
                 out_dims[gj[0]], out_dims[gj[1]] = tuple(axes[:keep]), tuple(rest)
                 continue
-            if keep < len(axes) and ctx.attention != "heads":
+            if keep < len(axes) and ctx.attention_splits_batch:
                 # attention over batch: the heads move onto the batch dim (all-to-all) in the
                 # axes attention wants it in, if it can take them; else they are gathered
                 b = _free_batch_dim(node, sin, sout, need, ctx, gi[0])

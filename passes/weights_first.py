@@ -9,7 +9,7 @@ operand, `(w_t @ x.T).T`. Measured on this project's 2-core machine, float32, 40
 exactly such products, so this is most of what batching costs.
 
 What it rewrites: every top-level `dot_general` without batch dimensions one of whose operands
-is a weight argument (an input `infer-axes` counts as a parameter) that nothing else uses, the
+is a weight argument (one of `analyze(g).weight_inputs`) that nothing else uses, the
 other operand not being a weight:
 
     before:  %w:f32[E,F]                      %y:f32[N,F] = dot_general[((1,),(0,))] %x %w
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from meshwright.ir import Graph, Value
 from meshwright.ir import jax_compat as jc
+from meshwright.passes.analysis import analyze
 from meshwright.passes.base import Pass, PassContext, register
 
 
@@ -63,12 +64,11 @@ class Permute:
 
 def weights_first(g: Graph, weights: set[int] | None = None) -> Graph:
     """Rewrite the graph in place (see the module docstring); returns it. `weights`: the ids
-    of the inputs that are weights (default: infer-axes' parameter inputs)."""
+    of the inputs that are weights (default: the analysis' `weight_inputs`)."""
     from meshwright.ir.emit import emit_function
-    from meshwright.passes import infer_axes as ia
 
     if weights is None:
-        weights = ia._parameter_inputs(g)
+        weights = analyze(g).weight_inputs
     transforms = g.meta.setdefault("load_transforms", {})
     done = g.meta.setdefault("weights-first", [])
     for node in list(g.equations()):
@@ -87,8 +87,8 @@ def weights_first(g: Graph, weights: set[int] | None = None) -> Graph:
         g.replace_all_uses_with(node.out, y)
         g.remove_node(node)
         g.remove_node(w.producer)
-        g.inputs.remove(stored)  # the argument's place: the caller passes it where w was
-        g.inputs.insert(pos, stored)
+        inputs = [v for v in g.inputs if v is not stored]
+        g.inputs = inputs[:pos] + [stored] + inputs[pos:]  # the caller passes it where w was
         transforms[pos] = [Permute(order)]
         done.append(path or f"argument {pos}")
     return g
