@@ -21,9 +21,9 @@ all four, in a rotated order) so that the machine's other load hits them alike:
 
 Each reports throughput (generated tokens / first arrival to last token), p50/p99 latency,
 p50/p99 time to first token, and CPU time per generated token: of this process for
-in-process; for HTTP of the server process, of its event-loop thread alone (server-loop: the
-HTTP work; the rest is the engine thread and XLA's threads) and of the load generator (on two
-cores the client's CPU is taken from the server). The table gives medians over repeats and HTTP's
+in-process; for HTTP of the server's two processes together, of the HTTP process's event-loop
+thread alone (server-loop: the HTTP work), of the engine process (its loop and XLA's threads),
+and of the load generator (on two cores the client's CPU is taken from the server). The table gives medians over repeats and HTTP's
 throughput overhead, 1 - http / in-process. Writes benchmarks/results/http_load.json.
 """
 
@@ -127,16 +127,18 @@ class ServerProcess:
         if not ready.wait(600) or self.proc.poll() is not None:
             raise RuntimeError("the server did not start:\n" + "\n".join(self.lines))
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """User + system CPU time so far of the server process, and of its main thread
-        alone (uvicorn's event loop: the HTTP side; the engine runs in its own thread and
-        XLA in its pools)."""
+    def cpu_seconds(self) -> tuple[float, float, float]:
+        """User + system CPU time so far of the server: of its two processes together, of
+        the HTTP process's main thread alone (uvicorn's event loop: the HTTP work), and of
+        the engine process (its loop and XLA's threads)."""
         def read(path: str) -> float:
             fields = Path(path).read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
         pid = self.proc.pid
-        return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        engine = sum(read(f"/proc/{c}/stat") for c in children)
+        return read(f"/proc/{pid}/stat") + engine, read(f"/proc/{pid}/task/{pid}/stat"), engine
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -194,10 +196,9 @@ async def _drive(address: str, load, stream: bool) -> list[tuple]:
 
 
 def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
-    (server_cpu, loop_cpu), client_cpu = server.cpu_seconds(), own_cpu_seconds()
+    before, client_cpu = server.cpu_seconds(), own_cpu_seconds()
     out = asyncio.run(_drive(server.address, load, stream))
-    server_after, loop_after = server.cpu_seconds()
-    server_cpu, loop_cpu = server_after - server_cpu, loop_after - loop_cpu
+    server_cpu, loop_cpu, engine_cpu = (b - a for a, b in zip(before, server.cpu_seconds()))
     client_cpu = own_cpu_seconds() - client_cpu
     assert all(tokens == n for (*_, tokens), (_, _, n) in zip(out, load))
     span = max(done for _, _, done, _ in out) - min(sent for sent, *_ in out)
@@ -206,6 +207,7 @@ def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
                 [first - sent for sent, first, _, _ in out] if stream else None)
     m["cpu_us_per_token"] = {"server": server_cpu / tokens * 1e6,
                              "server_loop": loop_cpu / tokens * 1e6,
+                             "engine": engine_cpu / tokens * 1e6,
                              "client": client_cpu / tokens * 1e6}
     return m
 

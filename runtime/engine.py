@@ -750,14 +750,17 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event,
                     on_step: Callable[[float], None] | None = None,
-                    idle_poll_s: float = 0.05) -> None:
+                    idle_poll_s: float = 0.05,
+                    after_iteration: Callable[[], None] | None = None) -> None:
         """Run the loop in this thread until `stop` is set: step while there is work, sleep
         while there is none (a submit or abort wakes it; `stop` is seen within
         `idle_poll_s`). Meanwhile other threads submit, abort and wait on handles (a
         handle's `result()` or iteration waits for this loop instead of stepping). Results
         reach callers through their handles and callbacks only: nothing is kept for
         `run_until_idle`, so a long-running loop holds no finished request.
-        `on_step(seconds)` is called after each iteration that ran something.
+        `on_step(seconds)` is called after each iteration that ran something, then
+        `after_iteration()` after every iteration (the place to hand over, at once, what
+        the callbacks of its requests collected).
 
             >>> stop = threading.Event()                                    # doctest: +SKIP
             >>> threading.Thread(target=engine.run_forever, args=(stop,)).start()
@@ -780,6 +783,8 @@ class Engine:
                 wait_until = self.step()
                 if on_step is not None and self.stats.steps != steps:
                     on_step(time.perf_counter() - t0)
+                if after_iteration is not None:
+                    after_iteration()
                 if wait_until is not None:  # dynamic batching's window: a submit may end it
                     with self._lock:
                         self._progress.wait(min(idle_poll_s,

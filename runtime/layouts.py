@@ -17,10 +17,10 @@ layouts without moving weights):
    cannot run batch 1), take the reference bucket's next candidate that every bucket can
    share, and say so.
 3. Every bucket then runs the cheapest candidate *on that mesh* whose stored weights are
-   those placed: the same role -> mesh axes map for every weight (`Layout.stored`, with axes
-   of size 1 dropped, which is exactly what `spec_for` sees). Candidates that would store a
-   weight differently are set aside with the weight and split named, e.g. "vocab over (z)
-   not (x, y, z)".
+   those placed: the same role -> mesh axes map for every weight (the layout object's
+   `stored`, `passes/layouts.py`, with axes of size 1 dropped, which is exactly what
+   `spec_for` sees). Candidates that would store a weight differently are set aside with the
+   weight and split named, e.g. "vocab over (z) not (x, y, z)".
 
 With today's lowering the embedding table's split differs between every two FFN layouts that
 are not the same program (ws-2d stores V_xzy, wg-x V_zy, wg-xy V_z, wg-xyz V), and ws-1d
@@ -36,6 +36,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meshwright.passes.layouts import ffn_layout
+
 AXES = ("x", "y", "z")
 
 
@@ -46,9 +48,7 @@ AXES = ("x", "y", "z")
 def stored_weights(ffn: str, mesh: dict) -> tuple:
     """How `ffn` stores the weights on `mesh`: sorted (role, axes) pairs, axes of size 1
     dropped (they split nothing). Equal keys give equal weight shardings."""
-    from meshwright.passes.sharding import make_layout
-
-    stored = make_layout(ffn, "heads").stored
+    stored = ffn_layout(ffn).stored
     return tuple(sorted((role, tuple(a for a in axes if mesh.get(a, 1) > 1))
                         for role, axes in stored.items()))
 
@@ -514,7 +514,7 @@ def choose_pin(plan) -> tuple[dict, str]:
     from meshwright.passes.compiler import node_factors
 
     def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
-        return c.ffn_layout.startswith("ws-") and (plan.nodes == 1 or tuple(c.mesh.slow) ==
+        return not ffn_layout(c.ffn_layout).splits_batch and (plan.nodes == 1 or tuple(c.mesh.slow) ==
                                                    node_factors((c.mesh.x, c.mesh.y, c.mesh.z),
                                                                 plan.nodes))
 

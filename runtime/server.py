@@ -9,12 +9,13 @@ events ending with `data: [DONE]` when asked), `GET /v1/models`, `GET /health` (
 every bucket is compiled, 503 while loading or draining), `GET /metrics` (Prometheus text).
 Request bodies are parsed and checked by `openai_api`.
 
-Threads. One engine thread builds the engine (compiling every bucket) and then runs its loop
-(`Engine.run_forever`); the HTTP handlers run on uvicorn's asyncio loop in the main thread.
-A handler submits to the engine (`Engine.submit` is thread-safe and returns at once) with
-callbacks that the engine thread calls as tokens come out; they hand each token to the
-handler's asyncio queue through one `loop.call_soon_threadsafe` per engine step at most
-(`Handoff`), so the event loop wakes once per step, not once per token.
+Processes. The engine runs in a process of its own (`engine_process`): it builds the engine
+(compiling every bucket), then runs its loop (`Engine.run_forever`) and sends, after every
+iteration, one message with the tokens and results it produced. The HTTP handlers run on
+uvicorn's asyncio loop in the server process; the pipe from the engine is one more thing that
+loop watches, and each message goes to the mailboxes of the requests it names. The two
+processes share only the cores: in one process, every streamed chunk the loop writes would
+hold back the engine's next step (both need the interpreter's lock).
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwright.runtime import openai_api as api
+from meshwright.runtime.engine_process import EngineFacts, EngineProcess
 from meshwright.runtime.prometheus import CONTENT_TYPE, Counter, Histogram, family
 from meshwright.runtime.request import Request, Result
 
@@ -84,33 +86,7 @@ class ServeOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine thread -> event loop
-
-
-class Handoff:
-    """Wakes handlers from the engine thread: `wake(future)` from any thread; the event loop
-    resolves every future asked for since its last turn in one callback (one
-    `loop.call_soon_threadsafe` per engine step at most)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiters: list[asyncio.Future] = []
-        self._lock = threading.Lock()
-
-    def wake(self, waiter: asyncio.Future) -> None:
-        with self._lock:
-            self._waiters.append(waiter)
-            if len(self._waiters) > 1:  # a callback is on its way already
-                return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+# Engine -> handlers
 
 
 GONE = "client disconnected"  # delivered to a submission when its client goes away
@@ -118,45 +94,35 @@ GONE = "client disconnected"  # delivered to a submission when its client goes a
 
 class Submission:
     """One request in the engine as its handler sees it: tokens, its Result, a disconnect or
-    an engine failure arrive, in order, in its mailbox (`put`, from any thread); the handler
-    takes everything there at once (`next`). The event loop is woken only for a handler that
-    waits: one busy sending, or sleeping out `--stream-interval`, finds its tokens when it
-    comes back, at no cost to the loop meanwhile."""
+    an engine failure arrive, in order, in its mailbox (`put`); the handler takes everything
+    there at once (`next`). Everything here runs on the event loop. The handler is woken only
+    when it waits: one busy sending, or sleeping out `--stream-interval`, finds its tokens when
+    it comes back."""
 
-    def __init__(self, handoff: Handoff) -> None:
-        self.handle = None  # the engine's RequestHandle
-        self._handoff = handoff
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        self.rid: int | None = None  # its id in the engine process, once submitted
+        self.finished = False  # its Result arrived: nothing to abort
         self._items: list = []
         self._waiter: asyncio.Future | None = None  # set while the handler waits
 
-    def on_token(self, request_id: int, token: int) -> None:  # engine thread
-        self.put(token)
-
-    def on_finish(self, result: Result) -> None:  # engine thread
-        self.put(result)
-
     def put(self, item: int | Result | str) -> None:
-        with self._lock:
-            self._items.append(item)
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:  # the handler waits: wake it (once)
-            self._handoff.wake(waiter)
+        if isinstance(item, Result):
+            self.finished = True
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # the handler waits: wake it
+            waiter.set_result(None)
 
     async def next(self) -> tuple[list[int], Result | None, str | None]:
         """Wait for news: (new tokens, the Result if it ended, a reason to give up)."""
-        while True:
-            with self._lock:
-                if self._items:
-                    items, self._items = self._items, []
-                    break
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await waiter
             finally:
-                with self._lock:
-                    if self._waiter is waiter:
-                        self._waiter = None
+                if self._waiter is waiter:
+                    self._waiter = None
+        items, self._items = self._items, []
         tokens, result, trouble = [], None, None
         for item in items:
             if type(item) is int:
@@ -197,20 +163,23 @@ class ServerMetrics:
                                                                         0.25, 0.5, 1, 2.5, 5, 10,
                                                                         30, 60))
 
-    def text(self, engine, status: str) -> str:
+    def text(self, engine_lines: list[str] | None, status: str) -> str:
+        """`engine_lines`: the engine's families (`engine_metric_lines`), once it runs."""
         parts = [self.requests.text(), self.prompt_tokens.text(), self.generated_tokens.text(),
                  self.step.text(), self.ttft.text(), self.latency.text(),
                  family("meshwright_ready", "gauge", "1 when serving, 0 while loading, "
                         "draining or failed", [({}, int(status == "ready"))])]
-        if engine is not None:
-            parts += _engine_families(engine)
+        if engine_lines is not None:
+            parts += engine_lines
         return "\n".join(parts) + "\n"
 
 
-def _engine_families(engine) -> list[str]:
+def engine_metric_lines(engine) -> list[str]:
+    """The engine's state as Prometheus families (read in the engine process, whose loop may
+    change it meanwhile)."""
     waiting, running = engine.queue_depth()
     stats = engine.stats
-    for _ in range(5):  # the engine thread may add a key meanwhile: copy again
+    for _ in range(5):  # the engine loop may add a key meanwhile: copy again
         try:
             runs = sorted(stats.runs.items())
             break
@@ -250,60 +219,17 @@ def _engine_families(engine) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine thread
-
-
-class EngineThread:
-    """Builds the engine in its own thread (compiling every bucket), then runs its loop until
-    `stop`. `status`: loading -> ready -> draining -> stopped, or failed."""
-
-    def __init__(self, build: Callable[[], Any], on_ready: Callable[[Any, float], None],
-                 metrics: ServerMetrics) -> None:
-        self._build, self._on_ready, self._metrics = build, on_ready, metrics
-        self.engine = None
-        self.status = "loading"
-        self.error: BaseException | None = None
-        self.on_failure: Callable[[BaseException], None] = lambda e: None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="meshwright-engine",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-        if self.status != "failed":
-            self.status = "stopped"
-
-    def _main(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            self.engine = self._build()
-            if self._stop.is_set():
-                return
-            self._on_ready(self.engine, time.perf_counter() - t0)  # sets status "ready"
-            self.engine.run_forever(self._stop, on_step=self._metrics.step.observe)
-        except BaseException as e:  # noqa: BLE001 (reported to the server, which stops)
-            self.status, self.error = "failed", e
-            self.on_failure(e)
-
-
-# ---------------------------------------------------------------------------------------------
 # The HTTP application
 
 
 class Server:
-    """The application: routes, engine thread, metrics. `app` is the ASGI app."""
+    """The application: routes, the engine process, metrics. `app` is the ASGI app."""
 
-    def __init__(self, options: ServeOptions, build: Callable[[], Any] | None = None,
-                 out=sys.stdout) -> None:
+    def __init__(self, options: ServeOptions, out=sys.stdout) -> None:
         self.options = options
         self.out = out
         self.metrics = ServerMetrics()
-        self.runner = EngineThread(build or (lambda: build_engine(options)), self._ready,
-                                   self.metrics)
+        self.runner = EngineProcess(options, self._on_engine)
         self.text: api.ModelText | None = None
         self.limits: api.Limits | None = None
         self.model_id = options.model_name or ""
@@ -312,7 +238,6 @@ class Server:
         self.address = ""  # http://host:port, once bound
         self.uvicorn: Any = None  # the uvicorn.Server, once running
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._handoff: Handoff | None = None
         self._active: set[Submission] = set()
         self.app = self._make_app()
 
@@ -323,37 +248,46 @@ class Server:
             return "draining"
         return self.runner.status
 
-    def _ready(self, engine, seconds: float) -> None:
-        """Engine thread: every bucket compiled; the server answers from now on."""
-        self.text = model_text(engine, self.options)
-        self.model_id = self.options.model_name or engine.name
-        max_tokens = self.options.max_tokens or engine.max_len - 1
-        if not 1 <= max_tokens < engine.max_len:
+    def _on_engine(self, message: tuple) -> None:
+        """A message from the engine process (its tokens went to their mailboxes already)."""
+        kind = message[0]
+        if kind == "step":
+            if message[1] is not None:
+                self.metrics.step.observe(message[1])
+        elif kind == "ready":
+            try:
+                self._ready(message[1], message[2])
+            except Exception as e:  # noqa: BLE001 (a bad setting: reported, the server stops)
+                self.runner.status, self.runner.error = "failed", e
+                self._failed(e, ran=False)
+        elif kind == "failed":
+            self._failed(message[1], ran=message[2])
+
+    def _ready(self, facts: EngineFacts, seconds: float) -> None:
+        """Every bucket compiled: the server answers from now on."""
+        self.text = model_text(facts, self.options)
+        self.model_id = self.options.model_name or facts.name
+        max_tokens = self.options.max_tokens or facts.max_len - 1
+        if not 1 <= max_tokens < facts.max_len:
             raise ValueError(f"--max-tokens {max_tokens} must be in 1..max_len-1 "
-                             f"({engine.max_len - 1})")
-        self.limits = api.Limits(max_len=engine.max_len, vocab_size=engine.vocab_size,
+                             f"({facts.max_len - 1})")
+        self.limits = api.Limits(max_len=facts.max_len, vocab_size=facts.vocab_size,
                                  max_tokens=max_tokens)
-        report = startup_report(self, engine, seconds)
-        self.runner.status = "ready"
+        report = startup_report(self, facts, seconds)
         if self.options.json:
             print(json.dumps(report, sort_keys=True), file=self.out, flush=True)
         else:
             print(format_report(report), file=self.out, flush=True)
 
-    def _failed(self, error: BaseException) -> None:
-        """Engine thread: building or running the engine failed. Requests in flight get a
-        500; the server stops (the CLI reports the error)."""
-        if self.runner.engine is not None:  # it ran: say what broke, for the operator
+    def _failed(self, error: BaseException, ran: bool) -> None:
+        """Building or running the engine failed. Requests in flight get a 500; the server
+        stops (the CLI reports the error)."""
+        if ran:  # it served: say what broke, for the operator
             traceback.print_exception(error, file=sys.stderr)
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._fail_all, f"the engine failed: {error}")
+        for sub in list(self._active):
+            sub.put(f"the engine failed: {error}")
         if self.uvicorn is not None:
             self.uvicorn.should_exit = True
-
-    def _fail_all(self, message: str) -> None:
-        for sub in list(self._active):
-            sub.put(message)
 
     def begin_drain(self) -> None:
         """SIGTERM or Ctrl-C: admit nothing more; what is in flight finishes."""
@@ -370,9 +304,7 @@ class Server:
         @contextlib.asynccontextmanager
         async def lifespan(app):
             self._loop = asyncio.get_running_loop()
-            self._handoff = Handoff(self._loop)
-            self.runner.on_failure = self._failed
-            self.runner.start()
+            self.runner.start(self._loop)
             yield
             await asyncio.to_thread(self.runner.stop)
 
@@ -434,8 +366,11 @@ class Server:
     async def metrics_text(self, request):
         from starlette.responses import Response
 
-        engine = self.runner.engine if self.runner.status in ("ready", "stopped") else None
-        return Response(self.metrics.text(engine, self.status), media_type=CONTENT_TYPE)
+        lines = None
+        if self.runner.status == "ready":
+            with contextlib.suppress(RuntimeError):  # the engine stopped meanwhile
+                lines = await self.runner.metric_lines()
+        return Response(self.metrics.text(lines, self.status), media_type=CONTENT_TYPE)
 
     async def completions(self, request):
         return await self._generate(request, "completions")
@@ -466,16 +401,19 @@ class Server:
         except api.ApiError as e:
             count(endpoint=endpoint, outcome="invalid")
             return _error(e.status, e.message, e.type, e.param, e.code)
-        sub = Submission(self._handoff)
+        sub = Submission()
         # A whole answer without stop strings needs only the end: its tokens do not cross
-        # threads one step at a time (the handler is not woken at every step).
+        # to this process one step at a time (the handler is not woken at every step).
         per_token = spec.stream or bool(spec.stop)
-        sub.handle = self.runner.engine.submit(
-            Request(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling,
-                    stop_tokens=self.text.eos_token_ids),
-            on_token=sub.on_token if per_token else None, on_finish=sub.on_finish)
-        if sub.handle.done:  # refused at once
-            return self._refused(sub.handle.result(), endpoint)
+        try:
+            sub.rid, refused = await self.runner.submit(
+                Request(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling,
+                        stop_tokens=self.text.eos_token_ids), per_token, sub)
+        except RuntimeError as e:  # the engine failed or stopped meanwhile
+            count(endpoint=endpoint, outcome="error")
+            return _error(500, f"the engine failed: {e}", "server_error")
+        if refused is not None:
+            return self._refused(refused, endpoint)
         self.metrics.prompt_tokens.inc(len(spec.prompt))
         gen = _Generation(sub, spec, api.TextStream(self.text.decode, spec.stop), t_start)
         answer = api.Answer(endpoint, self.model_id)
@@ -560,7 +498,7 @@ class Server:
         delta = gen.text.push(tokens)
         finish = None
         if gen.text.stopped:
-            gen.sub.handle.abort()
+            self.runner.abort(gen.sub.rid)
             finish = "stop"
         elif result is not None:
             delta += gen.text.finish()
@@ -577,7 +515,8 @@ class Server:
         runs there."""
         watcher.cancel()
         self._active.discard(gen.sub)
-        gen.sub.handle.abort()  # False when it has finished: nothing to do
+        if not gen.sub.finished:
+            self.runner.abort(gen.sub.rid)
         if gen.outcome is None:
             gen.outcome = "cancelled"
             self.metrics.requests.inc(endpoint=gen.spec.endpoint, outcome="cancelled")
@@ -722,7 +661,7 @@ class _Utf8Bytes:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def model_text(engine, options: ServeOptions) -> api.ModelText:
+def model_text(facts: EngineFacts, options: ServeOptions) -> api.ModelText:
     """How the served model reads and writes text: its tokenizer; for a checkpoint also its
     end-of-sequence ids and chat template (rendered sandboxed). A model without a tokenizer
     (from the user's functions, or a checkpoint without tokenizer.json) reads and writes
@@ -735,36 +674,30 @@ def model_text(engine, options: ServeOptions) -> api.ModelText:
         eos = info.eos_token_ids
         if info.chat_template is not None:
             template = api.ChatTemplate(info.chat_template, info.bos_token, info.eos_token)
-    tokenizer = engine.tokenizer
-    if tokenizer is None:
+    if facts.tokenizer_kind == "none":
         return api.ModelText(None, tuple(eos), None, (
             "text: none, the model has no tokenizer: prompts are token ids, answers carry "
             "token_ids (their text is empty); chat and stop strings are refused"))
-    from meshwright.models.demo import ByteTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
+    if facts.tokenizer_kind == "bytes":
         tokenizer, note = _Utf8Bytes(), "byte-level: one token per UTF-8 byte"
     else:
-        note = "the checkpoint's tokenizer.json"
+        tokenizer, note = facts.tokenizer, "the checkpoint's tokenizer.json"
     chat = ("the checkpoint's chat template (sandboxed Jinja)" if template is not None
             else f"plain: {api.PLAIN_TEMPLATE_DOC}")
     return api.ModelText(tokenizer, tuple(eos), template, f"text: {note}; chat: {chat}")
 
 
-def startup_report(server: Server, engine, seconds: float) -> dict:
+def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
     """What `meshwright serve` prints once ready (its --json object)."""
-    from meshwright.runtime.bench import layout_info
-
-    buckets = [f"{p} {b.batch}x{b.length}" for p, b in engine.buckets()]
-    report = {"address": server.address, "model": server.model_id, "max_len": engine.max_len,
-              "max_slots": engine.max_slots, "policy": engine.policy,
-              "max_queue": engine.scheduler.max_queue, "max_tokens": server.limits.max_tokens,
+    report = {"address": server.address, "model": server.model_id, "max_len": facts.max_len,
+              "max_slots": facts.max_slots, "policy": facts.policy,
+              "max_queue": facts.max_queue, "max_tokens": server.limits.max_tokens,
               "eos_token_ids": list(server.text.eos_token_ids), "text": server.text.note,
-              "buckets": buckets, "compile_s": round(seconds, 2),
-              "auth": bool(server.options.api_key), "notes": list(engine.notes),
-              "status": "ready", **layout_info(engine)}
-    if engine.layout_plan is not None:
-        report["plan_text"] = engine.layout_plan.explain()
+              "buckets": list(facts.buckets), "compile_s": round(seconds, 2),
+              "auth": bool(server.options.api_key), "notes": list(facts.notes),
+              "status": "ready", **facts.layout_info}
+    if facts.plan_text is not None:
+        report["plan_text"] = facts.plan_text
     return report
 
 

@@ -1,0 +1,325 @@
+"""The engine in a process of its own, driven over a pipe: what `meshwright serve` runs.
+
+Why a process. The HTTP side and the engine are both Python. In one process they take turns
+holding the interpreter's lock: while the event loop formats and writes a streamed chunk for
+every running request, the engine's next step waits for it, and on a small model (a step of a
+millisecond) that wait is a fifth of the step. In its own process the engine never waits for
+the HTTP side; they share only the cores.
+
+The protocol, one duplex pipe of pickled tuples:
+
+    server -> engine   ("submit", rid, Request, per_token)   a request; per_token: stream its
+                                                             tokens (else only its Result)
+                       ("abort", rid)                        free its slot (unknown rid: no-op)
+                       ("metrics",)                          ask for the engine's metric lines
+                       ("stop",)                             leave the loop and exit
+    engine -> server   ("ready", EngineFacts, seconds)       every bucket compiled
+                       ("failed", exception, ran)            building (ran False) or running failed
+                       ("accepted", rid) / ("refused", rid, Result)   the answer to a submit
+                       ("step", seconds | None, [(rid, token | Result), ...])
+                                                             what one engine iteration produced
+                       ("metrics", [lines])                  the answer to ("metrics",)
+
+In the engine process, a reader thread takes commands (`Engine.submit` and `Engine.abort` are
+thread-safe) while the main thread runs `Engine.run_forever`; each iteration's tokens and
+results go out as ONE message, so the server's event loop wakes once per engine step. The
+engine process exits when told to stop or when the pipe closes (the server died).
+
+    >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
+    >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+STOP_TIMEOUT_S = 10.0  # how long `stop` waits for the engine process before killing it
+
+
+@dataclass
+class EngineFacts:
+    """What the server needs to know of the engine it talks to (sent once, when ready)."""
+
+    name: str
+    max_len: int
+    vocab_size: int
+    max_slots: int
+    policy: str
+    max_queue: int
+    buckets: list[str]  # "decode 8x256", ...
+    notes: list[str]
+    layout_info: dict  # bench.layout_info: devices, mesh, per-bucket plan
+    plan_text: str | None  # the layout plan's explain(), when sharded
+    tokenizer: Any = None  # a checkpoint's tokenizer (picklable); None: see tokenizer_kind
+    tokenizer_kind: str = "none"  # "bytes" (the bundled model), "checkpoint", "none"
+
+
+def engine_facts(engine) -> EngineFacts:
+    from meshwright.models.demo import ByteTokenizer
+    from meshwright.runtime.bench import layout_info
+
+    tok = engine.tokenizer
+    kind = "none" if tok is None else "bytes" if isinstance(tok, ByteTokenizer) else "checkpoint"
+    return EngineFacts(
+        name=engine.name, max_len=engine.max_len, vocab_size=engine.vocab_size,
+        max_slots=engine.max_slots, policy=engine.policy,
+        max_queue=engine.scheduler.max_queue,
+        buckets=[f"{p} {b.batch}x{b.length}" for p, b in engine.buckets()],
+        notes=list(engine.notes), layout_info=layout_info(engine),
+        plan_text=engine.layout_plan.explain() if engine.layout_plan is not None else None,
+        tokenizer=tok if kind == "checkpoint" else None, tokenizer_kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's side
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The exception itself if it pickles, else a RuntimeError carrying its text."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 (any pickling failure)
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def engine_main(options, conn) -> None:
+    """The engine process: build the engine, say ready, run it until stopped."""
+    # Signals are the server's business: it drains, then tells this process to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    stop = threading.Event()
+    ready = threading.Event()
+    engine = None
+    handles: dict[int, Any] = {}  # rid -> the engine's RequestHandle, while in flight
+    outbox: list[tuple[int, Any]] = []  # what the running iteration produced
+
+    def on_token(rid: int) -> Callable[[int, int], None]:
+        return lambda _request_id, token: outbox.append((rid, token))
+
+    def on_finish(rid: int) -> Callable[[Any], None]:
+        def finished(result) -> None:
+            handles.pop(rid, None)
+            outbox.append((rid, result))
+        return finished
+
+    def read_commands() -> None:
+        while True:
+            try:
+                command = conn.recv()
+            except (EOFError, OSError):  # the server is gone
+                command = ("stop",)
+            kind = command[0]
+            if kind == "stop":
+                stop.set()
+                if not ready.is_set():  # still compiling: nothing to finish
+                    os._exit(0)
+                return
+            if kind == "submit":
+                _, rid, request, per_token = command
+                handle = engine.submit(request, on_token(rid) if per_token else None,
+                                       on_finish=on_finish(rid))
+                if handle.done and handle.result().finish_reason == "refused":
+                    send(("refused", rid, handle.result()))
+                    continue
+                handles[rid] = handle
+                if handle.done:  # (it finished already: on_finish ran before the line above)
+                    handles.pop(rid, None)
+                send(("accepted", rid))
+            elif kind == "abort":
+                handle = handles.get(command[1])
+                if handle is not None:
+                    handle.abort()
+            elif kind == "metrics":
+                from meshwright.runtime.server import engine_metric_lines
+
+                send(("metrics", engine_metric_lines(engine)))
+
+    reader = threading.Thread(target=read_commands, name="meshwright-commands", daemon=True)
+    reader.start()
+    ran = False
+    try:
+        from meshwright.runtime.server import build_engine
+
+        t0 = time.perf_counter()
+        engine = build_engine(options)
+        facts = engine_facts(engine)
+        ready.set()
+        send(("ready", facts, time.perf_counter() - t0))
+        ran = True
+        step_s: list[float] = []
+
+        def flush() -> None:
+            if outbox or step_s:
+                produced = outbox[:]
+                del outbox[:len(produced)]
+                send(("step", step_s.pop() if step_s else None, produced))
+                step_s.clear()
+
+        engine.run_forever(stop, on_step=step_s.append, after_iteration=flush)
+        flush()
+    except BaseException as e:  # noqa: BLE001 (reported to the server, which stops)
+        with contextlib.suppress(OSError):
+            send(("failed", _portable(e), ran))
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's side
+
+
+class EngineProcess:
+    """The engine process as the server sees it. Everything here runs on the server's event
+    loop: `start` spawns the process and watches the pipe; every message from the engine goes
+    to `on_message(message)`, but the answers to `submit` and `metrics`, which those
+    coroutines return. `status`: loading -> ready -> stopped, or failed (`error` says why)."""
+
+    def __init__(self, options, on_message: Callable[[tuple], None]) -> None:
+        self.options = options
+        self.on_message = on_message
+        self.status = "loading"
+        self.error: BaseException | None = None
+        self.ran = False  # it served: a failure now is the engine's, worth a traceback
+        self._process = None
+        self._conn = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_rid = 0
+        self._acks: dict[int, asyncio.Future] = {}
+        self._sinks: dict[int, Any] = {}  # rid -> where its tokens and Result go
+        self._metrics: list[asyncio.Future] = []
+        self._stopping = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe(duplex=True)
+        self._process = context.Process(target=engine_main, args=(self.options, child),
+                                        name="meshwright-engine", daemon=True)
+        self._process.start()
+        child.close()
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._receive(self._conn.recv())
+        except (EOFError, OSError):
+            self._lost()
+
+    def _receive(self, message: tuple) -> None:
+        kind = message[0]
+        if kind in ("accepted", "refused"):
+            ack = self._acks.pop(message[1], None)
+            if ack is not None and not ack.done():
+                ack.set_result(message[2] if kind == "refused" else None)
+            return
+        if kind == "metrics":
+            waiters, self._metrics = self._metrics, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(message[1])
+            return
+        if kind == "step":
+            for rid, item in message[2]:
+                sink = self._sinks.get(rid)
+                if sink is not None:
+                    if type(item) is not int:  # its Result: the request is over
+                        del self._sinks[rid]
+                    sink.put(item)
+        elif kind == "ready":
+            self.status = "ready"
+            self.ran = True
+        elif kind == "failed":
+            self._fail(message[1])
+        self.on_message(message)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.status != "failed":
+            self.status, self.error = "failed", error
+            for future in [*self._acks.values(), *self._metrics]:
+                if not future.done():
+                    future.set_exception(error)
+            self._acks.clear()
+            self._metrics.clear()
+
+    def _lost(self) -> None:
+        """The pipe closed: the engine process ended without being told to."""
+        self._unwatch()
+        if self.status in ("loading", "ready") and not self._stopping:
+            code = self._process.exitcode if self._process is not None else None
+            error = RuntimeError(f"the engine process exited unexpectedly (exit code {code})")
+            self._fail(error)
+            self.on_message(("failed", error, self.ran))
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._conn.fileno())
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as e:  # the pipe is closed: the engine is gone
+            raise RuntimeError("the engine process is not running") from e
+
+    async def submit(self, request, per_token: bool, sink) -> tuple[int, Any]:
+        """Hand a request to the engine: (rid, None) once accepted, (rid, Result) when it was
+        refused at once. The tokens (if `per_token`) and the Result of an accepted request
+        go to `sink.put(item)` as they come, possibly before this returns."""
+        rid = self._next_rid
+        self._next_rid += 1
+        self._sinks[rid] = sink
+        ack = self._acks[rid] = self._loop.create_future()
+        try:
+            self._send(("submit", rid, request, per_token))
+            refused = await ack
+        finally:
+            self._acks.pop(rid, None)
+        if refused is not None:
+            self._sinks.pop(rid, None)
+        return rid, refused
+
+    def abort(self, rid: int) -> None:
+        if self.status == "ready":
+            with contextlib.suppress(RuntimeError):
+                self._send(("abort", rid))
+
+    async def metric_lines(self) -> list[str]:
+        waiter = self._loop.create_future()
+        self._metrics.append(waiter)
+        self._send(("metrics",))
+        return await waiter
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Tell the engine to stop and wait for it (blocking: call it off the loop)."""
+        if self._process is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(RuntimeError):
+            self._send(("stop",))
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            print("the engine process did not stop in time: killed", file=sys.stderr)
+            self._process.kill()
+            self._process.join()
+        if self.status != "failed":
+            self.status = "stopped"
