@@ -514,9 +514,10 @@ def choose_pin(plan) -> tuple[dict, str]:
     from meshwright.passes.compiler import node_factors
 
     def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
-        return not ffn_layout(c.ffn_layout).splits_batch and (plan.nodes == 1 or tuple(c.mesh.slow) ==
-                                                   node_factors((c.mesh.x, c.mesh.y, c.mesh.z),
-                                                                plan.nodes))
+        if ffn_layout(c.ffn_layout).splits_batch:  # a batch-1 bucket cannot run it
+            return False
+        return plan.nodes == 1 or tuple(c.mesh.slow) == node_factors(
+            (c.mesh.x, c.mesh.y, c.mesh.z), plan.nodes)
 
     best = plan.best
     if runs(best):
