@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from meshwright import validate
+from meshwright.passes.layouts import ATTENTION, FFN  # imports no JAX
 
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -233,8 +234,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    default=64,
                    help="decode steps counted in latency_seconds (default: %(default)s)")
     p.add_argument("--force-ffn", metavar="LAYOUT",
-                   help="pin the FFN layout: ws-1d, ws-2d, wg-x, wg-xy, wg-xyz")
-    p.add_argument("--force-attention", metavar="LAYOUT", help="pin attention: heads or batch")
+                   help=f"pin the FFN layout: {', '.join(FFN)}")
+    p.add_argument("--force-attention", metavar="LAYOUT",
+                   help=f"pin attention: {' or '.join(ATTENTION)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_kv_heads=48 (repeatable)")
     p.add_argument("--kv-memory-fraction", default=0.3,
