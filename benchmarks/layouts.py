@@ -27,13 +27,14 @@ import numpy as np
 from common import timed
 from jax.sharding import NamedSharding
 from meshwright.models import build, get_config
+from meshwright.passes.cost_model import ATTENTION_LAYOUTS, FFN_LAYOUTS
 from meshwright.passes.gspmd import gspmd_program
 from meshwright.passes.hlo import collective_bytes
 
 import meshwright as mw
 
-FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
-ATTENTION = ("heads", "batch")
+FFNS = tuple(FFN_LAYOUTS)  # every registered layout (passes/layouts.py)
+ATTENTION = tuple(ATTENTION_LAYOUTS)
 
 
 def gspmd_baseline(args, compiled):

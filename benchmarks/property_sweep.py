@@ -38,12 +38,13 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from meshwright.models import build, get_config
+from meshwright.passes.cost_model import ATTENTION_LAYOUTS, FFN_LAYOUTS
 
 import meshwright as mw
 
 FAMILIES = ("gpt2-tiny", "palm-tiny", "llama-tiny")
-FFNS = ("ws-1d", "ws-2d", "wg-x", "wg-xy", "wg-xyz")
-ATTENTIONS = ("heads", "batch")
+FFNS = tuple(FFN_LAYOUTS)  # every registered layout (passes/layouts.py)
+ATTENTIONS = tuple(ATTENTION_LAYOUTS)
 MESHES = tuple((x, y, n // x // y) for n in (1, 2, 3, 4, 6, 8) for x in range(1, n + 1)
                if n % x == 0 for y in range(1, n // x + 1) if (n // x) % y == 0)
 TOLERANCE = 1e-4  # max |sharded - unsharded| over max |unsharded| (float32 reassociation)
