@@ -23,6 +23,14 @@ from dataclasses import dataclass, field
 
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.passes import infer_axes as ia
+from meshwright.passes.analysis import (
+    Analysis,
+    analyze,
+    contracted_dims,
+    free_dims,
+    value_operand,
+    view_source,
+)
 from meshwright.passes.base import Pass, PassContext, register
 
 
@@ -75,51 +83,18 @@ class BlockReport:
         return out
 
 
-def _prog(g: Graph) -> ia._Program:
-    prog = ia._Program()
-    ia._collect(g, prog, ia._parameter_inputs(g))
-    prog.outputs = {v.id for v in g.outputs if isinstance(v, Value)}
-    return prog
-
-
 def _role(v: Value, d: int) -> str | None:
     axes = v.producer.meta.get("axes")
     return axes[v.index][d] if axes else None
 
 
-def _is_weight_dot(prog: ia._Program, node: Node) -> bool:
-    return node.op == "dot_general" and any(
-        isinstance(v, Value) and v.id in prog.weight for v in node.inputs)
+def _weight_free_roles(a: Analysis, node: Node) -> list[str | None]:
+    w = a.weight_operand(node)
+    return [_role(node.inputs[w], d) for d in free_dims(node, w)]
 
 
-def _weight_free_roles(prog: ia._Program, node: Node) -> list[str | None]:
-    w = ia._weight_side(prog, node)
-    return [_role(node.inputs[w], d) for d in ia._free_dims(node, w)]
-
-
-def _activation_operand(prog: ia._Program, node: Node) -> Value:
-    return node.inputs[1 - ia._weight_side(prog, node)]
-
-
-def _origin(v: Value) -> int:
-    """The value a weight is a view of (through transposes, reshapes, conversions)."""
-    while v.producer is not None and v.producer.op in ia._VIEW_OPS:
-        v = v.producer.inputs[0]
-    return v.id
-
-
-def _repeats(node: Node, scan_lengths: dict[int, int]) -> int:
-    return scan_lengths.get(id(node.graph), 1)
-
-
-def _scan_lengths(g: Graph, factor: int = 1, out: dict | None = None) -> dict[int, int]:
-    out = {} if out is None else out
-    out[id(g)] = factor
-    for node in g.equations():
-        inner = factor * node.params.get("length", 1) if node.op == "scan" else factor
-        for body in node.region_graphs():
-            _scan_lengths(body, inner, out)
-    return out
+def _activation_operand(a: Analysis, node: Node) -> Value:
+    return node.inputs[1 - a.weight_operand(node)]
 
 
 def _upstream(v: Value, stop, max_depth: int = 32) -> list[Node]:
@@ -186,57 +161,53 @@ _NONLINEAR = {"tanh": "gelu", "erf": "gelu", "erfc": "gelu", "logistic": "silu",
 def find_blocks(g: Graph) -> BlockReport:
     if "axes" not in g.meta:
         raise ValueError("find-blocks needs the axis roles: run the 'infer-axes' pass first")
-    prog = _prog(g)
-    scans = _scan_lengths(g)
+    a = analyze(g)
     blocks: list[Block] = []
     claimed: set[int] = set()
 
     def add(kind: str, anchor: Node, nodes: list[Node], **detail) -> Block:
-        b = Block(kind, None, _repeats(anchor, scans), nodes or [anchor], detail)
+        b = Block(kind, None, a.trips(anchor), nodes or [anchor], detail)
         claimed.update(nd.id for nd in nodes)
         blocks.append(b)
         return b
 
     # Embedding: gathers from a weight table whose rows are the vocabulary.
-    for node in prog.nodes:
-        if node.op == "gather" and node.inputs[0].id in prog.weight and \
+    for node in a.equations:
+        if node.op == "gather" and a.is_weight(node.inputs[0]) and \
                 _role(node.inputs[0], 0) == "vocab":
             add("embedding", node, [node])
 
     # Attention.
     attention_inputs: dict[int, Block] = {}
-    for score, value in ia._find_attention(prog):
-        def is_dot(p):
-            return _is_weight_dot(prog, p)
-
+    for score, value in a.attention:
+        is_dot = a.is_weight_matmul
         up = _upstream(score.inputs[0], is_dot) + _upstream(score.inputs[1], is_dot) + \
-            _upstream(value.inputs[ia._value_operand(value, score)], is_dot)
-        projections = [p for p in up if _is_weight_dot(prog, p)]
+            _upstream(value.inputs[value_operand(value, score)], is_dot)
+        projections = [p for p in up if a.is_weight_matmul(p)]
         cache_writes = [p for p in up if p.op == "dynamic_update_slice"
                         or p.op.startswith("scatter")]
         out_proj = None
-        for u, _ in ia._forward(prog, value.out, max_depth=12):
-            if _is_weight_dot(prog, u):
+        for u, _ in a.forward(value.out, max_depth=12):
+            if a.is_weight_matmul(u):
                 out_proj = u
                 break
         nodes = [score, value] + projections + ([out_proj] if out_proj else [])
         b = add("attention", score, nodes, projections=len(projections) + (1 if out_proj else 0),
                 cache_writes=len(cache_writes), **_head_counts(score, value))
         for p in projections:
-            attention_inputs[_activation_operand(prog, p).id] = b
+            attention_inputs[_activation_operand(a, p).id] = b
 
     # Feed-forward: a projection back to embed that contracts mlp, and what feeds it.
-    for node in prog.nodes:
-        if not _is_weight_dot(prog, node) or node.id in claimed:
+    for node in a.equations:
+        if not a.is_weight_matmul(node) or node.id in claimed:
             continue
-        act = _activation_operand(prog, node)
-        contracted = [_role(act, d) for d in
-                      ia._contracted_dims(node, 1 - ia._weight_side(prog, node))]
+        act = _activation_operand(a, node)
+        contracted = [_role(act, d) for d in contracted_dims(node, 1 - a.weight_operand(node))]
         if "mlp" not in contracted:
             continue
-        up = [p for p in _upstream(act, lambda p: _is_weight_dot(prog, p))
-              if _is_weight_dot(prog, p) and "mlp" in _weight_free_roles(prog, p)]
-        between = _upstream(act, lambda p: _is_weight_dot(prog, p))
+        up = [p for p in _upstream(act, a.is_weight_matmul)
+              if a.is_weight_matmul(p) and "mlp" in _weight_free_roles(a, p)]
+        between = _upstream(act, a.is_weight_matmul)
         kinds = {_NONLINEAR[p.op] for p in between if p.op in _NONLINEAR}
         activation = "+".join(sorted(kinds)) or "none"
         if len(up) >= 2:
@@ -244,7 +215,7 @@ def find_blocks(g: Graph) -> BlockReport:
         b = add("ffn", node, up + [node], activation=activation, projections=len(up) + 1)
         # parallel: the ffn reads the same normalised input as an attention block
         for p in up:
-            partner = attention_inputs.get(_activation_operand(prog, p).id)
+            partner = attention_inputs.get(_activation_operand(a, p).id)
             if partner is not None and not partner.detail.get("parallel"):
                 partner.detail["parallel"] = True
                 b.detail["parallel"] = True
@@ -252,33 +223,33 @@ def find_blocks(g: Graph) -> BlockReport:
                 break
 
     # Unembedding: a weight projection to vocab (tied: it reads the embedding table).
-    tables = {_origin(n.inputs[0]) for b in blocks if b.kind == "embedding" for n in b.nodes}
-    for node in prog.nodes:
-        if _is_weight_dot(prog, node) and node.id not in claimed and \
-                "vocab" in _weight_free_roles(prog, node):
-            weight = node.inputs[ia._weight_side(prog, node)]
-            add("unembedding", node, [node], tied=_origin(weight) in tables)
+    tables = {view_source(n.inputs[0]) for b in blocks if b.kind == "embedding" for n in b.nodes}
+    for node in a.equations:
+        if a.is_weight_matmul(node) and node.id not in claimed and \
+                "vocab" in _weight_free_roles(a, node):
+            weight = node.inputs[a.weight_operand(node)]
+            add("unembedding", node, [node], tied=view_source(weight) in tables)
 
     # Norms: reductions over embed that lead into a reciprocal square root; the reductions
     # of one norm (LayerNorm: the mean and the variance) reach the same one.
     norms: dict[int, list[Node]] = {}
-    for node in prog.nodes:
+    for node in a.equations:
         if node.op not in ("reduce_sum", "reduce_max") or not isinstance(node.inputs[0], Value):
             continue
         x = node.inputs[0]
         if not any(_role(x, d) == "embed" for d in node.params["axes"]):
             continue
-        root = next((u for u, _ in ia._forward(prog, node.out, 12) if u.op in ("rsqrt", "sqrt")),
+        root = next((u for u, _ in a.forward(node.out, 12) if u.op in ("rsqrt", "sqrt")),
                     None)
         if root is not None:
             norms.setdefault(root.id, []).append(node)
     for reduces in norms.values():
-        centred = any(u.op == "sub" for r in reduces for u, _ in ia._forward(prog, r.out, 3))
+        centred = any(u.op == "sub" for r in reduces for u, _ in a.forward(r.out, 3))
         add("norm", reduces[0], reduces, type="layernorm" if centred else "rmsnorm")
 
     unclassified = []
-    for node in prog.nodes:
-        if _is_weight_dot(prog, node) and node.id not in claimed:
+    for node in a.equations:
+        if a.is_weight_matmul(node) and node.id not in claimed:
             unclassified.append(f"dot_general -> {list(node.out.shape)} at {node.source or '?'}")
     _assign_layers(g, blocks)
     return BlockReport(blocks, unclassified)
