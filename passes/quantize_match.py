@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from meshwright.ir import Graph, Node, Value
-from meshwright.passes import find_blocks as fb
-from meshwright.passes import infer_axes as ia
+from meshwright.passes.analysis import analyze
 from meshwright.passes.int8_weights import MAX_CONTRACTION
 
 # ---- matching: which weights, contracted over which dims ----------------------------------------
@@ -125,19 +124,19 @@ class Origin:
 
 
 def select_weights(graph: Graph, kinds: tuple[str, ...], unembedding: bool):
-    prog = fb._prog(graph)
+    a = analyze(graph)
     wanted = set(kinds) | ({"unembedding"} if unembedding else set())
     selected: list[Node] = []
     for b in graph.meta["blocks"].blocks:
         if b.kind in wanted:
-            selected += [n for n in b.nodes if fb._is_weight_dot(prog, n) and n not in selected]
+            selected += [n for n in b.nodes if a.is_weight_matmul(n) and n not in selected]
     parents = graph.region_owners()
     origins: dict[int, Origin] = {}
     skipped: list[str] = []
     for dot in selected:
         where = f"dot_general -> {list(dot.out.shape)} at {dot.source or '?'}"
         try:
-            k = ia._weight_side(prog, dot)
+            k = a.weight_operand(dot)
             w = dot.inputs[k]
             (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
             if lb or rb:
