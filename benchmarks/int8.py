@@ -172,7 +172,7 @@ def numerics(positions: int, steps: int) -> list[dict]:
                     g = mw.trace(model.fn(phase), *args)
                     g = PassManager(["infer-axes", "find-blocks", get_pass(
                         "quantize-int8", unembedding=unembedding, positions=positions)]).run(
-                        g, PassContext(options={"example_args": (args, {})}))
+                        g, PassContext(example_args=(args, {})))
                     n = g.meta["quantize-int8"].numerics
                     rows.append({"model": name, "weights": weights, "phase": phase,
                                  "unembedding": unembedding, "positions": n.positions,

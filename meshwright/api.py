@@ -45,17 +45,17 @@ def run_passes_until(graph: Graph, after: str, **plan_options) -> Graph:
     """Run mw.shard's pipeline (`meshwright.passes.PIPELINE`) on a traced graph up to and
     including the pass named `after`, one of the stages before the mesh is needed (trace
     through plan); `plan_options` configure the plan pass."""
-    from meshwright.passes import ANALYSES, STAGES, PassManager, get_pass
+    from meshwright.passes import STAGES, PassContext, PassManager, get_pass, pipeline_passes
 
     if after == "trace":
         return graph
-    shown = (*ANALYSES, "plan")
+    shown = STAGES[1:STAGES.index("plan") + 1]
     if after not in shown:
         needs_mesh = f" ({after!r} needs the mesh: step.graph_text(*args, after={after!r}))" \
             if after in STAGES else ""
         raise ValueError(f"unknown pass {after!r}; the pipeline is: trace, "
                          f"{', '.join(shown)}{needs_mesh}")
-    names = shown[:shown.index(after) + 1]
+    names = pipeline_passes(PassContext())[:shown.index(after) + 1]
     passes = [get_pass(n, **plan_options) if n == "plan" else n for n in names]
     return PassManager(passes, verify=True).run(graph)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from meshwright import validate
 from meshwright.passes.layouts import ATTENTION, FFN  # imports no JAX
+from meshwright.runtime.scheduler import POLICIES  # imports no JAX
 
 _COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -178,10 +179,16 @@ def _run_inspect(args) -> int:
     fallbacks = None  # what ran replicated where the layout splits it (lowered graphs only)
     if STAGES.index(args.after) > STAGES.index("plan"):  # these need the mesh
         step, xs = _sharded_step(cfg, args)
-        graph = step.graph(*xs, after="lower")
-        fallbacks = step.report(*xs)["replicated_fallbacks"]
-        if args.after != "lower" and not args.source:
-            text = step.graph_text(*xs, after=args.after)
+        if args.after == "quantize-int8" and step.weights != "int8":
+            raise ValueError("quantize-int8 runs only with weights='int8'")
+        texts: dict[str, str] = {}
+
+        def keep(name, g):
+            if name == args.after:
+                texts[name] = g.format(source=args.source)
+
+        c = step.compile_watched(keep, *xs)  # one compilation: every stage's graph, no XLA
+        graph, fallbacks, text = c.graph, c.fallbacks, texts[args.after]
     else:
         graph = api.trace_model(cfg, phase=args.phase, batch=args.batch, length=args.length)
         graph = api.run_passes_until(graph, args.after)
@@ -363,7 +370,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                              "(see docs/serving.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
-    p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
+    p.add_argument("--policy", choices=POLICIES, default="fused")
     p.add_argument("--no-shuffle", action="store_true", help="fused without the memory shuffle")
     p.add_argument("--requests", type=_checked("--requests", validate.positive_int), default=64,
                    help="default: %(default)s (with --trace: at most the trace's entries)")
@@ -492,7 +499,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV slots: requests decoded together (default: %(default)s)")
     p.add_argument("--max-len", type=_checked("--max-len", validate.max_len), default=None,
                    help="KV length per slot, prompt + output (default: the model's)")
-    p.add_argument("--policy", choices=("fused", "static", "dynamic"), default="fused")
+    p.add_argument("--policy", choices=POLICIES, default="fused")
     p.add_argument("--max-queue", type=int, default=256,
                    help="waiting requests beyond this are answered 429 (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None,

@@ -11,15 +11,19 @@ from meshwright.passes.base import (
     PASSES,
     PIPELINE,
     STAGES,
+    Force,
     Pass,
     PassContext,
     PassError,
     PassManager,
+    Results,
     Stage,
     get_pass,
     pipeline_diagram,
+    pipeline_passes,
     register,
 )
 
-__all__ = ["ANALYSES", "PASSES", "PASS_MODULES", "PIPELINE", "STAGES", "Pass", "PassContext",
-           "PassError", "PassManager", "Stage", "get_pass", "pipeline_diagram", "register"]
+__all__ = ["ANALYSES", "PASSES", "PASS_MODULES", "PIPELINE", "STAGES", "Force", "Pass",
+           "PassContext", "PassError", "PassManager", "Results", "Stage", "get_pass",
+           "pipeline_diagram", "pipeline_passes", "register"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from meshwright.ir import Graph, Literal, Node, Value
-from meshwright.passes import infer_axes as ia
+from meshwright.passes.analysis import Analysis, analyze
 from meshwright.passes.base import Pass, PassContext, register
 from meshwright.passes.sharding import Layout, MeshInfo, Spec, make_layout, spec_for
 
@@ -76,12 +76,12 @@ def _weight_map(table: dict, roles) -> dict:
     return m
 
 
-def _heads_axes(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) -> tuple:
+def _heads_axes(g: Graph, a: Analysis, layout: Layout, mesh: MeshInfo) -> tuple:
     """The mesh axes that split the query heads as the projections use them: the layout's,
     less the minor ones the head count does not divide (PaLM 540B's 48 heads take (x, y) of
     ws-1d's (x, y, z) on 4x4x4). None when no weight has a query-heads dimension."""
     for v in g.inputs:
-        if v.id not in prog.weight:
+        if not a.is_weight(v):
             continue
         for role, size in zip(_roles(v), v.shape):
             if role is not None and role.split("*")[0] == "heads":
@@ -90,14 +90,14 @@ def _heads_axes(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) -> 
     return None
 
 
-def attention_batch_order(g: Graph, prog: ia._Program, layout: Layout,
+def attention_batch_order(g: Graph, a: Analysis, layout: Layout,
                           mesh: MeshInfo) -> tuple:
     """The batch axes inside batch-sharded attention, ordered so that the axes splitting the
     query heads come last: the heads then move onto batch with one all-to-all of minor axes
     (and back the same way), and the axes the heads cannot take are sliced or reduce-scattered
     onto batch first. ws-1d with 16 heads on 4x4x4: (z, x, y); ws-2d: (x, z, y) as laid out."""
     order = tuple(a for a in layout.attention_batch if mesh.sizes.get(a, 1) > 1)
-    heads = _heads_axes(g, prog, layout, mesh)
+    heads = _heads_axes(g, a, layout, mesh)
     if not heads or not set(heads) <= set(order):
         return order
     return tuple(a for a in order if a not in heads) + tuple(heads)
@@ -158,23 +158,22 @@ def input_spec(v: Value, weight: bool, layout: Layout, mesh: MeshInfo) -> Spec:
 
 
 def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
-    prog = ia._Program()
-    ia._collect(g, prog, ia._parameter_inputs(g))
+    a = analyze(g)
     if layout.attention_splits_batch:
-        layout = replace(layout, attention_batch=attention_batch_order(g, prog, layout, mesh))
+        layout = replace(layout, attention_batch=attention_batch_order(g, a, layout, mesh))
     g.meta["layout"] = layout
     # Inputs.
     in_specs = []
     for v in g.inputs:
-        spec = input_spec(v, v.id in prog.weight, layout, mesh)
+        spec = input_spec(v, a.is_weight(v), layout, mesh)
         v.producer.meta["target"] = [spec]
         in_specs.append(spec)
     g.meta["in_specs"] = in_specs
-    _annotate_body(g, prog, layout, mesh)
+    _annotate_body(g, a, layout, mesh)
     # Outputs: a value shaped like an input cache keeps that input's spec; the rest replicated.
     by_shape = {}
     for v, spec in zip(g.inputs, in_specs):
-        if v.id not in prog.weight and not spec.is_replicated():
+        if not a.is_weight(v) and not spec.is_replicated():
             by_shape.setdefault((v.shape, _roles(v)), spec)
     out_specs = []
     for o in g.outputs:
@@ -191,27 +190,25 @@ def annotate(g: Graph, layout: Layout, mesh: MeshInfo) -> None:
     g.meta["out_specs"] = out_specs
 
 
-def _annotate_body(g: Graph, prog: ia._Program, layout: Layout, mesh: MeshInfo) -> None:
+def _annotate_body(g: Graph, a: Analysis, layout: Layout, mesh: MeshInfo) -> None:
     attention = {}
-    for score, value in ia._find_attention(prog):
+    for score, value in a.attention:
         attention[score.id] = score
         attention[value.id] = value
     for node in [n for n, _ in g.walk()]:
         if node.op == "dot_general":
-            _annotate_dot(node, prog, layout, mesh, node.id in attention)
+            _annotate_dot(node, a, layout, mesh, node.id in attention)
         elif node.meta.get("fused_sum"):  # a parallel block's two outputs, reduced once
             node.meta["target"] = [spec_for(_roles(node.out), node.out.shape, layout.residual,
                                             mesh)]
-        elif node.op == "gather" and isinstance(node.inputs[0], Value) and \
-                node.inputs[0].id in prog.weight:
+        elif node.op == "gather" and a.is_weight(node.inputs[0]):
             roles = _roles(node.out)
             node.meta["target"] = [spec_for(roles, node.out.shape, layout.residual, mesh)]
 
 
-def _annotate_dot(node: Node, prog: ia._Program, layout: Layout, mesh: MeshInfo,
+def _annotate_dot(node: Node, a: Analysis, layout: Layout, mesh: MeshInfo,
                   is_attention: bool) -> None:
-    weights = [k for k, v in enumerate(node.inputs)
-               if isinstance(v, Value) and v.id in prog.weight]
+    weights = [k for k, v in enumerate(node.inputs) if a.is_weight(v)]
     out_roles = _roles(node.out)
     if is_attention:
         node.meta["operand_target"] = {

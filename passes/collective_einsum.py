@@ -126,11 +126,11 @@ class CollectiveEinsum(Pass):
                              f"{self.direction!r}")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
-        mesh = ctx.options.get("mesh_info")
+        mesh = ctx.results.mesh
         if mesh is None or "in_specs" not in graph.meta:
-            raise ValueError("collective-einsum needs 'annotate' first and the mesh "
-                             "(ctx.options['mesh_info'])")
-        collective_einsum(graph, mesh, self, ctx.options.get("hardware", "cpu"))
+            raise ValueError("collective-einsum needs 'annotate' first (and the mesh 'plan' "
+                             "chose)")
+        collective_einsum(graph, mesh, self, ctx.hardware)
         return graph
 
 

@@ -1,11 +1,18 @@
-"""`mw.shard`: trace, analyse, plan, annotate, lower to `shard_map`, compile, run.
+"""`mw.shard`: trace, then the pass pipeline (`meshwright.passes.PIPELINE`) to a jitted
+`shard_map` program; compile, run. And the pipeline's last pass, `lower`.
 
     step = mw.shard(model.decode_step, mesh=mw.make_mesh({"x": 2, "y": 2, "z": 2}))
     logits, cache = step(params, tokens, cache, positions)   # compiled once per signature
     step.plan(*args); step.explain(*args); step.graph(*args, after="lower"); step.report(*args)
 
 The compile boundary is `ShardedFunction._compile`, once per input signature (tree structure,
-shapes, dtypes). Everything it builds is in a `Compiled` record.
+shapes, dtypes):
+
+1. trace the function into a Graph;
+2. run `PassManager(pipeline_passes(ctx))` over it, the `PassContext` holding the caller's
+   options (devices, hardware, phase, weights, force, strict, donated arguments) and the
+   typed results the passes leave one another (`ctx.results`);
+3. build the `Compiled` record from the graph and those results.
 """
 
 from __future__ import annotations
@@ -22,67 +29,26 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import Mesh as JaxMesh
 from meshwright.ir import Graph, trace
-from meshwright.passes.annotate import annotate
-from meshwright.passes.base import ANALYSES, STAGES, PassManager
+from meshwright.passes.base import (
+    STAGES,
+    Force,
+    Pass,
+    PassContext,
+    PassManager,
+    pipeline_passes,
+    register,
+)
 from meshwright.passes.hlo import collective_bytes
-from meshwright.passes.interleave import interleave_fused
 from meshwright.passes.lower import LowerContext, Lowered, lower_graph
+from meshwright.passes.plan import NotAsPlanned
 from meshwright.passes.sharding import (
     LAYOUT_NAMES_ATTENTION,
     LAYOUT_NAMES_FFN,
     Emitter,
-    MeshInfo,
     Spec,
-    make_layout,
 )
 
 AXES = ("x", "y", "z")
-
-
-class NotAsPlanned(ValueError):
-    """`mw.shard(..., strict=True)`: part of the program would run other than planned
-    (replicated where the layout splits it); `reasons` lists each part and why."""
-
-    def __init__(self, reasons: list[str]) -> None:
-        self.reasons = list(reasons)
-        more = f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else ""
-        super().__init__(
-            f"strict: {len(reasons)} part(s) would run replicated where the plan splits "
-            f"them: {'; '.join(reasons[:2])}{more}. Pick a mesh and layouts whose sizes "
-            "divide these dimensions (or a batch that does), or drop strict to run them "
-            "replicated (explain() lists them all)")
-
-
-class _AnySplitFits(MeshInfo):
-    """A mesh on which every split divides: the specs a layout asks for before sizes that do
-    not divide drop axes (`spec_for`)."""
-
-    def fits(self, size: int, axes) -> bool:
-        return True
-
-
-def unsplit_inputs(g: Graph, layout, mesh: MeshInfo, weight_ids: set) -> list[str]:
-    """Inputs with a dimension the layout splits over mesh axes that ends up whole on every
-    device (its size does not divide by theirs): replicated where the plan (and the cost
-    model's prediction) has it split. A dimension that keeps some of its axes (48 heads on
-    4x4x4 take x and y of x, y, z) is split as the planner priced it, and not listed."""
-    from meshwright.passes.annotate import input_spec
-
-    out = []
-    paths = g.meta.get("float_input_paths") or []
-    for i, (v, actual) in enumerate(zip(g.inputs, g.meta["in_specs"])):
-        wanted = input_spec(v, v.id in weight_ids, layout, _AnySplitFits(mesh.sizes))
-        roles = v.producer.meta["axes"][v.index]
-        for d, (want, got) in enumerate(zip(wanted.dims, actual.dims)):
-            if want and not got:
-                name = paths[i] if i < len(paths) else f"argument {i}"
-                n = mesh.count(want)
-                out.append(f"{name} {v.dtype}{list(v.shape)}: dimension {d} "
-                           f"({roles[d] or '?'}, {v.shape[d]}) is not split over "
-                           f"{', '.join(want)} ({n} devices) as {layout.ffn}/"
-                           f"{layout.attention} plans: {v.shape[d]} does not divide by {n}; "
-                           "every device holds all of it")
-    return out
 
 
 def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None,
@@ -248,6 +214,7 @@ class Compiled:
     _converted: dict = field(default_factory=dict, repr=False)
     executable: Any = field(default=None, repr=False)  # see `compiled`
     slow: tuple[int, int, int] = (1, 1, 1)  # nodes (processes) each mesh axis runs over
+    arguments: tuple[str, ...] = ()  # the caller's flat arguments' paths, as traced
 
     @property
     def compiled(self):
@@ -292,13 +259,84 @@ class Compiled:
         return jax.device_put(x, sharding)
 
     def describe_load_transforms(self) -> list[str]:
-        paths = self.graph.meta.get("float_input_paths", [])
+        paths = self.arguments
         lines = []
         for i, steps in sorted(self.load_transforms.items()):
             name = paths[i] if i < len(paths) else f"argument {i}"
             lines.append(f"{name}: " + "; ".join(
                 s.describe() if hasattr(s, "describe") else str(s) for s in steps))
         return lines
+
+
+@dataclass
+class Program:
+    """What the `lower` pass leaves (`ctx.results.program`): the program and how it is called."""
+
+    jitted: Callable  # jax.jit of the shard_map program (donating `ctx.donated`'s arrays)
+    lowered: Any  # its jax Lowered (StableHLO) for the mesh's devices; not compiled by XLA
+    in_specs: list[Spec]  # how each program argument is split over the mesh
+    out_specs: list[Spec]  # how each output is
+    records: list  # the collectives the lowering emitted (CollectiveRecord)
+
+
+@register
+@dataclass(frozen=True)
+class Lower(Pass):
+    """The annotated graph as an explicit per-device `shard_map` program, every collective
+    written out (`passes/lower.py`'s rules), jitted and lowered by JAX for the mesh `plan`
+    laid out: `ctx.results.program`. Equations lowered replicated join
+    `ctx.results.fallbacks` (`ctx.strict`: NotAsPlanned instead)."""
+
+    name = "lower"
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
+        mesh, jmesh = ctx.results.mesh, ctx.results.jax_mesh
+        if jmesh is None or "in_specs" not in graph.meta:
+            raise ValueError("lower needs 'annotate' first and the devices to run on "
+                             "(ctx.devices, laid out by 'plan')")
+        in_specs, out_specs = graph.meta["in_specs"], graph.meta["out_specs"]
+        result = Lowered()
+        emitter = Emitter(mesh)
+
+        def per_device(*flat_locals):
+            emitter.records.clear()
+            lctx = LowerContext.for_graph(graph, mesh, emitter, result)
+            outs, specs = lower_graph(lctx, graph, list(flat_locals), in_specs)
+            return [lctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
+
+        program = jax.shard_map(per_device, mesh=jmesh,
+                                in_specs=tuple(s.partition_spec() for s in in_specs),
+                                out_specs=[s.partition_spec() for s in out_specs],
+                                check_vma=False)
+        jitted = jax.jit(program, donate_argnums=donated_program_args(ctx, len(in_specs)))
+        structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                        sharding=NamedSharding(jmesh, s.partition_spec()))
+                   for v, s in zip(graph.inputs, in_specs)]
+        lowered = jitted.lower(*structs)
+        ctx.results.fallbacks += result.fallbacks
+        if ctx.strict and ctx.results.fallbacks:
+            raise NotAsPlanned(ctx.results.fallbacks)
+        ctx.results.program = Program(jitted, lowered, in_specs, out_specs,
+                                      list(emitter.records))
+        return graph
+
+
+def donated_program_args(ctx: PassContext, n_program: int) -> tuple[int, ...]:
+    """The program's argument indices of the caller's donated arrays (`ctx.donated`). Arrays
+    converted at load time (weights: never donated) may turn into several program
+    arguments; the arrays after the last of them keep their order, shifted."""
+    donated, transforms = ctx.donated, ctx.results.load_transforms
+    if not donated:
+        return ()
+    if transforms and min(donated) <= max(transforms):
+        names = [ctx.arguments[i] if i < len(ctx.arguments) else f"argument {i}"
+                 for i in donated if i <= max(transforms)]
+        raise ValueError(f"donate_argnums: {', '.join(names[:3])}"
+                         f"{f' and {len(names) - 3} more' if len(names) > 3 else ''}: an "
+                         "argument converted at load time (an interleaved or int8 weight), "
+                         "or one before it, cannot be donated")
+    shift = n_program - len(ctx.arguments)
+    return tuple(int(i) + shift for i in donated)
 
 
 class ShardedFunction:
@@ -323,6 +361,12 @@ class ShardedFunction:
             raise ValueError(f"unknown attention layout {force['attention']!r}; "
                              f"choose from {', '.join(LAYOUT_NAMES_ATTENTION)}")
         self.fn = fn
+        pinned = force.get("mesh")
+        if isinstance(pinned, (tuple, list)):
+            pinned = dict(zip(AXES, pinned))
+        self._force = Force(force.get("ffn"), force.get("attention"),
+                            None if pinned is None else tuple(int(pinned.get(a, 1))
+                                                              for a in AXES))
         self.devices = _mesh_devices(mesh)
         self.phase = phase
         self.hardware = hardware or ("cpu" if self.devices[0].platform == "cpu" else "tpu-v4")
@@ -370,208 +414,65 @@ class ShardedFunction:
     def _compile(self, args, kwargs, printer=None) -> Compiled:
         import time
 
-        show = printer or (lambda name, graph: None)
-        timings = {}
+        # 1. trace
         t0 = time.perf_counter()
         g = trace(self.fn, *args, **kwargs)
-        timings["trace"] = time.perf_counter() - t0
-        show("trace", g)
-        pm = PassManager(self.passes or ANALYSES)
+        timings = {"trace": time.perf_counter() - t0}
+        if printer is not None:
+            printer("trace", g)
+        # 2. the passes, under the caller's options
+        ctx = self._context(g, args, kwargs)
+        pm = PassManager(pipeline_passes(ctx, {"collective-einsum": self.collective_einsum},
+                                         analyses=list(self.passes) if self.passes else None))
         if printer is not None:
             pm.print_after, pm.printer = {p.name for p in pm.passes}, printer
-        g = pm.run(g)
+        after_plan = [p.name for p in pm.passes].index("plan") + 1
+        g = pm.run(g, ctx, stop=after_plan)
+        from meshwright.passes.replicas import compile_replicas
+
+        replicated = compile_replicas(self, ctx.results.choice.plan, g, args, kwargs, printer)
+        if replicated is not None:  # the batch split between node groups
+            return replicated
+        g = pm.run(g, ctx, start=after_plan)
         timings.update(pm.timings)
-        from meshwright.passes import infer_axes as ia
-        from meshwright.passes.plan import PlanError, config_from_graph, workload_from_graph
+        # 3. the record
+        r, choice = ctx.results, ctx.results.choice
+        return Compiled(graph=g, config=r.config, plan=choice.plan, ffn_layout=choice.ffn,
+                        attention_layout=choice.attention, mesh_shape=choice.mesh_shape,
+                        jax_mesh=r.jax_mesh, in_specs=r.program.in_specs,
+                        out_specs=r.program.out_specs, jitted=r.program.jitted,
+                        lowered=r.program.lowered, records=r.program.records,
+                        fallbacks=list(r.fallbacks), predicted=choice.predicted,
+                        timings=timings, load_transforms=r.load_transforms,
+                        slow=tuple(choice.slow), arguments=ctx.arguments)
 
-        work = workload_from_graph(g)
-        phase = work["phase"] if self.phase == "auto" else self.phase
-        t0 = time.perf_counter()
-        try:
-            config = config_from_graph(g)
-        except PlanError as e:
-            # Not a Transformer the cost model can price: lower with the pinned layout.
-            if not (self.force.get("ffn") and self.force.get("attention")):
-                raise PlanError(f"{e}. Pin the layout with force={{'ffn': ..., "
-                                f"'attention': ...}} to shard it anyway") from None
-            config = None
-        if config is None:
-            plan, predicted = None, None
-            ffn, attention = self.force["ffn"], self.force["attention"]
-            mesh_shape = self._forced_mesh_shape()
-            slow = self._node_factors(mesh_shape)
-        else:
-            plan, ffn, attention, mesh_shape, predicted, slow = self._choose(config, work,
-                                                                             phase)
-            from meshwright.passes.replicas import compile_replicas
+    def _context(self, g: Graph, args, kwargs) -> PassContext:
+        """The pipeline's context for one traced call: the options this function was made
+        with, the caller's arguments by path and which of them are donated."""
+        return PassContext(
+            devices=tuple(self.devices), hardware=self.hardware, phase=self.phase,
+            weights=self.weights, force=self._force, strict=self.strict,
+            arguments=tuple(v.producer.params.get("path", f"argument {i}")
+                            for i, v in enumerate(g.inputs)),
+            donated=self._donated_leaves(args))
 
-            replicated = compile_replicas(self, plan, g, args, kwargs, printer)
-            if replicated is not None:  # the batch split between node groups
-                return replicated
-        timings["plan"] = time.perf_counter() - t0
-        g.meta["plan"] = plan
-        show("plan", g)
-        mesh_info = MeshInfo(mesh_shape)
-        # axes that cross nodes run over them as the plan priced (the lowering is the same)
-        jmesh = make_mesh(mesh_shape, self.devices, slow=slow)
-        prog = ia._Program()
-        ia._collect(g, prog, ia._parameter_inputs(g))
-        g.meta["weight_values"] = prog.weight
-        layout = make_layout(ffn, attention)
-        t0 = time.perf_counter()
-        annotate(g, layout, mesh_info)
-        timings["annotate"] = time.perf_counter() - t0
-        g.meta["pass_text"] = {"annotate": g.format()}  # for step.diff(); ~5 ms
-        g.meta["float_input_paths"] = [v.producer.params.get("path", f"argument {i}")
-                                       for i, v in enumerate(g.inputs)]
-        # inputs the layout splits that run whole (a size that does not divide)
-        unsplit = unsplit_inputs(g, g.meta["layout"], mesh_info, set(prog.weight))
-        if self.strict and unsplit:
-            raise NotAsPlanned(unsplit)
-        show("annotate", g)
-        t0 = time.perf_counter()
-        interleave_fused(g, mesh_info)
-        timings["interleave-fused"] = time.perf_counter() - t0
-        show("interleave-fused", g)
-        transforms = {i: list(steps) for i, steps in g.meta.get("load_transforms", {}).items()}
-        if self.weights == "int8":
-            from meshwright.passes.quantize import Int8Quantizer, quantize_int8
-
-            t0 = time.perf_counter()
-            quantize_int8(g)
-            for w in g.meta["quantize-int8"].weights:
-                transforms.setdefault(w.index, []).append(Int8Quantizer(w.reduce_axes,
-                                                                        w.layout))
-            timings["quantize-int8"] = time.perf_counter() - t0
-            show("quantize-int8", g)
-        from meshwright.passes.collective_einsum import collective_einsum
-
-        t0 = time.perf_counter()
-        collective_einsum(g, mesh_info, self.collective_einsum, self.hardware)
-        timings["collective-einsum"] = time.perf_counter() - t0
-        g.meta["pass_text"]["collective-einsum"] = g.format()
-        show("collective-einsum", g)
-        in_specs, out_specs = g.meta["in_specs"], g.meta["out_specs"]
-        result = Lowered()
-        emitter = Emitter(mesh_info)
-
-        def per_device(*flat_locals):
-            emitter.records.clear()
-            ctx = LowerContext.for_graph(g, mesh_info, emitter, result)
-            outs, specs = lower_graph(ctx, g, list(flat_locals), in_specs)
-            return [ctx.to(o, s, want, "output") for o, s, want in zip(outs, specs, out_specs)]
-
-        program = jax.shard_map(per_device, mesh=jmesh,
-                                in_specs=tuple(s.partition_spec() for s in in_specs),
-                                out_specs=[s.partition_spec() for s in out_specs],
-                                check_vma=False)
-        jitted = jax.jit(program, donate_argnums=self._donated(args, kwargs, transforms,
-                                                               len(in_specs)))
-        structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                        sharding=NamedSharding(jmesh, s.partition_spec()))
-                   for v, s in zip(g.inputs, in_specs)]
-        t0 = time.perf_counter()
-        lowered = jitted.lower(*structs)
-        timings["lower"] = time.perf_counter() - t0
-        fallbacks = unsplit + list(result.fallbacks)
-        if self.strict and fallbacks:
-            raise NotAsPlanned(fallbacks)
-        show("lower", g)
-        return Compiled(graph=g, config=config, plan=plan, ffn_layout=ffn,
-                        attention_layout=attention, mesh_shape=mesh_shape, jax_mesh=jmesh,
-                        in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
-                        records=list(emitter.records),
-                        fallbacks=fallbacks, predicted=predicted,
-                        timings=timings, load_transforms=transforms, slow=tuple(slow))
-
-    def _donated(self, args, kwargs, transforms: dict, n_program: int) -> tuple[int, ...]:
-        """The program's argument indices of the donated arguments' arrays. Arrays converted
-        at load time (weights: never donated) may turn into several program arguments; the
-        arrays after the last of them keep their order, shifted."""
+    def _donated_leaves(self, args) -> tuple[int, ...]:
+        """The caller's flat argument indices of the donated arguments' arrays."""
         if not self.donate_argnums:
             return ()
-        sizes = [len(jax.tree_util.tree_leaves(a)) for a in args]
-        starts = np.cumsum([0, *sizes])
-        donated = [i for a in self.donate_argnums for i in range(starts[a], starts[a + 1])]
-        if transforms and donated and min(donated) <= max(transforms):
-            raise ValueError(f"donate_argnums {self.donate_argnums}: an argument converted "
-                             "at load time (an interleaved or int8 weight) cannot be donated")
-        shift = n_program - len(jax.tree_util.tree_leaves((args, kwargs)))
-        return tuple(int(i) + shift for i in donated)
+        starts = np.cumsum([0, *(len(jax.tree_util.tree_leaves(a)) for a in args)])
+        return tuple(int(i) for a in self.donate_argnums for i in range(starts[a], starts[a + 1]))
 
-    def _choose(self, config, work, phase):
-        """(plan, ffn, attention, mesh shape, predicted cost, nodes per axis): the planner's
-        choice, with whatever `force` pins. Over the devices of several processes every
-        process is a node: the planner prices what crosses between them, and mw.shard lowers
-        the layouts it stretches over nodes (`LOWERED_CROSSINGS`)."""
-        from meshwright.passes.cost_model import LayoutNotApplicable, Mesh, Workload, evaluate
-        from meshwright.passes.hardware import get_hardware
-        from meshwright.passes.planner import plan_config
+    def _donated(self, args, kwargs, transforms: dict, n_program: int) -> tuple[int, ...]:
+        """The program's argument indices of the donated arguments' arrays, for a program of
+        `n_program` arguments whose inputs convert at load time as `transforms` says."""
+        from meshwright.passes.base import Results
 
-        n = len(self.devices)
-        nodes = len(node_groups(self.devices))
-        weights = self.weights if self.weights != "native" else (
-            "bf16" if config.dtype == "bfloat16" else "fp32")
-        context = work["context"]
-        forced_mesh = self.force.get("mesh")
-        if isinstance(forced_mesh, (tuple, list)):
-            forced_mesh = dict(zip(AXES, forced_mesh))
-        plan = None
-        request = {"hardware": self.hardware, "chips": n, "batch": work["batch"],
-                   "context": context, "phase": phase, "weights": weights,
-                   "force_ffn": self.force.get("ffn"),
-                   "force_attention": self.force.get("attention"),
-                   "nodes": nodes if nodes > 1 else None}
-        try:
-            plan = _lowerable(plan_config(config, **request), config, request)
-        except ValueError:
-            if not (self.force.get("ffn") and self.force.get("attention")):
-                raise
-        if forced_mesh is None and plan is not None:
-            best = plan.best
-            return (plan, best.ffn_layout, best.attention_layout,
-                    {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}, best,
-                    best.mesh.slow)
-        mesh_shape = self._forced_mesh_shape()
-        slow = self._node_factors(mesh_shape, plan.nodes if plan is not None else None)
-        # the planner's best candidate on the pinned mesh (the pins on ffn/attention hold)
-        on_mesh = [cand for cand in (plan.candidates if plan else [])
-                   if (cand.mesh.x, cand.mesh.y, cand.mesh.z, tuple(cand.mesh.slow)) ==
-                   (*(mesh_shape[a] for a in AXES), slow)]
-        if on_mesh:
-            best = on_mesh[0]
-            return plan, best.ffn_layout, best.attention_layout, mesh_shape, best, slow
-        ffn = self.force.get("ffn") or (plan.best.ffn_layout if plan else "ws-2d")
-        attention = self.force.get("attention") or (plan.best.attention_layout if plan
-                                                    else "heads")
-        predicted = None
-        try:
-            predicted = evaluate(config, get_hardware(self.hardware),
-                                 Mesh(**mesh_shape, slow=slow),
-                                 Workload(work["batch"], context, phase, weights), ffn,
-                                 attention)
-        except (LayoutNotApplicable, ValueError):
-            predicted = None
-        return plan, ffn, attention, mesh_shape, predicted, slow
-
-    def _node_factors(self, mesh_shape: dict[str, int],
-                      nodes: int | None = None) -> tuple[int, int, int]:
-        """Nodes each axis of a pinned mesh crosses: the processes' (or the plan's `nodes`),
-        taken by the outer axes first (`node_factors`)."""
-        nodes = nodes or len(node_groups(self.devices))
-        return node_factors([mesh_shape[a] for a in AXES], nodes)
-
-    def _forced_mesh_shape(self) -> dict[str, int]:
-        n = len(self.devices)
-        forced = self.force.get("mesh")
-        if isinstance(forced, (tuple, list)):
-            forced = dict(zip(AXES, forced))
-        if forced is None:
-            return {"x": 1, "y": 1, "z": n}
-        shape = {a: int(forced.get(a, 1)) for a in AXES}
-        if int(np.prod(list(shape.values()))) != n:
-            raise ValueError(f"forced mesh {shape} does not use the {n} devices given")
-        return shape
+        n_caller = len(jax.tree_util.tree_leaves((args, kwargs)))
+        ctx = PassContext(arguments=tuple(f"argument {i}" for i in range(n_caller)),
+                          donated=self._donated_leaves(args),
+                          results=Results(load_transforms=transforms))
+        return donated_program_args(ctx, n_program)
 
     # ---- running -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -631,26 +532,33 @@ class ShardedFunction:
         two columns (`side_by_side=True`). See `meshwright.ir.diff`."""
         from meshwright.ir.diff import diff_text
 
-        return diff_text(self.graph_text(*args, after=before, **kwargs),
-                         self.graph_text(*args, after=after, **kwargs), before, after,
+        texts = self.stage_texts(*args, stages=(before, after), **kwargs)
+        return diff_text(texts[before], texts[after], before, after,
                          side_by_side=side_by_side, width=width)
 
     def graph_text(self, *args, after: str = "lower", **kwargs) -> str:
-        """The graph's text as it was right after a named pass (annotate and
-        collective-einsum are kept from the compilation; interleave-fused and quantize-int8
-        recompiled to catch it; the others printed anew)."""
-        if after in ("interleave-fused", "quantize-int8"):
-            if after == "quantize-int8" and self.weights != "int8":
-                raise ValueError("quantize-int8 runs only with weights='int8'")
-            texts = {}
-            self.compile_watched(lambda name, g: texts.setdefault(name, g.format()), *args,
-                                 **kwargs)
-            return texts[after]
-        if after in ("plan", "annotate", "collective-einsum"):
-            texts = self.compiled(*args, **kwargs).graph.meta["pass_text"]
-            # plan's and annotate's results are not part of the text: the same text
-            return texts["annotate" if after == "plan" else after]
-        return self.graph(*args, after=after, **kwargs).format()
+        """The graph's text as it was right after a named stage (see `stage_texts`)."""
+        return self.stage_texts(*args, stages=(after,), **kwargs)[after]
+
+    def stage_texts(self, *args, stages: tuple[str, ...], **kwargs) -> dict[str, str]:
+        """The graph's text right after each named stage: trace through fuse-parallel-block
+        printed anew, lower from the compiled graph, and the stages between (plan through
+        collective-einsum) caught on one fresh compilation (`compile_watched`)."""
+        for name in stages:
+            if name not in STAGES:
+                raise ValueError(f"unknown pass {name!r}; the pipeline is {', '.join(STAGES)}")
+        if "quantize-int8" in stages and self.weights != "int8":
+            raise ValueError("quantize-int8 runs only with weights='int8'")
+        first, last = STAGES.index("plan"), STAGES.index("lower")
+        caught = {n for n in stages if first <= STAGES.index(n) < last}
+        texts: dict[str, str] = {}
+        if caught:
+            self.compile_watched(lambda name, g: texts.__setitem__(name, g.format())
+                                 if name in caught else None, *args, **kwargs)
+        for name in stages:
+            if name not in texts:
+                texts[name] = self.graph(*args, after=name, **kwargs).format()
+        return texts
 
     def lower(self, *args, **kwargs):
         """The jax Lowered program (`.as_text()` is its StableHLO; `.compile()`), as jax.jit."""

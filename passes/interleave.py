@@ -205,8 +205,11 @@ class InterleaveFused(Pass):
     name = "interleave-fused"
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
-        mesh = ctx.options.get("mesh_info")
+        mesh = ctx.results.mesh
         if mesh is None or "in_specs" not in graph.meta:
-            raise ValueError("interleave-fused needs 'annotate' first and the mesh "
-                             "(ctx.options['mesh_info'])")
-        return interleave_fused(graph, mesh)
+            raise ValueError("interleave-fused needs 'annotate' first (and the mesh 'plan' "
+                             "chose)")
+        interleave_fused(graph, mesh)
+        for i, steps in graph.meta.get("load_transforms", {}).items():
+            ctx.results.load_transforms[i] = list(steps)
+        return graph

@@ -32,7 +32,7 @@ dims, it moves no data.
 
     >>> pm = PassManager(["infer-axes", "find-blocks", "quantize-int8"])
     >>> g = pm.run(mw.trace(model.decode_step, params, tokens, cache, pos),
-    ...            PassContext(options={"example_args": ((params, tokens, cache, pos), {})}))
+    ...            PassContext(example_args=((params, tokens, cache, pos), {})))
     >>> params_q = quantize_params(g, params)        # once, at load time
     >>> logits, cache = g(params_q, tokens, cache, pos)
     >>> g.meta["quantize-int8"].numerics             # max/mean |logit error|, top-1 agreement
@@ -253,7 +253,8 @@ def quantize_int8(graph: Graph, *, blocks: Sequence[str] = ("attention", "ffn"),
 class QuantizeInt8(Pass):
     """Weight-only int8 (per-output-channel scales) on the projections of attention and
     feed-forward blocks, computed as int8 x int8 -> int32 with per-token activation scales.
-    Reads `ctx.options["example_args"]` (`(args, kwargs)`) to report the logit error."""
+    Reads `ctx.example_args` (`(args, kwargs)`) to report the logit error; adds each
+    weight's conversion to `ctx.results.load_transforms`."""
 
     name = "quantize-int8"
     unembedding: bool = False  # also the projection to the vocabulary (tied: the embedding too)
@@ -262,6 +263,10 @@ class QuantizeInt8(Pass):
     seed: int = 0  # of the random prompts
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
-        return quantize_int8(graph, unembedding=self.unembedding, layout=self.layout,
-                             example_args=ctx.options.get("example_args"),
-                             positions=self.positions, seed=self.seed)
+        graph = quantize_int8(graph, unembedding=self.unembedding, layout=self.layout,
+                              example_args=ctx.example_args, positions=self.positions,
+                              seed=self.seed)
+        for w in graph.meta["quantize-int8"].weights:  # converted once, when placed
+            ctx.results.load_transforms.setdefault(w.index, []).append(
+                Int8Quantizer(w.reduce_axes, w.layout))
+        return graph

@@ -101,7 +101,7 @@ def test_int8_weight_bytes_per_device_are_a_quarter():
     fstep = mw.shard(model.decode_step, force={"ffn": "ws-2d", "attention": "batch",
                                                "mesh": (2, 2, 2)})
     fplaced = fstep.compiled(*args).place(jax.tree.leaves(args))
-    paths = c.graph.meta["float_input_paths"]
+    paths = c.arguments
     by_path = {v.producer.params.get("path"): k for k, v in enumerate(c.graph.inputs)}
     float_bytes = int8_bytes = scale_bytes = 0
     for w in c.graph.meta["quantize-int8"].weights:

@@ -64,7 +64,7 @@ def example(name, scan, phase, params=None):
 
 def run_pass(model, phase, args, positions=POSITIONS, **options):
     g = mw.trace(model.fn(phase), *args)
-    ctx = PassContext(options={"example_args": (args, {})})
+    ctx = PassContext(example_args=(args, {}))
     pm = PassManager(["infer-axes", "find-blocks",
                       get_pass("quantize-int8", positions=positions, **options)], verify=True)
     return pm.run(g, ctx)
