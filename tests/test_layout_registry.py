@@ -3,6 +3,8 @@ planner, annotate/lower and the engine's plan read. Adding a layout = one object
 here a layout nobody wrote code for (2D weight-stationary with E over z, F over x and y) is
 registered, priced, refused where it degenerates, and lowered by mw.shard."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from meshwright.runtime.layouts import stored_weights
 
 import meshwright as mw
 
-OVERVIEW = "docs/overview.md"
+OVERVIEW = os.path.join(os.path.dirname(__file__), "..", "docs", "overview.md")
 
 
 @pytest.fixture
