@@ -183,14 +183,12 @@ def collective_einsum(g: Graph, mesh: MeshInfo, options: CollectiveEinsum | None
 def _survey(g: Graph, mesh: MeshInfo) -> None:
     """Run the lowering abstractly; candidates become Decisions. Leaves no other trace."""
     from jax.sharding import AbstractMesh, AxisType
-    from meshwright.passes import infer_axes as ia
+    from meshwright.passes.analysis import analyze
     from meshwright.passes.lower import LowerContext, Lowered, lower_graph
     from meshwright.passes.sharding import Emitter
 
     if "weight_values" not in g.meta:
-        prog = ia._Program()
-        ia._collect(g, prog, ia._parameter_inputs(g))
-        g.meta["weight_values"] = prog.weight
+        g.meta["weight_values"] = set(analyze(g).weights)
     in_specs = g.meta["in_specs"]
     sizes = tuple(mesh.sizes.get(a, 1) for a in MESH_ORDER)
     amesh = AbstractMesh(sizes, MESH_ORDER, axis_types=(AxisType.Auto,) * 3)
