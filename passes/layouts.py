@@ -11,8 +11,8 @@ A layout object says everything the rest of meshwright asks of it:
 - its **collectives per layer** (kind, mesh axes, bytes per chip), which the cost model prices;
 - a one-line **description** (`layout_table()`, the docs).
 
-The cost model, annotate (through `make_layout`), lower, the engine's per-bucket plan, the demo
-and the CLI read `FFN` / `ATTENTION`; the names other modules import (`cost_model.FFN_LAYOUTS`,
+The cost model, annotate (through `make_layout`), lower, the engine's per-bucket plan (and
+its pinned build's `choose_pin`), the CLI and the layout benchmarks read `FFN` / `ATTENTION`; the names other modules import (`cost_model.FFN_LAYOUTS`,
 `sharding.LAYOUT_NAMES_FFN`, ...) are live views of them, in registration order, which is also
 the planner's tie-break order.
 
@@ -21,9 +21,10 @@ the planner's tie-break order.
     >>> FFN["ws-2d"].stored["mlp"], FFN["wg-xy"].use["mlp"], FFN["wg-xy"].gathered
     (('z', 'y'), ('z',), 'xy')
 
-Adding a layout = one object + its tests: `register(WeightGathered("wg-y", ...))`, or a new
-subclass of `FFNLayout` / `AttentionLayout` for a new kind; the planner prices it from then on
-(`tests/test_layout_registry.py` registers one in a test).
+Adding a layout = one object + its tests: another member of a family is one constructor call,
+`register(WeightStationary2D("ws-2d-z", "...", e_axes="z", f_axes="xy"))`, a new kind one
+subclass of `FFNLayout` / `AttentionLayout`; the planner prices it from then on and mw.shard
+lowers it (`tests/test_layout_registry.py` registers that one in a test).
 
 Weights are stored E_x F_(z,y) (heads like F) for ws-2d and every weight-gathered layout, so
 prefill and decode can switch between them without moving weights; ws-1d stores E F_xyz.
