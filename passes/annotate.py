@@ -245,17 +245,59 @@ def _annotate_dot(node: Node, a: Analysis, layout: Layout, mesh: MeshInfo,
     node.meta["target"] = [target]
 
 
+class _AnySplitFits(MeshInfo):
+    """A mesh on which every split divides: the specs a layout asks for before sizes that do
+    not divide drop axes (`spec_for`)."""
+
+    def fits(self, size: int, axes) -> bool:
+        return True
+
+
+def unsplit_inputs(g: Graph, layout: Layout, mesh: MeshInfo, weight_ids: set,
+                   paths: tuple[str, ...] = ()) -> list[str]:
+    """Inputs with a dimension the layout splits over mesh axes that ends up whole on every
+    device (its size does not divide by theirs): replicated where the plan (and the cost
+    model's prediction) has it split. A dimension that keeps some of its axes (48 heads on
+    4x4x4 take x and y of x, y, z) is split as the planner priced it, and not listed.
+    `paths` names the inputs (the caller's argument paths)."""
+    out = []
+    for i, (v, actual) in enumerate(zip(g.inputs, g.meta["in_specs"])):
+        wanted = input_spec(v, v.id in weight_ids, layout, _AnySplitFits(mesh.sizes))
+        roles = v.producer.meta["axes"][v.index]
+        for d, (want, got) in enumerate(zip(wanted.dims, actual.dims)):
+            if want and not got:
+                name = paths[i] if i < len(paths) else f"argument {i}"
+                n = mesh.count(want)
+                out.append(f"{name} {v.dtype}{list(v.shape)}: dimension {d} "
+                           f"({roles[d] or '?'}, {v.shape[d]}) is not split over "
+                           f"{', '.join(want)} ({n} devices) as {layout.ffn}/"
+                           f"{layout.attention} plans: {v.shape[d]} does not divide by {n}; "
+                           "every device holds all of it")
+    return out
+
+
 @register
 @dataclass(frozen=True)
 class Annotate(Pass):
-    """Shardings the plan's layouts ask for: inputs, projections, attention operands, outputs."""
+    """Shardings the plan's layouts ask for: inputs, projections, attention operands, outputs.
+    Reads the layouts and mesh `plan` chose (`ctx.results`); writes the specs on the graph,
+    `ctx.results.layout`, and lists the inputs that do not divide as planned in
+    `ctx.results.fallbacks` (`ctx.strict`: NotAsPlanned instead)."""
 
     name = "annotate"
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
-        plan = graph.meta.get("plan")
-        mesh = ctx.options.get("mesh_info")
-        if plan is None or mesh is None:
-            raise ValueError("annotate needs a plan (run 'plan') and the mesh (ctx.options)")
-        annotate(graph, make_layout(plan.ffn_layout, plan.attention_layout), mesh)
+        from meshwright.passes.plan import NotAsPlanned
+
+        choice, mesh = ctx.results.choice, ctx.results.mesh
+        if choice is None or mesh is None:
+            raise ValueError("annotate needs the layouts and the mesh: run 'plan' first")
+        weights = set(analyze(graph).weights)
+        graph.meta["weight_values"] = weights  # what `lower` treats as weights
+        annotate(graph, make_layout(choice.ffn, choice.attention), mesh)
+        ctx.results.layout = graph.meta["layout"]
+        unsplit = unsplit_inputs(graph, ctx.results.layout, mesh, weights, ctx.arguments)
+        if ctx.strict and unsplit:
+            raise NotAsPlanned(unsplit)
+        ctx.results.fallbacks += unsplit
         return graph

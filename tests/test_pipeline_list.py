@@ -82,9 +82,9 @@ def test_a_bad_input_keeps_its_type_and_names_the_pass():
     g = mw.trace(lambda x, w: jax.nn.relu(x @ w), jnp.ones((4, 8)), jnp.ones((8, 8)))
     with pytest.raises(PlanError, match="no .*attention block") as e:
         PassManager(pipeline_passes(PassContext())[:4]).run(g)
-    assert e.value.__notes__ == ["an error occurred when running the 'plan' pass after the "
-                                 "following passes: ['infer-axes', 'find-blocks', "
-                                 "'fuse-parallel-block']"]
+    where = ("an error occurred when running the 'plan' pass after the following passes: "
+             "['infer-axes', 'find-blocks', 'fuse-parallel-block']")
+    assert e.value.__notes__ == [where]
 
 
 def test_the_docs_diagram_is_the_list():
