@@ -759,6 +759,8 @@ def devices_needed(args: argparse.Namespace) -> int:
         return args.mesh[0] * args.mesh[1] * args.mesh[2]
     if args.command == "export":
         return args.mesh[0] * args.mesh[1] * args.mesh[2]
+    if args.command == "calibrate" and int(os.environ.get("MESHWRIGHT_NUM_PROCESSES") or 1) > 1:
+        return 0  # under meshwright launch: each process keeps the devices launch gave it
     if args.command in ("bench", "serve", "calibrate"):
         return args.devices
     if args.command == "demo":
