@@ -25,10 +25,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshwright.ir import Graph, Literal, Node, Value
+from meshwright.passes.analysis import (
+    Analysis,
+    analyze,
+    contracted_dims,
+    free_dims,
+    value_operand,
+)
 from meshwright.passes.base import Pass, PassContext, register, rule_registry
 
 ROLES = ("batch", "length", "kv_length", "embed", "heads", "kv_heads", "head_dim", "mlp",
@@ -520,70 +527,6 @@ def _unify_graph(ctx: AxisContext, g: Graph) -> None:
 # Stage 2: naming
 
 
-_VIEW_OPS = frozenset({"reshape", "transpose", "convert_element_type", "squeeze",
-                       "broadcast_in_dim", "slice", "dynamic_slice", "copy", "expand_dims",
-                       "reduce_precision"})
-
-
-@dataclass
-class _Program:
-    """Flattened facts about a graph and its regions, for naming."""
-
-    nodes: list[Node] = field(default_factory=list)  # every equation, regions included
-    weight: set[int] = field(default_factory=set)  # value ids that are (views of) parameters
-    users: dict[int, list[Node]] = field(default_factory=lambda: defaultdict(list))
-    scan_weight_axes: list[int] = field(default_factory=list)
-    outputs: set[int] = field(default_factory=set)  # value ids returned by the top graph
-
-
-def _collect(g: Graph, prog: _Program, weight_inputs: set[int]) -> None:
-    for node in g.topo_order():
-        if node.op == "input":
-            if node.out.id in weight_inputs:
-                prog.weight.add(node.out.id)
-            continue
-        if node.op == "constant":
-            continue
-        prog.nodes.append(node)
-        for v in node.inputs:
-            if isinstance(v, Value):
-                prog.users[v.id].append(node)
-        first = node.inputs[0] if node.inputs else None
-        if node.op in _VIEW_OPS and isinstance(first, Value) and first.id in prog.weight:
-            prog.weight.add(node.outputs[0].id)
-        if node.op == "scan":
-            body: Graph = node.regions["jaxpr"]
-            n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
-            inner_weights = set()
-            for i, (outer, inner) in enumerate(zip(node.inputs, body.inputs)):
-                if isinstance(outer, Value) and outer.id in prog.weight and not (
-                        n_consts <= i < n_consts + n_carry):
-                    inner_weights.add(inner.id)
-                    if i >= n_consts + n_carry:
-                        prog.scan_weight_axes.append(node.meta["scan_axis"])
-            _collect(body, prog, inner_weights)
-            _link_region_users(prog, node, body.inputs)
-        elif node.regions:
-            for body in node.region_graphs():
-                _collect(body, prog, set())
-
-
-def _link_region_users(prog: _Program, node: Node, inner_inputs: list[Value]) -> None:
-    """So that walks forward from an outer operand continue inside the body."""
-    for outer, inner in zip(node.inputs, inner_inputs):
-        if isinstance(outer, Value):
-            for u in prog.users.get(inner.id, []):
-                if u not in prog.users[outer.id]:
-                    prog.users[outer.id].append(u)
-
-
-def _parameter_inputs(g: Graph) -> set[int]:
-    """Inputs used as weights: `analyze(g).weight_inputs`."""
-    from meshwright.passes.analysis import analyze
-
-    return set(analyze(g).weight_inputs)
-
-
 @dataclass
 class AxesReport:
     """What infer-axes found: the size of each role and what it could not label."""
@@ -623,53 +566,16 @@ class _Namer:
         return self.names.get(self.syms.find(s))
 
 
-def _forward(prog: _Program, start: Value, max_depth: int = 16):
-    """Nodes reachable forward from `start` (breadth first), with their depth."""
-    seen = {start.id}
-    frontier = [start]
-    for depth in range(max_depth):
-        nxt = []
-        for v in frontier:
-            for u in prog.users.get(v.id, []):
-                yield u, depth
-                for o in u.outputs:
-                    if o.id not in seen:
-                        seen.add(o.id)
-                        nxt.append(o)
-        frontier = nxt
-
-
-def _find_attention(prog: _Program) -> list[tuple[Node, Node]]:
-    """(score dot, value dot) pairs: two activation matmuls around an exp (a softmax)."""
-    found = []
-    for node in prog.nodes:
-        if node.op != "dot_general":
-            continue
-        if any(not isinstance(v, Value) or v.id in prog.weight for v in node.inputs):
-            continue
-        saw_exp = False
-        for u, _ in _forward(prog, node.out, max_depth=14):
-            if u.op == "exp":
-                saw_exp = True
-            elif u.op == "dot_general" and saw_exp and u is not node and not any(
-                    isinstance(v, Value) and v.id in prog.weight for v in u.inputs):
-                found.append((node, u))
-                break
-            elif u.op == "dot_general":
-                break
-    return found
-
-
 def _key_operand(n: _Namer, score: Node, value: Node) -> int:
     """The key is the score operand with a free dimension that the value dot contracts (on
     ties, the one with fewer free dimensions: keys carry no query heads)."""
-    probs = value.inputs[1 - _value_operand(value, score)]
-    contracted = {n.cls(probs, d) for d in _contracted_dims(value, value.inputs.index(probs))}
-    has = [any(n.cls(score.inputs[k], d) in contracted for d in _free_dims(score, k))
+    probs = value.inputs[1 - value_operand(value, score)]
+    contracted = {n.cls(probs, d) for d in contracted_dims(value, value.inputs.index(probs))}
+    has = [any(n.cls(score.inputs[k], d) in contracted for d in free_dims(score, k))
            for k in (0, 1)]
     if has[0] != has[1]:
         return 0 if has[0] else 1
-    f0, f1 = len(_free_dims(score, 0)), len(_free_dims(score, 1))
+    f0, f1 = len(free_dims(score, 0)), len(free_dims(score, 1))
     return 0 if f0 < f1 else 1
 
 
@@ -696,26 +602,26 @@ def _name_activation_dims(n: _Namer, score: Node, k: int) -> None:
         c = n.cls(score.inputs[q], d)
         if c not in n.weight_classes and n.syms.size[c] > 1:
             n.name(c, "batch")
-    for d in _free_dims(score, q):
+    for d in free_dims(score, q):
         c = n.cls(score.inputs[q], d)
         if c not in n.weight_classes and n.syms.size[c] > 1:
             n.name(c, "length")
 
 
-def _name_attention(prog: _Program, n: _Namer, score: Node, value: Node, k: int) -> None:
+def _name_attention(a: Analysis, n: _Namer, score: Node, value: Node, k: int) -> None:
     q = 1 - k
     qv, kv = score.inputs[q], score.inputs[k]
-    for d in _contracted_dims(score, q):
+    for d in contracted_dims(score, q):
         n.name(n.cls(qv, d), "head_dim")
     q_cls = n.classes(qv)
-    for d in _free_dims(score, k):
+    for d in free_dims(score, k):
         c = n.cls(kv, d)
         if c not in q_cls:
             n.name(c, "kv_length")
     # the value's own head dimension: what the value dot keeps from V but not from the probs
-    vi = _value_operand(value, score)
+    vi = value_operand(value, score)
     probs_cls = set(n.classes(value.inputs[1 - vi]))
-    for d in _free_dims(value, vi):
+    for d in free_dims(value, vi):
         c = n.cls(value.inputs[vi], d)
         if c not in probs_cls:
             n.name(c, "head_dim")
@@ -735,7 +641,7 @@ def _name_attention(prog: _Program, n: _Namer, score: Node, value: Node, k: int)
     elif set(kh) == set(qh):  # multihead, or grouped-query with keys repeated up to heads
         kv_classes = set()
         for operand in (kv, value.inputs[vi]):
-            proj = _back_to_projection(prog, operand)
+            proj = a.projection_of(operand)
             if proj is not None:
                 for c in n.classes(proj.out):
                     kv_classes.add(c)
@@ -760,48 +666,15 @@ def _name_attention(prog: _Program, n: _Namer, score: Node, value: Node, k: int)
             n.name(c, "heads")
 
 
-def _back_to_projection(prog: _Program, v: Value, max_depth: int = 32) -> Node | None:
-    """Walk back from v through non-matmul operations to the weight matmul that made it."""
-    frontier = [v]
-    for _ in range(max_depth):
-        nxt = []
-        for x in frontier:
-            p = x.producer
-            if p is None or p.op in ("input", "constant"):
-                continue
-            if p.op == "dot_general":
-                if any(isinstance(w, Value) and w.id in prog.weight for w in p.inputs):
-                    return p
-                continue
-            nxt.extend(w for w in p.inputs if isinstance(w, Value) and w.id not in prog.weight)
-        frontier = nxt
-    return None
-
-
-def _weight_side(prog: _Program, dot: Node) -> int:
-    return 1 if isinstance(dot.inputs[1], Value) and dot.inputs[1].id in prog.weight else 0
-
-
-def _free_dims(dot: Node, k: int) -> list[int]:
-    (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
-    c, b = (lc, lb) if k == 0 else (rc, rb)
-    return [d for d in range(len(dot.inputs[k].shape)) if d not in c and d not in b]
-
-
-def _contracted_dims(dot: Node, k: int) -> list[int]:
-    (lc, rc), _ = dot.params["dimension_numbers"]
-    return list(lc if k == 0 else rc)
-
-
-def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
+def _name_roles(g: Graph, a: Analysis, n: _Namer) -> None:
     syms = n.syms
-    for axis in prog.scan_weight_axes:
-        n.name(axis, "layers")
+    for scan in a.layer_scans:
+        n.name(scan.meta["scan_axis"], "layers")
 
     # Token ids -> batch, length; the table -> vocab, embed. With several tables (learned
     # positions), the one with the most rows is the vocabulary; the others are positions.
-    gathers = [node for node in prog.nodes
-               if node.op == "gather" and node.inputs[0].id in prog.weight]
+    gathers = [node for node in a.equations
+               if node.op == "gather" and a.is_weight(node.inputs[0])]
 
     def row_dims(node):
         """Table dimensions indexed by the ids (collapsed, or sliced to size 1 under vmap)."""
@@ -835,70 +708,68 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
             for role, d in zip(("batch", "length"), batch_dims):
                 n.name(n.cls(node.out, d), role)
 
-    attention = [(s, v, _key_operand(n, s, v)) for s, v in _find_attention(prog)]
+    attention = [(s, v, _key_operand(n, s, v)) for s, v in a.attention]
     # Classes a weight carries (or a factor of one): heads can be; batch and length cannot.
     n.weight_classes = set()
-    for node in prog.nodes:
+    for node in a.equations:
         for v in node.inputs:
-            if isinstance(v, Value) and v.id in prog.weight:
+            if a.is_weight(v):
                 for c in n.classes(v):
                     n.weight_classes.add(c)
                     n.weight_classes.update(syms.factors(c) or ())
     for score, value, k in attention:
         _name_activation_dims(n, score, k)
     for score, value, k in attention:
-        _name_attention(prog, n, score, value, k)
+        _name_attention(a, n, score, value, k)
     # The attention output projection returns to the model width.
     for score, value, k in attention:
-        for u, _ in _forward(prog, value.out, max_depth=12):
-            if u.op == "dot_general" and any(isinstance(v, Value) and v.id in prog.weight
-                                             for v in u.inputs):
-                w = _weight_side(prog, u)
-                for d in _free_dims(u, w):
+        for u, _ in a.forward(value.out, max_depth=12):
+            if a.is_weight_matmul(u):
+                w = a.weight_operand(u)
+                for d in free_dims(u, w):
                     n.name(n.cls(u.inputs[w], d), "embed")
                 break
 
     # embed: what the projections contract, if no embedding gather said it already.
     for score, value, k in attention:
-        proj = _back_to_projection(prog, score.inputs[1 - k])
+        proj = a.projection_of(score.inputs[1 - k])
         if proj is not None:
-            w = _weight_side(prog, proj)
-            for d in _contracted_dims(proj, 1 - w):
+            w = a.weight_operand(proj)
+            for d in contracted_dims(proj, 1 - w):
                 n.name(n.cls(proj.inputs[1 - w], d), "embed")
     embed = {c for c, r in n.names.items() if r == "embed"}
 
     # No attention and no embedding table (a bare feed-forward block): a projection whose
     # output a second projection contracts is embed -> mlp -> embed.
     if not any(r == "embed" for r in n.names.values()):
-        _name_bare_ffn(prog, n)
+        _name_bare_ffn(a, n)
         embed = {c for c, r in n.names.items() if r == "embed"}
     # Activations entering the model (no gather): batch and length from the first activation.
     if not any(r == "batch" for r in n.names.values()):
         for v in g.inputs:
             cs = n.classes(v)
-            if v.id not in prog.weight and cs and cs[-1] in embed:
+            if not a.is_weight(v) and cs and cs[-1] in embed:
                 for role, c in zip(("batch", "length"), cs[:-1]):
                     n.name(c, role)
 
     # Weight projections out of embed: mlp (comes back to embed) or vocab (the logits).
-    for node in prog.nodes:
-        if node.op != "dot_general" or not any(
-                isinstance(v, Value) and v.id in prog.weight for v in node.inputs):
+    for node in a.equations:
+        if not a.is_weight_matmul(node):
             continue
-        w = _weight_side(prog, node)
-        if not any(n.cls(node.inputs[1 - w], d) in embed for d in _contracted_dims(node, 1 - w)):
+        w = a.weight_operand(node)
+        if not any(n.cls(node.inputs[1 - w], d) in embed for d in contracted_dims(node, 1 - w)):
             continue
-        for d in _free_dims(node, w):
+        for d in free_dims(node, w):
             c = n.cls(node.inputs[w], d)
             if n.role(c) is not None or _explained_by_products(n, c):
                 continue
-            if _returns_to_embed(prog, n, node, c, embed):
+            if _returns_to_embed(a, n, node, c, embed):
                 n.name(c, "mlp")
-            elif _reaches_output(prog, node.out):
+            elif _reaches_output(a, node.out):
                 n.name(c, "vocab")
 
     # A cache written at the current positions: its long dimension is kv_length.
-    for node in prog.nodes:
+    for node in a.equations:
         if node.op == "dynamic_update_slice":
             operand, update = node.inputs[0], node.inputs[1]
             pairs = [(d, d) for d in range(len(operand.shape))]
@@ -917,13 +788,12 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
             n.name(whole, "positions")
     # A projection whose output dimension is cut apart (fused Q/K/V, stacked K/V): fused.
     cut = {syms.find(w) for w in syms.pieces.values()}
-    for node in prog.nodes:
-        if node.op == "dot_general" and any(isinstance(v, Value) and v.id in prog.weight
-                                            for v in node.inputs):
-            w = _weight_side(prog, node)
-            for d in _free_dims(node, w):
+    for node in a.equations:
+        if a.is_weight_matmul(node):
+            w = a.weight_operand(node)
+            for d in free_dims(node, w):
                 c = n.cls(node.inputs[w], d)
-                if n.role(c) is None and (c in cut or _is_indexed_apart(prog, n, node.out, c)):
+                if n.role(c) is None and (c in cut or _is_indexed_apart(a, n, node.out, c)):
                     n.name(c, "fused")
     # Whatever is left: products of named classes, and parts of named classes (RoPE halves).
     factors_of, whole_of = syms.part_index()  # naming does not unify: valid throughout
@@ -945,62 +815,35 @@ def _name_roles(g: Graph, prog: _Program, n: _Namer) -> None:
     if n_layers > 1:
         for v in list(g.inputs) + [o for o in g.outputs if isinstance(o, Value)]:
             cs = n.classes(v)
-            if v.id not in prog.weight and cs and n.role(cs[0]) is None \
+            if not a.is_weight(v) and cs and n.role(cs[0]) is None \
                     and syms.size[cs[0]] == n_layers:
                 n.name(cs[0], "layers")
 
 
-def _name_bare_ffn(prog: _Program, n: _Namer) -> None:
-    for node in prog.nodes:
-        if node.op != "dot_general" or not any(
-                isinstance(v, Value) and v.id in prog.weight for v in node.inputs):
+def _name_bare_ffn(a: Analysis, n: _Namer) -> None:
+    for node in a.equations:
+        if not a.is_weight_matmul(node):
             continue
-        w = _weight_side(prog, node)
-        hidden = {n.cls(node.inputs[w], d) for d in _free_dims(node, w)}
-        for u, _ in _forward(prog, node.out, max_depth=8):
-            if u.op != "dot_general" or u is node or not any(
-                    isinstance(v, Value) and v.id in prog.weight for v in u.inputs):
+        w = a.weight_operand(node)
+        hidden = {n.cls(node.inputs[w], d) for d in free_dims(node, w)}
+        for u, _ in a.forward(node.out, max_depth=8):
+            if u is node or not a.is_weight_matmul(u):
                 continue
-            uw = _weight_side(prog, u)
+            uw = a.weight_operand(u)
             if not any(n.cls(u.inputs[1 - uw], d) in hidden
-                       for d in _contracted_dims(u, 1 - uw)):
+                       for d in contracted_dims(u, 1 - uw)):
                 break
             act = node.inputs[1 - w]
-            for d in _contracted_dims(node, 1 - w):
+            for d in contracted_dims(node, 1 - w):
                 n.name(n.cls(act, d), "embed")
             for c in hidden:
                 n.name(c, "mlp")
-            for d in _free_dims(u, uw):
+            for d in free_dims(u, uw):
                 n.name(n.cls(u.inputs[uw], d), "embed")
-            rest = [n.cls(act, d) for d in _free_dims(node, 1 - w)]
+            rest = [n.cls(act, d) for d in free_dims(node, 1 - w)]
             for role, c in zip(("batch", "length"), rest):
                 n.name(c, role)
             return
-
-
-def _value_operand(value: Node, score: Node) -> int:
-    """Which operand of the value dot is V (the other descends from the score)."""
-    for k, v in enumerate(value.inputs):
-        if isinstance(v, Value) and not _descends_from(v, score):
-            return k
-    return 1
-
-
-def _descends_from(v: Value, node: Node, depth: int = 20) -> bool:
-    frontier = [v]
-    for _ in range(depth):
-        nxt = []
-        for x in frontier:
-            if x.producer is node:
-                return True
-            p = x.producer
-            if p is None or p.op in ("input", "constant"):
-                continue
-            nxt.extend(w for w in p.inputs if isinstance(w, Value))
-        frontier = nxt
-        if not frontier:
-            return False
-    return False
 
 
 def _explained_by_products(n: _Namer, c: int) -> bool:
@@ -1008,29 +851,27 @@ def _explained_by_products(n: _Namer, c: int) -> bool:
     return bool(fs and all(n.role(f) for f in fs))
 
 
-def _returns_to_embed(prog: _Program, n: _Namer, node: Node, c: int, embed: set[int]) -> bool:
+def _returns_to_embed(a: Analysis, n: _Namer, node: Node, c: int, embed: set[int]) -> bool:
     """Whether a later weight matmul contracts class c and produces embed."""
-    for u, _ in _forward(prog, node.out, max_depth=12):
-        if u.op != "dot_general" or u is node:
+    for u, _ in a.forward(node.out, max_depth=12):
+        if u is node or not a.is_weight_matmul(u):
             continue
-        if not any(isinstance(v, Value) and v.id in prog.weight for v in u.inputs):
-            continue
-        w = _weight_side(prog, u)
-        if any(n.cls(u.inputs[1 - w], d) == c for d in _contracted_dims(u, 1 - w)):
-            return any(n.cls(u.inputs[w], d) in embed for d in _free_dims(u, w))
+        w = a.weight_operand(u)
+        if any(n.cls(u.inputs[1 - w], d) == c for d in contracted_dims(u, 1 - w)):
+            return any(n.cls(u.inputs[w], d) in embed for d in free_dims(u, w))
     return False
 
 
-def _reaches_output(prog: _Program, v: Value) -> bool:
+def _reaches_output(a: Analysis, v: Value) -> bool:
     """Whether v is returned, possibly through elementwise and layout operations (logits), but
     not by way of a cache write or another matmul."""
     frontier, seen = [v], {v.id}
     for _ in range(10):
         nxt = []
         for x in frontier:
-            if x.id in prog.outputs:
+            if x.id in a.outputs:
                 return True
-            for u in prog.users.get(x.id, []):
+            for u in a.users(x):
                 if u.op in _NOT_TO_LOGITS or u.regions:
                     continue
                 for o in u.outputs:
@@ -1045,8 +886,8 @@ _NOT_TO_LOGITS = frozenset({"dynamic_update_slice", "scatter", "dot_general", "c
                             "stack", "split", "slice", "dynamic_slice", "gather"})
 
 
-def _is_indexed_apart(prog: _Program, n: _Namer, v: Value, c: int) -> bool:
-    for u, _ in _forward(prog, v, max_depth=4):
+def _is_indexed_apart(a: Analysis, n: _Namer, v: Value, c: int) -> bool:
+    for u, _ in a.forward(v, max_depth=4):
         if u.op in ("slice", "split", "dynamic_slice", "gather"):
             x = u.inputs[0]
             if isinstance(x, Value) and c in n.classes(x) and all(
@@ -1074,11 +915,8 @@ def infer_axes(g: Graph) -> AxesReport:
     ctx = AxisContext(syms, {}, [])
     _unify_graph(ctx, g)
     syms.canonicalize()
-    prog = _Program()
-    _collect(g, prog, _parameter_inputs(g))
-    prog.outputs = {v.id for v in g.outputs if isinstance(v, Value)}
     namer = _Namer(syms, ctx.dims)
-    _name_roles(g, prog, namer)
+    _name_roles(g, analyze(g), namer)
     syms.canonicalize()
 
     sizes: dict[str, int] = {}
