@@ -49,7 +49,7 @@ SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to
 
 def priced_layouts(config, phase: str, batch: int) -> list[tuple[str, str]]:
     """Every (FFN, attention) layout the cost model prices for this step on the 4x4x4 mesh."""
-    work = cm.Workload(batch, CONTEXT, phase, "bf16")
+    work = cm.StepWorkload(batch, CONTEXT, phase, "bf16")
     out = []
     for ffn in cm.FFN_LAYOUTS:
         for attention in cm.ATTENTION_LAYOUTS:
@@ -65,7 +65,7 @@ def priced_layouts(config, phase: str, batch: int) -> list[tuple[str, str]]:
 def predicted_list(config, phase: str, batch: int, ffn: str, attention: str,
                    heads: int) -> list[dict]:
     """The cost model's collectives for the step: per layer (times the layers) and per step."""
-    work = cm.Workload(batch, CONTEXT, phase, "bf16")
+    work = cm.StepWorkload(batch, CONTEXT, phase, "bf16")
     mesh = cm.Mesh(*MESH)
     rows = []
     for c, times in [(c, config.n_layers) for c in cm.layer_collectives(

@@ -43,7 +43,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from meshwright.models import build, get_config
-from meshwright.passes.cost_model import Mesh, Workload, evaluate
+from meshwright.passes.cost_model import Mesh, StepWorkload, evaluate
 from meshwright.passes.hardware import get_hardware
 from meshwright.passes.hlo import memory_traffic
 from meshwright.runtime.layouts import example_args
@@ -82,7 +82,7 @@ def one_device(family: str, batch: int, length: int, scan: bool) -> dict:
     compiled = jax.jit(model.decode_step, donate_argnums=2).lower(
         params, rows, cache, rows).compile()
     predicted = evaluate(cfg, get_hardware("cpu"), Mesh(1, 1, 1),
-                         Workload(batch, length, "decode", "fp32"), "ws-1d", "heads")
+                         StepWorkload(batch, length, "decode", "fp32"), "ws-1d", "heads")
     return row(family, batch, length, "scan" if scan else "loop", "1 device", predicted,
                memory_traffic(compiled.as_text()), xla_bytes(compiled))
 

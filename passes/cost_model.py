@@ -21,7 +21,7 @@ Step time = max(compute, weight load + KV load)      # roofline: matmuls overlap
     >>> from meshwright.models.config import get_config
     >>> from meshwright.passes.hardware import get_hardware
     >>> c = evaluate(get_config("palm-540b"), get_hardware("tpu-v4"), Mesh(4, 4, 4),
-    ...              Workload(batch=64, context=2048, phase="decode", weights="int8"),
+    ...              StepWorkload(batch=64, context=2048, phase="decode", weights="int8"),
     ...              "ws-2d", "batch")
     >>> round(c.step_s * 1e3)  # ms per decode step; the paper measured 28.5
     29
@@ -143,8 +143,13 @@ def factorizations(n: int) -> list[Mesh]:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """What one step does: B sequences, their KV length, the phase and the weight format."""
+class StepWorkload:
+    """What one step does: B sequences, their KV length, the phase and the weight format.
+
+    The workload of one compiled step, as the planner prices it; not a served workload
+    (requests arriving over time: `runtime.workload.Workload`). Both are described in
+    docs/overview.md, "One description of each thing".
+    """
 
     batch: int
     context: int  # prefill: prompt tokens per sequence; decode: tokens of KV per sequence
@@ -171,6 +176,9 @@ class Workload:
     def tokens(self) -> int:
         """B * L: tokens processed by the step."""
         return self.batch * self.tokens_per_sequence
+
+
+Workload = StepWorkload  # the old name, still imported by the planner's callers
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from meshwright.passes.cost_model import (
     FFN_LAYOUTS,
     CostOptions,
     LayoutNotApplicable,
-    Workload,
+    StepWorkload,
     evaluate,
     factorizations,
 )
@@ -170,7 +170,7 @@ def sweep(model, hardware="tpu-v4", chips=None, batches=None, context: int = 204
     options = options or CostOptions()
     jobs = [(ph, w, n, b) for ph in phases for w in weights for n in chips for b in batches]
     for ph, w, _, b in jobs[:1]:
-        Workload(b, context, ph, w)  # validate names early, with a clear error
+        StepWorkload(b, context, ph, w)  # validate names early, with a clear error
     bar = None
     if progress:
         from meshwright.progress import bar as progress_bar
@@ -180,7 +180,7 @@ def sweep(model, hardware="tpu-v4", chips=None, batches=None, context: int = 204
     evaluated = 0
     meshes = {n: factorizations(n) for n in chips}
     for ph, w, n, b in jobs:
-        work = Workload(b, context, ph, w)
+        work = StepWorkload(b, context, ph, w)
         best: dict[tuple[str, str], object] = {}
         for mesh in meshes[n]:
             for ffn in FFN_LAYOUTS:

@@ -34,7 +34,7 @@ from meshwright.passes.cost_model import (
     CostOptions,
     LayoutNotApplicable,
     Mesh,
-    Workload,
+    StepWorkload,
     evaluate,
     factorizations,
 )
@@ -421,7 +421,7 @@ def resolve_model(model: str | TransformerConfig, overrides=()) -> TransformerCo
     return cfg.with_overrides(list(overrides)) if overrides else cfg
 
 
-def evaluate_all(cfg: TransformerConfig, hw: HardwareProfile, chips: int, work: Workload,
+def evaluate_all(cfg: TransformerConfig, hw: HardwareProfile, chips: int, work: StepWorkload,
                  ffn_layouts=FFN_LAYOUTS, attention_layouts=ATTENTION_LAYOUTS,
                  options: CostOptions | None = None,
                  kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION,
@@ -458,7 +458,7 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
     hw = get_hardware(hardware)
     _check_request(hw, chips, gen_tokens, kv_memory_fraction, force_ffn, force_attention)
     split = split_nodes(hw, chips, nodes)
-    work = Workload(batch=batch, context=context, phase=phase, weights=weights)
+    work = StepWorkload(batch=batch, context=context, phase=phase, weights=weights)
     ffns = (force_ffn,) if force_ffn else FFN_LAYOUTS
     atts = (force_attention,) if force_attention else ATTENTION_LAYOUTS
     if cross_node is not None and cross_node not in CROSSINGS:
@@ -677,7 +677,7 @@ def _max_batch(cfg, hw, chips, work, options, kv_fraction, ffns, atts) -> int:
     lo, hi = 0, work.batch - 1  # largest b in [1, batch) that fits, by bisection
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        w = Workload(mid, work.context, work.phase, work.weights)
+        w = StepWorkload(mid, work.context, work.phase, work.weights)
         if _fits_anywhere(cfg, hw, chips, w, options, kv_fraction, ffns, atts):
             lo = mid
         else:

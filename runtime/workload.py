@@ -24,7 +24,9 @@ from meshwright.runtime.request import Request, Result, SamplingParams
 
 @dataclass
 class Workload:
-    """Requests with arrival times, sorted by arrival."""
+    """Requests with arrival times, sorted by arrival: a served workload. (One step's
+    batch, context and phase, as the planner prices it, is `cost_model.StepWorkload`;
+    docs/overview.md, "One description of each thing".)"""
 
     arrivals: list[tuple[float, Request]]  # (arrival_s, request)
     description: str = ""

@@ -10,7 +10,7 @@ from meshwright.passes.cost_model import (
     CostOptions,
     LayoutNotApplicable,
     Mesh,
-    Workload,
+    StepWorkload,
     evaluate,
     factorizations,
     ffn_comm_seconds,
@@ -106,7 +106,7 @@ def test_layer_collectives_match_the_closed_form():
     cfg = TransformerConfig(n_layers=1, d_model=1024, d_ff=4096, n_heads=16, n_kv_heads=16,
                             d_head=64, activation="gelu", parallel_block=False)
     mesh = Mesh(2, 2, 4)
-    work = Workload(batch=16, context=32, phase="prefill", weights="bf16")
+    work = StepWorkload(batch=16, context=32, phase="prefill", weights="bf16")
     colls = cm.layer_collectives(cfg, mesh, work, "ws-2d", "heads", cfg.n_heads)
     ffn = [c for c in colls if c.what.startswith("ffn")]
     assert [c.kind for c in ffn] == ["all-gather", "reduce-scatter", "all-gather",
@@ -126,8 +126,8 @@ V4 = get_hardware("tpu-v4")
 
 def test_int8_halves_weight_bytes_and_weight_load():
     kw = {"batch": 64, "context": 2048, "phase": "decode"}
-    bf = evaluate(PALM, V4, Mesh(4, 4, 4), Workload(weights="bf16", **kw), "ws-2d", "batch")
-    i8 = evaluate(PALM, V4, Mesh(4, 4, 4), Workload(weights="int8", **kw), "ws-2d", "batch")
+    bf = evaluate(PALM, V4, Mesh(4, 4, 4), StepWorkload(weights="bf16", **kw), "ws-2d", "batch")
+    i8 = evaluate(PALM, V4, Mesh(4, 4, 4), StepWorkload(weights="int8", **kw), "ws-2d", "batch")
     assert i8.weight_bytes_per_chip == pytest.approx(bf.weight_bytes_per_chip / 2)
     assert i8.weight_load_s == pytest.approx(bf.weight_load_s / 2)
     assert i8.kv_cache_bytes_per_chip == bf.kv_cache_bytes_per_chip  # KV stays bf16
@@ -137,7 +137,7 @@ def test_int8_halves_weight_bytes_and_weight_load():
 
 
 def test_parallel_block_removes_collectives():
-    work = Workload(batch=512, context=2048, phase="decode", weights="bf16")
+    work = StepWorkload(batch=512, context=2048, phase="decode", weights="bf16")
     par = evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "batch")
     ser = evaluate(PALM.replace(parallel_block=False), V4, Mesh(4, 4, 4), work, "ws-2d", "batch")
     assert ser.collectives_per_layer == par.collectives_per_layer + 4
@@ -147,7 +147,7 @@ def test_parallel_block_removes_collectives():
 
 
 def test_multiquery_kv_cache_is_replicated_over_heads_and_split_over_batch():
-    work = Workload(batch=64, context=2048, phase="decode", weights="bf16")
+    work = StepWorkload(batch=64, context=2048, phase="decode", weights="bf16")
     heads = evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "heads")
     batch = evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "batch")
     total = PALM.kv_bytes_per_token(2) * 64 * 2048
@@ -160,19 +160,19 @@ def test_multiquery_kv_cache_is_replicated_over_heads_and_split_over_batch():
 
 
 def test_heads_are_padded_to_the_chip_count():
-    work = Workload(batch=1, context=2048, phase="prefill", weights="int8")
+    work = StepWorkload(batch=1, context=2048, phase="prefill", weights="int8")
     c = evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "heads")
     assert c.padded_heads == 64 and "48 heads padded to 64" in c.notes[0]
     assert c.hardware_flops > c.model_flops  # padded heads are computed, not counted in MFU
     with pytest.raises(LayoutNotApplicable, match="48 heads cannot cover 64 chips"):
         evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "heads", CostOptions(pad_heads=False))
     # Over batch no padding is needed: the all-to-all splits H*D, not whole heads.
-    batch = evaluate(PALM, V4, Mesh(4, 4, 4), Workload(64, 2048, "decode"), "ws-2d", "batch")
+    batch = evaluate(PALM, V4, Mesh(4, 4, 4), StepWorkload(64, 2048, "decode"), "ws-2d", "batch")
     assert batch.padded_heads == 48
 
 
 def test_not_applicable_layouts_say_why():
-    one = Workload(batch=1, context=128, phase="prefill")
+    one = StepWorkload(batch=1, context=128, phase="prefill")
     with pytest.raises(LayoutNotApplicable, match="batch >= chips"):
         evaluate(PALM, V4, Mesh(4, 4, 4), one, "ws-2d", "batch")
     with pytest.raises(LayoutNotApplicable, match="splits the batch"):
@@ -182,27 +182,27 @@ def test_not_applicable_layouts_say_why():
     with pytest.raises(ValueError, match="unknown FFN layout"):
         evaluate(PALM, V4, Mesh(4, 4, 4), one, "ws-3d", "heads")
     with pytest.raises(ValueError, match="weights must be"):
-        Workload(batch=1, context=1, weights="int4")
+        StepWorkload(batch=1, context=1, weights="int4")
 
 
 def test_roofline_bound_and_mfu_definition():
-    work = Workload(batch=512, context=2048, phase="prefill", weights="bf16")
+    work = StepWorkload(batch=512, context=2048, phase="prefill", weights="bf16")
     c = evaluate(PALM, V4, Mesh(4, 4, 4), work, "wg-xyz", "batch")
     assert c.bound == "compute"
     assert c.model_flops == 2 * PALM.n_params() * 512 * 2048  # 2N per token, no attention
     assert c.mfu == pytest.approx(c.model_flops / (64 * 275e12 * c.step_s))
     assert c.cost_per_token == pytest.approx(64 * c.step_s / (512 * 2048))
-    d = evaluate(PALM, V4, Mesh(4, 4, 4), Workload(64, 2048, "decode", "int8"), "ws-2d", "batch")
+    d = evaluate(PALM, V4, Mesh(4, 4, 4), StepWorkload(64, 2048, "decode", "int8"), "ws-2d", "batch")
     assert d.bound == "memory"
 
 
 def test_max_context_and_fits():
-    work = Workload(batch=512, context=2048, phase="decode", weights="bf16")
+    work = StepWorkload(batch=512, context=2048, phase="decode", weights="bf16")
     c = evaluate(PALM, V4, Mesh(4, 4, 4), work, "ws-2d", "batch", kv_memory_fraction=0.3)
     per_token = c.kv_cache_bytes_per_chip / 2048
     assert c.max_context == int(0.3 * V4.hbm_bytes // per_token)
     assert c.fits
-    huge = evaluate(PALM, V4, Mesh(4, 4, 4), Workload(512, 100_000, "decode"), "ws-2d", "batch")
+    huge = evaluate(PALM, V4, Mesh(4, 4, 4), StepWorkload(512, 100_000, "decode"), "ws-2d", "batch")
     assert not huge.fits and "GiB per chip" in huge.notes[-1]
 
 
