@@ -201,7 +201,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
     (`node_factors`), priced with the network between nodes; `free` is then the planner's
     choice across the nodes, which may be replicas or pipeline stages."""
     from meshwright.passes.compiler import node_factors
-    from meshwright.passes.cost_model import Mesh, Workload, factorizations
+    from meshwright.passes.cost_model import Mesh, StepWorkload, factorizations
     from meshwright.passes.hardware import get_hardware
     from meshwright.passes.multinode import PricingContext, split_nodes
     from meshwright.passes.planner import evaluate_all, plan_config
@@ -211,7 +211,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
     split = split_nodes(hw, chips, nodes)
     free, cands = {}, {}
     for phase, bucket in buckets:
-        work = Workload(bucket.batch, _context(phase, bucket), phase, weights)
+        work = StepWorkload(bucket.batch, _context(phase, bucket), phase, weights)
         free[(phase, bucket)] = plan_config(config, hardware=hw, chips=chips,
                                             batch=bucket.batch, context=work.context,
                                             phase=phase, weights=weights, nodes=nodes)
