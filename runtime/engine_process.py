@@ -16,13 +16,16 @@ The protocol, one duplex pipe of pickled tuples:
     engine -> server   ("ready", EngineFacts, seconds)       every bucket compiled
                        ("failed", exception, ran)            building (ran False) or running failed
                        ("accepted", rid) / ("refused", rid, Result)   the answer to a submit
-                       ("step", seconds | None, [(rid, token | Result), ...])
-                                                             what one engine iteration produced
-                       ("metrics", [lines])                  the answer to ("metrics",)
+                       ("step", [seconds, ...], [(rid, token | Result), ...])
+                                                             what one engine iteration produced,
+                                                             and the steps timed since the last
+                       ("metrics", [lines], [seconds, ...])  the answer to ("metrics",)
 
 In the engine process, a reader thread takes commands (`Engine.submit` and `Engine.abort` are
 thread-safe) while the main thread runs `Engine.run_forever`; each iteration's tokens and
-results go out as ONE message, so the server's event loop wakes once per engine step. The
+results go out as ONE message, so the server's event loop wakes once per engine step that
+produced something for it (the step times for its histogram ride along, or go every
+`STEP_TIMES_BATCH` steps: an engine running only whole answers does not wake it). The
 engine process exits when told to stop or when the pipe closes (the server died).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
@@ -40,11 +43,13 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 STOP_TIMEOUT_S = 10.0  # how long `stop` waits for the engine process before killing it
+STEP_TIMES_BATCH = 64  # step times sent at the latest after this many steps
 
 
 @dataclass
@@ -94,6 +99,15 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+def drain(times: deque) -> list[float]:
+    """Take what is in `times` (another thread may append meanwhile)."""
+    out = []
+    with contextlib.suppress(IndexError):
+        for _ in range(len(times)):
+            out.append(times.popleft())
+    return out
+
+
 def engine_main(options, conn) -> None:
     """The engine process: build the engine, say ready, run it until stopped."""
     # Signals are the server's business: it drains, then tells this process to stop.
@@ -110,6 +124,7 @@ def engine_main(options, conn) -> None:
     engine = None
     handles: dict[int, Any] = {}  # rid -> the engine's RequestHandle, while in flight
     outbox: list[tuple[int, Any]] = []  # what the running iteration produced
+    step_s: deque[float] = deque()  # step times not sent yet (appended by the engine's loop)
 
     def on_token(rid: int) -> Callable[[int, int], None]:
         return lambda _request_id, token: outbox.append((rid, token))
@@ -150,7 +165,7 @@ def engine_main(options, conn) -> None:
             elif kind == "metrics":
                 from meshwright.runtime.server import engine_metric_lines
 
-                send(("metrics", engine_metric_lines(engine)))
+                send(("metrics", engine_metric_lines(engine), drain(step_s)))
 
     reader = threading.Thread(target=read_commands, name="meshwright-commands", daemon=True)
     reader.start()
@@ -164,14 +179,12 @@ def engine_main(options, conn) -> None:
         ready.set()
         send(("ready", facts, time.perf_counter() - t0))
         ran = True
-        step_s: list[float] = []
 
         def flush() -> None:
-            if outbox or step_s:
+            if outbox or len(step_s) >= STEP_TIMES_BATCH:
                 produced = outbox[:]
-                del outbox[:len(produced)]
-                send(("step", step_s.pop() if step_s else None, produced))
-                step_s.clear()
+                outbox.clear()
+                send(("step", drain(step_s), produced))
 
         engine.run_forever(stop, on_step=step_s.append, after_iteration=flush)
         flush()
@@ -237,6 +250,7 @@ class EngineProcess:
             for w in waiters:
                 if not w.done():
                     w.set_result(message[1])
+            self.on_message(("step", message[2], []))  # the step times it brought
             return
         if kind == "step":
             for rid, item in message[2]:

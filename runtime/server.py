@@ -252,8 +252,8 @@ class Server:
         """A message from the engine process (its tokens went to their mailboxes already)."""
         kind = message[0]
         if kind == "step":
-            if message[1] is not None:
-                self.metrics.step.observe(message[1])
+            for seconds in message[1]:
+                self.metrics.step.observe(seconds)
         elif kind == "ready":
             try:
                 self._ready(message[1], message[2])
