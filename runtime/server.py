@@ -368,7 +368,7 @@ class Server:
 
         lines = None
         if self.runner.status == "ready":
-            with contextlib.suppress(RuntimeError):  # the engine stopped meanwhile
+            with contextlib.suppress(Exception):  # the engine stopped or failed meanwhile
                 lines = await self.runner.metric_lines()
         return Response(self.metrics.text(lines, self.status), media_type=CONTENT_TYPE)
 
@@ -409,7 +409,7 @@ class Server:
             sub.rid, refused = await self.runner.submit(
                 Request(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling,
                         stop_tokens=self.text.eos_token_ids), per_token, sub)
-        except RuntimeError as e:  # the engine failed or stopped meanwhile
+        except Exception as e:  # noqa: BLE001 (the engine failed or stopped meanwhile)
             count(endpoint=endpoint, outcome="error")
             return _error(500, f"the engine failed: {e}", "server_error")
         if refused is not None:
