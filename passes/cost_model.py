@@ -29,7 +29,6 @@ Step time = max(compute, weight load + KV load)      # roofline: matmuls overlap
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -44,6 +43,7 @@ from meshwright.passes.layouts import (
     ffn_layout,
     padded_heads,
 )
+from meshwright.passes.mesh import Mesh, factorizations  # noqa: F401 (passes/mesh.py)
 from meshwright.passes.network import CollectiveTime, two_level_collective
 
 # The layouts are objects in `passes/layouts.py`; these are their names (live: a layout
@@ -56,90 +56,6 @@ WEIGHT_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 ACTIVATION_BYTES = {"bf16": 2, "int8": 2, "fp32": 4}
 
 Phase = Literal["prefill", "decode"]
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """A logical 3D mesh of chips, `x * y * z = n` (sizes of 1 allowed).
-
-    `slow` gives, per axis, over how many nodes it runs (its outer factor; 1: the axis stays
-    inside a node). A mesh with any factor > 1 spans `nodes` nodes of `chips_per_node` chips,
-    and its collectives over those axes cross the slow network (`passes/network.py`).
-
-        >>> m = Mesh(4, 2, 2, slow=(2, 1, 1))  # x: 2 nodes x 2 chips
-        >>> m.nodes, m.chips_per_node, m.slow_axes, str(m)
-        (2, 8, {'x': 2}, '[2*2]x2x2')
-    """
-
-    x: int
-    y: int
-    z: int
-    slow: tuple[int, int, int] = (1, 1, 1)
-
-    def __post_init__(self) -> None:
-        for a, s in zip("xyz", self.slow):
-            if s < 1 or getattr(self, a) % s:
-                raise ValueError(f"mesh axis {a}={getattr(self, a)} cannot run over {s} nodes "
-                                 f"(nodes must divide the axis)")
-
-    @property
-    def n(self) -> int:
-        return self.x * self.y * self.z
-
-    @property
-    def nodes(self) -> int:
-        """Nodes the mesh spans (1 unless an axis crosses nodes)."""
-        return math.prod(self.slow)
-
-    @property
-    def chips_per_node(self) -> int:
-        return self.n // self.nodes
-
-    @property
-    def slow_axes(self) -> dict[str, int]:
-        """The axes that cross nodes, and over how many nodes each runs."""
-        return {a: s for a, s in zip("xyz", self.slow) if s > 1}
-
-    def size(self, axes: str) -> int:
-        """Chips in a group spanning `axes`, e.g. size("yz") = y * z."""
-        return math.prod(getattr(self, a) for a in axes)
-
-    def slow_size(self, axes: str) -> int:
-        """Nodes a group spanning `axes` reaches (1: the group stays inside a node)."""
-        return math.prod(self.slow["xyz".index(a)] for a in axes)
-
-    def inside_node(self) -> Mesh:
-        """The part of the mesh inside one node: every axis divided by its node count."""
-        return Mesh(*(getattr(self, a) // s for a, s in zip("xyz", self.slow)))
-
-    def ring_steps(self, axes: str) -> int:
-        """Neighbour exchanges of a collective done axis by axis: sum(a_i - 1)."""
-        return sum(getattr(self, a) - 1 for a in axes)
-
-    def to_dict(self) -> dict:
-        return {"x": self.x, "y": self.y, "z": self.z}
-
-    def __str__(self) -> str:
-        return "x".join(f"[{s}*{getattr(self, a) // s}]" if s > 1 else str(getattr(self, a))
-                        for a, s in zip("xyz", self.slow))
-
-
-def factorizations(n: int) -> list[Mesh]:
-    """Every ordered X*Y*Z = n, including 1s, in a fixed order.
-
-        >>> [str(m) for m in factorizations(4)]
-        ['1x1x4', '1x2x2', '1x4x1', '2x1x2', '2x2x1', '4x1x1']
-    """
-    if n < 1:
-        raise ValueError(f"chips must be >= 1, got {n}")
-    meshes = []
-    for x in range(1, n + 1):
-        if n % x:
-            continue
-        for y in range(1, n // x + 1):
-            if (n // x) % y == 0:
-                meshes.append(Mesh(x, y, n // x // y))
-    return meshes
 
 
 @dataclass(frozen=True)
