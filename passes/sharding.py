@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 from meshwright.passes.layouts import ATTENTION_NAMES, FFN_NAMES, attention_layout, ffn_layout
+from meshwright.passes.mesh import Mesh
 
 Axes = tuple[str, ...]
 
@@ -75,20 +76,12 @@ class CollectiveRecord:
     site: str = ""  # the equation that emitted it (`lower_graph` fills it in), see `_site`
 
 
-@dataclass
-class MeshInfo:
-    """Mesh axis sizes, for shard counts and local shapes."""
+class MeshInfo(Mesh):
+    """The mesh (`passes.mesh.Mesh`: `sizes`, `count`, `local_shape`, `fits`) built from its
+    axis sizes, MeshInfo({"x": 2, "y": 2, "z": 2}): the lowering's name for it."""
 
-    sizes: dict[str, int]
-
-    def count(self, axes) -> int:
-        return math.prod(self.sizes[a] for a in axes)
-
-    def local_shape(self, shape, spec: Spec) -> tuple[int, ...]:
-        return tuple(s // self.count(d) for s, d in zip(shape, spec.dims))
-
-    def fits(self, size: int, axes) -> bool:
-        return size % self.count(axes) == 0
+    def __init__(self, sizes) -> None:
+        super().__init__(*Mesh.parse(sizes).shape)
 
 
 @dataclass
