@@ -37,9 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from meshwright.passes.layouts import ffn_layout
-
-AXES = ("x", "y", "z")
-
+from meshwright.passes.mesh import Mesh
 
 # ---------------------------------------------------------------------------------------------
 # Planning
@@ -72,7 +70,7 @@ def _difference(key: tuple, placed: tuple) -> str:
 
 
 def _mesh_text(mesh: dict) -> str:
-    return "x".join(str(mesh[a]) for a in AXES)
+    return Mesh.parse(mesh).text
 
 
 @dataclass
@@ -198,11 +196,11 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
     `nodes`: the chips are that many nodes (the processes of a multi-process job; default:
     as the hardware profile splits `chips`). Across nodes every bucket runs a layout
     stretched over them, each mesh axis crossing the nodes `mw.shard` lays it over
-    (`node_factors`), priced with the network between nodes; `free` is then the planner's
+    (`Mesh.over_nodes`), priced with the network between nodes; `free` is then the planner's
     choice across the nodes, which may be replicas or pipeline stages."""
-    from meshwright.passes.compiler import node_factors
-    from meshwright.passes.cost_model import Mesh, StepWorkload, factorizations
+    from meshwright.passes.cost_model import StepWorkload
     from meshwright.passes.hardware import get_hardware
+    from meshwright.passes.mesh import factorizations
     from meshwright.passes.multinode import PricingContext, split_nodes
     from meshwright.passes.planner import evaluate_all, plan_config
 
@@ -218,8 +216,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
         if split.nodes == 1:
             ok, _ = evaluate_all(config, hw, chips, work)
         else:  # the paper's layouts on meshes over the nodes, as mw.shard lays them out
-            meshes = [Mesh(m.x, m.y, m.z, slow=node_factors((m.x, m.y, m.z), split.nodes))
-                      for m in factorizations(chips)]
+            meshes = [m.over_nodes(split.nodes) for m in factorizations(chips)]
             ok = PricingContext(config, hw, split, work).layouts(config, meshes, work)
         cands[(phase, bucket)] = [c for c in ok if c.fits]
     decode = [(p, b) for p, b in buckets if p == "decode"]
@@ -285,7 +282,7 @@ def plan_layouts(config, buckets: Sequence, *, chips: int, hardware: str = "cpu"
         nxt = share[1] if len(share) > 1 else None
         choices[key] = LayoutChoice(
             phase, bucket.batch, bucket.length, best.ffn_layout, best.attention_layout, m,
-            best.step_s, f"{f.ffn_layout}/{f.attention_layout} {_mesh_text(f.mesh.to_dict())}",
+            best.step_s, f"{f.ffn_layout}/{f.attention_layout} {f.mesh.text}",
             f.step_s,
             None if nxt is None else f"{nxt.ffn_layout}/{nxt.attention_layout} "
             f"({100 * (nxt.step_s / best.step_s - 1):+.1f}%)", aside)
@@ -511,13 +508,10 @@ def choose_pin(plan) -> tuple[dict, str]:
     bucket, and why: the planner's choice when it is weight-stationary; otherwise the
     cheapest weight-stationary candidate, since weight-gathered layouts split the batch over
     chips and cannot run the small buckets (batch 1)."""
-    from meshwright.passes.compiler import node_factors
-
     def runs(c) -> bool:  # across nodes: each axis over the nodes mw.make_mesh lays it over
         if ffn_layout(c.ffn_layout).splits_batch:  # a batch-1 bucket cannot run it
             return False
-        return plan.nodes == 1 or tuple(c.mesh.slow) == node_factors(
-            (c.mesh.x, c.mesh.y, c.mesh.z), plan.nodes)
+        return plan.nodes == 1 or c.mesh == c.mesh.over_nodes(plan.nodes)
 
     best = plan.best
     if runs(best):
