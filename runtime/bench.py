@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from meshwright.models import build, get_config, load_demo_model
 from meshwright.models.demo import DEMO_CONFIG, ByteTokenizer
+from meshwright.passes.mesh import Mesh
 from meshwright.runtime.engine import Engine
+from meshwright.runtime.scheduler import POLICIES
 from meshwright.runtime.workload import make_workload
-
-POLICIES = ("fused", "static", "dynamic")
 
 
 def make_engine(model: str = "palm-tiny", *, max_slots: int = 8, max_len: int | None = None,
@@ -269,9 +269,8 @@ def format_metrics(m: dict) -> str:
 def format_layouts(m: dict) -> str:
     """Per bucket: the layout that ran, how many steps, the planner's free choice and why."""
     ran = m.get("layouts_ran") or {}
-    mesh = m["mesh"]
-    head = (f"layout per bucket ({m['devices']} devices, mesh {mesh['x']}x{mesh['y']}x"
-            f"{mesh['z']}, planned for {m['hardware']}"
+    head = (f"layout per bucket ({m['devices']} devices, mesh {Mesh.parse(m['mesh']).text}, "
+            f"planned for {m['hardware']}"
             + (f"; own weight copies: {', '.join(m['weight_copies'])}"
                if m.get("weight_copies") else "; weights placed once") + "):")
     lines = [head, f"  {'bucket':<15}{'ran':<14}{'steps':>7}  {'planner, free':<22}why"]
