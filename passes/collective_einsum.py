@@ -13,13 +13,14 @@ block's chunk); a gathered free or batch dimension writes the block's rows of th
 bidirectional variant sends half the blocks each way (ceil((N-1)/2) steps, two transfers in
 flight); `unroll=False` writes the steps as one `fori_loop`.
 
-How it works: the lowering decides every value's spec as it goes, so the pass surveys first.
-It runs the lowering abstractly (`jax.make_jaxpr`, nothing compiled) with every non-attention
-matmul marked as a `Candidate`; there the lowering's dot_general rule calls `lower_looped`,
-which finds the collectives the matmul needs (a pure gather of one operand, a pure
-reduce-scatter of the result onto one dimension), prices plain against looped with the
-hardware profile, and leaves a `Decision` in `node.meta["collective_einsum"]`. The real
-lowering then emits the loop for every Decision that says so. A matmul needing both a gather
+How it works: the pass reads the spec propagation (`passes.propagate.propagate`: every
+value's spec and every matmul's operand specs, from the graph and the mesh, nothing traced).
+For each projection's `MatmulSite` it finds the collectives the matmul needs (a pure gather of
+one operand, a pure reduce-scatter of the result onto one dimension), prices plain against
+looped with the hardware profile (`plan_matmul`), and leaves a `Decision` in
+`node.meta["collective_einsum"]`. At emission, lower's dot_general rule asks its registered
+matmul lowerings (`lower.MATMUL_LOWERINGS`) first; this module's, `"collective-einsum"`,
+writes the loop for every Decision that says so. A matmul needing both a gather
 and a scatter loops the gather; its reduce-scatter stays plain. A gathered operand that other
 matmuls read too (Q, K, V and the FFN input of one normed activation) is assembled from the
 blocks as they pass and reused, so the bytes on the wire stay those of the one all-gather.
@@ -43,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from meshwright.ir import Graph, Node, Value
 from meshwright.passes.base import Pass, PassContext, register
+from meshwright.passes.lower import bind, dot_output_spec, matmul_lowering, weight_operand
+from meshwright.passes.propagate import MatmulSite, propagate
 from meshwright.passes.sharding import MeshInfo, Spec
 
 MESH_ORDER = ("x", "y", "z")
@@ -53,7 +56,7 @@ MIN_SAVING = 0.05
 
 @dataclass(frozen=True)
 class Candidate:
-    """A matmul the survey looks at, with the pass's options."""
+    """The pass's options as the survey prices a matmul with them (`plan_matmul`)."""
 
     mode: str  # "auto" | "on"
     direction: str  # "auto" | "uni" | "bidi"
@@ -159,19 +162,9 @@ def collective_einsum(g: Graph, mesh: MeshInfo, options: CollectiveEinsum | None
             f"collective_einsum='on' forces it")
         return []
     candidate = Candidate(options.mode, options.direction, options.unroll, hw)
-    marked = []
-    for node, _ in g.walk():
-        if node.op == "dot_general":
-            node.meta["collective_einsum"] = candidate
-            marked.append(node)
-    _survey(g, mesh)
-    decisions = []
-    for node in marked:
-        d = node.meta.get("collective_einsum")
-        if isinstance(d, Decision):
-            decisions.append(d)
-        else:  # needs no gather or scatter of its own
-            node.meta.pop("collective_einsum", None)
+    _survey(g, mesh, candidate)
+    decisions = [node.meta["collective_einsum"] for node, _ in g.walk()
+                 if node.op == "dot_general" and "collective_einsum" in node.meta]
     g.meta["collective_einsum"] = decisions
     looped = sum(d.looped for d in decisions)
     g.meta["collective_einsum_note"] = (
@@ -180,43 +173,17 @@ def collective_einsum(g: Graph, mesh: MeshInfo, options: CollectiveEinsum | None
     return decisions
 
 
-def _survey(g: Graph, mesh: MeshInfo) -> None:
-    """Run the lowering abstractly; candidates become Decisions. Leaves no other trace."""
-    from jax.sharding import AbstractMesh, AxisType
+def _survey(g: Graph, mesh: MeshInfo, candidate: Candidate) -> None:
+    """A Decision on every projection that gathers an operand or scatters its result, from
+    the spec propagation (nothing traced, nothing else written on the graph)."""
     from meshwright.passes.analysis import analyze
-    from meshwright.passes.lower import LowerContext, Lowered, lower_graph
-    from meshwright.passes.sharding import Emitter
 
     if "weight_values" not in g.meta:
         g.meta["weight_values"] = set(analyze(g).weights)
-    in_specs = g.meta["in_specs"]
-    sizes = tuple(mesh.sizes.get(a, 1) for a in MESH_ORDER)
-    amesh = AbstractMesh(sizes, MESH_ORDER, axis_types=(AxisType.Auto,) * 3)
-
-    def per_device(*flat):
-        ctx = LowerContext.for_graph(g, mesh, Emitter(mesh), Lowered())
-        outs, _ = lower_graph(ctx, g, list(flat), in_specs)
-        return outs
-
-    structs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in g.inputs]
-    from jax.sharding import PartitionSpec
-
-    program = jax.shard_map(per_device, mesh=amesh,
-                            in_specs=tuple(s.partition_spec() for s in in_specs),
-                            out_specs=PartitionSpec(), check_vma=False)
-    try:
-        jax.make_jaxpr(program)(*structs)
-    finally:
-        _forget_lowering(g)
-
-
-def _forget_lowering(g: Graph) -> None:
-    """Drop what the survey's lowering wrote (the real lowering writes it again)."""
-    for node in g.nodes:
-        for key in ("sharding", "spec", "collectives"):
-            node.meta.pop(key, None)
-        for body in node.region_graphs():
-            _forget_lowering(body)
+    for site in propagate(g, mesh).matmuls:
+        decision = plan_matmul(site, mesh, candidate)
+        if decision is not None:
+            site.node.meta["collective_einsum"] = decision
 
 
 # ---- what a matmul needs --------------------------------------------------------------------
@@ -298,21 +265,18 @@ def _decide(cand: Candidate, kind, axes, dims, operand, nbytes, n, flops, dtype,
 # ---- the lowering ---------------------------------------------------------------------------
 
 
-def lower_looped(ctx, node: Node, ins, wants) -> list | None:
-    """The lowering's hook for a marked dot_general: survey (a Candidate becomes a Decision)
-    or emit the loop (a looped Decision). None: lower it plainly."""
-    from meshwright.passes.lower import dot_output_spec
-
-    meta = node.meta.get("collective_einsum")
-    specs = [ins[0][1], ins[1][1]]
+def _needs(site: MatmulSite, mesh: MeshInfo):
+    """The collectives one matmul needs: (gathers [(bytes, operand, groups)], biggest first,
+    of operands no other matmul gathered already; the looped one (operand, groups) or None;
+    whether every operand arrives as wanted or by a pure gather; the result's spec; the pure
+    reduce-scatter toward its target (dim, axes) or None)."""
+    node, specs, wants = site.node, site.arrived, site.wants
     gathers = []  # (bytes gathered, operand, groups); the bigger one is looped
     for k in (0, 1):
         groups = pure_gather(specs[k], wants[k])
-        if groups is None:
+        if groups is None or site.reused[k]:  # reused: a sibling matmul already gathered it
             continue
-        if ctx._reshards.get((id(ins[k][0]), specs[k], wants[k], ctx.em.trips)) is not None:
-            continue  # a sibling matmul already gathered it
-        size = math.prod(ctx.mesh.local_shape(node.inputs[k].shape, wants[k]))
+        size = math.prod(mesh.local_shape(node.inputs[k].shape, wants[k]))
         gathers.append((size * np.dtype(node.inputs[k].dtype).itemsize, k, groups))
     gathers.sort(key=lambda t: -t[0])
     gather = (gathers[0][1], gathers[0][2]) if gathers else None
@@ -321,38 +285,48 @@ def lower_looped(ctx, node: Node, ins, wants) -> list | None:
     out_spec = dot_output_spec(node, *wants)
     targets = node.meta.get("target")
     scatter = pure_scatter(out_spec, targets[0]) if targets and targets[0] is not None else None
-    if isinstance(meta, Candidate):
-        from meshwright.passes.lower import _weight_operand
+    return gathers, gather, others_ok, out_spec, scatter
 
-        # projections only: attention's activation-activation matmuls move by all-to-all
-        if not others_ok or _weight_operand(node) is None:
-            return None
-        local = [ctx.mesh.local_shape(v.shape, w) for v, w in zip(node.inputs, wants)]
-        flops = _flops(node, local)
-        dtype = node.out.dtype
-        if gather is not None:
-            k, groups = gather
-            axes = tuple(a for _, g in groups for a in g)
-            n = ctx.mesh.count(axes)
-            nbytes = math.prod(local[k]) * np.dtype(node.inputs[k].dtype).itemsize
-            kept = tuple(f"all-gather({','.join(a for _, g in groups_ for a in g)})"
-                         for _, _, groups_ in gathers[1:])
-            kept += (f"reduce-scatter({','.join(scatter[1])})",) if scatter else ()
-            node.meta["collective_einsum"] = _decide(meta, "all-gather", axes,
-                                                     [d for d, _ in groups], k, nbytes, n,
-                                                     flops, dtype, kept, ctx.em.trips)
-        elif scatter is not None and all(specs[k] == wants[k] or ctx._reshards.get(
-                (id(ins[k][0]), specs[k], wants[k], ctx.em.trips)) is not None for k in (0, 1)):
-            d, axes = scatter
-            n = ctx.mesh.count(axes)
-            out_local = ctx.mesh.local_shape(node.out.shape, out_spec)
-            nbytes = math.prod(out_local) * np.dtype(dtype).itemsize
-            node.meta["collective_einsum"] = _decide(meta, "reduce-scatter", axes, [d], None,
-                                                     nbytes, n, flops, dtype,
-                                                     trips=ctx.em.trips)
+
+def plan_matmul(site: MatmulSite, mesh: MeshInfo, cand: Candidate) -> Decision | None:
+    """The Decision for one propagated matmul: what its gather (else its reduce-scatter)
+    costs plain and looped. None: not a projection, or it needs neither."""
+    node, specs, wants = site.node, site.arrived, site.wants
+    gathers, gather, others_ok, out_spec, scatter = _needs(site, mesh)
+    # projections only: attention's activation-activation matmuls move by all-to-all
+    if not others_ok or weight_operand(node) is None:
         return None
+    local = [mesh.local_shape(v.shape, w) for v, w in zip(node.inputs, wants)]
+    flops = _flops(node, local)
+    dtype = node.out.dtype
+    if gather is not None:
+        k, groups = gather
+        axes = tuple(a for _, g in groups for a in g)
+        n = mesh.count(axes)
+        nbytes = math.prod(local[k]) * np.dtype(node.inputs[k].dtype).itemsize
+        kept = tuple(f"all-gather({','.join(a for _, g in groups_ for a in g)})"
+                     for _, _, groups_ in gathers[1:])
+        kept += (f"reduce-scatter({','.join(scatter[1])})",) if scatter else ()
+        return _decide(cand, "all-gather", axes, [d for d, _ in groups], k, nbytes, n, flops,
+                       dtype, kept, site.trips)
+    if scatter is not None and all(specs[k] == wants[k] or site.reused[k] for k in (0, 1)):
+        d, axes = scatter
+        n = mesh.count(axes)
+        nbytes = math.prod(mesh.local_shape(node.out.shape, out_spec)) * np.dtype(dtype).itemsize
+        return _decide(cand, "reduce-scatter", axes, [d], None, nbytes, n, flops, dtype,
+                       trips=site.trips)
+    return None
+
+
+@matmul_lowering("collective-einsum")
+def lower_looped(ctx, site: MatmulSite, ins) -> list | None:
+    """lower's matmul lowering for a dot_general whose Decision says looped: the loop of
+    ppermutes and partial matmuls. None: lower it plainly."""
+    node, specs, wants = site.node, site.arrived, site.wants
+    meta = node.meta.get("collective_einsum")
     if not isinstance(meta, Decision) or not meta.looped:
         return None
+    _, gather, _, out_spec, scatter = _needs(site, ctx.mesh)
     if meta.kind == "all-gather":
         if gather is None or gather[0] != meta.operand:
             return None
@@ -449,8 +423,6 @@ def _run_steps(ctx, steps_common: int, tail: int, body, carry, unroll: bool):
 
 def _allgather_loop(ctx, node, k, a, src: Spec, want: Spec, groups, other, meta: Decision):
     """out = dot(gather(a), other) as ppermute steps over the ring of `groups`' axes."""
-    from meshwright.passes.lower import _bind
-
     mesh, em = ctx.mesh, ctx.em
     ring = tuple(ax for _, g in groups for ax in g)
     n = mesh.count(ring)
@@ -473,7 +445,7 @@ def _allgather_loop(ctx, node, k, a, src: Spec, want: Spec, groups, other, meta:
                 e = oc[kc.index(d)] if d in kc else ob[kb.index(d)]
                 size = block.shape[d]
                 o = jax.lax.dynamic_slice_in_dim(o, _chunk(mesh, ring, g, r) * size, size, e)
-        return _bind(node, [block, o] if k == 0 else [o, block])[0]
+        return bind(node, [block, o] if k == 0 else [o, block])[0]
 
     def add(out, r, y):
         if not placed:
@@ -528,14 +500,12 @@ def _allgather_loop(ctx, node, k, a, src: Spec, want: Spec, groups, other, meta:
     out, _, _, full = _run_steps(ctx, common, fwd - common, body, (out, a, a, full),
                                  meta.unroll)
     if share:
-        ctx._reshards[(id(a), src, want, em.trips)] = (a, full)
+        ctx.remember(a, src, want, full)
     return out
 
 
 def _scatter_loop(ctx, node, arrays, out_spec: Spec, d: int, axes, meta: Decision):
     """reduce_scatter(dot(*arrays), axes, onto dim d) as partial sums passed around the ring."""
-    from meshwright.passes.lower import _bind
-
     mesh, em = ctx.mesh, ctx.em
     n = mesh.count(axes)
     (lc, rc), (lb, rb) = node.params["dimension_numbers"]
@@ -556,7 +526,7 @@ def _scatter_loop(ctx, node, arrays, out_spec: Spec, d: int, axes, meta: Decisio
         args = list(arrays)
         for k, dim in sources:
             args[k] = jax.lax.dynamic_slice_in_dim(args[k], (j % n) * size, size, dim)
-        return _bind(node, args)[0]
+        return bind(node, args)[0]
 
     fwd, bwd = _streams(n, meta.direction)
     ahead, back = ring_perm(mesh, tuple(axes), 1), ring_perm(mesh, tuple(axes), -1)

@@ -10,6 +10,12 @@ to XLA's partitioner: the program is written per device.
 Where a rule cannot keep an operand sharded (a slice across a sharded dimension, an unknown
 primitive), the operand is gathered and the equation runs replicated: correct first, and
 listed in `replicated_fallbacks`.
+
+A rule decides specs, then asks its context to reshard (`ctx.to`) and to run the equation
+(`ctx.bind`): under `shard_map` that emits JAX; with `Abstract` arrays it only propagates specs
+and records collectives (`passes/propagate.py`: the same walk, no tracing). A dot_general asks
+the registered matmul lowerings (`MATMUL_LOWERINGS`, `@matmul_lowering`) before lowering plainly;
+collective-einsum registers its ppermute loops there.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.ir.interpreter import region_jaxpr
 from meshwright.passes.base import rule_registry
 from meshwright.passes.layouts import attention_layout
+from meshwright.passes.propagate import Abstract, MatmulSite, Propagation
 from meshwright.passes.sharding import Emitter, MeshInfo, Spec, reshard
 
 _LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose",
@@ -40,6 +47,10 @@ class Lowered:
 
 
 class LowerContext:
+    """What the rules lower with: the mesh, where collectives go (`em`), what the lowering
+    reports (`result`), the layout's attention, and the reshard cache. With `propagation`
+    set (`passes.propagate`), the local arrays are `Abstract` and nothing is traced."""
+
     def __init__(self, mesh: MeshInfo, em: Emitter, result: Lowered, attention: str = "heads",
                  attention_batch: tuple = ()):
         self.mesh = mesh
@@ -48,6 +59,7 @@ class LowerContext:
         # (array, from, to) -> resharded array: q, k and v projections of one normed input
         # gather it once. The array is kept alive with its entry so its id stays unique.
         self._reshards: dict[tuple, tuple] = {}
+        self.propagation: Propagation | None = None  # set: propagating specs, not emitting
         # id(local output of a broadcast_in_dim) -> (output, node, local input, its spec): a
         # broadcast operand that must move is re-broadcast from its (small) moved input.
         self.broadcasts: dict[int, tuple] = {}
@@ -71,16 +83,40 @@ class LowerContext:
         if msg not in self.result.fallbacks:
             self.result.fallbacks.append(msg)
 
+    @property
+    def abstract(self) -> bool:
+        """Whether the local arrays are `Abstract` (spec propagation)."""
+        return self.propagation is not None
+
+    def bind(self, node: Node, args: list, **param_updates) -> list:
+        """Run `node`'s equation on local arrays `args` with its params updated (local
+        shapes): the results (`Abstract` ones, shaped by the walk, when propagating)."""
+        if self.abstract:
+            return [Abstract(None, v.dtype) for v in node.outputs]
+        return bind(node, args, **param_updates)
+
     def to(self, x, src: Spec, dst: Spec, note: str = ""):
+        """x (spec `src`) resharded to `dst`: collectives and local slices, once per array,
+        specs and loop trip (a second request returns the first result)."""
         if src == dst:
             return x
-        key = (id(x), src, dst, self.em.trips)
-        hit = self._reshards.get(key)
-        if hit is not None and hit[0] is x:
-            return hit[1]
+        hit = self.resharded(x, src, dst)
+        if hit is not None:
+            return hit
         out = reshard(self.em, x, src, dst, note)
-        self._reshards[key] = (x, out)
+        self.remember(x, src, dst, out)
         return out
+
+    def resharded(self, x, src: Spec, dst: Spec):
+        """What an earlier `to(x, src, dst)` (or `remember`) made of this array at this loop
+        trip, else None."""
+        hit = self._reshards.get((id(x), src, dst, self.em.trips))
+        return hit[1] if hit is not None and hit[0] is x else None
+
+    def remember(self, x, src: Spec, dst: Spec, out) -> None:
+        """Record `out` as x resharded from `src` to `dst`: a matmul lowering that assembles
+        the resharded array itself (a looped all-gather) lets later users reuse it."""
+        self._reshards[(id(x), src, dst, self.em.trips)] = (x, out)
 
     def resolved(self, x, spec: Spec, note=""):
         """The array with its partial sums reduced."""
@@ -97,8 +133,36 @@ LOWER_RULES: dict[str, Rule] = {}
 
 lower_rule = rule_registry(LOWER_RULES)  # @lower_rule("prim", ...) registers a rule
 
+# Alternative lowerings of one dot_general, asked in registration order before the plain one
+# (reshard both operands to `site.wants`, bind, result partial over the contracted axes).
+# A lowering takes (ctx, site, ins) and returns the results [(local array, spec)], or None
+# to leave the matmul to the next one. `site` is the `propagate.MatmulSite` of the matmul:
+# the specs its operands arrive in and are wanted in (as `propagate` reports them, so a pass
+# that plans from the propagation meets the same numbers here), whether another equation
+# already resharded an operand to its wanted spec, the loop trips. Lowerings run at emission;
+# propagation lowers every matmul plainly. Collective-einsum is one (`"collective-einsum"`).
+MatmulLowering = Callable[[LowerContext, MatmulSite, list[Local]], "list[Local] | None"]
+MATMUL_LOWERINGS: dict[str, MatmulLowering] = {}
 
-def _bind(node: Node, args: list, **param_updates):
+
+def matmul_lowering(name: str):
+    """Register an alternative matmul lowering under `name` (see MATMUL_LOWERINGS).
+
+        >>> @matmul_lowering("my-matmul")
+        ... def my_matmul(ctx, site, ins):
+        ...     if "my-matmul" not in site.node.meta:
+        ...         return None
+        ...     ...  # ctx.to / ctx.resharded / ctx.remember / bind / ctx.em collectives
+    """
+    def register(fn: MatmulLowering) -> MatmulLowering:
+        MATMUL_LOWERINGS[name] = fn
+        return fn
+    return register
+
+
+def bind(node: Node, args: list, **param_updates) -> list:
+    """Bind `node`'s primitive on `args` (local arrays) with its params updated (e.g. local
+    shapes); its regions as jaxprs. The results, as a list."""
     params = dict(node.params)
     params.update(param_updates)
     if node.regions:
@@ -116,7 +180,7 @@ def _replicated(ctx: LowerContext, node: Node, ins: list[Local], why: str) -> li
             ctx.fallback(node, why)
             x = ctx.to(x, spec, Spec.replicated(len(v.shape)), f"replicate for {node.op}")
         args.append(x)
-    return [(o, Spec.replicated(len(v.shape))) for o, v in zip(_bind(node, args), node.outputs)]
+    return [(o, Spec.replicated(len(v.shape))) for o, v in zip(ctx.bind(node, args), node.outputs)]
 
 
 # ---- elementwise (the default) ----------------------------------------------------------------
@@ -164,7 +228,7 @@ def _elementwise(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]
         args.append(_to_operand(ctx, x, s, Spec(want_dims), node.op))
     if not keep_partial:
         target = Spec(target.dims)
-    return [(o, target) for o in _bind(node, args)]
+    return [(o, target) for o in ctx.bind(node, args)]
 
 
 def _nested_partials(ctx: LowerContext, node: Node, ins: list[Local]) -> list[Local]:
@@ -201,16 +265,18 @@ def _widen_partial(ctx: LowerContext, x, spec: Spec, axes: list[str]):
     for a in sorted(axes, key=lambda a: -max((d.index(a) for d in dims if a in d),
                                              default=-1)):
         hit = next((i for i, d in enumerate(dims) if a in d), None)
-        index = jax.lax.axis_index(a)
+        index = None if ctx.abstract else jax.lax.axis_index(a)
         if hit is None:
-            x = jnp.where(index == 0, x, jnp.zeros((), x.dtype))
+            if not ctx.abstract:
+                x = jnp.where(index == 0, x, jnp.zeros((), x.dtype))
             continue
         if dims[hit][-1] != a:
             return None
         size = x.shape[hit]
         full = list(x.shape)
         full[hit] = size * ctx.mesh.sizes[a]
-        x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(full, x.dtype), x, index * size,
+        x = Abstract(tuple(full), x.dtype) if ctx.abstract else \
+            jax.lax.dynamic_update_slice_in_dim(jnp.zeros(full, x.dtype), x, index * size,
                                                 axis=hit)
         dims[hit] = dims[hit][:-1]
     return x, Spec(tuple(dims), spec.partial)
@@ -350,7 +416,7 @@ def _reshape(ctx, node, ins):
     x = ctx.to(x, spec, target_in, "reshape")
     out_spec = Spec(tuple(out_dims))
     local = ctx.mesh.local_shape(sout, out_spec)
-    return [(_bind(node, [x], new_sizes=tuple(local), dimensions=None)[0], out_spec)]
+    return [(ctx.bind(node, [x], new_sizes=tuple(local), dimensions=None)[0], out_spec)]
 
 
 @lower_rule("broadcast_in_dim")
@@ -374,7 +440,7 @@ def _broadcast(ctx, node, ins):
         out_spec = Spec(tuple(dims))
     local = ctx.mesh.local_shape(out.shape, out_spec)
     rest = [a for a, _ in ins[1:]]
-    y = _bind(node, [x, *rest], shape=tuple(local), sharding=None)[0]
+    y = ctx.bind(node, [x, *rest], shape=tuple(local), sharding=None)[0]
     if spec is not None and not out_spec.partial and not rest:
         ctx.broadcasts[id(y)] = (y, node, x, want)
     return [(y, out_spec)]
@@ -407,14 +473,14 @@ def _to_operand(ctx, x, s: Spec, want: Spec, note: str):
                           for i, od in enumerate(bdims)))
     src = ctx.to(src, src_spec, src_want, note)
     local = ctx.mesh.local_shape(out_shape, want)
-    return _bind(node, [src], shape=tuple(local), sharding=None)[0]
+    return ctx.bind(node, [src], shape=tuple(local), sharding=None)[0]
 
 
 @lower_rule("transpose")
 def _transpose(ctx, node, ins):
     x, spec = ins[0]
     perm = node.params["permutation"]
-    return [(_bind(node, [x])[0], Spec(tuple(spec.dims[p] for p in perm), spec.partial))]
+    return [(ctx.bind(node, [x])[0], Spec(tuple(spec.dims[p] for p in perm), spec.partial))]
 
 
 @lower_rule("squeeze")
@@ -422,7 +488,7 @@ def _squeeze(ctx, node, ins):
     x, spec = ins[0]
     rank = len(node.inputs[0].shape)
     gone = {d % rank for d in node.params["dimensions"]}
-    return [(_bind(node, [x])[0], Spec(tuple(d for i, d in enumerate(spec.dims)
+    return [(ctx.bind(node, [x])[0], Spec(tuple(d for i, d in enumerate(spec.dims)
                                              if i not in gone), spec.partial))]
 
 
@@ -432,7 +498,7 @@ def _expand_dims(ctx, node, ins):
     dims = list(spec.dims)
     for d in sorted(node.params["dimensions"]):
         dims.insert(d, ())
-    return [(_bind(node, [x])[0], Spec(tuple(dims), spec.partial))]
+    return [(ctx.bind(node, [x])[0], Spec(tuple(dims), spec.partial))]
 
 
 @lower_rule("reduce_sum", "reduce_max", "reduce_min")
@@ -446,7 +512,7 @@ def _reduce(ctx, node, ins):
     for d in sorted(axes):
         partial += [(a, op) for a in spec.dims[d]]
     kept = tuple(d for i, d in enumerate(spec.dims) if i not in axes)
-    return [(_bind(node, [x])[0], Spec(kept, tuple(partial)))]
+    return [(ctx.bind(node, [x])[0], Spec(kept, tuple(partial)))]
 
 
 def _unshard_dims(ctx, node, x, spec: Spec, dims_to_free) -> tuple[Any, Spec]:
@@ -467,7 +533,7 @@ def _along_one_axis(ctx, node, ins):
     if node.op in ("sort", "top_k") or len(ins) > 1:
         return _replicated(ctx, node, ins, f"{node.op} runs replicated")
     x, spec = _unshard_dims(ctx, node, x, spec, {a % len(spec.dims) for a in axes})
-    out = _bind(node, [x])
+    out = ctx.bind(node, [x])
     if node.op in ("argmax", "argmin"):
         kept = tuple(d for i, d in enumerate(spec.dims) if i not in axes)
         return [(out[0], Spec(kept))]
@@ -482,7 +548,7 @@ def _fft(ctx, node, ins):
     rank = len(spec.dims)
     x, spec = _unshard_dims(ctx, node, x, spec,
                             set(range(rank - len(node.params["fft_lengths"]), rank)))
-    return [(_bind(node, [x])[0], spec)]
+    return [(ctx.bind(node, [x])[0], spec)]
 
 
 @lower_rule("slice")
@@ -499,7 +565,7 @@ def _slice(ctx, node, ins):
     local_shape = ctx.mesh.local_shape(shape, dims_spec)
     limit = tuple(node.params["limit_indices"][i] if i in cut else local_shape[i]
                   for i in range(len(shape)))
-    return [(_bind(node, [x], limit_indices=limit)[0], dims_spec)]
+    return [(ctx.bind(node, [x], limit_indices=limit)[0], dims_spec)]
 
 
 @lower_rule("dynamic_slice")
@@ -512,7 +578,7 @@ def _dynamic_slice(ctx, node, ins):
     local = ctx.mesh.local_shape(shape, spec)
     local_sizes = tuple(sizes[i] if i in cut else local[i] for i in range(len(shape)))
     idx = [ctx.resolved(a, s)[0] if s is not None else a for a, s in ins[1:]]
-    return [(_bind(node, [x, *idx], slice_sizes=local_sizes)[0], spec)]
+    return [(ctx.bind(node, [x, *idx], slice_sizes=local_sizes)[0], spec)]
 
 
 @lower_rule("dynamic_update_slice")
@@ -524,7 +590,7 @@ def _dynamic_update_slice(ctx, node, ins):
     u, uspec = ctx.resolved(u, uspec, node.op)
     u = ctx.to(u, uspec, spec, node.op)
     idx = [ctx.resolved(a, s)[0] if s is not None else a for a, s in ins[2:]]
-    return [(_bind(node, [x, u, *idx])[0], spec)]
+    return [(ctx.bind(node, [x, u, *idx])[0], spec)]
 
 
 @lower_rule("concatenate")
@@ -540,7 +606,7 @@ def _concatenate(ctx, node, ins):
     for x, s in ins:
         x, s = ctx.resolved(x, s, "concatenate")
         args.append(ctx.to(x, s, Spec(dims), "concatenate"))
-    return [(_bind(node, args)[0], Spec(dims))]
+    return [(ctx.bind(node, args)[0], Spec(dims))]
 
 
 @lower_rule("stack")
@@ -553,7 +619,7 @@ def _stack(ctx, node, ins):
         args.append(ctx.to(x, s, Spec(first.dims), "stack"))
     dims = list(first.dims)
     dims.insert(axis, ())
-    return [(_bind(node, args)[0], Spec(tuple(dims)))]
+    return [(ctx.bind(node, args)[0], Spec(tuple(dims)))]
 
 
 @lower_rule("split")
@@ -567,15 +633,15 @@ def _split(ctx, node, ins):
         want = spec.with_dims(axes if i == axis else d for i, d in enumerate(spec.dims))
         x = ctx.to(x, spec, want, "split")
         n = ctx.mesh.count(axes)
-        return [(o, want) for o in _bind(node, [x], sizes=tuple(s // n for s in
+        return [(o, want) for o in ctx.bind(node, [x], sizes=tuple(s // n for s in
                                                                inter["sizes"]))]
     x, spec = _unshard_dims(ctx, node, x, spec, {axis})
-    return [(o, spec) for o in _bind(node, [x])]
+    return [(o, spec) for o in ctx.bind(node, [x])]
 
 
 @lower_rule("iota")
 def _iota(ctx, node, ins):
-    return [(_bind(node, [])[0], Spec.replicated(len(node.out.shape)))]
+    return [(ctx.bind(node, [])[0], Spec.replicated(len(node.out.shape)))]
 
 
 @lower_rule("gather")
@@ -613,7 +679,7 @@ def _gather(ctx, node, ins):
     local_sizes = tuple(sizes[d] if d in index_dims else ctx.mesh.local_shape(
         tshape, tspec)[d] for d in range(len(tshape)))
     out_spec = Spec(tuple(dims))
-    return [(_bind(node, [table, idx], slice_sizes=local_sizes)[0], out_spec)]
+    return [(ctx.bind(node, [table, idx], slice_sizes=local_sizes)[0], out_spec)]
 
 
 def _vocab_sharded_row(node: Node, tspec: Spec, index_dims: set) -> int | None:
@@ -633,35 +699,39 @@ def _masked_lookup(ctx, node, table, tspec: Spec, idx, ispec: Spec, row: int):
     import jax.numpy as jnp
 
     axes = tspec.dims[row]
+    dn = node.params["dimension_numbers"]
+    offset_dims = list(dn.offset_dims)
+    rank = len(node.out.shape)
+    batch_out = [d for d in range(rank) if d not in offset_dims]
+    dims: list = [()] * rank
+    kept = [d for d in range(len(tspec.dims)) if d not in set(dn.collapsed_slice_dims)]
+    for od, td in zip(offset_dims, kept):
+        dims[od] = () if td == row else tspec.dims[td]
+    for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
+        dims[od] = ispec.dims[idim]
+    spec = Spec(tuple(dims), tuple((a, "sum") for a in axes))
+    if ctx.abstract:
+        return [(ctx.bind(node, [table, idx])[0], spec)]
     rows = table.shape[row]  # local rows
     offset = jax.lax.axis_index(axes[0] if len(axes) == 1 else tuple(axes)) * rows
     local = idx - offset.astype(idx.dtype)
     inside = (local >= 0) & (local < rows)
     local = jnp.clip(local, 0, rows - 1)
-    dn = node.params["dimension_numbers"]
     sizes = tuple(1 if d == row else table.shape[d] for d in range(table.ndim))
-    out = _bind(node, [table, local], slice_sizes=sizes)[0]
+    out = ctx.bind(node, [table, local], slice_sizes=sizes)[0]
     mask = inside[..., 0]  # (index batch dims)
-    offset_dims = list(dn.offset_dims)
-    batch_out = [d for d in range(out.ndim) if d not in offset_dims]
     mask = jax.lax.broadcast_in_dim(mask, out.shape, tuple(batch_out))
     out = jnp.where(mask, out, jnp.zeros((), out.dtype))
-    dims: list = [()] * out.ndim
-    kept = [d for d in range(table.ndim) if d not in set(dn.collapsed_slice_dims)]
-    for od, td in zip(offset_dims, kept):
-        dims[od] = () if td == row else tspec.dims[td]
-    for od, idim in zip(batch_out, range(len(ispec.dims) - 1)):
-        dims[od] = ispec.dims[idim]
-    return [(out, Spec(tuple(dims), tuple((a, "sum") for a in axes)))]
+    return [(out, spec)]
 
 
 @lower_rule("scatter", "scatter-add", "scatter_add")
 def _scatter(ctx, node, ins):
-    from meshwright.passes.infer_axes import _scatter_pairs
+    from meshwright.passes.axis_rules import scatter_pairs
 
     (x, spec), (idx, ispec), (u, uspec) = ins[:3]
     dn = node.params["dimension_numbers"]
-    pairs = _scatter_pairs(node)
+    pairs = scatter_pairs(node)
     shape, ushape = node.inputs[0].shape, node.inputs[2].shape
     paired = {od for ud, od in pairs if ushape[ud] == shape[od]}
     x, spec = _unshard_dims(ctx, node, x, spec, set(range(len(shape))) - paired)
@@ -683,10 +753,10 @@ def _scatter(ctx, node, ins):
     u = ctx.to(u, uspec, Spec(tuple(udims)), node.op)
     idx, ispec = ctx.resolved(idx, ispec, node.op)
     idx = ctx.to(idx, ispec, Spec(tuple(idims)), node.op)
-    one_row = _one_row_scatter(node, x, idx, u)
+    one_row = None if ctx.abstract else _one_row_scatter(node, x, idx, u)
     if one_row is not None:
         return [(one_row, spec)]
-    return [(_bind(node, [x, idx, u])[0], spec)]
+    return [(ctx.bind(node, [x, idx, u])[0], spec)]
 
 
 def _one_row_scatter(node: Node, x, idx, u):
@@ -722,15 +792,19 @@ def _one_row_scatter(node: Node, x, idx, u):
 def _dot_general(ctx, node, ins):
     (lx, ls), (rx, rs) = ins
     want_l, want_r = dot_operand_specs(node, ls, rs)
-    if node.meta.get("collective_einsum") is not None:  # a looped collective einsum
-        from meshwright.passes.collective_einsum import lower_looped
-
-        looped = lower_looped(ctx, node, ins, (want_l, want_r))
-        if looped is not None:
-            return looped
+    site = MatmulSite(node, (ls, rs), (want_l, want_r),
+                      tuple(s != w and ctx.resharded(x, s, w) is not None
+                            for (x, s), w in zip(ins, (want_l, want_r))), ctx.em.trips)
+    if ctx.abstract:
+        ctx.propagation.matmuls.append(site)
+    else:
+        for lowering in MATMUL_LOWERINGS.values():
+            out = lowering(ctx, site, ins)
+            if out is not None:
+                return out
     lx, ls = _operand_to(ctx, lx, ls, want_l)
     rx, rs = _operand_to(ctx, rx, rs, want_r)
-    return [(_bind(node, [lx, rx])[0], dot_output_spec(node, ls, rs))]
+    return [(ctx.bind(node, [lx, rx])[0], dot_output_spec(node, ls, rs))]
 
 
 def _operand_to(ctx, x, spec: Spec, want: Spec):
@@ -753,7 +827,7 @@ def dot_operand_specs(node: Node, ls: Spec, rs: Spec) -> tuple[Spec, Spec]:
     (lc, rc), (lb, rb) = node.params["dimension_numbers"]
     if ls.partial and rs.partial:
         rs = rs.without_partial()
-    weight = _weight_operand(node)
+    weight = weight_operand(node)
     ref = weight if weight is not None else (
         0 if sum(map(len, ls.dims)) >= sum(map(len, rs.dims)) else 1)
     specs = [list(ls.dims), list(rs.dims)]
@@ -788,7 +862,8 @@ def dot_output_spec(node: Node, ls: Spec, rs: Spec) -> Spec:
     return Spec(tuple(out_dims), tuple(partial))
 
 
-def _weight_operand(node: Node) -> int | None:
+def weight_operand(node: Node) -> int | None:
+    """Which operand of a dot_general is a weight (graph.meta["weight_values"]), else None."""
     weights = node.graph.meta.get("weight_values", set())
     hits = [k for k, v in enumerate(node.inputs) if isinstance(v, Value) and v.id in weights]
     return hits[0] if len(hits) == 1 else None
@@ -837,9 +912,15 @@ def _scan(ctx, node, ins):
         out_specs[:] = list(body_specs[n_consts:n_consts + n_carry]) + ys_specs
         return carry_out, ys
 
-    carry, ys = jax.lax.scan(step, args[n_consts:n_consts + n_carry],
-                             args[n_consts + n_carry:], length=length,
-                             reverse=node.params["reverse"], unroll=node.params["unroll"])
+    if ctx.abstract:  # the body once, on one step's slices
+        carry, ys = step(args[n_consts:n_consts + n_carry],
+                         [Abstract(tuple(a.shape[1:]), a.dtype)
+                          for a in args[n_consts + n_carry:]])
+        ys = [Abstract((length, *y.shape), y.dtype) for y in ys]
+    else:
+        carry, ys = jax.lax.scan(step, args[n_consts:n_consts + n_carry],
+                                 args[n_consts + n_carry:], length=length,
+                                 reverse=node.params["reverse"], unroll=node.params["unroll"])
     result = []
     for k, o in enumerate(list(carry) + list(ys)):
         s = out_specs[k]
@@ -862,9 +943,13 @@ LOWER_RULES["while"] = _cond_or_while
 def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
     """Run g on local arrays with the given specs; returns (local outputs, their specs)."""
     env: dict[int, Local] = {}
+    prop = ctx.propagation  # propagating specs: record them there, not on the graph
     for v, x, s in zip(g.inputs, flat, specs):
         env[v.id] = (x, s)
-        v.producer.meta["sharding"] = [s.text()]
+        if prop is not None:
+            prop.specs[v.producer] = [s]
+        else:
+            v.producer.meta["sharding"] = [s.text()]
 
     def read(v):
         if isinstance(v, Literal):
@@ -887,13 +972,19 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
         targets = node.meta.get("target")
         final = []
         for k, (o, s) in enumerate(outs):
+            if isinstance(o, Abstract) and o.shape is None:  # bound while propagating
+                o.shape = ctx.mesh.local_shape(node.outputs[k].shape, s)
             if targets and k < len(targets) and targets[k] is not None and s != targets[k]:
                 o = ctx.to(o, s, targets[k], f"{node.op} output")
                 s = targets[k]
             final.append((o, s))
             env[node.outputs[k].id] = (o, s)
-        node.meta["sharding"] = [s.text() for _, s in final]
-        node.meta["spec"] = [s for _, s in final]
+        if prop is not None:
+            prop.specs[node] = [s for _, s in final]
+            prop.operand_specs[node] = [s for _, s in ins]
+        else:
+            node.meta["sharding"] = [s.text() for _, s in final]
+            node.meta["spec"] = [s for _, s in final]
         emitted = ctx.em.records[first_record:]
         if emitted:
             site = _site(node)
@@ -905,7 +996,7 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
             if key not in seen:
                 seen.add(key)
                 notes.append(f"{r.kind}({','.join(r.axes)}) {r.bytes}B")
-        if notes:
+        if notes and prop is None:
             node.meta["collectives"] = notes
     outs, ospecs = [], []
     for v in g.outputs:

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from meshwright.models import build, get_config
+from meshwright.passes.propagate import propagate
+from meshwright.passes.sharding import MeshInfo
 from zoo import ZOO
 
 import meshwright as mw
@@ -34,10 +36,23 @@ def run(name, phase, ffn, attention, mesh, scan=True):
     return step, args
 
 
+def assert_propagation_is_emission(step, args, mesh):
+    """Spec propagation (no JAX) finds every spec and collective the lowering emitted."""
+    c = step.compiled(*args)
+    prop = propagate(c.graph, MeshInfo(dict(zip("xyz", mesh))))
+    lowered = [(node, spec) for node, _ in c.graph.walk() for spec in [node.meta.get("spec")]
+               if spec is not None]
+    assert lowered and all(prop.specs[node] == spec for node, spec in lowered)
+    emitted = [(r.kind, r.axes, r.bytes, r.site) for r in c.records if r.note != "output"]
+    assert emitted and [(r.kind, r.axes, r.bytes, r.site) for r in prop.collectives] == emitted
+    assert prop.fallbacks == []
+
+
 @pytest.mark.parametrize("ffn", FFNS)
 @pytest.mark.parametrize("attention", ["heads", "batch"])
 def test_every_layout_on_a_2x2x2_mesh(ffn, attention):
     step, args = run("palm-tiny", "decode", ffn, attention, (2, 2, 2))
+    assert_propagation_is_emission(step, args, (2, 2, 2))
     report = step.report(*args)
     assert report["replicated_fallbacks"] == []
     bytes_ = report["collective_bytes"]
@@ -114,6 +129,7 @@ def test_the_planner_chooses_when_nothing_is_forced():
     ("llama-tiny", "wg-x", "batch")])
 def test_collective_bytes_match_the_cost_model(name, ffn, attention):
     step, args = run(name, "decode", ffn, attention, (2, 2, 2))
+    assert_propagation_is_emission(step, args, (2, 2, 2))
     bytes_ = step.report(*args)["collective_bytes"]
     assert bytes_["predicted"] and abs(bytes_["measured"] / bytes_["predicted"] - 1) < 0.10
 
