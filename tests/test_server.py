@@ -426,6 +426,9 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
         if m["meshwright_requests_running"] == 2 and m["meshwright_queue_waiting"] == 1:
             break
     assert not results, "a stream ended before all three were in flight"
+    pid = drain.proc.pid
+    (engine_pid,) = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text()
+                     .split() if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
     drain.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
@@ -439,6 +442,7 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
     assert drain.lines[-1] == "stopped"
     with pytest.raises(httpx.ConnectError):  # no longer admitting
         httpx.get(f"{drain.address}/health")
+    assert not Path(f"/proc/{engine_pid}").exists(), "the engine process outlived the server"
 
 
 def test_a_model_from_functions_serves_token_ids(servers):
