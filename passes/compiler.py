@@ -18,7 +18,6 @@ shapes, dtypes):
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from meshwright.passes.base import (
 )
 from meshwright.passes.hlo import collective_bytes
 from meshwright.passes.lower import LowerContext, Lowered, lower_graph
+from meshwright.passes.mesh import AXES, node_factors  # the mesh: passes/mesh.py
 from meshwright.passes.plan import NotAsPlanned
 from meshwright.passes.sharding import (
     LAYOUT_NAMES_ATTENTION,
@@ -47,8 +47,6 @@ from meshwright.passes.sharding import (
     Emitter,
     Spec,
 )
-
-AXES = ("x", "y", "z")
 
 
 def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None,
@@ -116,24 +114,6 @@ def node_groups(devices) -> list[list]:
                          " a mesh over processes needs the same number from each: start every"
                          " process with the same device count (meshwright launch does)")
     return [by_process[p] for p in sorted(by_process)]
-
-
-def node_factors(sizes, nodes: int) -> tuple[int, int, int]:
-    """How many of `nodes` nodes each axis of a mesh of `sizes` (x, y, z) crosses when the
-    outer axes take them first: x the largest share it divides, then y, then z.
-
-        >>> node_factors((2, 2, 2), 2), node_factors((1, 2, 4), 4)
-        ((2, 1, 1), (1, 2, 2))
-    """
-    out, rest = [], nodes
-    for size in sizes:
-        g = math.gcd(int(size), rest)
-        out.append(g)
-        rest //= g
-    if rest != 1:
-        raise ValueError(f"a {'x'.join(map(str, sizes))} mesh does not split over {nodes} "
-                         f"nodes: {nodes} does not divide its {int(np.prod(sizes))} devices")
-    return tuple(out)
 
 
 # What mw.shard lowers of the planner's ways across nodes (passes/multinode.py): a layout
