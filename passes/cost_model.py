@@ -343,7 +343,9 @@ def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: Worklo
     Over batch: ceil(B/n) sequences with all K heads. Over heads: the sequences of this chip's
     batch group with ceil(K / head shards) KV heads; multiquery keeps the whole K/V on every
     chip, which is why decode prefers the batch layout (Pope et al. Sec. 3.3)."""
-    per_head = 2 * cfg.n_layers * cfg.d_head * ACTIVATION_BYTES[work.weights]
+    from meshwright.models.cache import KVCacheShape
+
+    per_head = KVCacheShape.of(cfg).bytes_per_token(ACTIVATION_BYTES[work.weights], kv_heads=1)
     kv_heads, sequences = attention_layout(attention).kv_share(cfg, mesh, work.batch,
                                                                ffn_layout(ffn))
     return per_head * kv_heads * sequences
