@@ -288,6 +288,13 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     c = step._lowered(args, {})  # lowered for the mesh; not compiled for this host's CPU
     flat, in_tree = jax.tree_util.tree_flatten(args)
     mesh = c.jax_mesh
+    if set(mesh.axis_names) - set(AXES):  # passes/replicas.py: a replica axis outside x, y, z
+        raise ValueError(
+            f"step.export: this program runs {mesh.shape.get('replica', '?')} replicas across "
+            "nodes (a 'replica' mesh axis outside x, y, z), which an exported artifact does not "
+            "carry yet; export one replica's program (mw.shard over one node's devices at its "
+            "share of the batch) or pin one layout over all devices with force={'ffn': ..., "
+            "'attention': ..., 'mesh': ...}")
     # the program's own inputs (after the load-time conversions), in order, and which of
     # them each caller argument becomes: arguments converted at load time turn into one or
     # more program inputs (int8: values, scale), the others into themselves

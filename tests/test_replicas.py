@@ -36,11 +36,16 @@ def max_err(out, want) -> float:
                for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
 
 
-def test_two_replicas_one_per_node(palm):
+@pytest.fixture(scope="module")
+def two_replicas(palm):
+    return mw.shard(palm[0].decode_step, hardware=CPU_DEFAULT.replace(max_chips=4))
+
+
+def test_two_replicas_one_per_node(palm, two_replicas):
     """2 nodes of 4: the planner's best is 2 replicas (nothing crosses the slow network);
     mw.shard runs them: the batch over `replica`, the weights copied, equal to one device."""
-    model, args, want = palm
-    step = mw.shard(model.decode_step, hardware=CPU_DEFAULT.replace(max_chips=4))
+    _, args, want = palm
+    step = two_replicas
     out = step(*args)
     assert max_err(out, want) < 2e-5
     c = step.compiled(*args)
@@ -108,3 +113,9 @@ def test_outputs_without_the_batch_refuse_replicas(palm):
     step = mw.shard(with_total, hardware=CPU_DEFAULT.replace(max_chips=4))
     with pytest.raises(ValueError, match=r"replicas: output 3 \[\] is not the replica's output"):
         step.lower(*args)
+
+
+def test_a_replicas_program_is_not_exported_yet(palm, two_replicas):
+    _, args, _ = palm
+    with pytest.raises(ValueError, match=r"runs 2 replicas across nodes .* does not carry yet"):
+        two_replicas.export(*args, platforms=("cpu",))
