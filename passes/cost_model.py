@@ -94,7 +94,7 @@ class StepWorkload:
         return self.batch * self.tokens_per_sequence
 
 
-Workload = StepWorkload  # the old name, still imported by the planner's callers
+Workload = StepWorkload  # the old name (tests/test_multinode.py still uses it)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def head_shards(ffn: str, attention: str, mesh: Mesh) -> int:
     return attention_layout(attention).head_shards(ffn_layout(ffn), mesh)
 
 
-def check_layout(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str, attention: str,
+def check_layout(cfg: TransformerConfig, mesh: Mesh, work: StepWorkload, ffn: str, attention: str,
                  options: CostOptions) -> None:
     """Raise LayoutNotApplicable if this layout cannot run this step on this mesh (each
     layout's `check`), ValueError for a name no layout is registered under."""
@@ -199,7 +199,7 @@ def check_layout(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str, a
 # Communication
 
 
-def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str,
+def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: StepWorkload, ffn: str,
                       attention: str, heads: int) -> list[Collective]:
     """Every collective of one Transformer layer for this layout (Pope et al. Sec. 3, App. A).
 
@@ -240,7 +240,7 @@ def layer_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: s
     return out
 
 
-def step_collectives(cfg: TransformerConfig, mesh: Mesh, work: Workload,
+def step_collectives(cfg: TransformerConfig, mesh: Mesh, work: StepWorkload,
                      ffn: str) -> list[Collective]:
     """Once-per-step collectives: embedding lookup into the residual layout, and gathering the
     final activations for the vocabulary-sharded unembedding."""
@@ -330,13 +330,13 @@ def _unembedding_elems(cfg: TransformerConfig) -> int:
     return cfg.vocab_size * cfg.d_model
 
 
-def attention_flops(cfg: TransformerConfig, work: Workload, heads: int) -> float:
+def attention_flops(cfg: TransformerConfig, work: StepWorkload, heads: int) -> float:
     """QK^T and AV: 4 * B * L * S * H * D per layer. Prefill computes the full L x L scores
     with a causal mask (as an XLA einsum does), so S = L; decode attends over `context`."""
     return 4.0 * work.tokens * work.context * heads * cfg.d_head * cfg.n_layers
 
 
-def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: str,
+def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: StepWorkload, ffn: str,
                                 attention: str) -> float:
     """KV cache bytes on one chip per token of context, for this batch and layout.
 
@@ -355,7 +355,7 @@ def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: Worklo
 # The model
 
 
-def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Workload,
+def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: StepWorkload,
              ffn: str, attention: str, options: CostOptions | None = None,
              kv_memory_fraction: float = 0.3) -> CandidateCost:
     """Cost one forward step of `cfg` under one layout. Raises LayoutNotApplicable."""

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the cost model imports this module
     from meshwright.models.config import TransformerConfig
-    from meshwright.passes.cost_model import CostOptions, Mesh, Workload
+    from meshwright.passes.cost_model import CostOptions, Mesh, StepWorkload
 
 Axes = tuple[str, ...]
 AXES = "xyz"
@@ -139,7 +139,7 @@ class FFNLayout(abc.ABC):
         return mesh.size(self.gathered) if self.gathered else 1
 
     @abc.abstractmethod
-    def check(self, mesh: Mesh, work: Workload) -> None:
+    def check(self, mesh: Mesh, work: StepWorkload) -> None:
         """Raise LayoutNotApplicable if this layout cannot run `work` on `mesh`."""
 
     @abc.abstractmethod
@@ -183,7 +183,7 @@ class WeightStationary1D(FFNLayout):
     def whole_input(self) -> bool:
         return True
 
-    def check(self, mesh: Mesh, work: Workload) -> None:
+    def check(self, mesh: Mesh, work: StepWorkload) -> None:
         return None  # runs anything
 
     def block_collectives(self, mesh, tokens, e, a, tag, in_width, out_width):
@@ -354,7 +354,7 @@ class AttentionLayout(abc.ABC):
         """Attention runs split over sequences (its heads move onto the batch)."""
 
     @abc.abstractmethod
-    def check(self, cfg: TransformerConfig, mesh: Mesh, work: Workload, ffn: FFNLayout,
+    def check(self, cfg: TransformerConfig, mesh: Mesh, work: StepWorkload, ffn: FFNLayout,
               options: CostOptions) -> None:
         """Raise LayoutNotApplicable if attention cannot run this way under `ffn`."""
 

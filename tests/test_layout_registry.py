@@ -52,7 +52,7 @@ def test_the_names_other_modules_import_are_the_registry():
 
 def test_a_registered_layout_is_priced_and_refused_by_the_planner(ws2d_z):
     cfg, hw = get_config("palm-540b"), get_hardware("tpu-v4")
-    work = cm.Workload(batch=64, context=2048, phase="decode", weights="int8")
+    work = cm.StepWorkload(batch=64, context=2048, phase="decode", weights="int8")
     # E over z (4), F over x*y (4*2) costs what ws-2d costs with E over x (4), F over y*z
     for att in ("heads", "batch"):
         mine = cm.evaluate(cfg, hw, cm.Mesh(4, 2, 4), work, "ws-2d-z", att)
