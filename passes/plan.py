@@ -114,7 +114,7 @@ def choose(config: TransformerConfig | None, work: dict, request: dict,
     4. else the pinned layouts (or the plan's) on it, priced by the cost model if it can.
     """
     from meshwright.passes.compiler import _lowerable, node_factors
-    from meshwright.passes.cost_model import LayoutNotApplicable, Mesh, Workload, evaluate
+    from meshwright.passes.cost_model import LayoutNotApplicable, Mesh, StepWorkload, evaluate
     from meshwright.passes.hardware import get_hardware
     from meshwright.passes.planner import plan_config
 
@@ -151,7 +151,7 @@ def choose(config: TransformerConfig | None, work: dict, request: dict,
     try:
         predicted = evaluate(config, get_hardware(request["hardware"]),
                              Mesh(**mesh_shape, slow=slow),
-                             Workload(work["batch"], request["context"], request["phase"],
+                             StepWorkload(work["batch"], request["context"], request["phase"],
                                       request["weights"]), ffn, attention)
     except (LayoutNotApplicable, ValueError):
         predicted = None
