@@ -32,9 +32,9 @@ or the KV cache, not the weights, dominates; the planner tries every M that divi
 
     >>> from meshwright.models.config import get_config
     >>> from meshwright.passes.hardware import get_hardware
-    >>> from meshwright.passes.cost_model import Workload
+    >>> from meshwright.passes.cost_model import StepWorkload
     >>> costs, _ = price_crossings(get_config("llama3-405b"), get_hardware("h100"),
-    ...                            NodeSplit(2, 8), Workload(64, 2048, "decode", "bf16"))
+    ...                            NodeSplit(2, 8), StepWorkload(64, 2048, "decode", "bf16"))
     >>> best = min((c for c in costs if c.fits), key=lambda c: c.step_s)
     >>> best.kind in ("pipeline", "stretched")   # one node cannot hold 810 GB: no replicas
     True
@@ -54,7 +54,7 @@ from meshwright.passes.cost_model import (
     CostOptions,
     LayoutNotApplicable,
     Mesh,
-    Workload,
+    StepWorkload,
     evaluate,
     factorizations,
 )
@@ -218,7 +218,7 @@ class PricingContext:
     cfg: TransformerConfig
     hw: HardwareProfile
     split: NodeSplit
-    work: Workload
+    work: StepWorkload
     ffns: Sequence[str] = FFN_LAYOUTS
     attentions: Sequence[str] = ATTENTION_LAYOUTS
     options: CostOptions = field(default_factory=CostOptions)
@@ -232,7 +232,7 @@ class PricingContext:
         return self.model_flops() / (self.split.chips * peak * step_s)
 
     def layouts(self, cfg: TransformerConfig, meshes: Sequence[Mesh],
-                work: Workload) -> list[CandidateCost]:
+                work: StepWorkload) -> list[CandidateCost]:
         """Every applicable layout of `cfg` on these meshes, cheapest first."""
         out = []
         for mesh in meshes:
@@ -283,7 +283,7 @@ class Crossing:
 
     def layouts(self, ctx: PricingContext, cost: CrossNodeCost) -> list[CandidateCost]:
         """Every layout this crossing priced for `cost`'s replicas (and microbatch)."""
-        work = Workload(ctx.work.batch // cost.replicas // cost.microbatches, ctx.work.context,
+        work = StepWorkload(ctx.work.batch // cost.replicas // cost.microbatches, ctx.work.context,
                         ctx.work.phase, ctx.work.weights)
         return ctx.layouts(self._config(ctx, cost), self._meshes(ctx, cost), work)
 
@@ -334,7 +334,7 @@ class Pipeline(Crossing):
         best: CrossNodeCost | None = None
         tried: list[CandidateCost] = []
         for m in _divisors(b):
-            micro = Workload(b // m, work.context, work.phase, work.weights)
+            micro = StepWorkload(b // m, work.context, work.phase, work.weights)
             hop = transfer_seconds(micro.tokens * ctx.cfg.d_model * a, c_node, hw)
             for c in ctx.layouts(stage_cfg, meshes, micro):
                 tried.append(c)
@@ -411,7 +411,7 @@ def _one_layout(kind: str, ctx: PricingContext, replicas: int, meshes: list[Mesh
     stretched over nodes): the best that fits, its slow-network time as the layout prices it
     (none on one node's mesh)."""
     b = _replica_batch(ctx, replicas)
-    work = Workload(b, ctx.work.context, ctx.work.phase, ctx.work.weights)
+    work = StepWorkload(b, ctx.work.context, ctx.work.phase, ctx.work.weights)
     layouts = ctx.layouts(ctx.cfg, meshes, work)
     fitting = [c for c in layouts if c.fits]
     if not fitting:
@@ -448,7 +448,7 @@ def _splits(nodes: int, crossing: Crossing) -> Iterator[int]:
 
 
 def price_crossings(cfg: TransformerConfig, hw: HardwareProfile, split: NodeSplit,
-                    work: Workload, ffns: Sequence[str] = FFN_LAYOUTS,
+                    work: StepWorkload, ffns: Sequence[str] = FFN_LAYOUTS,
                     attentions: Sequence[str] = ATTENTION_LAYOUTS,
                     options: CostOptions | None = None, kv_memory_fraction: float = 0.3,
                     kinds: Sequence[str] | None = None,
@@ -479,7 +479,7 @@ def price_crossings(cfg: TransformerConfig, hw: HardwareProfile, split: NodeSpli
     return costs, rejected
 
 
-def min_memory_chips(cfg: TransformerConfig, work: Workload) -> float:
+def min_memory_chips(cfg: TransformerConfig, work: StepWorkload) -> float:
     """A lower bound on the chips' memory the step needs: all weights once, plus the KV
     cache of the batch (bytes)."""
     wbytes = {"bf16": 2, "int8": 1, "fp32": 4}[work.weights]
