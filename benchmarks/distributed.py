@@ -2,10 +2,20 @@
 
     python benchmarks/distributed.py [--repeats 30] [--output benchmarks/results/distributed.json]
     python benchmarks/distributed.py --stretched [--rounds 3] [--repeats 30]
+    python benchmarks/distributed.py --across [--rounds 3] [--repeats 20]
 
-`--stretched`: the step `mw.shard` plans with nothing pinned over 2 processes x 4 devices
-(each process a node: a layout stretched over both) against the same layout and mesh in one
-8-device process, the two jobs alternated (2x4, 1x8, 2x4, 1x8, ...) `--rounds` times; the
+`--across`: over 2 processes x 4 devices (each process a node), what the slow network
+between them carries: the network calibrated first in the same job (`meshwright calibrate`'s
+launched measurement, process 0's profile broadcast, nothing saved), then the step as
+replicas (what `mw.shard` plans with nothing pinned: the batch split, a replica per process)
+and as the best layout stretched over both processes, alternated `--rounds` times; each
+with its step time against the model's prediction (with the calibrated network and with the
+profile's defaults) and the bytes a device sends across the processes, counted in the
+compiled HLO, against the prediction. The planner's pipeline (not lowered yet) is listed
+with its prediction only. Writes benchmarks/results/distributed_across.json.
+
+`--stretched`: the best layout stretched over 2 processes x 4 devices as the planner prices
+it (each process a node) against the same layout and mesh in one 8-device process, the two jobs alternated (2x4, 1x8, 2x4, 1x8, ...) `--rounds` times; the
 medians of each job's per-call medians, and the cost model's prediction for both (writes
 benchmarks/results/distributed_stretched.json).
 
@@ -94,6 +104,14 @@ def stretched_worker(out: str, repeats: int, pin: str | None) -> None:
         force = {"ffn": ffn, "attention": attention, "mesh": tuple(int(m) for m in mesh)}
     step = mw.shard(model.decode_step, force=force)
     c = step.compiled(*args)
+    if c.plan is not None and c.plan.cross_node is not None and c.plan.cross_node.kind != \
+            "stretched":  # the planner's replicas: pin its best stretched layout instead
+        best = next(x.layout for x in c.plan.cross_node_candidates
+                    if x.kind == "stretched" and x.replicas == 1)
+        step = mw.shard(model.decode_step, force={
+            "ffn": best.ffn_layout, "attention": best.attention_layout,
+            "mesh": (best.mesh.x, best.mesh.y, best.mesh.z)})
+        c = step.compiled(*args)
     placed = c.place(jax.tree.leaves(args))
     times = []
     for i in range(repeats + 3):
@@ -112,6 +130,164 @@ def stretched_worker(out: str, repeats: int, pin: str | None) -> None:
             else c.plan.cross_node.label,
             "notes": [] if c.plan is None else list(c.plan.notes)}))
     mw.distributed.shutdown()
+
+
+def across_worker(out: str, repeats: int, rounds: int) -> None:
+    """One job of `--across` (every process runs it): calibrate the network between the
+    processes, compile replicas and the best stretched layout, time them alternated."""
+    import meshwright as mw
+
+    info = mw.distributed.initialize()
+    import jax
+    from meshwright.passes.calibrate import calibrate_network
+    from meshwright.passes.cost_model import Mesh, Workload, evaluate
+    from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile, get_hardware
+    from meshwright.passes.hlo import collective_bytes
+    from meshwright.passes.planner import plan_config
+
+    network = calibrate_network(save=False)
+    # every process plans with process 0's figures (the same plan, the same programs)
+    profile = mw.distributed.broadcast(network["profile"] if info.is_leader else None,
+                                       "the calibrated profile")
+    hw = HardwareProfile.from_dict(profile)
+    model, args = _demo_decode()
+    planned = mw.shard(model.decode_step, hardware=hw)
+    c = planned.compiled(*args)
+    plan = c.plan
+    by_kind = {}
+    for x in plan.cross_node_candidates:  # the cheapest of each kind (one replica group)
+        if x.replicas == 1 or x.kind == "replicas":
+            by_kind.setdefault(x.kind, x)
+    stretch = by_kind["stretched"].layout
+    steps = {plan.cross_node.kind: planned}
+    if "stretched" not in steps:
+        steps["stretched"] = mw.shard(model.decode_step, hardware=hw, force={
+            "ffn": stretch.ffn_layout, "attention": stretch.attention_layout,
+            "mesh": (stretch.mesh.x, stretch.mesh.y, stretch.mesh.z)})
+    config = c.config
+    default_plan = plan_config(config, hardware=CPU_DEFAULT, chips=plan.chips, nodes=plan.nodes,
+                               batch=plan.batch, context=plan.context, phase=plan.phase,
+                               weights=plan.weights)
+    rows, placed = {}, {}
+    for kind, step in steps.items():
+        k = step.compiled(*args)
+        placed[kind] = (k, k.place(jax.tree.leaves(args)))
+        nodes = [d.process_index for d in k.jax_mesh.devices.flat]
+        counted = collective_bytes(k.compiled.as_text(), nodes=nodes)
+        pred = k.predicted
+        replicas = k.jax_mesh.shape.get("replica", 1)
+        work = Workload(plan.batch // replicas, plan.context, plan.phase, plan.weights)
+        slow = tuple(pred.mesh.slow)
+        default = evaluate(config, CPU_DEFAULT, Mesh(pred.mesh.x, pred.mesh.y, pred.mesh.z,
+                                                     slow=slow), work, k.ffn_layout,
+                           k.attention_layout)
+        rows[kind] = {
+            "way": kind, "label": (plan.cross_node.label if kind == plan.cross_node.kind
+                                   else by_kind[kind].label),
+            "ffn": k.ffn_layout, "attention": k.attention_layout,
+            "mesh": {a: int(n) for a, n in k.jax_mesh.shape.items()},
+            "slow": list(k.slow), "lowered": True, "rounds_ms": [],
+            "predicted_ms": 1e3 * pred.step_s, "predicted_default_ms": 1e3 * default.step_s,
+            "predicted_slow_ms": 1e3 * pred.slow_network_s,
+            "slow_bytes_hlo": counted["slow"], "slow_bytes_predicted": pred.slow_bytes_per_chip,
+            "slow_collectives_hlo": sum(counted["slow_count"].values()),
+            "collectives_hlo": sum(counted["count"].values()),
+            "collective_bytes_hlo": counted["total"]}
+    for _ in range(rounds):
+        for kind, (k, args_on_mesh) in placed.items():
+            times = []
+            for i in range(repeats + 3):
+                with mw.distributed.guard(f"{kind} call {i}"):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(k.compiled(*args_on_mesh))
+                    if i >= 3:  # warm-up calls
+                        times.append(time.perf_counter() - t0)
+            rows[kind]["rounds_ms"].append(1e3 * statistics.median(times))
+    for kind in ("pipeline",):
+        x = by_kind.get(kind)
+        if x is None:
+            continue
+        d = next((y for y in default_plan.cross_node_candidates if y.kind == kind), None)
+        rows[kind] = {"way": kind, "label": x.label, "ffn": x.layout.ffn_layout,
+                      "attention": x.layout.attention_layout, "mesh": x.layout.mesh.to_dict(),
+                      "lowered": False, "predicted_ms": 1e3 * x.step_s,
+                      "predicted_default_ms": None if d is None else 1e3 * d.step_s,
+                      "predicted_slow_ms": 1e3 * x.slow_network_s,
+                      "slow_bytes_predicted": x.slow_bytes_per_chip}
+    if info.is_leader:
+        Path(out).write_text(json.dumps({
+            "processes": info.num_processes, "local_devices": info.local_devices,
+            "network": {k: network["network"][k] for k in ("bandwidth_per_device",
+                                                            "latency_s", "collectives",
+                                                            "in_node")},
+            "default_network": {"bandwidth_per_device": CPU_DEFAULT.dcn_bandwidth,
+                                "latency_s": CPU_DEFAULT.dcn_latency_s},
+            "in_node_from": get_hardware("cpu").source,
+            "planned": plan.cross_node.label, "notes": list(plan.notes),
+            "rows": [rows[k] for k in ("replicas", "stretched", "pipeline") if k in rows]}))
+    mw.distributed.shutdown()
+
+
+def across(args) -> None:
+    from meshwright.runtime.launch import launch
+
+    tmp = Path(args.output).with_name("distributed_across.tmp")
+    me = [sys.executable, __file__, "--repeats", str(args.repeats), "--rounds",
+          str(args.rounds), "--across-worker", str(tmp)]
+    result = launch(me, 2, devices_per_process=4, timeout_s=300, out=None, keep_output=True)
+    if result.returncode != 0:
+        sys.exit("\n".join(line for lines in result.output.values() for line in lines[-20:]))
+    job = json.loads(tmp.read_text())
+    os.remove(tmp)
+    net = job["network"]
+    print(f"demo model decode step, batch {BATCH}, KV length {MAX_LEN}, on 2 processes x 4 "
+          f"devices (each process a node); {args.rounds} rounds alternated, median of "
+          f"{args.repeats} calls each; load average {os.getloadavg()[0]:.1f}")
+    print(f"network between the processes, calibrated in the job: "
+          f"{net['bandwidth_per_device'] / 1e6:.0f} MB/s per device, "
+          f"{net['latency_s'] * 1e3:.2f} ms per exchange (the profile's defaults: "
+          f"{job['default_network']['bandwidth_per_device'] / 1e6:.0f} MB/s, "
+          f"{job['default_network']['latency_s'] * 1e3:.1f} ms)")
+    # in a job over processes every collective is a gloo exchange, those inside a process too
+    # (the calibration measures them; the model prices them as in one process)
+    gloo_ms = 1e3 * net["in_node"][0]["all_gather_s"]
+    head = (f"{'slow axis carries':<26}{'layout':<13}{'mesh':<13}{'step ms':>9}"
+            f"{'predicted':>10}{'(defaults)':>11}{'+gloo':>8}{'slow B/dev':>11}"
+            f"{'predicted':>10}{'crossing':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in job["rows"]:
+        mesh = "x".join(str(n) for n in r["mesh"].values())
+        layout = f"{r['ffn']}/{r['attention']}"
+        default = r["predicted_default_ms"]
+        dtext = "-" if default is None else f"{default:.1f}"
+        if r["lowered"]:
+            step = f"{statistics.median(r['rounds_ms']):.1f}"
+            hlo, crossing = f"{r['slow_bytes_hlo']}", f"{r['slow_collectives_hlo']}"
+            inside = r["collectives_hlo"] - r["slow_collectives_hlo"]
+            r["predicted_with_gloo_in_node_ms"] = r["predicted_ms"] + inside * gloo_ms
+            gloo = f"{r['predicted_with_gloo_in_node_ms']:.1f}"
+        else:
+            step, hlo, crossing, gloo = "not lowered yet", "-", "-", "-"
+        print(f"{r['label']:<26}{layout:<13}{mesh:<13}{step:>9}{r['predicted_ms']:>10.1f}"
+              f"{dtext:>11}{gloo:>8}{hlo:>11}{r['slow_bytes_predicted']:>10.0f}{crossing:>9}")
+    print("(step ms: measured, median of the rounds; predicted: the cost model with the "
+          "calibrated network (defaults: with the profile's); +gloo: predicted plus every "
+          f"collective inside a process at {gloo_ms:.1f} ms, a gloo exchange in a job over "
+          "processes as the calibration measured it; slow B/dev: bytes a device sends to the "
+          "other process per step, counted in the compiled HLO, and predicted; crossing: "
+          "collectives that cross)")
+    for r in job["rows"]:
+        if r["lowered"]:
+            print(f"{r['label']}: rounds {' '.join(f'{t:.1f}' for t in r['rounds_ms'])} ms; "
+                  f"{r['collectives_hlo']} collectives a step")
+    out = {**job, "batch": BATCH, "max_len": MAX_LEN, "repeats": args.repeats,
+           "rounds": args.rounds, "load_average": os.getloadavg(),
+           "command": f"python benchmarks/distributed.py --across --rounds {args.rounds} "
+                      f"--repeats {args.repeats}"}
+    path = Path(args.output).with_name("distributed_across.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 def stretched(args) -> None:
@@ -139,8 +315,8 @@ def stretched(args) -> None:
     t1 = statistics.median(r["step_ms_median"] for r in one)
     mesh = "x".join(map(str, b["mesh"]))
     across = ", ".join(f"{ax} over {k}" for ax, k in zip("xyz", b["slow"]) if k > 1)
-    print(f"demo model decode step, batch {BATCH}, KV length {MAX_LEN}: mw.shard with nothing "
-          f"pinned on 2 processes x 4 devices, against the same layout in 1 process x 8; "
+    print(f"demo model decode step, batch {BATCH}, KV length {MAX_LEN}: the best layout "
+          f"stretched over 2 processes x 4 devices, against the same layout in 1 process x 8; "
           f"{args.rounds} rounds alternated, median of {args.repeats} calls each")
     print(f"planned: {b['ffn']}/{b['attention']} on {mesh} ({across} nodes); "
           f"{'; '.join(b['notes']) or b['cross_node']}")
@@ -168,7 +344,10 @@ def main() -> None:
                                                 "distributed.json"))
     parser.add_argument("--stretched", action="store_true",
                         help="the planned step over 2 processes vs 1 process, alternated")
+    parser.add_argument("--across", action="store_true",
+                        help="2 processes x 4: replicas vs a stretched layout vs the model")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--across-worker", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--stretched-worker", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--pin", help=argparse.SUPPRESS)
@@ -179,8 +358,14 @@ def main() -> None:
     if args.stretched_worker:
         stretched_worker(args.stretched_worker, args.repeats, args.pin)
         return
+    if args.across_worker:
+        across_worker(args.across_worker, args.repeats, args.rounds)
+        return
     if args.stretched:
         stretched(args)
+        return
+    if args.across:
+        across(args)
         return
     from meshwright.runtime.launch import launch
 

@@ -13,6 +13,17 @@ Measured, all per simulated device while all devices work at once:
   squares fit of time = latency + bytes * (K-1)/K / bandwidth gives latency and bandwidth.
 
 Takes ~10-20 s on 2 cores.
+
+Under `meshwright launch -n P` (P processes of K devices each, `MESHWRIGHT_NUM_PROCESSES`
+set) it measures the network between the processes instead — the slow level of the two-level
+model (`passes/network.py`): an all-gather over a mesh axis that runs over the processes
+(every group one device of each process, all K groups at once) at a few sizes, fitted to
+time = latency + bytes crossing per device / bandwidth, gives `dcn_bandwidth` (per device)
+and `dcn_latency_s` (per exchange across processes, after the in-node launch latency). Those
+are written into the profile it saves; the in-node figures are kept from the profile saved
+before (or the defaults): run `meshwright calibrate` alone to measure them. Process 0 saves;
+every process prints what it measured. A plain `meshwright calibrate` keeps a measured
+network in turn.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from meshwright.passes.hardware import _NETWORK_FIELDS as NETWORK_FIELDS
 from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile, calibrated_profile_path
 
 _FLAG = "--xla_force_host_platform_device_count"
@@ -40,6 +52,10 @@ def _env_with_devices(devices: int) -> dict:
 def calibrate(devices: int = 8, output: str | None = None, quick: bool = False,
               save: bool = True) -> dict:
     """Measure, build the profile, save it (unless `save=False`); return the report dict."""
+    from meshwright.runtime.distributed import ENV_NUM_PROCESSES
+
+    if int(os.environ.get(ENV_NUM_PROCESSES) or 1) > 1:  # under meshwright launch
+        return calibrate_network(output=output, quick=quick, save=save)
     if devices < 2:
         raise ValueError(f"calibrate needs at least 2 devices for collectives, got {devices}")
     if "jax" not in sys.modules:
@@ -58,13 +74,145 @@ def calibrate(devices: int = 8, output: str | None = None, quick: bool = False,
             raise RuntimeError(f"calibration subprocess failed:\n{proc.stderr[-2000:]}")
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
     profile = profile_from_measurements(measured)
+    path = Path(output) if output else calibrated_profile_path("cpu")
     report = {"profile": profile.to_dict(), "measured": measured, "saved": None}
+    report = keep_network(report, _saved_report(path))
     if save:
-        path = Path(output) if output else calibrated_profile_path("cpu")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        report["saved"] = str(path)
-        path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        _save(report, path)
     return report
+
+
+def keep_network(report: dict, saved: dict | None) -> dict:
+    """`report` (a plain calibration's) with the network between processes that `saved` (the
+    profile saved before) measured under `meshwright launch`, if it did."""
+    if not saved or not saved.get("network"):
+        return report
+    kept = HardwareProfile.from_dict(saved["profile"])
+    profile = HardwareProfile.from_dict(report["profile"]).replace(
+        **{f: getattr(kept, f) for f in NETWORK_FIELDS})
+    source = kept.source.partition("; network between")
+    if source[1]:
+        profile = profile.replace(source=profile.source + source[1] + source[2])
+    return {**report, "profile": profile.to_dict(), "network": saved["network"]}
+
+
+def _saved_report(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        HardwareProfile.from_dict(data["profile"])
+        return data
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _save(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report["saved"] = str(path)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+
+
+def calibrate_network(output: str | None = None, quick: bool = False,
+                      save: bool = True) -> dict:
+    """The launched calibration (see the module's docstring): measure the network between
+    this job's processes, write it into the saved `cpu` profile (process 0); the report."""
+    from meshwright.runtime import distributed
+
+    import meshwright as mw
+
+    joined = distributed._state["info"] is not None  # a job's program calling this
+    info = mw.distributed.initialize()
+    if info.num_processes < 2:
+        raise ValueError("the network between processes needs 2 or more processes: run "
+                         "meshwright launch -n 2 -- meshwright calibrate")
+    try:
+        path = Path(output) if output else calibrated_profile_path("cpu")
+        saved = _saved_report(path)
+        base = HardwareProfile.from_dict(saved["profile"]) if saved else CPU_DEFAULT
+        network = measure_network(base.collective_latency_s, quick=quick)
+        profile = network_profile(base, network)
+        report = {"profile": profile.to_dict(), "measured": (saved or {}).get("measured"),
+                  "network": network, "saved": None, "process": info.process_id,
+                  "in_node_from": base.source.split("; network between")[0]}
+        if save and info.is_leader:
+            _save(report, path)
+        return report
+    finally:
+        if not joined:
+            mw.distributed.shutdown()
+
+
+def network_profile(base: HardwareProfile, network: dict) -> HardwareProfile:
+    """`base` with the network between nodes as measured (`measure_network`)."""
+    when = time.strftime("%Y-%m-%d", time.gmtime(network["time"]))
+    source = base.source.split("; network between")[0]
+    return base.replace(
+        dcn_bandwidth=network["bandwidth_per_device"], dcn_efficiency=1.0,
+        dcn_latency_s=network["latency_s"], dcn_name="gloo over TCP",
+        max_nodes=max(base.max_nodes, network["processes"]),
+        source=f"{source}; network between processes measured by `meshwright calibrate` "
+               f"under `meshwright launch -n {network['processes']}` "
+               f"({network['devices_per_process']} devices each), {when}")
+
+
+CHAIN = 8  # collectives per measured program: a step's collectives follow one another
+
+
+def measure_network(collective_latency_s: float, quick: bool = False) -> dict:
+    """Time all-gathers over a mesh axis that runs over the processes (one device of each in
+    every group, all groups at once) at a few sizes: programs of `CHAIN` all-gathers one
+    after the other (as a step's collectives run), the median of several calls each (a
+    loaded machine's exchanges vary; the median is what a program sees), divided by
+    `CHAIN`. Fit time = launch + (P-1) * latency + crossing bytes / bandwidth, the two-level
+    model's price of such a collective, where a device's crossing bytes are its gathered
+    output times (P-1)/P; `collective_latency_s` is the in-node launch latency the model adds
+    (the profile's). The same all-gathers over the devices of one process (`in_node`) are
+    measured too: in a job of several processes every collective is a gloo exchange, those
+    inside a process as well (reported, not written into the profile)."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import Mesh as JaxMesh
+    from jax.sharding import PartitionSpec as P
+    from meshwright.passes.compiler import node_groups
+    from meshwright.runtime.distributed import put
+
+    groups = node_groups(jax.devices())
+    procs, per = len(groups), len(groups[0])
+    mesh = JaxMesh(np.array(groups), ("node", "device"), axis_types=(AxisType.Auto,) * 2)
+    spec = P(("node", "device"))
+    split = NamedSharding(mesh, spec)
+
+    def chain(axis: str, size: int):
+        def f(v):
+            for _ in range(CHAIN):
+                v = jax.lax.all_gather(v, axis, tiled=True)[:size] * 1.0001
+            return v
+
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec,
+                                     check_vma=False))
+
+    reps = 3 if quick else 9
+    sizes = [2**6, 2**12, 2**16] + ([] if quick else [2**17])  # float32 per device
+    out = {"processes": procs, "devices_per_process": per, "time": time.time(),
+           "collectives_per_program": CHAIN, "collective_latency_s": collective_latency_s}
+    for axis, k, key in (("node", procs, "collectives"), ("device", per, "in_node")):
+        rows = []
+        for size in sizes:
+            x = put(np.ones(procs * per * size, np.float32), split)
+            ts = [t / CHAIN for t in _times(chain(axis, size), x, reps=reps)]
+            rows.append({"floats_per_device": size, "all_gather_s": float(np.median(ts)),
+                         "all_gather_min_s": min(ts),
+                         # the gathered output per device, times (K-1)/K: the model's bytes
+                         "model_bytes": 4 * size * k * (k - 1) / k})
+        out[key] = rows
+    xs = np.array([r["model_bytes"] for r in out["collectives"]])
+    ts = np.array([r["all_gather_s"] for r in out["collectives"]])
+    slope, intercept = np.polyfit(xs, ts, 1)
+    out["bandwidth_per_device"] = float(1.0 / slope if slope > 0 else xs.max() / ts.max())
+    out["latency_s"] = max((float(intercept) - collective_latency_s) / (procs - 1),
+                           float(ts.min()) * 0.5 / (procs - 1), 1e-6)
+    out["fit_intercept_s"] = float(intercept)
+    return out
 
 
 def profile_from_measurements(m: dict) -> HardwareProfile:
@@ -86,13 +234,17 @@ def profile_from_measurements(m: dict) -> HardwareProfile:
 
 
 def _best_time(fn, *args, reps: int) -> float:
+    return min(_times(fn, *args, reps=reps))
+
+
+def _times(fn, *args, reps: int) -> list[float]:
     fn(*args).block_until_ready()  # compile and warm up
-    best = float("inf")
+    out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def measure(devices: int, quick: bool = False) -> dict:
@@ -159,6 +311,8 @@ def measure(devices: int, quick: bool = False) -> dict:
 
 
 def format_report(report: dict) -> str:
+    if "process" in report:
+        return _format_network(report)
     m, p = report["measured"], report["profile"]
     gflops = m["matmul_flops_per_device"] / 1e9
     lines = [(f"calibrated {m['devices']} simulated devices on {m['host_cpus']} CPUs "
@@ -176,6 +330,33 @@ def format_report(report: dict) -> str:
     lines.append("")
     lines.append(f"profile {p['name']!r}: " + (f"saved to {report['saved']}" if report["saved"]
                                                 else "not saved"))
+    return "\n".join(lines)
+
+
+def _format_network(report: dict) -> str:
+    n, p = report["network"], report["profile"]
+    lines = [(f"calibrated the network between {n['processes']} processes of "
+              f"{n['devices_per_process']} devices (process {report['process']}; rates per "
+              "device, all devices sending at once)"),
+             f"  bandwidth per device      {n['bandwidth_per_device'] / 1e6:10.2f} MB/s",
+             f"  latency per exchange      {n['latency_s'] * 1e6:10.1f} us",
+             "",
+             (f"  all-gathers, ms each ({n['collectives_per_program']} in a row per program; "
+              "median, fastest):"),
+             f"  {'floats/device':>14} {'across processes':>22} {'inside a process':>22}"]
+    for r, q in zip(n["collectives"], n["in_node"]):
+        lines.append(f"  {r['floats_per_device']:>14} {r['all_gather_s'] * 1e3:12.3f} "
+                     f"{r['all_gather_min_s'] * 1e3:9.3f} {q['all_gather_s'] * 1e3:12.3f} "
+                     f"{q['all_gather_min_s'] * 1e3:9.3f}")
+    lines.append("  (inside a process: every collective of a job over several processes is a "
+                 "gloo exchange; not in the profile)")
+    lines.append("")
+    lines.append(f"in-node figures kept from: {report['in_node_from']}")
+    if report["saved"]:
+        lines.append(f"profile {p['name']!r}: saved to {report['saved']}")
+    else:
+        lines.append(f"profile {p['name']!r}: not saved"
+                     + (" (process 0 saves it)" if report["process"] else ""))
     return "\n".join(lines)
 
 

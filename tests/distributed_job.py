@@ -118,6 +118,16 @@ def run_stretched(result: dict) -> None:
     run_planned(result, "stretched", CPU_DEFAULT.replace(hbm_bytes=150_000))
 
 
+def run_calibrate(result: dict, out_dir: str) -> None:
+    """`meshwright calibrate` under launch: the network between the processes measured and
+    written into the profile process 0 saves (OUT_DIR/cpu.json)."""
+    from meshwright.passes.calibrate import calibrate_network, format_report
+
+    report = calibrate_network(output=os.path.join(out_dir, "cpu.json"), quick=True)
+    result["calibrate"] = {"saved": report["saved"], "network": report["network"],
+                           "profile": report["profile"], "text": format_report(report)}
+
+
 def serve_workload():
     from meshwright.runtime.workload import make_workload
 
@@ -217,6 +227,8 @@ def main() -> None:
         if name == "layouts":
             run_layouts(result, out_dir, [int(i) for i in arg.split(",")] if arg
                         else list(range(len(LAYOUTS))))
+        elif name == "calibrate":
+            run_calibrate(result, out_dir)
         elif name == "every-layout":  # not in the tests (slow): 3 models x 10 layouts
             LAYOUTS[:] = EVERY_LAYOUT
             run_layouts(result, out_dir, list(range(len(LAYOUTS))))

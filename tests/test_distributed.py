@@ -47,7 +47,7 @@ def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
 def job_2x4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job2x4")
     return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve", "planned",
-                   "stretched")
+                   "stretched", "calibrate")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,30 @@ def test_a_layout_stretched_over_processes_when_a_copy_does_not_fit_a_node(job_2
     assert f"; {axis} over 2 nodes (each node a process)" in run["explain"]
     assert "mw.shard does not lower pipeline" in run["explain"]
     assert run["slow_bytes"] == pytest.approx(run["slow_bytes_predicted"], rel=0.1)
+
+
+def test_calibrate_under_launch_measures_the_network_between_processes(job_2x4):
+    """`meshwright calibrate` in a launched job times all-gathers over an axis across the
+    processes, fits bandwidth and latency, and process 0 writes them into the profile it
+    saves (the in-node figures kept: here the defaults); the planner reads them back."""
+    from meshwright.passes.calibrate import CHAIN
+    from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile
+
+    lead, other = (r["calibrate"] for r in job_2x4)
+    assert other["saved"] is None and "(process 0 saves it)" in other["text"]
+    saved = json.loads(Path(lead["saved"]).read_text())
+    profile = HardwareProfile.from_dict(saved["profile"])
+    net = lead["network"]
+    assert (net["processes"], net["devices_per_process"]) == (2, 4)
+    assert len(net["collectives"]) == len(net["in_node"]) == 3
+    assert net["collectives_per_program"] == CHAIN
+    assert profile.dcn_bandwidth == net["bandwidth_per_device"] > 0
+    assert profile.dcn_latency_s == net["latency_s"] > 0 and profile.dcn_efficiency == 1.0
+    assert "under `meshwright launch -n 2` (4 devices each)" in profile.source
+    # the in-node figures are the profile's before (none saved: the defaults)
+    assert (profile.ici_bandwidth, profile.max_chips) == (CPU_DEFAULT.ici_bandwidth,
+                                                           CPU_DEFAULT.max_chips)
+    assert "bandwidth per device" in lead["text"] and "inside a process" in lead["text"]
 
 
 def test_each_process_reads_only_its_checkpoint_blocks(job_2x4, job_4x2):

@@ -45,6 +45,35 @@ def test_calibrated_cpu_file_without_network_fields_keeps_the_defaults(tmp_path,
     assert cpu.source == "old file" and cpu.spans_nodes
 
 
+def test_a_plain_calibration_keeps_the_network_measured_under_launch():
+    from meshwright.passes.calibrate import keep_network, network_profile
+    from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile
+
+    network = {"processes": 2, "devices_per_process": 4, "time": 0.0,
+               "bandwidth_per_device": 4.9e8, "latency_s": 6e-4}
+    launched = network_profile(CPU_DEFAULT, network)
+    assert (launched.dcn_bandwidth, launched.dcn_latency_s) == (4.9e8, 6e-4)
+    assert launched.ici_bandwidth == CPU_DEFAULT.ici_bandwidth  # in-node figures kept
+    plain = {"profile": CPU_DEFAULT.replace(ici_bandwidth=3e9, source="measured").to_dict()}
+    kept = keep_network(plain, {"profile": launched.to_dict(), "network": network})
+    p = HardwareProfile.from_dict(kept["profile"])
+    assert (p.ici_bandwidth, p.dcn_bandwidth, p.dcn_latency_s) == (3e9, 4.9e8, 6e-4)
+    assert p.source.startswith("measured; network between processes measured")
+    assert kept["network"] == network
+    assert keep_network(plain, None) is plain  # nothing measured before: nothing kept
+
+
+def test_calibrate_under_launch_keeps_the_devices_launch_gave(monkeypatch):
+    import argparse
+
+    from meshwright.cli import devices_needed
+
+    args = argparse.Namespace(command="calibrate", devices=8)
+    assert devices_needed(args) == 8
+    monkeypatch.setenv("MESHWRIGHT_NUM_PROCESSES", "2")
+    assert devices_needed(args) == 0
+
+
 def test_llama3_405b_preset_is_the_public_config():
     c = LLAMA_405B
     assert (c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size) == (
