@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshwright.ir import Graph, Literal, Node, Value
-from meshwright.passes import infer_axes as ia
 from meshwright.passes.analysis import (
     Analysis,
     analyze,
@@ -31,6 +30,7 @@ from meshwright.passes.analysis import (
     value_operand,
     view_source,
 )
+from meshwright.passes.axis_roles import key_operand_by_axes
 from meshwright.passes.base import Pass, PassContext, register
 
 
@@ -117,8 +117,8 @@ def _upstream(v: Value, stop, max_depth: int = 32) -> list[Node]:
 
 def _head_counts(score: Node, value: Node) -> dict:
     """heads, kv_heads and head_dim of one attention, from its operands' axes."""
-    key = score.inputs[ia._key_operand_by_axes(score, value)]
-    query = score.inputs[1 - ia._key_operand_by_axes(score, value)]
+    key = score.inputs[key_operand_by_axes(score, value)]
+    query = score.inputs[1 - key_operand_by_axes(score, value)]
 
     def count(v, roles):
         n = 1
