@@ -472,6 +472,9 @@ class Names(Sequence):
     def __contains__(self, name) -> bool:
         return name in self._registry
 
+    def index(self, name, *bounds) -> int:  # the planner's tie-break, once per candidate
+        return tuple(self._registry).index(name, *bounds)
+
     def __repr__(self) -> str:
         return repr(tuple(self._registry))
 
