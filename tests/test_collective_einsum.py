@@ -164,3 +164,37 @@ def test_cli_inspect_diff(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["annotate", "collective-einsum"]
     assert "collective-einsum: looped all-gather(x)" in out
+
+
+def test_a_registered_matmul_lowering_is_asked_before_the_plain_one(monkeypatch):
+    """lower's hook: a lowering registered with @matmul_lowering sees each dot_general's
+    propagated site first; here one that gathers both operands whole and multiplies on
+    every device (correct, more bytes), the other matmuls left to the plain lowering."""
+    from meshwright.passes import lower
+    from meshwright.passes.sharding import Spec
+
+    seen = []
+
+    def gathered(ctx, site, ins):
+        seen.append(site)
+        if site.node.inputs[1].shape != (64, 16):  # w_out's matmul only
+            return None
+        args = []
+        for x, spec in ins:
+            x, spec = ctx.resolved(x, spec, "test")
+            args.append(ctx.to(x, spec, Spec.replicated(len(spec.dims)), "test"))
+        return [(lower.bind(site.node, args)[0], Spec.replicated(len(site.node.out.shape)))]
+
+    monkeypatch.setitem(lower.MATMUL_LOWERINGS, "test-gathered", gathered)
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    args = (jax.random.normal(k[0], (4, 16)), jax.random.normal(k[1], (16, 64)) / 4,
+            jax.random.normal(k[2], (64, 16)) / 8)
+    force = {"ffn": "ws-1d", "attention": "heads", "mesh": (1, 1, 8)}
+    step = mw.shard(ffn, force=force)
+    assert_close(step(*args), ffn(*args))
+    assert [s.node.inputs[1].shape for s in seen] == [(16, 64), (64, 16)]
+    assert all(len(s.wants) == 2 and s.trips == 1 for s in seen)
+    emitted = step.report(*args)["collective_bytes"]["measured"]
+    monkeypatch.delitem(lower.MATMUL_LOWERINGS, "test-gathered")
+    plain = mw.shard(ffn, force=force).report(*args)["collective_bytes"]["measured"]
+    assert emitted > plain  # the whole (64, 16) weight gathered on every device
