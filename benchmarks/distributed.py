@@ -140,7 +140,7 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
     info = mw.distributed.initialize()
     import jax
     from meshwright.passes.calibrate import calibrate_network
-    from meshwright.passes.cost_model import Mesh, Workload, evaluate
+    from meshwright.passes.cost_model import Mesh, StepWorkload, evaluate
     from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile, get_hardware
     from meshwright.passes.hlo import collective_bytes
     from meshwright.passes.planner import plan_config
@@ -176,7 +176,7 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
         counted = collective_bytes(k.compiled.as_text(), nodes=nodes)
         pred = k.predicted
         replicas = k.jax_mesh.shape.get("replica", 1)
-        work = Workload(plan.batch // replicas, plan.context, plan.phase, plan.weights)
+        work = StepWorkload(plan.batch // replicas, plan.context, plan.phase, plan.weights)
         slow = tuple(pred.mesh.slow)
         default = evaluate(config, CPU_DEFAULT, Mesh(pred.mesh.x, pred.mesh.y, pred.mesh.z,
                                                      slow=slow), work, k.ffn_layout,
