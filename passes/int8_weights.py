@@ -292,7 +292,7 @@ class Int8Report:
     skipped: list[str]  # selected weight matmuls left in float, and why
     int8_dots: int  # dot_generals rewritten (scan bodies counted once)
     float_in_tree: Any = field(repr=False)  # pytree structure of the float program's args
-    numerics: Int8Numerics | None = None  # None: no example_args in ctx.options
+    numerics: Int8Numerics | None = None  # None: no ctx.example_args
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the quantized weights as floats, as int8 values, and of their scales."""
