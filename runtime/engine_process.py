@@ -220,6 +220,7 @@ class EngineProcess:
         self._sinks: dict[int, Any] = {}  # rid -> where its tokens and Result go
         self._metrics: list[asyncio.Future] = []
         self._stopping = False
+        self._send_lock = threading.Lock()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         context = multiprocessing.get_context("spawn")
@@ -291,7 +292,8 @@ class EngineProcess:
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            with self._send_lock:  # `stop` sends from another thread
+                self._conn.send(message)
         except (OSError, ValueError) as e:  # the pipe is closed: the engine is gone
             raise RuntimeError("the engine process is not running") from e
 
