@@ -136,6 +136,14 @@ def engine_main(options, conn) -> None:
         return finished
 
     def read_commands() -> None:
+        try:
+            obey()
+        except BaseException as e:  # noqa: BLE001 (the engine is unusable: say so, stop)
+            with contextlib.suppress(OSError):
+                send(("failed", _portable(e), True))
+            stop.set()
+
+    def obey() -> None:
         while True:
             try:
                 command = conn.recv()
