@@ -85,14 +85,11 @@ def _broadcast(ctx, node):
         ctx.link(x, in_dim, node.out, int(out_dim), "broadcast")
 
 
-@axis_rule("reshape")
-def _reshape(ctx, node):
-    x = node.inputs[0]
-    din, dout = ctx.of(x), ctx.of(node.out)
-    sin, sout = list(x.shape), list(node.out.shape)
-    i = j = 0
+def reshape_groups(sin, sout) -> list[tuple[list[int], list[int]]]:
+    """How a reshape's dimensions correspond: [(input dims, output dims)], each a minimal run
+    with equal products, size-1 dimensions (they carry no meaning) attached to no group."""
+    groups, i, j = [], 0, 0
     while i < len(sin) or j < len(sout):
-        # skip size-1 dimensions: they carry no meaning
         if i < len(sin) and sin[i] == 1:
             i += 1
             continue
@@ -101,8 +98,7 @@ def _reshape(ctx, node):
             continue
         if i >= len(sin) or j >= len(sout):
             break
-        gi, gj = [i], [j]
-        pi, pj = sin[i], sout[j]
+        gi, gj, pi, pj = [i], [j], sin[i], sout[j]
         while pi != pj:
             if pi < pj:
                 i += 1
@@ -112,10 +108,17 @@ def _reshape(ctx, node):
                 j += 1
                 gj.append(j)
                 pj *= sout[j]
+        groups.append(([k for k in gi if sin[k] != 1], [k for k in gj if sout[k] != 1]))
         i += 1
         j += 1
-        gi = [k for k in gi if sin[k] != 1]
-        gj = [k for k in gj if sout[k] != 1]
+    return groups
+
+
+@axis_rule("reshape")
+def _reshape(ctx, node):
+    x = node.inputs[0]
+    din, dout = ctx.of(x), ctx.of(node.out)
+    for gi, gj in reshape_groups(list(x.shape), list(node.out.shape)):
         if len(gi) == 1 and len(gj) == 1:
             ctx.syms.unify(din[gi[0]], dout[gj[0]], "reshape")
         elif len(gi) == 1:

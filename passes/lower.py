@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from meshwright.ir import Graph, Literal, Node, Value
 from meshwright.ir.interpreter import region_jaxpr
+from meshwright.passes.axis_rules import reshape_groups
 from meshwright.passes.base import rule_registry
 from meshwright.passes.layouts import attention_layout
 from meshwright.passes.propagate import Abstract, MatmulSite, Propagation
@@ -307,34 +308,6 @@ def _partial_passes(node: Node, ins: list[Local], partials: set) -> bool:
 # ---- layout operations --------------------------------------------------------------------------
 
 
-def _reshape_groups(sin, sout):
-    """[(in dims, out dims)] groups of a reshape, size-1 dims attached to no group."""
-    groups, i, j = [], 0, 0
-    while i < len(sin) or j < len(sout):
-        if i < len(sin) and sin[i] == 1:
-            i += 1
-            continue
-        if j < len(sout) and sout[j] == 1:
-            j += 1
-            continue
-        if i >= len(sin) or j >= len(sout):
-            break
-        gi, gj, pi, pj = [i], [j], sin[i], sout[j]
-        while pi != pj:
-            if pi < pj:
-                i += 1
-                gi.append(i)
-                pi *= sin[i]
-            else:
-                j += 1
-                gj.append(j)
-                pj *= sout[j]
-        groups.append(([k for k in gi if sin[k] != 1], [k for k in gj if sout[k] != 1]))
-        i += 1
-        j += 1
-    return groups
-
-
 def _free_batch_dim(node, sin, sout, need, ctx, moving: int):
     """(input dim, output dim) of an unsharded `batch` dim the reshape keeps whole and that
     attention's batch axes can split, or None."""
@@ -344,7 +317,7 @@ def _free_batch_dim(node, sin, sout, need, ctx, moving: int):
     if not axes or not roles or any(set(d) & set(axes) for k, d in enumerate(need)
                                      if k != moving):
         return None
-    for gi, gj in _reshape_groups(sin, sout):
+    for gi, gj in reshape_groups(sin, sout):
         if len(gi) == 1 and len(gj) == 1 and roles[gi[0]] == "batch" and \
                 not need[gi[0]] and sin[gi[0]] % ctx.mesh.count(axes) == 0:
             return gi[0], gj[0]
@@ -366,7 +339,7 @@ def _reshape(ctx, node, ins):
     sin, sout = node.inputs[0].shape, node.out.shape
     need = [tuple(d) for d in spec.dims]
     out_dims = [()] * len(sout)
-    for gi, gj in _reshape_groups(sin, sout):
+    for gi, gj in reshape_groups(sin, sout):
         sharded = [k for k in gi if need[k]]
         if not sharded:
             continue
