@@ -43,6 +43,23 @@ LAYOUTS = [("ws-1d", "heads", (1, 1, 8)), ("ws-2d", "batch", (2, 2, 2)),
 BATCH, MAX_LEN = 8, 256
 
 
+def _timed_calls(compiled, args, repeats: int, what: str) -> list[float]:
+    """Seconds of `repeats` calls of a compiled step after 3 warm-up calls, each guarded (a lost
+    process stops the job with a clear error instead of hanging in a collective)."""
+    import jax
+
+    import meshwright as mw
+
+    times = []
+    for i in range(repeats + 3):
+        with mw.distributed.guard(f"{what} call {i}"):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            if i >= 3:  # warm-up calls
+                times.append(time.perf_counter() - t0)
+    return times
+
+
 def _demo_decode():
     """The bundled demo model and one decode step's arguments at BATCH x MAX_LEN."""
     import jax
@@ -69,13 +86,7 @@ def worker(out: str, repeats: int) -> None:
                                                   "mesh": mesh})
         c = step.compiled(*args)
         placed = c.place(jax.tree.leaves(args))
-        times = []
-        for i in range(repeats + 3):
-            with mw.distributed.guard(f"{ffn}/{attention} call {i}"):
-                t0 = time.perf_counter()
-                jax.block_until_ready(c.compiled(*placed))
-                if i >= 3:  # warm-up calls
-                    times.append(time.perf_counter() - t0)
+        times = _timed_calls(c.compiled, placed, repeats, f"{ffn}/{attention}")
         report = step.report(*args)["collective_bytes"]
         rows.append({"ffn": ffn, "attention": attention, "mesh": list(mesh),
                      "step_ms_median": 1e3 * statistics.median(times),
@@ -113,13 +124,7 @@ def stretched_worker(out: str, repeats: int, pin: str | None) -> None:
             "mesh": (best.mesh.x, best.mesh.y, best.mesh.z)})
         c = step.compiled(*args)
     placed = c.place(jax.tree.leaves(args))
-    times = []
-    for i in range(repeats + 3):
-        with mw.distributed.guard(f"call {i}"):
-            t0 = time.perf_counter()
-            jax.block_until_ready(c.compiled(*placed))
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
+    times = _timed_calls(c.compiled, placed, repeats, "stretched")
     if info.is_leader:
         Path(out).write_text(json.dumps({
             "processes": info.num_processes, "ffn": c.ffn_layout,
@@ -195,13 +200,7 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
             "collective_bytes_hlo": counted["total"]}
     for _ in range(rounds):
         for kind, (k, args_on_mesh) in placed.items():
-            times = []
-            for i in range(repeats + 3):
-                with mw.distributed.guard(f"{kind} call {i}"):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(k.compiled(*args_on_mesh))
-                    if i >= 3:  # warm-up calls
-                        times.append(time.perf_counter() - t0)
+            times = _timed_calls(k.compiled, args_on_mesh, repeats, kind)
             rows[kind]["rounds_ms"].append(1e3 * statistics.median(times))
     for kind in ("pipeline",):
         x = by_kind.get(kind)
