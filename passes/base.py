@@ -128,6 +128,8 @@ class Force:
     ffn: str | None = None  # an FFN layout name (LAYOUT_NAMES_FFN)
     attention: str | None = None  # an attention layout name (LAYOUT_NAMES_ATTENTION)
     mesh: tuple[int, int, int] | None = None  # (x, y, z); None: the planner's factorisation
+    cross_node: str | None = None  # across nodes: "replicas", "pipeline" or "stretched"
+    microbatches: int | None = None  # a pipeline's microbatches (None: the planner's)
 
 
 @dataclass

@@ -118,33 +118,52 @@ def node_groups(devices) -> list[list]:
 
 # What mw.shard lowers of the planner's ways across nodes (passes/multinode.py): a layout
 # stretched over the nodes is the paper's layout on the bigger mesh, only priced otherwise;
-# replicas split the batch over a mesh axis outside it (passes/replicas.py).
-LOWERED_CROSSINGS = ("replicas", "stretched")
+# replicas split the batch over a mesh axis outside it (passes/replicas.py); pipeline stages
+# split the layers of a scan over another (passes/stages.py), when the function allows.
+LOWERED_CROSSINGS = ("replicas", "stretched", "pipeline")
 
 
-def _lowerable(plan, config, request: dict):
-    """`plan`, or across nodes when its way of crossing them is not lowered, the plan of the
-    best one that is, with a note saying what was set aside and at what price; a ValueError
-    naming the reasons when none runs."""
+def _why_not_lowered(x, graph) -> str | None:
+    """Why mw.shard cannot lower the way across nodes `x` for the traced `graph`, or None."""
+    if x.kind not in LOWERED_CROSSINGS:
+        return "not lowered yet"
+    if x.kind != "pipeline":
+        return None
+    if x.replicas > 1:
+        return "replicas of a pipeline are not lowered yet"
+    if graph is None:
+        return "no traced function to split"
+    from meshwright.passes.stages import lowerable
+
+    return lowerable(graph, x.stages)
+
+
+def _lowerable(plan, config, request: dict, graph=None):
+    """`plan`, or across nodes when its way of crossing them is not lowered (for the traced
+    `graph`), the plan of the best one that is, with a note saying what was set aside, why
+    and at what price; a ValueError naming the reasons when none runs."""
     from meshwright.passes.planner import plan_config
 
-    if plan.nodes == 1 or plan.cross_node.kind in LOWERED_CROSSINGS:
+    if plan.nodes == 1:
         return plan
     x = plan.cross_node
-    runs = [c for c in plan.cross_node_candidates if c.kind in LOWERED_CROSSINGS]
+    why = _why_not_lowered(x, graph)
+    if why is None:
+        return plan
+    runs = [c for c in plan.cross_node_candidates if _why_not_lowered(c, graph) is None]
     if not runs:
-        why = "; ".join(f"{name}: {reason}" for name, reason in plan.cross_node_rejected
-                        if any(k in name for k in LOWERED_CROSSINGS)) or "not priced"
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in plan.cross_node_rejected
+                            if any(k in name for k in LOWERED_CROSSINGS)) or "not priced"
         raise ValueError(
             f"{plan.chips} devices on {plan.nodes} nodes: the planner chose {x.label}, which "
-            f"mw.shard does not lower yet, and no layout stretched over the nodes runs ({why});"
-            " pin ffn, attention and mesh in force= to lower a layout anyway")
+            f"mw.shard does not lower ({why}), and no other way across the nodes runs "
+            f"({reasons}); pin ffn, attention and mesh in force= to lower a layout anyway")
     chosen = plan_config(config, **{**request, "nodes": plan.nodes,
                                     "cross_node": runs[0].kind})
     chosen.forced["cross_node"] = f"{runs[0].kind} (what mw.shard lowers)"
     chosen.notes.append(
         f"the planner's best across {plan.nodes} nodes is {x.label} ({x.step_s * 1e3:.3g} "
-        f"ms/step); mw.shard does not lower {x.kind} yet, so this runs "
+        f"ms/step); mw.shard does not lower it ({why}), so this runs "
         f"{chosen.cross_node.label} ({chosen.cross_node.step_s * 1e3:.3g} ms/step)")
     return chosen
 
@@ -331,9 +350,16 @@ class ShardedFunction:
         if phase not in ("auto", "prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or 'auto', got {phase!r}")
         force = dict(force or {})
-        unknown = set(force) - {"ffn", "attention", "mesh"}
+        unknown = set(force) - {"ffn", "attention", "mesh", "cross_node", "microbatches"}
         if unknown:
-            raise ValueError(f"force takes ffn, attention and mesh; got {sorted(unknown)}")
+            raise ValueError(f"force takes ffn, attention, mesh, cross_node and microbatches; "
+                             f"got {sorted(unknown)}")
+        if force.get("cross_node") not in (None, "replicas", "pipeline", "stretched"):
+            raise ValueError(f"unknown way across nodes {force['cross_node']!r}; choose from "
+                             "replicas, pipeline, stretched")
+        mb = force.get("microbatches")
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+            raise ValueError(f"force['microbatches'] must be a positive int, got {mb!r}")
         if force.get("ffn") not in (None, *LAYOUT_NAMES_FFN):
             raise ValueError(f"unknown FFN layout {force['ffn']!r}; "
                              f"choose from {', '.join(LAYOUT_NAMES_FFN)}")
@@ -346,7 +372,8 @@ class ShardedFunction:
             pinned = dict(zip(AXES, pinned))
         self._force = Force(force.get("ffn"), force.get("attention"),
                             None if pinned is None else tuple(int(pinned.get(a, 1))
-                                                              for a in AXES))
+                                                              for a in AXES),
+                            force.get("cross_node"), mb)
         self.devices = _mesh_devices(mesh)
         self.phase = phase
         self.hardware = hardware or ("cpu" if self.devices[0].platform == "cpu" else "tpu-v4")
@@ -413,6 +440,11 @@ class ShardedFunction:
         replicated = compile_replicas(self, ctx.results.choice.plan, g, args, kwargs, printer)
         if replicated is not None:  # the batch split between node groups
             return replicated
+        from meshwright.passes.stages import compile_stages
+
+        staged = compile_stages(self, ctx.results.choice.plan, g, args, kwargs, printer)
+        if staged is not None:  # the layers split between nodes
+            return staged
         g = pm.run(g, ctx, start=after_plan)
         timings.update(pm.timings)
         # 3. the record

@@ -68,6 +68,9 @@ class LowerContext:
         # attention runs split over sequences (its layout object's, `passes/layouts.py`)
         self.attention_splits_batch = attention_layout(attention).splits_batch
         self.attention_batch = attention_batch  # batch axes inside batch-sharded attention
+        # id(node) -> the rule lowering that one equation instead of its primitive's (the
+        # pipeline's layer scan, passes/stages.py)
+        self.overrides: dict[int, Rule] = {}
 
     @classmethod
     def for_graph(cls, g: Graph, mesh: MeshInfo, em: Emitter, result: Lowered) -> LowerContext:
@@ -849,7 +852,6 @@ def weight_operand(node: Node) -> int | None:
 def _scan(ctx, node, ins):
     body: Graph = node.regions["jaxpr"]
     n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
-    length = node.params["length"]
     args, specs = [], []
     for k, ((x, s), v) in enumerate(zip(ins, node.inputs)):
         if s is None:  # a literal operand
@@ -859,6 +861,9 @@ def _scan(ctx, node, ins):
             x, s = _unshard_dims(ctx, node, x, s, {0})
         args.append(x)
         specs.append(s)
+    length = node.params["length"]
+    if len(args) > n_consts + n_carry and not ctx.abstract:  # the local slices' (a pipeline
+        length = int(args[n_consts + n_carry].shape[0])      # stage holds some layers)
     body_specs = specs[:n_consts + n_carry] + [Spec(s.dims[1:]) for s in specs[n_consts +
                                                                                 n_carry:]]
     out_specs: list[Spec] = []
@@ -937,7 +942,7 @@ def lower_graph(ctx: LowerContext, g: Graph, flat: list, specs: list[Spec]):
             continue
         ins = [read(v) for v in node.inputs]
         first_record = len(ctx.em.records)
-        rule = LOWER_RULES.get(node.op, _elementwise)
+        rule = ctx.overrides.get(id(node)) or LOWER_RULES.get(node.op, _elementwise)
         try:
             outs = rule(ctx, node, ins)
         except Exception as e:

@@ -7,9 +7,10 @@ profile's slower network (InfiniBand, the data-centre network, TCP) carries one 
 - **replicas**: each node group holds its own copy of the weights and runs its share of the
   batch; nothing crosses the slow network during a step. Every copy must fit its nodes.
 - **pipeline**: a replica's layers are split into equal stages, one node each; only the
-  activations between stages cross, one hop per stage boundary. The batch runs as M
-  microbatches so that the stages overlap; the pipeline fills and drains every step
-  (sampling on the host sits between steps), which costs a bubble of (S-1) stage times.
+  activations between stages cross, one hop per stage boundary, and the outputs once from
+  the last stage back. The batch runs as M microbatches so that the stages overlap; the
+  pipeline fills and drains every step (sampling on the host sits between steps), which
+  costs a bubble of (S-1) iterations.
 - **stretched**: the paper's layouts on a mesh whose axes run over the nodes too
   (`Mesh.slow`), every collective over such an axis priced with the two-level network
   model (`passes/network.py`).
@@ -19,13 +20,17 @@ pipeline. Each way of crossing is a `Crossing` object in `CROSSINGS` (a registry
 one is one class); `price_crossings` prices every one on every split of the nodes and keeps
 what could not run with its reason.
 
-Pipeline step, S stages, M microbatches, t the step of one stage on one microbatch (its
-layers' compute, weights, KV and in-node collectives), h one hop of a microbatch's
-activations (B/M * L * E * a bytes through the node's chips' share of the slow network):
+Pipeline step as `mw.shard` lowers it (passes/stages.py): one SPMD loop of M + S - 1
+iterations, in each of which every stage runs its layers on a microbatch and then sends its
+activations to the next (the send waits for the compute, the next iteration for the send).
+S stages, M microbatches, t the step of one stage on one microbatch (its layers' compute,
+weights, KV and in-node collectives), h one hop of a microbatch's activations
+(B/M * L * E * a bytes through the node's chips' share of the slow network), o the outputs'
+hop (B * L * V * a: the logits) from the last stage to each other:
 
-    step = S*t + (S-1)*h + (M-1)*max(t, h) + step_overhead
-    bubble = (S-1)*t                      # each stage idles while the pipe fills and drains
-    slow network = (S-1)*h + (M-1)*max(0, h-t)
+    step = (M+S-1)*(t + h) + (S-1)*o + step_overhead
+    bubble = (S-1)*(t + h)                # each stage idles while the pipe fills and drains
+    slow network = (M+S-1)*h + (S-1)*o
 
 In decode a microbatch streams its stage's weights again, so M > 1 only pays where compute
 or the KV cache, not the weights, dominates; the planner tries every M that divides the batch.
@@ -223,6 +228,7 @@ class PricingContext:
     attentions: Sequence[str] = ATTENTION_LAYOUTS
     options: CostOptions = field(default_factory=CostOptions)
     kv_memory_fraction: float = 0.3
+    microbatches: int | None = None  # a pipeline's, pinned (None: every divisor of the batch)
 
     def model_flops(self) -> float:
         return 2.0 * self.cfg.n_params() * self.work.tokens
@@ -333,22 +339,27 @@ class Pipeline(Crossing):
         a = ACTIVATION_BYTES[work.weights]
         best: CrossNodeCost | None = None
         tried: list[CandidateCost] = []
-        for m in _divisors(b):
+        if ctx.microbatches is not None and b % ctx.microbatches:
+            raise NotApplicable(f"the batch {b} does not split into {ctx.microbatches} "
+                                "microbatches")
+        for m in [ctx.microbatches] if ctx.microbatches else _divisors(b):
             micro = StepWorkload(b // m, work.context, work.phase, work.weights)
             hop = transfer_seconds(micro.tokens * ctx.cfg.d_model * a, c_node, hw)
             for c in ctx.layouts(stage_cfg, meshes, micro):
                 tried.append(c)
+            iterations = m + stages - 1  # the lowered loop: every stage computes and sends
+            out_bytes = m * micro.tokens * ctx.cfg.vocab_size * a  # the logits, returned
+            back = (stages - 1) * transfer_seconds(out_bytes, c_node, hw)
                 kv = c.kv_cache_bytes_per_chip * m  # every microbatch's cache on the stage
                 held = c.weight_bytes_per_chip + c.gathered_weight_bytes_per_chip
                 memory = held + kv
                 if memory > hw.hbm_bytes:
                     continue
                 t = c.step_s - c.overhead_s
-                step = (stages * t + (stages - 1) * hop + (m - 1) * max(t, hop)
-                        + c.overhead_s)
+                step = iterations * (t + hop) + back + c.overhead_s
                 if best is not None and step >= best.step_s:
                     continue
-                slow = (stages - 1) * hop + (m - 1) * max(0.0, hop - t)
+                slow = iterations * hop + back
                 per_token = kv / work.context
                 budget = min(ctx.kv_memory_fraction * hw.hbm_bytes, hw.hbm_bytes - held)
                 best = CrossNodeCost(
@@ -356,8 +367,12 @@ class Pipeline(Crossing):
                     microbatches=m, layers_per_stage=stage_cfg.n_layers, layout=c,
                     step_s=step, compute_s=m * c.compute_s, weight_load_s=m * c.weight_load_s,
                     kv_load_s=m * c.kv_load_s, comm_s=m * c.comm_s + slow,
-                    slow_network_s=slow, bubble_s=(stages - 1) * t, overhead_s=c.overhead_s,
-                    slow_bytes_per_chip=m * micro.tokens * ctx.cfg.d_model * a / c_node,
+                    slow_network_s=slow, bubble_s=(stages - 1) * (t + hop),
+                    overhead_s=c.overhead_s,
+                    # every stage but the last sends each iteration's activations, and
+                    # one stage after another passes the outputs on: per chip, averaged
+                    slow_bytes_per_chip=(stages - 1) / stages * (
+                        iterations * micro.tokens * ctx.cfg.d_model * a + out_bytes) / c_node,
                     weight_bytes_per_chip=c.weight_bytes_per_chip,
                     gathered_weight_bytes_per_chip=c.gathered_weight_bytes_per_chip,
                     kv_cache_bytes_per_chip=kv, memory_bytes_per_chip=memory, fits=True,
@@ -451,12 +466,12 @@ def price_crossings(cfg: TransformerConfig, hw: HardwareProfile, split: NodeSpli
                     work: StepWorkload, ffns: Sequence[str] = FFN_LAYOUTS,
                     attentions: Sequence[str] = ATTENTION_LAYOUTS,
                     options: CostOptions | None = None, kv_memory_fraction: float = 0.3,
-                    kinds: Sequence[str] | None = None,
+                    kinds: Sequence[str] | None = None, microbatches: int | None = None,
                     ) -> tuple[list[CrossNodeCost], list[tuple[str, str]]]:
     """The best of every (crossing, replica count) that runs, cheapest first, and the
-    (label, reason) of those that cannot."""
+    (label, reason) of those that cannot. `microbatches` pins a pipeline's."""
     ctx = PricingContext(cfg, hw, split, work, tuple(ffns), tuple(attentions),
-                         options or CostOptions(), kv_memory_fraction)
+                         options or CostOptions(), kv_memory_fraction, microbatches)
     unknown = sorted(set(kinds or ()) - set(CROSSINGS))
     if unknown:
         raise ValueError(f"unknown way of crossing nodes {unknown[0]!r}; known: "

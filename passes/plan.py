@@ -102,12 +102,12 @@ def pinned_mesh_shape(force: Force, chips: int) -> dict[str, int]:
 
 
 def choose(config: TransformerConfig | None, work: dict, request: dict,
-           force: Force) -> LayoutChoice:
+           force: Force, graph: Graph | None = None) -> LayoutChoice:
     """What runs, in four steps:
 
     1. Plan `config` for `request` (plan_config's arguments: hardware, chips, nodes, batch,
        context, phase, weights, the pinned layouts); across nodes, the best way mw.shard
-       lowers (`_lowerable`). A graph the planner cannot price, or a request it refuses,
+       lowers for the traced `graph` (`_lowerable`). A graph the planner cannot price, or a request it refuses,
        runs only with both layouts pinned.
     2. No pinned mesh: the plan's best candidate.
     3. A pinned mesh: the plan's best candidate on it (the pinned layouts hold),
@@ -122,7 +122,7 @@ def choose(config: TransformerConfig | None, work: dict, request: dict,
     plan = None
     if config is not None:
         try:
-            plan = _lowerable(plan_config(config, **request), config, request)
+            plan = _lowerable(plan_config(config, **request), config, request, graph)
         except ValueError:
             if not (force.ffn and force.attention):
                 raise
@@ -180,7 +180,8 @@ class PlanPass(Pass):
         from meshwright.passes.sharding import MeshInfo
 
         force = Force(self.force_ffn or ctx.force.ffn,
-                      self.force_attention or ctx.force.attention, ctx.force.mesh)
+                      self.force_attention or ctx.force.attention, ctx.force.mesh,
+                      ctx.force.cross_node, ctx.force.microbatches)
         try:
             config = config_from_graph(graph)
         except PlanError as e:  # not a Transformer the cost model can price
@@ -200,8 +201,9 @@ class PlanPass(Pass):
                    "context": self.context or work["context"], "phase": phase,
                    "weights": weights, "force_ffn": force.ffn,
                    "force_attention": force.attention, "nodes": nodes if nodes > 1 else None,
+                   "cross_node": force.cross_node, "microbatches": force.microbatches,
                    "blocks": graph.meta["blocks"].to_list() if config is not None else None}
-        choice = choose(config, work, request, force)
+        choice = choose(config, work, request, force, graph)
         graph.meta["plan"] = choice.plan
         ctx.results.config, ctx.results.choice = config, choice
         ctx.results.mesh = MeshInfo(choice.mesh_shape)

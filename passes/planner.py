@@ -453,8 +453,10 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
                 force_ffn: str | None = None, force_attention: str | None = None,
                 kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION,
                 options: CostOptions | None = None, blocks: list[dict] | None = None,
-                nodes: int | None = None, cross_node: str | None = None) -> Plan:
-    """Plan one step of `config` (see `plan`). `blocks` defaults to the preset's blocks."""
+                nodes: int | None = None, cross_node: str | None = None,
+                microbatches: int | None = None) -> Plan:
+    """Plan one step of `config` (see `plan`). `blocks` defaults to the preset's blocks;
+    `microbatches` pins a pipeline's (across nodes)."""
     hw = get_hardware(hardware)
     _check_request(hw, chips, gen_tokens, kv_memory_fraction, force_ffn, force_attention)
     split = split_nodes(hw, chips, nodes)
@@ -467,7 +469,7 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
     if split.nodes > 1:
         return _plan_across_nodes(config, hw, split, work, gen_tokens, force_ffn,
                                   force_attention, kv_memory_fraction, options, blocks,
-                                  cross_node, ffns, atts)
+                                  cross_node, ffns, atts, microbatches)
     if cross_node is not None:
         raise ValueError(f"cross_node={cross_node!r} needs 2 or more nodes; {chips} chips of "
                          f"{hw.name} are one node (give nodes=2 or more, or more than "
@@ -492,19 +494,21 @@ def plan_config(config: TransformerConfig, hardware: str | HardwareProfile = "tp
 
 
 def _plan_across_nodes(config, hw, split, work, gen_tokens, force_ffn, force_attention,
-                       kv_fraction, options, blocks, cross_node, ffns, atts) -> Plan:
+                       kv_fraction, options, blocks, cross_node, ffns, atts,
+                       microbatches=None) -> Plan:
     """Price every way of crossing the nodes (`multinode.price_crossings`); take the
     cheapest that fits."""
     kinds = (cross_node,) if cross_node else None
     costs, rejected = price_crossings(config, hw, split, work, ffns, atts, options,
-                                      kv_fraction, kinds)
+                                      kv_fraction, kinds, microbatches)
     forced = {k: v for k, v in (("ffn", force_ffn), ("attention", force_attention),
-                                ("cross_node", cross_node)) if v}
+                                ("cross_node", cross_node), ("microbatches", microbatches))
+              if v}
     if not costs:
         raise ValueError(_no_crossing_message(config, hw, split, work, rejected, forced))
     best = costs[0]
     ctx = PricingContext(config, hw, split, work, ffns, atts, options or CostOptions(),
-                         kv_fraction)
+                         kv_fraction, microbatches)
     layouts = CROSSINGS[best.kind].layouts(ctx, best)
     notes = []
     if work.context > config.max_len:

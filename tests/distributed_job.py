@@ -77,15 +77,15 @@ def run_layouts(result: dict, out_dir: str, which: list[int]) -> None:
 _UNSHARDED: dict = {}
 
 
-def run_planned(result: dict, key: str = "planned", hardware=None) -> None:
-    """mw.shard with nothing pinned on every process's devices: the planner prices the
-    processes as nodes and what it lowers across them runs (2 replicas of palm-tiny; with
-    `hardware` whose chips cannot hold a copy per node, a layout stretched over both),
-    equal to one device. Also what crosses the processes in the compiled program."""
+def run_planned(result: dict, key: str = "planned", hardware=None, force=None) -> None:
+    """mw.shard on every process's devices: the planner prices the processes as nodes and
+    what it lowers across them runs (2 replicas of palm-tiny; with `hardware` whose chips
+    cannot hold a copy per node, a 2-stage pipeline; `force` pins the way across), equal to
+    one device. Also what crosses the processes in the compiled program."""
     from meshwright.passes.hlo import collective_bytes
 
     model, args = layout_args("palm-tiny", "decode")
-    step = mw.shard(model.decode_step, hardware=hardware)
+    step = mw.shard(model.decode_step, hardware=hardware, force=force)
     with mw.distributed.guard(f"{key} across processes"):
         out = mw.distributed.gather(step(*args))
     c = step.compiled(*args)
@@ -108,19 +108,30 @@ def run_planned(result: dict, key: str = "planned", hardware=None) -> None:
         "mesh_processes": sorted({d.process_index for d in mesh.devices.flat}),
         "replica_processes": [sorted({d.process_index for d in mesh.devices[r].flat})
                               for r in range(mesh.shape.get("replica", 0))],
+        "stage_processes": [sorted({d.process_index for d in mesh.devices[r].flat})
+                            for r in range(mesh.shape.get("stage", 0))],
+        "stacked_inputs_on_stages": [str(x.sharding.spec) for x in placed
+                                     if "stage" in str(x.sharding.spec)],
         "inputs_spanning_processes": sum(not x.is_fully_addressable for x in placed),
         "slow_bytes": counted["slow"], "collective_bytes": counted["total"],
         "slow_bytes_predicted": c.plan.cross_node.slow_bytes_per_chip,
         "explain": step.explain(*args)}
 
 
-def run_stretched(result: dict) -> None:
+def run_pipeline(result: dict) -> None:
     """As `planned`, on a cpu profile whose chips hold too little for a copy of palm-tiny per
-    node of 4 (150 kB): the planner's best is a 2-stage pipeline, not lowered yet, so a
-    layout stretched over both processes runs."""
+    node of 4 (150 kB): the planner's best is a 2-stage pipeline, one process each."""
     from meshwright.passes.hardware import CPU_DEFAULT
 
-    run_planned(result, "stretched", CPU_DEFAULT.replace(hbm_bytes=150_000))
+    run_planned(result, "pipeline", CPU_DEFAULT.replace(hbm_bytes=150_000))
+
+
+def run_stretched(result: dict) -> None:
+    """As `pipeline`, with the layout stretched over both processes pinned."""
+    from meshwright.passes.hardware import CPU_DEFAULT
+
+    run_planned(result, "stretched", CPU_DEFAULT.replace(hbm_bytes=150_000),
+                force={"cross_node": "stretched"})
 
 
 def run_calibrate(result: dict, out_dir: str) -> None:
@@ -239,7 +250,8 @@ def main() -> None:
             run_layouts(result, out_dir, list(range(len(LAYOUTS))))
         else:
             {"serve": run_serve, "kill": run_kill, "checkpoint": run_checkpoint,
-             "planned": run_planned, "stretched": run_stretched}[name](result)
+             "planned": run_planned, "stretched": run_stretched,
+             "pipeline": run_pipeline}[name](result)
     with open(os.path.join(out_dir, f"result{info.process_id}.json"), "w") as f:
         json.dump(result, f)
     mw.distributed.shutdown()

@@ -47,7 +47,7 @@ def run_job(tmp: Path, processes: int, devices: int, *parts: str) -> list[dict]:
 def job_2x4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job2x4")
     return run_job(tmp, 2, 4, "layouts=0,1,2,3", "checkpoint", "serve", "planned",
-                   "stretched", "calibrate")
+                   "stretched", "pipeline", "calibrate")
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,28 @@ def test_a_model_planned_over_processes_runs_as_replicas(job_2x4):
     assert "does not lower" not in planned["explain"]
 
 
-def test_a_layout_stretched_over_processes_when_a_copy_does_not_fit_a_node(job_2x4):
-    """Chips too small for a copy per node: the planner's 2-stage pipeline is not lowered, so
-    its best stretched layout runs over all 8 devices (one axis across the processes), says
-    so, equals one device, and sends across the processes what the model predicts."""
+def test_pipeline_stages_over_processes_when_a_copy_does_not_fit_a_node(job_2x4):
+    """Chips too small for a copy per node: the planner's best is 2 pipeline stages, and that
+    runs: stage s on process s, holding its layers' weights and KV cache (the stacked arrays
+    split over `stage`), the activations sent between the processes, equal to one device."""
+    run = job_2x4[0]["pipeline"]
+    assert run["max_abs_err_vs_unsharded"] < 2e-5, run
+    assert (run["nodes"], run["cross_node"], run["replicas"]) == (2, "pipeline", 1)
+    assert run["axes"] == ["stage", "x", "y", "z"]
+    assert run["stage_processes"] == [[0], [1]]
+    # the 8 stacked layer weights and the K and V caches: each stage its layers
+    assert len(run["stacked_inputs_on_stages"]) == 10
+    assert all(spec.startswith(("P('stage'", "P(('stage',"))
+               for spec in run["stacked_inputs_on_stages"])
+    assert "lowered as 2 pipeline stages" in run["explain"]
+    assert "does not lower" not in run["explain"]
+    assert 0 < run["slow_bytes"] <= run["collective_bytes"]
+
+
+def test_a_layout_stretched_over_processes_when_pinned(job_2x4):
+    """The same chips with the stretched layout pinned (force={"cross_node": "stretched"}):
+    it runs over all 8 devices (one axis across the processes), says so, equals one device,
+    and sends across the processes what the model predicts."""
     run = job_2x4[0]["stretched"]
     assert run["max_abs_err_vs_unsharded"] < 2e-5, run
     assert (run["nodes"], run["cross_node"], run["replicas"]) == (2, "stretched", 1)
@@ -110,7 +128,6 @@ def test_a_layout_stretched_over_processes_when_a_copy_does_not_fit_a_node(job_2
     assert sorted(run["slow"]) == [1, 1, 2]  # one axis crosses the two processes
     axis = "xyz"[run["slow"].index(2)]
     assert f"; {axis} over 2 nodes (each node a process)" in run["explain"]
-    assert "mw.shard does not lower pipeline" in run["explain"]
     assert run["slow_bytes"] == pytest.approx(run["slow_bytes_predicted"], rel=0.1)
 
 

@@ -158,9 +158,13 @@ def test_pipeline_step_is_stages_plus_microbatches():
                  p.layout.attention_layout)
     t = c.step_s - c.overhead_s
     hop = micro.tokens * 16384 * 2 / 8 / (50e9 * 0.8) + H100.dcn_latency_s
+    # the logits (64 rows x 128,256 vocab, bf16) back from the last stage once
+    back = 64 * 128256 * 2 / 8 / (50e9 * 0.8) + H100.dcn_latency_s
     m = p.microbatches
-    assert p.step_s == pytest.approx(2 * t + hop + (m - 1) * max(t, hop) + c.overhead_s)
-    assert p.bubble_s == pytest.approx(t) and p.slow_network_s == pytest.approx(hop)
+    # the lowered loop: m + 1 iterations, each a stage's layers and then the hop
+    assert p.step_s == pytest.approx((m + 1) * (t + hop) + back + c.overhead_s)
+    assert p.bubble_s == pytest.approx(t + hop)
+    assert p.slow_network_s == pytest.approx((m + 1) * hop + back)
     assert p.kv_cache_bytes_per_chip == pytest.approx(m * c.kv_cache_bytes_per_chip)
     assert p.stage_list() == [{"stage": 0, "layers": [0, 63], "node": 0},
                               {"stage": 1, "layers": [63, 126], "node": 1}]

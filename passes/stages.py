@@ -1,0 +1,390 @@
+"""Pipeline stages across nodes, lowered: a replica's layers split between nodes, microbatched,
+in one SPMD program.
+
+When the planner's best way across nodes (`passes/multinode.py`) is a pipeline -- S stages of
+L/S layers, one node each, the batch in M microbatches so that the stages overlap --
+`mw.shard` lowers it on a mesh with a fourth axis, `stage`, outside the layout's x, y, z:
+
+- the mesh: stage s is node s (a process of a multi-process job, or a block of one process's
+  devices when the hardware profile's nodes are smaller than the mesh), laid out inside as
+  the plan lays out one stage;
+- the weights and the KV cache: the function's layers must run in one `jax.lax.scan` over
+  stacked arrays (`scan_layers`); every stacked array the scan slices layer by layer (its
+  weights, its cache) is split over `stage` along the layer dimension, so stage s holds the
+  weights and the cache of layers [s L/S, (s+1) L/S) and nothing of the others. Arrays the
+  layers do not slice (the embedding, the final norm) are held by every stage;
+- the program: the function traced and lowered at the microbatch (B / M rows) with the
+  planned layout on x, y, z, run M + S - 1 times in a loop. At iteration t stage s works on
+  microbatch t - s: stage 0 embeds it, the others take the activations stage s - 1 sent at
+  iteration t - 1; the stage runs its L/S layers (the scan over its local slices, writing
+  the microbatch's rows of its cache) and sends the scan's carry to stage s + 1 (a
+  collective-permute over `stage`: the only activations that cross nodes during the loop).
+  The last stage's results (the logits) are summed over `stage` once at the end, so every
+  stage returns them (one all-reduce of the outputs over the slow axis).
+
+Every stage runs the function's code outside the layers (the embedding lookup, the final
+norm and unembedding) for its microbatch and keeps only what it needs of it: stage 0 the
+embedded activations, the last stage the outputs. Iterations where a stage has no microbatch
+(the pipeline filling and draining) compute on a clamped index and write nothing.
+
+The layers run the function on their rows only, which is the function on all rows when rows
+do not mix (a Transformer's decode step and prefill): every output must carry the batch, and
+the per-layer outputs of the scan (the updated cache) must be returned as they are.
+`lowerable(g, stages)` says why a traced function cannot run as a pipeline; `mw.shard` then
+runs the best way across nodes that does lower, and says so in the plan's notes.
+
+    hw = mw.passes.hardware.get_hardware("cpu").replace(max_chips=4)
+    step = mw.shard(model.decode_step, hardware=hw, force={"cross_node": "pipeline"})
+    step.compiled(*args).jax_mesh.shape                   # 2 stages of one node each
+    # {'stage': 2, 'x': 1, 'y': 1, 'z': 4}
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import Mesh as JaxMesh
+from meshwright.passes.replicas import AXES, batch_dim, node_devices
+from meshwright.passes.sharding import Spec
+
+STAGE_AXIS = "stage"
+
+
+def _layer_scan(g):
+    """The one scan over the layers in `g` (the scan slicing stacked weights), or None."""
+    from meshwright.passes.analysis import analyze
+
+    scans = list(dict.fromkeys(analyze(g).layer_scans))
+    return scans[0] if len(scans) == 1 else None
+
+
+def _xs_inputs(g, scan) -> dict[int, int]:
+    """graph input index -> scan operand index, for every graph input the scan slices layer by
+    layer and nothing else reads (the arrays split over `stage`)."""
+    first_xs = scan.params["num_consts"] + scan.params["num_carry"]
+    position = {v.id: i for i, v in enumerate(g.inputs)}
+    out = {}
+    for k, v in enumerate(scan.inputs[first_xs:], first_xs):
+        if getattr(v, "id", None) in position and all(u is scan for u in g.users(v)):
+            out[position[v.id]] = k
+    return out
+
+
+def lowerable(g, stages: int, roles: bool = True) -> str | None:
+    """Why the traced function `g` (after infer-axes) cannot run as `stages` pipeline stages,
+    or None when it can. `roles`: also check that every output carries the batch (read from
+    infer-axes' roles, which a batch of 1 row does not show)."""
+    scan = _layer_scan(g)
+    if scan is None:
+        return ("a pipeline needs the layers in one jax.lax.scan over stacked weights (as "
+                "scan_layers=True writes them); this function "
+                + ("has several" if _has_scans(g) else "has none"))
+    length = scan.params["length"]
+    if length % stages:
+        return f"its scan of {length} layers does not split into {stages} equal stages"
+    first_ys = scan.params["num_carry"]
+    for v in scan.outputs[first_ys:]:
+        if g.users(v) or not g.is_output(v):
+            return ("a per-layer output of the layer scan is used after it; a pipeline "
+                    "returns it only as it is (each stage its layers)")
+    if not _xs_inputs(g, scan):
+        return "the layer scan slices no argument of the function"
+    if not roles:
+        return None
+    for k, v in enumerate(g.outputs):
+        if batch_dim(v) is None:
+            return (f"output {k} {list(getattr(v, 'shape', ()))} does not carry the batch "
+                    "(a pipeline splits the batch in microbatches)")
+    return None
+
+
+def _has_scans(g) -> bool:
+    return any(n.op == "scan" for n in g.nodes)
+
+
+def stage_meshes(devices, plan) -> list[JaxMesh]:
+    """Each stage's x, y, z mesh over its node, laid out as the plan's layout."""
+    from meshwright.passes.compiler import make_mesh
+
+    best = plan.best
+    shape = {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}
+    return [make_mesh(shape, node) for node in node_devices(devices, plan)]
+
+
+def stage_mesh(meshes: list[JaxMesh]) -> JaxMesh:
+    """The one mesh of the program: (stage, x, y, z)."""
+    grid = np.stack([np.asarray(m.devices) for m in meshes])
+    return JaxMesh(grid, (STAGE_AXIS, *AXES), axis_types=(AxisType.Auto,) * 4)
+
+
+def _on_stage(spec: Spec) -> Spec:
+    """`spec` with the layer dimension (0) split over `stage` first."""
+    dims = list(spec.dims)
+    dims[0] = (STAGE_AXIS, *dims[0])
+    return spec.with_dims(dims)
+
+
+def _scaled(shape, dim: int | None, m: int) -> tuple:
+    return tuple(s * m if d == dim else s for d, s in enumerate(shape))
+
+
+def microbatch_arguments(g, args: tuple, kwargs: dict, m: int):
+    """The arguments of one microbatch as abstract values: every dimension carrying the batch
+    (in `g`, the function traced at the whole batch) `m` times smaller; a ValueError naming
+    the argument when its batch does not split."""
+    flat, tree = jax.tree_util.tree_flatten((args, kwargs))
+    out = []
+    for i, (x, v) in enumerate(zip(flat, g.inputs)):
+        d = batch_dim(v)
+        shape = tuple(np.shape(x))
+        if d is not None:
+            if shape[d] % m:
+                raise ValueError(f"pipeline: {v.producer.params.get('path', i)} has batch "
+                                 f"{shape[d]} (dimension {d}), which does not split into {m} "
+                                 "microbatches")
+            shape = shape[:d] + (shape[d] // m,) + shape[d + 1:]
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        out.append(jax.ShapeDtypeStruct(shape, dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _rows(x, dim: int, start, size: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=dim)
+
+
+def _put_rows(buf, new, dim: int, start, keep):
+    """`buf` with rows [start, start + n) along `dim` replaced by `new` where `keep`."""
+    old = jax.lax.dynamic_slice_in_dim(buf, start, new.shape[dim], axis=dim)
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, new, old), start, axis=dim)
+
+
+def _hop(emitter, x, spec: Spec, shape: dict, perm: list, note: str):
+    """x (identical on the devices of a stage that differ only along the axes `spec` does not
+    split) sent over `stage` by `perm`: each of those devices sends its share of the array,
+    and the receiving stage gathers the shares inside its node. The slow network carries the
+    array once per stage, not once per device."""
+    spare = tuple(a for a in AXES if shape[a] > 1 and a not in spec.used())
+    n = int(np.prod([shape[a] for a in spare])) if spare else 1
+    if n == 1 or x.size % n:
+        return emitter.ppermute(x, (STAGE_AXIS,), perm, note)
+    pieces = x.reshape(n, x.size // n)
+    mine = jax.lax.dynamic_index_in_dim(pieces, jax.lax.axis_index(spare), keepdims=False)
+    sent = emitter.ppermute(mine, (STAGE_AXIS,), perm, note)
+    return emitter.all_gather(sent[None], spare, 0, note + " (inside the node)").reshape(x.shape)
+
+
+def _from_last_stage(emitter, x, spec: Spec, shape: dict, stages: int, s):
+    """x as the last stage holds it, on every stage: passed along the ring of stages."""
+    for j in range(stages - 1):
+        src, dst = (stages - 1 + j) % stages, j % stages
+        got = _hop(emitter, x, spec, shape, [(src, dst)], "pipeline outputs")
+        x = jnp.where(s == dst, got, x)
+    return x
+
+
+def emit(ig, shape: dict, stages: int, microbatches: int, in_dims: list, out_dims: list):
+    """The per-device function of the pipeline over the lowered microbatch graph `ig` (its
+    inputs' and outputs' batch dimensions `in_dims`, `out_dims`), the emitter recording its
+    collectives, the record of what ran replicated, the inputs split over `stage` and the
+    scan output each graph output is."""
+    from meshwright.passes.lower import LowerContext, Lowered, _scan, lower_graph
+    from meshwright.passes.sharding import Emitter, MeshInfo
+
+    info = MeshInfo(shape)
+    emitter, result = Emitter(info), Lowered()
+    in_specs, out_specs = ig.meta["in_specs"], ig.meta["out_specs"]
+    scan = _layer_scan(ig)
+    n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
+    xs_in = _xs_inputs(ig, scan)
+    ys_ids = {v.id: k for k, v in enumerate(scan.outputs[n_carry:])}
+    ys_out = [ys_ids.get(getattr(v, "id", None)) for v in ig.outputs]
+    # the per-layer inputs and outputs are (layers, ...): their batch one dimension further in
+    in_local = [info.local_shape(v.shape, s) for v, s in zip(ig.inputs, in_specs)]
+    out_local = [info.local_shape(v.shape, s) for v, s in zip(ig.outputs, out_specs)]
+    S, M = stages, microbatches
+    perm = [(i, i + 1) for i in range(S - 1)]
+
+    def per_device(*flat):
+        emitter.records.clear()
+        s = jax.lax.axis_index(STAGE_AXIS)
+        flat = list(flat)
+        # the output buffers: the stage's layers' outputs, the last stage's results. A
+        # per-layer output takes over a per-layer input of its shape (the cache it updates):
+        # the loop reads the input's rows from the buffer before it writes them, so the
+        # update is in place when the input is donated.
+        free = [i for i in xs_in if in_dims[i] is not None]
+        bufs, buffer_of = [], {}
+        for k, v in enumerate(ig.outputs):
+            local = list(out_local[k])
+            if ys_out[k] is not None:
+                local[0] //= S
+            local[out_dims[k]] *= M
+            same = [i for i in free if tuple(flat[i].shape) == tuple(local)
+                    and flat[i].dtype == v.dtype] if ys_out[k] is not None else []
+            if same:
+                free.remove(same[0])
+                buffer_of[same[0]] = k
+                bufs.append(flat[same[0]])
+            else:
+                bufs.append(jnp.zeros(local, v.dtype))
+        layers = scan.params["length"] // S
+
+        def iteration(t, state, trips):
+            received, bufs = state
+            m = t - s
+            valid = (m >= 0) & (m < M)
+            mc = jnp.clip(m, 0, M - 1)
+            ins = []
+            for i, x in enumerate(flat):
+                x = bufs[buffer_of[i]] if i in buffer_of else x
+                d = in_dims[i]
+                if d is not None:
+                    n = in_local[i][d]
+                    x = _rows(x, d, mc * n, n)
+                ins.append(x)
+            sent: list = []
+            ctx = LowerContext.for_graph(ig, info, emitter, result)
+
+            def stage_scan(ctx, node, operands):
+                operands = list(operands)
+                for k in range(n_carry):
+                    x, spec = ctx.resolved(*operands[n_consts + k], "pipeline carry")
+                    mine = received[k] if received is not None else jnp.zeros_like(x)
+                    operands[n_consts + k] = (jnp.where(s == 0, x, mine), spec)
+                for k in range(n_consts + n_carry, len(operands)):
+                    x, spec = operands[k]
+                    if x.shape[0] == layers * S:  # computed per-layer operand: this stage's
+                        if spec.dims[0]:
+                            raise ValueError("pipeline: a per-layer operand of the layer scan"
+                                             " is split along its layers inside a stage")
+                        operands[k] = (jax.lax.dynamic_slice_in_dim(x, s * layers, layers),
+                                       spec)
+                outs = _scan(ctx, node, operands)
+                sent[:] = outs[:n_carry]
+                return outs
+
+            ctx.overrides[id(scan)] = stage_scan
+            before, emitter.trips = emitter.trips, emitter.trips * trips
+            try:
+                outs, specs = lower_graph(ctx, ig, ins, in_specs)
+                outs = [ctx.to(o, sp, want, "output")
+                        for o, sp, want in zip(outs, specs, out_specs)]
+                hop = [_hop(emitter, x, sp, shape, perm, "pipeline activations")
+                       for x, sp in sent]
+            finally:
+                emitter.trips = before
+            new = []
+            for k, (buf, o) in enumerate(zip(bufs, outs)):
+                d = out_dims[k]
+                n = o.shape[d]
+                keep = valid if ys_out[k] is not None else valid & (s == S - 1)
+                new.append(_put_rows(buf, o.astype(buf.dtype), d, mc * n, keep))
+            return hop, new
+
+        # iteration 0 (only stage 0 has a microbatch) traced alone: it gives the carries'
+        # local shapes, which the loop over the other M + S - 2 iterations carries
+        received, bufs = iteration(0, (None, bufs), 1)
+        if M + S - 1 > 1:
+            received, bufs = jax.lax.fori_loop(
+                1, M + S - 1, lambda t, st: iteration(t, st, M + S - 2), (received, bufs))
+        return [buf if ys_out[k] is not None else  # the last stage's results, everywhere
+                _from_last_stage(emitter, buf, out_specs[k], shape, S, s)
+                for k, buf in enumerate(bufs)]
+
+    return per_device, emitter, result, xs_in, ys_out
+
+
+def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
+    """`mw.shard`'s compilation when the plan splits a replica's layers into pipeline stages
+    (see the module's docstring): a `Compiled` record on the (stage, x, y, z) mesh, or None
+    when the plan has no pipeline (or the caller pinned a mesh).
+
+    `sf` is the ShardedFunction, `g` the function traced at the whole batch (after the
+    analyses: its inputs carry their roles)."""
+    from meshwright.passes.compiler import Compiled, ShardedFunction
+
+    x = getattr(plan, "cross_node", None)
+    if x is None or x.kind != "pipeline" or sf.force.get("mesh") is not None:
+        if sf.force.get("microbatches") is not None:
+            raise ValueError(f"force['microbatches'] pins a pipeline's microbatches, but this "
+                             f"runs {x.label if x is not None else 'on one node'}; add "
+                             "force['cross_node'] = 'pipeline' (on 2 or more nodes)")
+        return None
+    if x.replicas > 1:
+        raise ValueError(f"{x.label}: mw.shard lowers a pipeline of one replica only")
+    why = lowerable(g, x.stages)
+    if why is not None:
+        raise ValueError(f"{x.label}: {why}")
+    S, M = x.stages, x.microbatches
+    meshes = stage_meshes(sf.devices, plan)
+    here = jax.process_index()
+    local = next((m for m in meshes if any(d.process_index == here
+                                           for d in m.devices.flat)), meshes[0])
+    best = plan.best
+    shape = {a: int(local.shape[a]) for a in AXES}
+    inner = ShardedFunction(sf.fn, mesh=local, phase=sf.phase, hardware=sf.hardware,
+                            weights=sf.weights, passes=sf.passes,
+                            force={"ffn": best.ffn_layout, "attention": best.attention_layout,
+                                   "mesh": shape},
+                            collective_einsum=sf.collective_einsum,
+                            donate_argnums=sf.donate_argnums, strict=sf.strict)
+    m_args, m_kwargs = microbatch_arguments(g, args, kwargs, M)
+    c = inner._compile(m_args, m_kwargs, printer)
+    ig = c.graph
+    why = lowerable(ig, S, roles=False)
+    if why is not None:
+        raise ValueError(f"{x.label}: at the microbatch, {why}")
+    # where the batch is, from the function traced at the whole batch (a microbatch of one
+    # row does not show it)
+    in_dims = [batch_dim(v) for v in g.inputs]
+    out_dims = [batch_dim(v) for v in g.outputs]
+    per_device, emitter, result, xs_in, ys_out = emit(ig, shape, S, M, in_dims, out_dims)
+    in_specs = [_on_stage(s) if i in xs_in else s for i, s in enumerate(c.in_specs)]
+    out_specs = [_on_stage(s) if ys_out[k] is not None else s
+                 for k, s in enumerate(c.out_specs)]
+    mesh = stage_mesh(meshes)
+    program = jax.shard_map(per_device, mesh=mesh,
+                            in_specs=tuple(s.partition_spec() for s in in_specs),
+                            out_specs=[s.partition_spec() for s in out_specs], check_vma=False)
+    donated = sf._donated(args, kwargs, c.load_transforms, len(in_specs))
+    jitted = jax.jit(program, donate_argnums=donated)
+    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, M), v.dtype,
+                                    sharding=NamedSharding(mesh, s.partition_spec()))
+               for v, d, s in zip(ig.inputs, in_dims, in_specs)]
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*structs)
+    timings = {f"stage {k}": t for k, t in c.timings.items()}
+    timings["lower"] = time.perf_counter() - t0
+    plan.notes.append(
+        f"lowered as {S} pipeline stages on a (stage, x, y, z) mesh: stage s holds layers "
+        f"[{x.layers_per_stage}s, {x.layers_per_stage}(s+1)) of the scan (their weights and "
+        f"KV cache) on node s; the batch in {M} microbatch{'es' if M > 1 else ''} of "
+        f"{g_batch(g, M)} rows, {M + S - 1} iterations, the activations sent to the next "
+        f"stage after each; each stage runs FFN {best.ffn_layout}, attention "
+        f"{best.attention_layout} on {'x'.join(str(shape[a]) for a in AXES)}")
+    return Compiled(graph=ig, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
+                    attention_layout=c.attention_layout,
+                    mesh_shape={STAGE_AXIS: S, **shape}, jax_mesh=mesh,
+                    in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
+                    records=list(emitter.records),
+                    fallbacks=list(c.fallbacks) + [f for f in result.fallbacks
+                                                   if f not in c.fallbacks],
+                    predicted=best, timings=timings, load_transforms=c.load_transforms,
+                    slow=tuple(best.mesh.slow), arguments=c.arguments)
+
+
+def g_batch(g, m: int) -> int:
+    """The microbatch's rows: the traced batch over `m`."""
+    for v in g.inputs:
+        d = batch_dim(v)
+        if d is not None:
+            return int(v.shape[d]) // m
+    return 0
+
+
+__all__ = ["STAGE_AXIS", "compile_stages", "lowerable", "microbatch_arguments", "stage_mesh",
+           "stage_meshes"]
