@@ -288,12 +288,19 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     c = step._lowered(args, {})  # lowered for the mesh; not compiled for this host's CPU
     flat, in_tree = jax.tree_util.tree_flatten(args)
     mesh = c.jax_mesh
-    if set(mesh.axis_names) - set(AXES):  # passes/replicas.py: a replica axis outside x, y, z
+    if "replica" in mesh.axis_names:  # passes/replicas.py: an axis outside x, y, z
         raise ValueError(
-            f"step.export: this program runs {mesh.shape.get('replica', '?')} replicas across "
+            f"step.export: this program runs {mesh.shape['replica']} replicas across "
             "nodes (a 'replica' mesh axis outside x, y, z), which an exported artifact does not "
             "carry yet; export one replica's program (mw.shard over one node's devices at its "
             "share of the batch) or pin one layout over all devices with force={'ffn': ..., "
+            "'attention': ..., 'mesh': ...}")
+    if "stage" in mesh.axis_names:  # passes/stages.py: pipeline stages outside x, y, z
+        raise ValueError(
+            f"step.export: this program runs {mesh.shape['stage']} pipeline stages across "
+            "nodes (a 'stage' mesh axis outside x, y, z), which an exported artifact does not "
+            "carry yet; pin another way across the nodes with force={'cross_node': "
+            "'stretched'}, or one layout over all devices with force={'ffn': ..., "
             "'attention': ..., 'mesh': ...}")
     # the program's own inputs (after the load-time conversions), in order, and which of
     # them each caller argument becomes: arguments converted at load time turn into one or

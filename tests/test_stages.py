@@ -142,3 +142,10 @@ def test_bad_pins(palm, decode):
     with pytest.raises(ValueError, match=r"pins a pipeline's microbatches, but this runs on "
                                          r"one node"):
         one_node(*args)
+
+
+def test_a_pipeline_program_is_not_exported_yet(decode):
+    step, args, _ = decode
+    with pytest.raises(ValueError, match=r"runs 2 pipeline stages across nodes .* does not "
+                                         r"carry yet; pin another way"):
+        step.export(*args, platforms=("cpu",))
