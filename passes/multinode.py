@@ -21,16 +21,17 @@ one is one class); `price_crossings` prices every one on every split of the node
 what could not run with its reason.
 
 Pipeline step as `mw.shard` lowers it (passes/stages.py): one SPMD loop of M + S - 1
-iterations, in each of which every stage runs its layers on a microbatch and then sends its
-activations to the next (the send waits for the compute, the next iteration for the send).
+iterations, in each of which every stage receives the activations the stage before it
+computed last iteration (none at the first) and runs its layers on them (the compute waits
+for the hop, the next hop for the compute: they do not overlap).
 S stages, M microbatches, t the step of one stage on one microbatch (its layers' compute,
 weights, KV and in-node collectives), h one hop of a microbatch's activations
 (B/M * L * E * a bytes through the node's chips' share of the slow network), o the outputs'
 hop (B * L * V * a: the logits) from the last stage to each other:
 
-    step = (M+S-1)*(t + h) + (S-1)*o + step_overhead
+    step = (M+S-1)*t + (M+S-2)*h + (S-1)*o + step_overhead
     bubble = (S-1)*(t + h)                # each stage idles while the pipe fills and drains
-    slow network = (M+S-1)*h + (S-1)*o
+    slow network = (M+S-2)*h + (S-1)*o
 
 In decode a microbatch streams its stage's weights again, so M > 1 only pays where compute
 or the KV cache, not the weights, dominates; the planner tries every M that divides the batch.
@@ -345,21 +346,22 @@ class Pipeline(Crossing):
         for m in [ctx.microbatches] if ctx.microbatches else _divisors(b):
             micro = StepWorkload(b // m, work.context, work.phase, work.weights)
             hop = transfer_seconds(micro.tokens * ctx.cfg.d_model * a, c_node, hw)
-            for c in ctx.layouts(stage_cfg, meshes, micro):
-                tried.append(c)
-            iterations = m + stages - 1  # the lowered loop: every stage computes and sends
+            iterations = m + stages - 1  # the lowered loop: every stage computes, all but
+            hops = iterations - 1  # the first receive
             out_bytes = m * micro.tokens * ctx.cfg.vocab_size * a  # the logits, returned
             back = (stages - 1) * transfer_seconds(out_bytes, c_node, hw)
                 kv = c.kv_cache_bytes_per_chip * m  # every microbatch's cache on the stage
                 held = c.weight_bytes_per_chip + c.gathered_weight_bytes_per_chip
+            for c in ctx.layouts(stage_cfg, meshes, micro):
+                tried.append(c)
                 memory = held + kv
                 if memory > hw.hbm_bytes:
                     continue
                 t = c.step_s - c.overhead_s
-                step = iterations * (t + hop) + back + c.overhead_s
+                step = iterations * t + hops * hop + back + c.overhead_s
                 if best is not None and step >= best.step_s:
                     continue
-                slow = iterations * hop + back
+                slow = hops * hop + back
                 per_token = kv / work.context
                 budget = min(ctx.kv_memory_fraction * hw.hbm_bytes, hw.hbm_bytes - held)
                 best = CrossNodeCost(
@@ -369,10 +371,10 @@ class Pipeline(Crossing):
                     kv_load_s=m * c.kv_load_s, comm_s=m * c.comm_s + slow,
                     slow_network_s=slow, bubble_s=(stages - 1) * (t + hop),
                     overhead_s=c.overhead_s,
-                    # every stage but the last sends each iteration's activations, and
-                    # one stage after another passes the outputs on: per chip, averaged
+                    # every stage but the last sends its activations each hop, and one
+                    # stage after another passes the outputs on: per chip, averaged
                     slow_bytes_per_chip=(stages - 1) / stages * (
-                        iterations * micro.tokens * ctx.cfg.d_model * a + out_bytes) / c_node,
+                        hops * micro.tokens * ctx.cfg.d_model * a + out_bytes) / c_node,
                     weight_bytes_per_chip=c.weight_bytes_per_chip,
                     gathered_weight_bytes_per_chip=c.gathered_weight_bytes_per_chip,
                     kv_cache_bytes_per_chip=kv, memory_bytes_per_chip=memory, fits=True,

@@ -15,12 +15,12 @@ L/S layers, one node each, the batch in M microbatches so that the stages overla
   layers do not slice (the embedding, the final norm) are held by every stage;
 - the program: the function traced and lowered at the microbatch (B / M rows) with the
   planned layout on x, y, z, run M + S - 1 times in a loop. At iteration t stage s works on
-  microbatch t - s: stage 0 embeds it, the others take the activations stage s - 1 sent at
-  iteration t - 1; the stage runs its L/S layers (the scan over its local slices, writing
-  the microbatch's rows of its cache) and sends the scan's carry to stage s + 1 (a
-  collective-permute over `stage`: the only activations that cross nodes during the loop).
-  The last stage's results (the logits) are summed over `stage` once at the end, so every
-  stage returns them (one all-reduce of the outputs over the slow axis).
+  microbatch t - s: stage 0 embeds it, the others receive what stage s - 1 computed at
+  iteration t - 1 (the scan's carry, a collective-permute over `stage`: the only
+  activations that cross nodes during the loop, each device of a stage sending its share and
+  the receiving node gathering the shares); the stage runs its L/S layers (the scan over its
+  local slices, writing the microbatch's rows of its cache). The last stage's results (the
+  logits) are passed along the stages once at the end, so every stage returns them.
 
 Every stage runs the function's code outside the layers (the embedding lookup, the final
 norm and unembedding) for its microbatch and keeps only what it needs of it: stage 0 the
@@ -232,9 +232,10 @@ def emit(ig, shape: dict, stages: int, microbatches: int, in_dims: list, out_dim
             else:
                 bufs.append(jnp.zeros(local, v.dtype))
         layers = scan.params["length"] // S
+        carry_specs: list[Spec] = []  # of the carries one iteration hands the next
 
         def iteration(t, state, trips):
-            received, bufs = state
+            previous, bufs = state
             m = t - s
             valid = (m >= 0) & (m < M)
             mc = jnp.clip(m, 0, M - 1)
@@ -270,11 +271,13 @@ def emit(ig, shape: dict, stages: int, microbatches: int, in_dims: list, out_dim
             ctx.overrides[id(scan)] = stage_scan
             before, emitter.trips = emitter.trips, emitter.trips * trips
             try:
+                # what the stage before computed last iteration (none to receive at first)
+                received = None if previous is None else [
+                    _hop(emitter, x, sp, shape, perm, "pipeline activations")
+                    for x, sp in zip(previous, carry_specs)]
                 outs, specs = lower_graph(ctx, ig, ins, in_specs)
                 outs = [ctx.to(o, sp, want, "output")
                         for o, sp, want in zip(outs, specs, out_specs)]
-                hop = [_hop(emitter, x, sp, shape, perm, "pipeline activations")
-                       for x, sp in sent]
             finally:
                 emitter.trips = before
             new = []
@@ -283,14 +286,17 @@ def emit(ig, shape: dict, stages: int, microbatches: int, in_dims: list, out_dim
                 n = o.shape[d]
                 keep = valid if ys_out[k] is not None else valid & (s == S - 1)
                 new.append(_put_rows(buf, o.astype(buf.dtype), d, mc * n, keep))
-            return hop, new
+            carry_specs[:] = [sp for _, sp in sent]
+            return [x for x, _ in sent], new
 
-        # iteration 0 (only stage 0 has a microbatch) traced alone: it gives the carries'
-        # local shapes, which the loop over the other M + S - 2 iterations carries
-        received, bufs = iteration(0, (None, bufs), 1)
+        # iteration 0 (only stage 0 has a microbatch, nothing to receive) traced alone: it
+        # gives the carries' local shapes, which the loop over the other M + S - 2 carries;
+        # each of those first receives what the stage before computed (M + S - 2 sends)
+        state = iteration(0, (None, bufs), 1)
         if M + S - 1 > 1:
-            received, bufs = jax.lax.fori_loop(
-                1, M + S - 1, lambda t, st: iteration(t, st, M + S - 2), (received, bufs))
+            state = jax.lax.fori_loop(1, M + S - 1,
+                                      lambda t, st: iteration(t, st, M + S - 2), state)
+        bufs = state[1]
         return [buf if ys_out[k] is not None else  # the last stage's results, everywhere
                 _from_last_stage(emitter, buf, out_specs[k], shape, S, s)
                 for k, buf in enumerate(bufs)]
@@ -363,8 +369,8 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
         f"lowered as {S} pipeline stages on a (stage, x, y, z) mesh: stage s holds layers "
         f"[{x.layers_per_stage}s, {x.layers_per_stage}(s+1)) of the scan (their weights and "
         f"KV cache) on node s; the batch in {M} microbatch{'es' if M > 1 else ''} of "
-        f"{g_batch(g, M)} rows, {M + S - 1} iterations, the activations sent to the next "
-        f"stage after each; each stage runs FFN {best.ffn_layout}, attention "
+        f"{g_batch(g, M)} rows, {M + S - 1} iterations, each but the first receiving the "
+        f"activations the stage before computed; each stage runs FFN {best.ffn_layout}, attention "
         f"{best.attention_layout} on {'x'.join(str(shape[a]) for a in AXES)}")
     return Compiled(graph=ig, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
                     attention_layout=c.attention_layout,

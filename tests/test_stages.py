@@ -87,7 +87,7 @@ def test_only_activations_and_outputs_cross_the_stages(decode):
     assert {r.note for r in on_stage} == {"pipeline activations", "pipeline outputs"}
     assert counted["slow"] == pytest.approx(sum(r.bytes for r in on_stage) / 2)
     assert set(counted["slow_by_kind"]) == {"collective-permute"}
-    # as the model counts them: 3 iterations of a microbatch's activations from stage 0 and
+    # as the model counts them: 2 hops of a microbatch's activations from stage 0 and
     # the logits once from stage 1, each chip of a node sending its share (per device of both
     # stages, averaged)
     assert counted["slow"] == pytest.approx(c.plan.cross_node.slow_bytes_per_chip)
