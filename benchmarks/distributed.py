@@ -7,12 +7,12 @@
 `--across`: over 2 processes x 4 devices (each process a node), what the slow network
 between them carries: the network calibrated first in the same job (`meshwright calibrate`'s
 launched measurement, process 0's profile broadcast, nothing saved), then the step as
-replicas (what `mw.shard` plans with nothing pinned: the batch split, a replica per process)
-and as the best layout stretched over both processes, alternated `--rounds` times; each
-with its step time against the model's prediction (with the calibrated network and with the
-profile's defaults) and the bytes a device sends across the processes, counted in the
-compiled HLO, against the prediction. The planner's pipeline (not lowered yet) is listed
-with its prediction only. Writes benchmarks/results/distributed_across.json.
+replicas (what `mw.shard` plans with nothing pinned: the batch split, a replica per process),
+as the best layout stretched over both processes, and as 2 pipeline stages (the demo
+model's 4 layers, 2 per process, in the planner's microbatches), alternated `--rounds`
+times; each with its step time against the model's prediction (with the calibrated network
+and with the profile's defaults) and the bytes a device sends across the processes, counted
+in the compiled HLO, against the prediction. Writes benchmarks/results/distributed_across.json.
 
 `--stretched`: the best layout stretched over 2 processes x 4 devices as the planner prices
 it (each process a node) against the same layout and mesh in one 8-device process, the two jobs alternated (2x4, 1x8, 2x4, 1x8, ...) `--rounds` times; the
@@ -169,10 +169,10 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
         steps["stretched"] = mw.shard(model.decode_step, hardware=hw, force={
             "ffn": stretch.ffn_layout, "attention": stretch.attention_layout,
             "mesh": (stretch.mesh.x, stretch.mesh.y, stretch.mesh.z)})
+    if "pipeline" not in steps:  # the demo model's layers run in a scan: stages lower
+        steps["pipeline"] = mw.shard(model.decode_step, hardware=hw,
+                                     force={"cross_node": "pipeline"})
     config = c.config
-    default_plan = plan_config(config, hardware=CPU_DEFAULT, chips=plan.chips, nodes=plan.nodes,
-                               batch=plan.batch, context=plan.context, phase=plan.phase,
-                               weights=plan.weights)
     rows, placed = {}, {}
     for kind, step in steps.items():
         k = step.compiled(*args)
@@ -180,14 +180,22 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
         nodes = [d.process_index for d in k.jax_mesh.devices.flat]
         counted = collective_bytes(k.compiled.as_text(), nodes=nodes)
         pred = k.predicted
-        replicas = k.jax_mesh.shape.get("replica", 1)
-        work = StepWorkload(plan.batch // replicas, plan.context, plan.phase, plan.weights)
-        slow = tuple(pred.mesh.slow)
-        default = evaluate(config, CPU_DEFAULT, Mesh(pred.mesh.x, pred.mesh.y, pred.mesh.z,
-                                                     slow=slow), work, k.ffn_layout,
-                           k.attention_layout)
+        if kind == "pipeline":  # the stages' loop as a whole, with its microbatches
+            pred = k.plan.cross_node
+            default = plan_config(config, hardware=CPU_DEFAULT, chips=plan.chips,
+                                  nodes=plan.nodes, batch=plan.batch, context=plan.context,
+                                  phase=plan.phase, weights=plan.weights, cross_node="pipeline",
+                                  microbatches=pred.microbatches).cross_node
+        else:
+            replicas = k.jax_mesh.shape.get("replica", 1)
+            work = StepWorkload(plan.batch // replicas, plan.context, plan.phase, plan.weights)
+            default = evaluate(config, CPU_DEFAULT,
+                               Mesh(pred.mesh.x, pred.mesh.y, pred.mesh.z,
+                                    slow=tuple(pred.mesh.slow)),
+                               work, k.ffn_layout, k.attention_layout)
         rows[kind] = {
-            "way": kind, "label": (plan.cross_node.label if kind == plan.cross_node.kind
+            "way": kind, "label": (k.plan.cross_node.label if kind == "pipeline" else
+                                   plan.cross_node.label if kind == plan.cross_node.kind
                                    else by_kind[kind].label),
             "ffn": k.ffn_layout, "attention": k.attention_layout,
             "mesh": {a: int(n) for a, n in k.jax_mesh.shape.items()},
@@ -202,17 +210,6 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
         for kind, (k, args_on_mesh) in placed.items():
             times = _timed_calls(k.compiled, args_on_mesh, repeats, kind)
             rows[kind]["rounds_ms"].append(1e3 * statistics.median(times))
-    for kind in ("pipeline",):
-        x = by_kind.get(kind)
-        if x is None:
-            continue
-        d = next((y for y in default_plan.cross_node_candidates if y.kind == kind), None)
-        rows[kind] = {"way": kind, "label": x.label, "ffn": x.layout.ffn_layout,
-                      "attention": x.layout.attention_layout, "mesh": x.layout.mesh.to_dict(),
-                      "lowered": False, "predicted_ms": 1e3 * x.step_s,
-                      "predicted_default_ms": None if d is None else 1e3 * d.step_s,
-                      "predicted_slow_ms": 1e3 * x.slow_network_s,
-                      "slow_bytes_predicted": x.slow_bytes_per_chip}
     if info.is_leader:
         Path(out).write_text(json.dumps({
             "processes": info.num_processes, "local_devices": info.local_devices,
