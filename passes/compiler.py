@@ -129,8 +129,6 @@ def _why_not_lowered(x, graph) -> str | None:
         return "not lowered yet"
     if x.kind != "pipeline":
         return None
-    if x.replicas > 1:
-        return "replicas of a pipeline are not lowered yet"
     if graph is None:
         return "no traced function to split"
     from meshwright.passes.stages import lowerable

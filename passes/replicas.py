@@ -117,14 +117,13 @@ def replica_arguments(g, args: tuple, kwargs: dict, r: int):
     if len(flat) != len(g.inputs):
         raise ValueError(f"replicas: the traced function has {len(g.inputs)} inputs, the "
                          f"call {len(flat)} arguments")
-    paths = g.meta.get("float_input_paths") or []
     out = []
     for i, (x, v) in enumerate(zip(flat, g.inputs)):
         d = batch_dim(v)
         shape = tuple(np.shape(x))
         if d is not None:
             if shape[d] % r:
-                name = paths[i] if i < len(paths) else v.producer.params.get("path", i)
+                name = v.producer.params.get("path") or f"argument {i}"
                 raise ValueError(f"replicas: {name} has batch {shape[d]} (dimension {d}), "
                                  f"which does not split over {r} replicas")
             shape = tuple(s // r if k == d else s for k, s in enumerate(shape))
@@ -162,8 +161,8 @@ def compile_replicas(sf, plan, g, args: tuple, kwargs: dict, printer=None):
     from meshwright.passes.compiler import Compiled, ShardedFunction
 
     r = replicas_of(plan)
-    if r < 2 or sf.force.get("mesh") is not None:
-        return None
+    if r < 2 or sf.force.get("mesh") is not None or plan.cross_node.kind == "pipeline":
+        return None  # (replicas of a pipeline: passes/stages.py)
     meshes = replica_meshes(sf.devices, plan)
     here = jax.process_index()
     local = next((m for m in meshes if any(d.process_index == here

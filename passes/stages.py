@@ -7,7 +7,9 @@ L/S layers, one node each, the batch in M microbatches so that the stages overla
 
 - the mesh: stage s is node s (a process of a multi-process job, or a block of one process's
   devices when the hardware profile's nodes are smaller than the mesh), laid out inside as
-  the plan lays out one stage;
+  the plan lays out one stage; with R replicas of the pipeline, a fifth axis `replica`
+  outside `stage` splits the batch R ways first (as `passes/replicas.py` does), replica r's
+  stage s on node r S + s;
 - the weights and the KV cache: the function's layers must run in one `jax.lax.scan` over
   stacked arrays (`scan_layers`); every stacked array the scan slices layer by layer (its
   weights, its cache) is split over `stage` along the layer dimension, so stage s holds the
@@ -48,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import Mesh as JaxMesh
-from meshwright.passes.replicas import AXES, batch_dim, node_devices
+from meshwright.passes.replicas import AXES, REPLICA_AXIS, _with_replica, batch_dim, node_devices
 from meshwright.passes.sharding import Spec
 
 STAGE_AXIS = "stage"
@@ -106,19 +108,25 @@ def _has_scans(g) -> bool:
     return any(n.op == "scan" for n in g.nodes)
 
 
-def stage_meshes(devices, plan) -> list[JaxMesh]:
-    """Each stage's x, y, z mesh over its node, laid out as the plan's layout."""
+def stage_meshes(devices, plan) -> list[list[JaxMesh]]:
+    """Each stage's x, y, z mesh over its node, laid out as the plan's layout, by replica:
+    replica r's stage s is node r * S + s."""
     from meshwright.passes.compiler import make_mesh
 
     best = plan.best
     shape = {"x": best.mesh.x, "y": best.mesh.y, "z": best.mesh.z}
-    return [make_mesh(shape, node) for node in node_devices(devices, plan)]
+    nodes = [make_mesh(shape, node) for node in node_devices(devices, plan)]
+    S = plan.cross_node.stages
+    return [nodes[r * S:(r + 1) * S] for r in range(len(nodes) // S)]
 
 
-def stage_mesh(meshes: list[JaxMesh]) -> JaxMesh:
-    """The one mesh of the program: (stage, x, y, z)."""
-    grid = np.stack([np.asarray(m.devices) for m in meshes])
-    return JaxMesh(grid, (STAGE_AXIS, *AXES), axis_types=(AxisType.Auto,) * 4)
+def stage_mesh(meshes: list[list[JaxMesh]]) -> JaxMesh:
+    """The one mesh of the program: (stage, x, y, z), or (replica, stage, x, y, z) with
+    several replicas."""
+    grid = np.stack([np.stack([np.asarray(m.devices) for m in row]) for row in meshes])
+    if len(meshes) == 1:
+        return JaxMesh(grid[0], (STAGE_AXIS, *AXES), axis_types=(AxisType.Auto,) * 4)
+    return JaxMesh(grid, (REPLICA_AXIS, STAGE_AXIS, *AXES), axis_types=(AxisType.Auto,) * 5)
 
 
 def _on_stage(spec: Spec) -> Spec:
@@ -320,16 +328,15 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                              f"runs {x.label if x is not None else 'on one node'}; add "
                              "force['cross_node'] = 'pipeline' (on 2 or more nodes)")
         return None
-    if x.replicas > 1:
-        raise ValueError(f"{x.label}: mw.shard lowers a pipeline of one replica only")
     why = lowerable(g, x.stages)
     if why is not None:
         raise ValueError(f"{x.label}: {why}")
-    S, M = x.stages, x.microbatches
+    S, M, R = x.stages, x.microbatches, x.replicas
     meshes = stage_meshes(sf.devices, plan)
     here = jax.process_index()
-    local = next((m for m in meshes if any(d.process_index == here
-                                           for d in m.devices.flat)), meshes[0])
+    local = next((m for row in meshes for m in row if any(d.process_index == here
+                                                          for d in m.devices.flat)),
+                 meshes[0][0])
     best = plan.best
     shape = {a: int(local.shape[a]) for a in AXES}
     inner = ShardedFunction(sf.fn, mesh=local, phase=sf.phase, hardware=sf.hardware,
@@ -338,7 +345,7 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                                    "mesh": shape},
                             collective_einsum=sf.collective_einsum,
                             donate_argnums=sf.donate_argnums, strict=sf.strict)
-    m_args, m_kwargs = microbatch_arguments(g, args, kwargs, M)
+    m_args, m_kwargs = microbatch_arguments(g, args, kwargs, R * M)
     c = inner._compile(m_args, m_kwargs, printer)
     ig = c.graph
     why = lowerable(ig, S, roles=False)
@@ -352,29 +359,38 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
     in_specs = [_on_stage(s) if i in xs_in else s for i, s in enumerate(c.in_specs)]
     out_specs = [_on_stage(s) if ys_out[k] is not None else s
                  for k, s in enumerate(c.out_specs)]
+    if R > 1:  # the batch split between the replicas first (outermost), as replicas do
+        in_specs = [_with_replica(s, d) for s, d in zip(in_specs, in_dims)]
+        out_specs = [_with_replica(s, d) for s, d in zip(out_specs, out_dims)]
     mesh = stage_mesh(meshes)
     program = jax.shard_map(per_device, mesh=mesh,
                             in_specs=tuple(s.partition_spec() for s in in_specs),
                             out_specs=[s.partition_spec() for s in out_specs], check_vma=False)
     donated = sf._donated(args, kwargs, c.load_transforms, len(in_specs))
     jitted = jax.jit(program, donate_argnums=donated)
-    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, M), v.dtype,
+    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, R * M), v.dtype,
                                     sharding=NamedSharding(mesh, s.partition_spec()))
                for v, d, s in zip(ig.inputs, in_dims, in_specs)]
     t0 = time.perf_counter()
     lowered = jitted.lower(*structs)
     timings = {f"stage {k}": t for k, t in c.timings.items()}
     timings["lower"] = time.perf_counter() - t0
+    where = (f"{R} replicas of {S} pipeline stages on a (replica, stage, x, y, z) mesh (the "
+             f"batch split {R} ways over the replica axis; replica r's stage s on node "
+             f"{S}r+s)" if R > 1 else
+             f"{S} pipeline stages on a (stage, x, y, z) mesh (stage s on node s)")
+    whose = "each replica's batch" if R > 1 else "the batch"
     plan.notes.append(
-        f"lowered as {S} pipeline stages on a (stage, x, y, z) mesh: stage s holds layers "
-        f"[{x.layers_per_stage}s, {x.layers_per_stage}(s+1)) of the scan (their weights and "
-        f"KV cache) on node s; the batch in {M} microbatch{'es' if M > 1 else ''} of "
-        f"{g_batch(g, M)} rows, {M + S - 1} iterations, each but the first receiving the "
-        f"activations the stage before computed; each stage runs FFN {best.ffn_layout}, attention "
-        f"{best.attention_layout} on {'x'.join(str(shape[a]) for a in AXES)}")
+        f"lowered as {where}: stage s holds layers [{x.layers_per_stage}s, "
+        f"{x.layers_per_stage}(s+1)) of the scan (their weights and KV cache); {whose} "
+        f"in {M} microbatch{'es' if M > 1 else ''} of {g_batch(g, R * M)} rows, "
+        f"{M + S - 1} iterations, each but the first receiving the activations the stage "
+        f"before computed; each stage runs FFN {best.ffn_layout}, "
+        f"attention {best.attention_layout} on {'x'.join(str(shape[a]) for a in AXES)}")
     return Compiled(graph=ig, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
                     attention_layout=c.attention_layout,
-                    mesh_shape={STAGE_AXIS: S, **shape}, jax_mesh=mesh,
+                    mesh_shape={**({REPLICA_AXIS: R} if R > 1 else {}), STAGE_AXIS: S,
+                                **shape}, jax_mesh=mesh,
                     in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
                     records=list(emitter.records),
                     fallbacks=list(c.fallbacks) + [f for f in result.fallbacks

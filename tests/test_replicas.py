@@ -68,21 +68,19 @@ def test_two_replicas_one_per_node(palm, two_replicas):
 
 
 def test_replicas_of_a_layout_stretched_over_two_nodes(palm):
-    """4 nodes of 2 whose chips hold too little for a copy of the weights on one node: the
-    planner's best, 2 replicas of a 2-stage pipeline, is not lowered; the best that is, 2
-    replicas each stretched over 2 nodes, runs and says so. Collectives cross the nodes of a
+    """4 nodes of 2 whose chips hold too little for a copy of the weights on one node, 2
+    replicas each stretched over 2 nodes pinned (the planner's best is 2 replicas of a 2-stage
+    pipeline: tests/test_stages.py): it runs and says so. Collectives cross the nodes of a
     replica as priced, never between replicas."""
     model, args, want = palm
     hw = CPU_DEFAULT.replace(max_chips=2, hbm_bytes=300_000)
-    step = mw.shard(model.decode_step, hardware=hw)
+    step = mw.shard(model.decode_step, hardware=hw, force={"cross_node": "stretched"})
     assert max_err(step(*args), want) < 2e-5
     c = step.compiled(*args)
     x = c.plan.cross_node
     assert (x.kind, x.replicas, c.jax_mesh.shape["replica"]) == ("stretched", 2, 2)
     assert sum(k > 1 for k in c.slow) == 1  # one axis runs over the replica's 2 nodes
-    text = step.explain(*args)
-    assert "2 replicas x pipeline" in text
-    assert "mw.shard does not lower it (replicas of a pipeline are not lowered yet)" in text
+    assert "forced by the caller: {'cross_node': 'stretched'}" in step.explain(*args)
     nodes = nodes_of(c, 2)
     hlo = c.compiled.as_text()
     counted = collective_bytes(hlo, nodes=nodes)

@@ -111,6 +111,29 @@ def test_the_planner_picks_stages_when_a_copy_does_not_fit_a_node(palm, decode):
     assert (x.kind, x.replicas, x.stages) == ("pipeline", 1, 2)
 
 
+def test_two_replicas_of_two_stages(palm, decode):
+    """4 nodes of 2 whose chips hold too little for a copy of the weights on one node: the
+    planner's best is 2 replicas of a 2-stage pipeline, and that runs on a (replica, stage,
+    x, y, z) mesh, replica r's stage s on node 2r + s, equal to one device; between the nodes
+    only the stages' hops and the outputs' return, as priced."""
+    _, args, want = decode
+    step = mw.shard(palm.decode_step, hardware=CPU_DEFAULT.replace(max_chips=2,
+                                                                   hbm_bytes=300_000))
+    assert max_err(step(*args), want) < 2e-5
+    c = step.compiled(*args)
+    x = c.plan.cross_node
+    assert (x.kind, x.replicas, x.stages) == ("pipeline", 2, 2)
+    assert c.jax_mesh.axis_names == ("replica", "stage", "x", "y", "z")
+    devices = jax.devices()
+    nodes = [[sorted({devices.index(d) // 2 for d in c.jax_mesh.devices[r, s].flat})
+              for s in (0, 1)] for r in (0, 1)]
+    assert nodes == [[[0], [1]], [[2], [3]]]
+    counted = collective_bytes(c.compiled.as_text(),
+                               nodes=[devices.index(d) // 2 for d in c.jax_mesh.devices.flat])
+    assert counted["slow"] == pytest.approx(x.slow_bytes_per_chip)
+    assert "lowered as 2 replicas of 2 pipeline stages" in step.explain(*args)
+
+
 def test_a_python_loop_of_layers_is_not_split(decode):
     """Layers written as a Python loop (separate arrays per layer) have no layer dimension to
     split: pinned, a pipeline is refused with the reason; planned, the best way that lowers
