@@ -255,6 +255,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         "node if they fit one, else the fewest)")
     p.add_argument("--cross-node", choices=("replicas", "pipeline", "stretched"), default=None,
                    help="pin what crosses the network between nodes (default: the cheapest)")
+    p.add_argument("--microbatches", type=_checked("--microbatches", validate.positive_int),
+                   default=None, help="pin a pipeline's microbatches (default: the cheapest; "
+                                      "with --cross-node pipeline)")
 
 
 @_command("plan", "choose mesh, FFN and attention layouts with the analytical cost model")
@@ -272,7 +275,8 @@ def _run_plan(args) -> int:
                   gen_tokens=args.gen_tokens, force_ffn=args.force_ffn,
                   force_attention=args.force_attention,
                   kv_memory_fraction=args.kv_memory_fraction, overrides=args.set,
-                  nodes=args.nodes, cross_node=args.cross_node)
+                  nodes=args.nodes, cross_node=args.cross_node,
+                  microbatches=args.microbatches)
     if args.json:
         _print_json(result.to_dict())
     else:

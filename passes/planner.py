@@ -529,14 +529,14 @@ def plan(model: str | TransformerConfig, hardware: str | HardwareProfile = "tpu-
          force_attention: str | None = None,
          kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, overrides=(),
          options: CostOptions | None = None, nodes: int | None = None,
-         cross_node: str | None = None) -> Plan:
+         cross_node: str | None = None, microbatches: int | None = None) -> Plan:
     """The cheapest layout that fits, for a preset name or a config.
 
     `overrides` are `key=value` config changes (the CLI's `--set`). Impossible requests raise
     KeyError (unknown model/hardware) or ValueError naming the nearest feasible choice.
     `nodes` splits the chips into that many equal nodes (default: one node when they fit
     one, else the fewest); `cross_node` pins what crosses them: "replicas", "pipeline" or
-    "stretched".
+    "stretched"; `microbatches` a pipeline's microbatches (default: the cheapest count).
 
         >>> plan("palm-540b", chips=64, batch=512, context=2048, phase="prefill").ffn_layout
         'wg-xyz'
@@ -546,7 +546,7 @@ def plan(model: str | TransformerConfig, hardware: str | HardwareProfile = "tpu-
                        phase=phase, weights=weights, gen_tokens=gen_tokens,
                        force_ffn=force_ffn, force_attention=force_attention,
                        kv_memory_fraction=kv_memory_fraction, options=options, nodes=nodes,
-                       cross_node=cross_node)
+                       cross_node=cross_node, microbatches=microbatches)
 
 
 # ---------------------------------------------------------------------------------------------
