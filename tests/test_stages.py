@@ -172,3 +172,16 @@ def test_a_pipeline_program_is_not_exported_yet(decode):
     with pytest.raises(ValueError, match=r"runs 2 pipeline stages across nodes .* does not "
                                          r"carry yet; pin another way"):
         step.export(*args, platforms=("cpu",))
+
+
+def test_plan_cli_pins_microbatches(capsys):
+    from meshwright.cli import main
+
+    args = ["plan", "--model", "llama3-405b", "--hardware", "h100", "--chips", "16",
+            "--cross-node", "pipeline"]
+    assert main([*args, "--microbatches", "4"]) == 0
+    assert "pipeline 2 stages x 4 mb" in capsys.readouterr().out
+    assert main([*args, "--microbatches", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "the batch 64 does not split into 5 microbatches" in err
+    assert "Traceback" not in err
