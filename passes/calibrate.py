@@ -19,8 +19,10 @@ set) it measures the network between the processes instead — the slow level of
 model (`passes/network.py`): an all-gather over a mesh axis that runs over the processes
 (every group one device of each process, all K groups at once) at a few sizes, fitted to
 time = latency + bytes crossing per device / bandwidth, gives `dcn_bandwidth` (per device)
-and `dcn_latency_s` (per exchange across processes, after the in-node launch latency). Those
-are written into the profile it saves; the in-node figures are kept from the profile saved
+and `dcn_latency_s` (per exchange across processes, after the in-node launch latency). The
+same all-gathers among one process's devices give what any collective costs inside a process
+while the job spans several (`multinode_collective_s`, `multinode_bandwidth`: XLA on CPU runs
+them through gloo too). Those are written into the profile it saves; the in-node figures are kept from the profile saved
 before (or the defaults): run `meshwright calibrate` alone to measure them. Process 0 saves;
 every process prints what it measured. A plain `meshwright calibrate` keeps a measured
 network in turn.
@@ -36,7 +38,12 @@ import time
 from pathlib import Path
 
 from meshwright.passes.hardware import _NETWORK_FIELDS as NETWORK_FIELDS
-from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile, calibrated_profile_path
+from meshwright.passes.hardware import (
+    CPU_DEFAULT,
+    HardwareProfile,
+    calibrated_profile_path,
+    saved_profile,
+)
 
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -87,7 +94,7 @@ def keep_network(report: dict, saved: dict | None) -> dict:
     profile saved before) measured under `meshwright launch`, if it did."""
     if not saved or not saved.get("network"):
         return report
-    kept = HardwareProfile.from_dict(saved["profile"])
+    kept = saved_profile(saved["profile"])
     profile = HardwareProfile.from_dict(report["profile"]).replace(
         **{f: getattr(kept, f) for f in NETWORK_FIELDS})
     source = kept.source.partition("; network between")
@@ -99,7 +106,7 @@ def keep_network(report: dict, saved: dict | None) -> dict:
 def _saved_report(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
-        HardwareProfile.from_dict(data["profile"])
+        saved_profile(data["profile"])
         return data
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -115,6 +122,11 @@ def calibrate_network(output: str | None = None, quick: bool = False,
                       save: bool = True) -> dict:
     """The launched calibration (see the module's docstring): measure the network between
     this job's processes, write it into the saved `cpu` profile (process 0); the report."""
+    # What measure_network imports, imported before initialize() starts the heartbeat
+    # thread: that thread's first import of meshwright.ir (for the coordination client)
+    # racing this thread's deadlocked Python's import locks ("_DeadlockError ...
+    # meshwright.ir.jax_compat") under `meshwright launch -n 2 -- meshwright calibrate`.
+    import meshwright.passes.compiler
     from meshwright.runtime import distributed
 
     import meshwright as mw
@@ -127,7 +139,7 @@ def calibrate_network(output: str | None = None, quick: bool = False,
     try:
         path = Path(output) if output else calibrated_profile_path("cpu")
         saved = _saved_report(path)
-        base = HardwareProfile.from_dict(saved["profile"]) if saved else CPU_DEFAULT
+        base = saved_profile(saved["profile"]) if saved else CPU_DEFAULT
         network = measure_network(base.collective_latency_s, quick=quick)
         profile = network_profile(base, network)
         report = {"profile": profile.to_dict(), "measured": (saved or {}).get("measured"),
@@ -145,9 +157,17 @@ def network_profile(base: HardwareProfile, network: dict) -> HardwareProfile:
     """`base` with the network between nodes as measured (`measure_network`)."""
     when = time.strftime("%Y-%m-%d", time.gmtime(network["time"]))
     source = base.source.split("; network between")[0]
+    inside = {}
+    if "in_node_collective_s" in network:  # processes of one device measure none
+        # gloo among one process's devices moves bytes no faster than the process's own
+        # copies: a fit whose times hardly grow with the bytes (the fixed cost dominates at
+        # these sizes) would claim any rate
+        inside = {"multinode_collective_s": network["in_node_collective_s"],
+                  "multinode_bandwidth": min(network["in_node_bandwidth_per_device"],
+                                             base.ici_bandwidth * base.ici_efficiency)}
     return base.replace(
         dcn_bandwidth=network["bandwidth_per_device"], dcn_efficiency=1.0,
-        dcn_latency_s=network["latency_s"], dcn_name="gloo over TCP",
+        dcn_latency_s=network["latency_s"], dcn_name="gloo over TCP", **inside,
         max_nodes=max(base.max_nodes, network["processes"]),
         source=f"{source}; network between processes measured by `meshwright calibrate` "
                f"under `meshwright launch -n {network['processes']}` "
@@ -167,7 +187,9 @@ def measure_network(collective_latency_s: float, quick: bool = False) -> dict:
     output times (P-1)/P; `collective_latency_s` is the in-node launch latency the model adds
     (the profile's). The same all-gathers over the devices of one process (`in_node`) are
     measured too: in a job of several processes every collective is a gloo exchange, those
-    inside a process as well (reported, not written into the profile)."""
+    inside a process as well; fitted to time = fixed + bytes / bandwidth they give
+    `in_node_collective_s` and `in_node_bandwidth_per_device`, the profile's
+    `multinode_collective_s` and `multinode_bandwidth`."""
     import jax
     import numpy as np
     from jax.sharding import AxisType, NamedSharding
@@ -205,14 +227,32 @@ def measure_network(collective_latency_s: float, quick: bool = False) -> dict:
                          # the gathered output per device, times (K-1)/K: the model's bytes
                          "model_bytes": 4 * size * k * (k - 1) / k})
         out[key] = rows
-    xs = np.array([r["model_bytes"] for r in out["collectives"]])
-    ts = np.array([r["all_gather_s"] for r in out["collectives"]])
-    slope, intercept = np.polyfit(xs, ts, 1)
-    out["bandwidth_per_device"] = float(1.0 / slope if slope > 0 else xs.max() / ts.max())
-    out["latency_s"] = max((float(intercept) - collective_latency_s) / (procs - 1),
-                           float(ts.min()) * 0.5 / (procs - 1), 1e-6)
-    out["fit_intercept_s"] = float(intercept)
+    bandwidth, intercept, floor = _fit(out["collectives"])
+    out["bandwidth_per_device"] = bandwidth
+    out["latency_s"] = max((intercept - collective_latency_s) / (procs - 1),
+                           floor / (procs - 1), 1e-6)
+    out["fit_intercept_s"] = intercept
+    if per > 1:  # a collective of one process's devices as the job runs it: fixed + bytes/bw
+        bandwidth, intercept, floor = _fit(out["in_node"])
+        out["in_node_collective_s"] = max(intercept, floor)
+        out["in_node_bandwidth_per_device"] = bandwidth
     return out
+
+
+def _fit(rows: list[dict]) -> tuple[float, float, float]:
+    """Least squares of time = intercept + model bytes / bandwidth over `rows`:
+    (bandwidth, intercept, a floor for the fixed part: half the fastest time). Times that
+    do not grow with the bytes (a slope not positive: the fixed cost and noise dominate)
+    give the median time as the fixed part and the largest bytes over the largest time as
+    the bandwidth (a lower bound)."""
+    import numpy as np
+
+    xs = np.array([r["model_bytes"] for r in rows])
+    ts = np.array([r["all_gather_s"] for r in rows])
+    slope, intercept = np.polyfit(xs, ts, 1)
+    if slope <= 0:
+        return float(xs.max() / ts.max()), float(np.median(ts)), float(ts.min()) * 0.5
+    return float(1.0 / slope), float(intercept), float(ts.min()) * 0.5
 
 
 def profile_from_measurements(m: dict) -> HardwareProfile:
@@ -348,8 +388,12 @@ def _format_network(report: dict) -> str:
         lines.append(f"  {r['floats_per_device']:>14} {r['all_gather_s'] * 1e3:12.3f} "
                      f"{r['all_gather_min_s'] * 1e3:9.3f} {q['all_gather_s'] * 1e3:12.3f} "
                      f"{q['all_gather_min_s'] * 1e3:9.3f}")
-    lines.append("  (inside a process: every collective of a job over several processes is a "
-                 "gloo exchange; not in the profile)")
+    if "in_node_collective_s" in n:
+        lines.append("  (inside a process: every collective of a job over several processes is a "
+                     "gloo exchange)")
+        lines.append(f"  collective inside a process {p['multinode_collective_s'] * 1e3:7.3f} ms"
+                     f" + bytes at {p['multinode_bandwidth'] / 1e6:.4g} MB/s per device (fit, "
+                     "at most the in-node rate)")
     lines.append("")
     lines.append(f"in-node figures kept from: {report['in_node_from']}")
     if report["saved"]:

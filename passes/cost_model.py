@@ -274,6 +274,45 @@ def collective_time(c: Collective, mesh: Mesh, hw: HardwareProfile,
     return CollectiveTime(fast_s=fast_s, slow_s=slow_s, latency_s=lat, slow_latency_s=slow_lat)
 
 
+def weight_tensors_per_layer(cfg: TransformerConfig) -> int:
+    """The weight matrices of one layer, each its own array: q, k, v, o and the FFN's."""
+    return 4 + cfg.ffn_matrices
+
+
+def issued_latency(c: Collective, mesh: Mesh, hw: HardwareProfile,
+                   cfg: TransformerConfig) -> tuple[float, float]:
+    """(latency, the part of it across nodes) of `c` in a job over nodes on a profile whose
+    collectives then cost a fixed `multinode_collective_s` each (CPU: a gloo exchange, inside
+    a process too), plus `dcn_latency_s` for each ring step across nodes; a layer's weight
+    all-gather is one collective per weight matrix (`weight_tensors_per_layer`), as the
+    lowering gathers each array. A job of one node never gets here: its latency is
+    `collective_time`'s."""
+    k_slow = mesh.slow_size(c.axes)
+    if mesh.size(c.axes) <= 1:
+        return 0.0, 0.0
+    slow = hw.dcn_latency_s * (k_slow - 1)
+    count = weight_tensors_per_layer(cfg) if c.weights else 1
+    return count * (hw.multinode_collective_s + slow), count * slow
+
+
+def norm_latency(cfg: TransformerConfig, mesh: Mesh, hw: HardwareProfile,
+                 ffn: str) -> tuple[float, float]:
+    """(latency, the part across nodes) of the norms' statistics in a job whose every
+    collective costs `multinode_collective_s` (see `issued_latency`): with the residual
+    stream split over E (`FFNLayout.residual`), each norm all-reduces its sums over those
+    axes -- two (mean and variance) for a layernorm, one for an RMS norm -- once per block
+    norm (one a layer in a parallel block, two in a serial one) and once for the final
+    norm. Their bytes (a few per token) are left out."""
+    axes = "".join(ffn_layout(ffn).residual.get("embed", ()))
+    if mesh.size(axes) <= 1:
+        return 0.0, 0.0
+    norms = cfg.n_layers * (1 if cfg.parallel_block else 2) + 1
+    reduces = norms * (2 if cfg.norm == "layernorm" else 1)
+    lat, slow = issued_latency(Collective("all-reduce", axes, 0.0, "norm statistics"), mesh,
+                               hw, cfg)
+    return reduces * lat, reduces * slow
+
+
 def slow_bytes(c: Collective, mesh: Mesh, options: CostOptions) -> float:
     """Bytes one chip sends across nodes for this collective (0 inside a node)."""
     k_slow = mesh.slow_size(c.axes)
@@ -357,10 +396,19 @@ def kv_bytes_per_chip_per_token(cfg: TransformerConfig, mesh: Mesh, work: StepWo
 
 def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: StepWorkload,
              ffn: str, attention: str, options: CostOptions | None = None,
-             kv_memory_fraction: float = 0.3) -> CandidateCost:
-    """Cost one forward step of `cfg` under one layout. Raises LayoutNotApplicable."""
+             kv_memory_fraction: float = 0.3, nodes: int = 1) -> CandidateCost:
+    """Cost one forward step of `cfg` under one layout. Raises LayoutNotApplicable.
+
+    `nodes`: the nodes the job spans when `mesh` is one node's (a replica's, a pipeline
+    stage's); a mesh over nodes says so itself."""
     options = options or CostOptions()
     check_layout(cfg, mesh, work, ffn, attention, options)
+    # A job over several nodes (the mesh's, or `nodes` for one node's mesh of a replica or a
+    # pipeline stage) on a profile whose in-node collectives then cost otherwise (CPU:
+    # gloo): their bytes at its in-node rate, every collective's latency as issued.
+    per_collective = hw.multinode_collective_s if max(nodes, mesh.nodes) > 1 else 0.0
+    if per_collective:
+        hw = hw.in_multinode_job()
     n = mesh.n
     notes: list[str] = []
     heads = padded_heads(cfg, head_shards(ffn, attention, mesh), options)
@@ -406,11 +454,20 @@ def evaluate(cfg: TransformerConfig, hw: HardwareProfile, mesh: Mesh, work: Step
             else:
                 act_bw += t.bandwidth_s * times
                 slow_act += t.slow_s * times
-            latency += t.total_latency_s * times
-            slow_latency += t.slow_latency_s * times
+            if per_collective:
+                lat, slow_lat = issued_latency(c, mesh, hw, cfg)
+                latency += lat * times
+                slow_latency += slow_lat * times
+            else:
+                latency += t.total_latency_s * times
+                slow_latency += t.slow_latency_s * times
             if mesh.size(c.axes) > 1:
                 comm_bytes += c.bytes_per_chip * times
                 slow_sent += slow_bytes(c, mesh, options) * times
+    if per_collective:  # the norms' statistics over a residual stream split over E
+        lat, slow_lat = norm_latency(cfg, mesh, hw, ffn)
+        latency += lat
+        slow_latency += slow_lat
     hidden_weights = min(weight_bw, roofline_s) if options.prefetch_weight_gathers else 0.0
     comm_s = (act_bw * (1 - options.activation_comm_overlap) + weight_bw - hidden_weights
               + latency)

@@ -65,6 +65,14 @@ class HardwareProfile:
     dcn_efficiency: float = 1.0  # achievable fraction of dcn_bandwidth in collectives
     dcn_latency_s: float = 0.0  # one exchange between nodes (a ring step across nodes)
     dcn_name: str = ""  # what that network is, for explain() ("InfiniBand NDR", "DCN")
+    # While a job spans several nodes, a collective inside a node may cost otherwise than in
+    # a job of one node. XLA on CPU in a job over processes runs every collective through
+    # gloo over TCP, those among one process's devices too: each then costs a fixed
+    # `multinode_collective_s` (its launch and exchanges; 0: as in one node) and moves its
+    # bytes at `multinode_bandwidth` per device (0: ici_bandwidth). NCCL and ICI keep their
+    # in-node links: both 0 for the GPU and TPU profiles. See cost_model.issued_latency.
+    multinode_collective_s: float = 0.0
+    multinode_bandwidth: float = 0.0
     # Fraction of a looped collective einsum's transfers that can run while its matmuls do
     # (collective-einsum's cost model). 0 unless a profile says so: a calibrated CPU profile
     # saved before this field existed must not claim overlap.
@@ -81,6 +89,20 @@ class HardwareProfile:
     def spans_nodes(self) -> bool:
         """Whether a job may span several nodes / slices of this hardware."""
         return self.max_nodes > 1 and self.dcn_bandwidth > 0
+
+    def in_multinode_job(self) -> HardwareProfile:
+        """The profile a job over several nodes sees inside a node: `ici_bandwidth` at
+        `multinode_bandwidth` where that is set (the cost model reads it for one node's part
+        of every collective; `multinode_collective_s` prices their latency).
+
+            >>> CPU_DEFAULT.in_multinode_job().ici_bandwidth / 1e6
+            50.0
+            >>> get_hardware("h100").in_multinode_job() == get_hardware("h100")
+            True
+        """
+        if not self.multinode_bandwidth:
+            return self
+        return self.replace(ici_bandwidth=self.multinode_bandwidth, ici_efficiency=1.0)
 
     @property
     def torus_dims(self) -> int:
@@ -289,6 +311,12 @@ CPU_DEFAULT = HardwareProfile(
     dcn_efficiency=1.0,  # a measured rate
     dcn_latency_s=3e-3,
     dcn_name="gloo over TCP",
+    # In a job over processes every collective is a gloo exchange, those among one process's
+    # devices too: on this 2-core machine at load 5-17 an all-gather over a process's 4
+    # devices took 3-4 ms (`meshwright calibrate` under `meshwright launch` measures it), and
+    # decode steps over 2 processes x 4 spent 2-3 ms per collective, whatever its group.
+    multinode_collective_s=3e-3,
+    multinode_bandwidth=50e6,  # as dcn_bandwidth: TCP on loopback either way
     source="conservative defaults; run `meshwright calibrate` to measure this machine",
 )
 
@@ -312,7 +340,8 @@ def calibrated_profile_path(name: str = "cpu") -> Path:
 
 # What `meshwright calibrate` does not measure: a profile saved without these fields (or
 # before they existed) takes them from the defaults.
-_NETWORK_FIELDS = ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name")
+_NETWORK_FIELDS = ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name",
+                   "multinode_collective_s", "multinode_bandwidth")
 
 
 def load_calibrated(name: str = "cpu") -> HardwareProfile | None:
@@ -320,13 +349,17 @@ def load_calibrated(name: str = "cpu") -> HardwareProfile | None:
     path = calibrated_profile_path(name)
     try:
         data = dict(json.loads(path.read_text()))
-        data = dict(data.get("profile", data))
-        if name == "cpu":
-            for f in _NETWORK_FIELDS:
-                data.setdefault(f, getattr(CPU_DEFAULT, f))
-        return HardwareProfile.from_dict(data)
+        return saved_profile(dict(data.get("profile", data)))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def saved_profile(data: dict) -> HardwareProfile:
+    """A profile from its saved dict; a `cpu` one saved without the network fields (or
+    before one existed) takes those from the defaults."""
+    if data.get("name") == "cpu":
+        data = {**{f: getattr(CPU_DEFAULT, f) for f in _NETWORK_FIELDS}, **data}
+    return HardwareProfile.from_dict(data)
 
 
 def get_hardware(name: str | HardwareProfile) -> HardwareProfile:

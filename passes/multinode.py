@@ -240,14 +240,16 @@ class PricingContext:
 
     def layouts(self, cfg: TransformerConfig, meshes: Sequence[Mesh],
                 work: StepWorkload) -> list[CandidateCost]:
-        """Every applicable layout of `cfg` on these meshes, cheapest first."""
+        """Every applicable layout of `cfg` on these meshes, cheapest first, priced as in a
+        job over the split's nodes (one node's meshes too: on CPU every collective of a job
+        over processes is a gloo exchange, `HardwareProfile.multinode_collective_s`)."""
         out = []
         for mesh in meshes:
             for ffn in self.ffns:
                 for att in self.attentions:
                     try:
                         out.append(evaluate(cfg, self.hw, mesh, work, ffn, att, self.options,
-                                            self.kv_memory_fraction))
+                                            self.kv_memory_fraction, nodes=self.split.nodes))
                     except LayoutNotApplicable:
                         pass
         out.sort(key=lambda c: (c.step_s, FFN_LAYOUTS.index(c.ffn_layout),
@@ -350,10 +352,10 @@ class Pipeline(Crossing):
             hops = iterations - 1  # the first receive
             out_bytes = m * micro.tokens * ctx.cfg.vocab_size * a  # the logits, returned
             back = (stages - 1) * transfer_seconds(out_bytes, c_node, hw)
-                kv = c.kv_cache_bytes_per_chip * m  # every microbatch's cache on the stage
-                held = c.weight_bytes_per_chip + c.gathered_weight_bytes_per_chip
             for c in ctx.layouts(stage_cfg, meshes, micro):
                 tried.append(c)
+                kv = c.kv_cache_bytes_per_chip * m  # every microbatch's cache on the stage
+                held = c.weight_bytes_per_chip + c.gathered_weight_bytes_per_chip
                 memory = held + kv
                 if memory > hw.hbm_bytes:
                     continue

@@ -237,7 +237,11 @@ class Plan:
         lines.append(f"between nodes: {hw.dcn_name or 'network'}, "
                      f"{hw.dcn_bandwidth / 1e9:.4g} GB/s per chip at {hw.dcn_efficiency:.0%}, "
                      f"{hw.dcn_latency_s * 1e6:.3g} us per exchange; inside a node "
-                     f"{hw.ici_bandwidth / 1e9:.4g} GB/s per chip")
+                     + (f"{hw.ici_bandwidth / 1e9:.4g} GB/s per chip" if not
+                        hw.multinode_collective_s else
+                        f"{hw.multinode_collective_s * 1e3:.3g} ms per collective and "
+                        f"{hw.in_multinode_job().ici_bandwidth / 1e6:.4g} MB/s per chip while "
+                        "the job spans nodes"))
         lines.append(f"chosen: {_describe(x)}" + (f"  (forced: {self.forced})"
                                                    if self.forced else ""))
         lines.append(f"  layout {'in each stage' if x.stages > 1 else 'on its mesh'}: FFN "

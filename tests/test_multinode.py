@@ -38,11 +38,13 @@ def test_profiles_have_a_network_between_nodes():
 def test_calibrated_cpu_file_without_network_fields_keeps_the_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path))
     old = get_hardware("cpu").to_dict()
-    for f in ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name"):
+    for f in ("max_nodes", "dcn_bandwidth", "dcn_efficiency", "dcn_latency_s", "dcn_name",
+              "multinode_collective_s", "multinode_bandwidth"):
         old.pop(f)
     (tmp_path / "cpu.json").write_text(json.dumps({"profile": {**old, "source": "old file"}}))
     cpu = get_hardware("cpu")
     assert cpu.source == "old file" and cpu.spans_nodes
+    assert (cpu.multinode_collective_s, cpu.multinode_bandwidth) == (3e-3, 50e6)  # defaults
 
 
 def test_a_plain_calibration_keeps_the_network_measured_under_launch():
@@ -50,17 +52,37 @@ def test_a_plain_calibration_keeps_the_network_measured_under_launch():
     from meshwright.passes.hardware import CPU_DEFAULT, HardwareProfile
 
     network = {"processes": 2, "devices_per_process": 4, "time": 0.0,
-               "bandwidth_per_device": 4.9e8, "latency_s": 6e-4}
+               "bandwidth_per_device": 4.9e8, "latency_s": 6e-4,
+               "in_node_collective_s": 2.5e-3, "in_node_bandwidth_per_device": 8e7}
     launched = network_profile(CPU_DEFAULT, network)
     assert (launched.dcn_bandwidth, launched.dcn_latency_s) == (4.9e8, 6e-4)
+    # a collective among one process's devices, as the job over processes runs it
+    assert (launched.multinode_collective_s, launched.multinode_bandwidth) == (2.5e-3, 8e7)
+    fast = network_profile(CPU_DEFAULT, {**network, "in_node_bandwidth_per_device": 1e15})
+    assert fast.multinode_bandwidth == CPU_DEFAULT.ici_bandwidth  # no faster than in-process
     assert launched.ici_bandwidth == CPU_DEFAULT.ici_bandwidth  # in-node figures kept
     plain = {"profile": CPU_DEFAULT.replace(ici_bandwidth=3e9, source="measured").to_dict()}
     kept = keep_network(plain, {"profile": launched.to_dict(), "network": network})
     p = HardwareProfile.from_dict(kept["profile"])
     assert (p.ici_bandwidth, p.dcn_bandwidth, p.dcn_latency_s) == (3e9, 4.9e8, 6e-4)
+    assert (p.multinode_collective_s, p.multinode_bandwidth) == (2.5e-3, 8e7)
     assert p.source.startswith("measured; network between processes measured")
     assert kept["network"] == network
     assert keep_network(plain, None) is plain  # nothing measured before: nothing kept
+
+
+def test_calibration_fits_what_a_collective_inside_a_process_costs():
+    from meshwright.passes.calibrate import _fit
+
+    rows = [{"model_bytes": b, "all_gather_s": 3e-3 + b / 5e7} for b in (768, 49152, 786432)]
+    bandwidth, fixed, floor = _fit(rows)
+    assert bandwidth == pytest.approx(5e7) and fixed == pytest.approx(3e-3)
+    assert floor == pytest.approx(0.5 * (3e-3 + 768 / 5e7))
+    # times that do not grow with the bytes: the median as the fixed part, and a lower
+    # bound of the bandwidth (the largest bytes over the largest time)
+    noisy = [{"model_bytes": b, "all_gather_s": t}
+             for b, t in ((768, 5e-3), (49152, 3e-3), (786432, 4e-3))]
+    assert _fit(noisy)[:2] == (pytest.approx(786432 / 5e-3), pytest.approx(4e-3))
 
 
 def test_calibrate_under_launch_keeps_the_devices_launch_gave(monkeypatch):
@@ -274,3 +296,81 @@ def test_cli_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("meshwright plan: error:") and "\n" not in err
     assert "20 chips do not split into 3 equal nodes" in err
+
+
+# ---- CPU: every collective of a job over processes is a gloo exchange -----------------------
+
+
+CPU = get_hardware("cpu").replace(
+    collective_latency_s=5e-5, ici_bandwidth=1e9, multinode_collective_s=3e-3,
+    multinode_bandwidth=5e7, dcn_bandwidth=7e7, dcn_latency_s=1.5e-3)
+TINY = get_config("palm-tiny")  # a parallel block with a layernorm
+TINY_DECODE = Workload(batch=8, context=64, phase="decode", weights="fp32")
+
+
+def test_a_job_over_nodes_prices_every_collective_on_cpu_as_issued():
+    """One node's mesh of a job over 2 nodes (a replica): every collective the lowering
+    issues costs `multinode_collective_s` -- the layer's 2, the step's 2, and the norms'
+    statistics (2 all-reduces per layernorm, one norm a layer in a parallel block, plus the
+    final one) -- and bytes move at `multinode_bandwidth`."""
+    mesh = Mesh(1, 1, 4)
+    alone = evaluate(TINY, CPU, mesh, TINY_DECODE, "ws-1d", "heads")
+    in_job = evaluate(TINY, CPU, mesh, TINY_DECODE, "ws-1d", "heads", nodes=2)
+    assert TINY.parallel_block and TINY.norm == "layernorm"
+    layers = TINY.n_layers
+    issued = 2 * layers + 2 + 2 * (layers + 1)
+    bw_alone = alone.comm_s - (2 * layers + 2) * CPU.collective_latency_s
+    assert in_job.comm_s == pytest.approx(issued * 3e-3 + bw_alone * 1e9 / 5e7)
+    assert in_job.slow_network_s == 0 and in_job.step_s > alone.step_s
+    # everything but communication is the same step
+    assert (in_job.compute_s, in_job.weight_load_s) == (alone.compute_s, alone.weight_load_s)
+
+
+def test_weight_gathers_are_one_collective_per_weight_matrix_in_a_job_over_nodes():
+    mesh = Mesh(2, 1, 2)
+    c = evaluate(TINY, CPU.replace(multinode_bandwidth=1e18), mesh, TINY_DECODE, "wg-x",
+                 "heads", nodes=2)
+    no_weights = evaluate(TINY, CPU.replace(multinode_bandwidth=1e18), mesh, TINY_DECODE,
+                          "ws-2d", "heads", nodes=2)
+    per_layer = cm.weight_tensors_per_layer(TINY)
+    assert per_layer == 4 + TINY.ffn_matrices
+    gathers = [x for x in cm.layer_collectives(TINY, mesh, TINY_DECODE, "wg-x", "heads",
+                                               TINY.n_heads) if x.weights]
+    assert len(gathers) == 1  # the model's one gather of the layer's weights ...
+    lat, slow = cm.issued_latency(gathers[0], mesh, CPU, TINY)
+    assert (lat, slow) == (pytest.approx(per_layer * 3e-3), 0.0)  # ... issued per matrix
+    assert c.comm_s > no_weights.comm_s
+
+
+def test_across_nodes_a_collective_adds_the_slow_ring_steps():
+    mesh = Mesh(1, 1, 8, slow=(1, 1, 2))  # z over the 2 nodes
+    c = evaluate(TINY, CPU, mesh, TINY_DECODE, "ws-1d", "heads")
+    bandwidth_only = evaluate(TINY, CPU.replace(dcn_latency_s=0.0), mesh, TINY_DECODE,
+                              "ws-1d", "heads")
+    issued = 2 * TINY.n_layers + 2 + 2 * (TINY.n_layers + 1)  # every one over z, crossing
+    assert c.slow_network_s == pytest.approx(bandwidth_only.slow_network_s + issued * 1.5e-3)
+    lat, slow = cm.norm_latency(TINY, mesh, CPU, "ws-1d")
+    assert slow == pytest.approx(2 * (TINY.n_layers + 1) * 1.5e-3)
+    assert lat == pytest.approx(2 * (TINY.n_layers + 1) * (3e-3 + 1.5e-3))
+
+
+def test_gpu_and_tpu_profiles_price_a_node_alike_in_a_job_over_nodes():
+    for name in ("h100", "tpu-v5e"):
+        hw = get_hardware(name)
+        assert hw.multinode_collective_s == 0 and hw.in_multinode_job() is hw
+        one = evaluate(LLAMA_405B, hw, Mesh(2, 2, 2), DECODE, "ws-2d", "batch")
+        assert evaluate(LLAMA_405B, hw, Mesh(2, 2, 2), DECODE, "ws-2d", "batch", nodes=2) == one
+
+
+def test_cpu_replicas_are_priced_as_in_a_job_over_processes():
+    """The planner's replicas on CPU: one node's layout priced with every collective a gloo
+    exchange; the same layout in a job of one node is far cheaper."""
+    costs, _ = price_crossings(TINY, CPU, NodeSplit(2, 4), TINY_DECODE)
+    rep = next(c for c in costs if c.kind == "replicas")
+    lay = rep.layout
+    half = Workload(4, 64, "decode", "fp32")
+    assert lay.step_s == evaluate(TINY, CPU, lay.mesh, half, lay.ffn_layout,
+                                  lay.attention_layout, nodes=2).step_s
+    assert lay.step_s > evaluate(TINY, CPU, lay.mesh, half, lay.ffn_layout,
+                                 lay.attention_layout).step_s
+
