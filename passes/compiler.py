@@ -212,6 +212,9 @@ class Compiled:
     executable: Any = field(default=None, repr=False)  # see `compiled`
     slow: tuple[int, int, int] = (1, 1, 1)  # nodes (processes) each mesh axis runs over
     arguments: tuple[str, ...] = ()  # the caller's flat arguments' paths, as traced
+    # the program's input shapes when they are not the graph's (replicas and pipeline stages
+    # lower the function at a share of the batch; the program takes all of it)
+    in_shapes: tuple = ()
 
     @property
     def compiled(self):

@@ -96,10 +96,24 @@ class ExportedProgram:
 
     # ---- running --------------------------------------------------------------------------
     def mesh(self, devices=None):
-        """A mesh of the manifest's shape over `devices` (default: jax.devices())."""
+        """A mesh of the manifest's shape over `devices` (default: jax.devices()): x, y, z,
+        after `replica` and `stage` (consecutive blocks of the devices, as nodes) when the
+        program runs replicas or pipeline stages."""
         from meshwright.passes.compiler import make_mesh
 
-        return make_mesh(self.manifest["mesh"], devices)
+        shape = self.manifest["mesh"]
+        if set(shape) <= set(AXES):
+            return make_mesh(shape, devices)
+        from jax.sharding import AxisType
+        from jax.sharding import Mesh as JaxMesh
+
+        from meshwright.validate import enough_devices
+
+        devices = list(devices if devices is not None else jax.devices())
+        n = int(np.prod(list(shape.values())))
+        enough_devices(n, len(devices), f"a {'x'.join(map(str, shape.values()))} mesh")
+        return JaxMesh(np.array(devices[:n]).reshape(tuple(shape.values())), tuple(shape),
+                       axis_types=(AxisType.Auto,) * len(shape))
 
     def __call__(self, *args, mesh=None):
         """Run the program on a mesh of the exported shape (default: the first devices of
@@ -288,27 +302,15 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     c = step._lowered(args, {})  # lowered for the mesh; not compiled for this host's CPU
     flat, in_tree = jax.tree_util.tree_flatten(args)
     mesh = c.jax_mesh
-    if "replica" in mesh.axis_names:  # passes/replicas.py: an axis outside x, y, z
-        raise ValueError(
-            f"step.export: this program runs {mesh.shape['replica']} replicas across "
-            "nodes (a 'replica' mesh axis outside x, y, z), which an exported artifact does not "
-            "carry yet; export one replica's program (mw.shard over one node's devices at its "
-            "share of the batch) or pin one layout over all devices with force={'ffn': ..., "
-            "'attention': ..., 'mesh': ...}")
-    if "stage" in mesh.axis_names:  # passes/stages.py: pipeline stages outside x, y, z
-        raise ValueError(
-            f"step.export: this program runs {mesh.shape['stage']} pipeline stages across "
-            "nodes (a 'stage' mesh axis outside x, y, z), which an exported artifact does not "
-            "carry yet; pin another way across the nodes with force={'cross_node': "
-            "'stretched'}, or one layout over all devices with force={'ffn': ..., "
-            "'attention': ..., 'mesh': ...}")
     # the program's own inputs (after the load-time conversions), in order, and which of
     # them each caller argument becomes: arguments converted at load time turn into one or
     # more program inputs (int8: values, scale), the others into themselves
     program_specs = [s.partition_spec() for s in c.in_specs]
-    program_structs = [jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                            sharding=NamedSharding(mesh, spec))
-                       for v, spec in zip(c.graph.inputs, program_specs)]
+    # (replicas and pipeline stages lower the function at a share of the batch: the program
+    # takes the whole batch, `in_shapes`)
+    shapes = c.in_shapes or [v.shape for v in c.graph.inputs]
+    program_structs = [jax.ShapeDtypeStruct(shape, v.dtype, sharding=NamedSharding(mesh, spec))
+                       for shape, v, spec in zip(shapes, c.graph.inputs, program_specs)]
     owned: list[list[int]] = []
     for i, x in enumerate(flat):
         start = sum(len(o) for o in owned)
@@ -358,8 +360,10 @@ def export_sharded(step, *args, platforms: tuple[str, ...] = ("tpu",)) -> Export
     manifest = {
         "format": FORMAT,
         "platforms": list(platforms),
-        "mesh": {a: int(c.mesh_shape[a]) for a in AXES},
-        "devices": int(np.prod([c.mesh_shape[a] for a in AXES])),
+        # axes in the mesh's order: x, y, z, after `replica` and `stage` when the program
+        # runs replicas or pipeline stages across nodes
+        "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
+        "devices": int(mesh.devices.size),
         "layouts": {"ffn": c.ffn_layout, "attention": c.attention_layout},
         "phase": step.phase,
         "hardware": step.hardware,

@@ -221,7 +221,8 @@ def compile_replicas(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                     fallbacks=list(c.fallbacks) + [f for f in result.fallbacks
                                                    if f not in c.fallbacks],
                     predicted=best, timings=timings, load_transforms=c.load_transforms,
-                    slow=tuple(best.mesh.slow))
+                    slow=tuple(best.mesh.slow), arguments=c.arguments,
+                    in_shapes=tuple(x.shape for x in structs))
 
 
 __all__ = ["REPLICA_AXIS", "compile_replicas", "replica_arguments", "replica_mesh",

@@ -396,7 +396,8 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                     fallbacks=list(c.fallbacks) + [f for f in result.fallbacks
                                                    if f not in c.fallbacks],
                     predicted=best, timings=timings, load_transforms=c.load_transforms,
-                    slow=tuple(best.mesh.slow), arguments=c.arguments)
+                    slow=tuple(best.mesh.slow), arguments=c.arguments,
+                    in_shapes=tuple(x.shape for x in structs))
 
 
 def g_batch(g, m: int) -> int:
