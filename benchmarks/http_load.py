@@ -6,8 +6,8 @@
 
 One workload: Poisson arrivals at each rate, prompts from the bundled model's held-out text
 (sent as token ids, so both sides run the same tokens), output lengths uniform in
-[--out-len], greedy, run to their length. Four ways to serve it, alternated (each repeat runs
-all four, in a rotated order) so that the machine's other load hits them alike:
+[--out-len], greedy, run to their length. Five ways to serve it, alternated (each repeat runs
+all five, in a rotated order) so that the machine's other load hits them alike:
 
 - in-process: `Engine.serve(workload, clock="wall")` on an engine built like the server's
   (`bench.make_engine`, the bundled model, the same slots and max_len);
@@ -17,7 +17,9 @@ all four, in a rotated order) so that the machine's other load hits them alike:
   the first streamed chunk (for a completion: the first token), latency the stream's end;
 - http-stream-20ms: the same with a second server started with `--stream-interval 20` (a
   stream sends at most one chunk per 20 ms);
-- http-whole: not streamed (one JSON answer per request; no TTFT).
+- http-whole: not streamed (one JSON answer per request; no TTFT);
+- http-stream-unpinned: as http-stream, from a third server started with `--engine-cpus off`
+  (the engine and HTTP processes not pinned to cores of their own: what pinning buys).
 
 Each reports throughput (generated tokens / first arrival to last token), p50/p99 latency,
 p50/p99 time to first token, and CPU time per generated token: of this process for
@@ -234,14 +236,14 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-MODES = ("in_process", "http_stream", "http_stream_20ms", "http_whole")
+MODES = ("in_process", "http_stream", "http_stream_20ms", "http_whole", "http_stream_unpinned")
 
 
 def table(rows: list[dict]) -> str:
     def ms(x):
         return "-" if x is None else f"{x * 1e3:.1f}"
 
-    head = (f"{'rate':>6}  {'served':<18}{'tok/s':>7}{'vs in-proc':>11}{'p50 ms':>8}"
+    head = (f"{'rate':>6}  {'served':<22}{'tok/s':>7}{'vs in-proc':>11}{'p50 ms':>8}"
             f"{'p99 ms':>8}{'TTFT p50':>9}{'TTFT p99':>9}  CPU us/token")
     lines = [head, "-" * (len(head) + 18)]
     for row in rows:
@@ -251,7 +253,7 @@ def table(rows: list[dict]) -> str:
             tps = m["throughput_tokens_per_s"]
             cpu = ", ".join(f"{k.replace('_', '-')} {v:.0f}"
                             for k, v in m["cpu_us_per_token"].items())
-            lines.append(f"{row['rate']:>6g}  {mode.replace('_', '-'):<18}{tps:>7.0f}"
+            lines.append(f"{row['rate']:>6g}  {mode.replace('_', '-'):<22}{tps:>7.0f}"
                          f"{'' if mode == 'in_process' else f'{tps / base - 1:+.1%}':>11}"
                          f"{ms(m['latency_s']['p50']):>8}{ms(m['latency_s']['p99']):>8}"
                          f"{ms(m['ttft_s']['p50']):>9}{ms(m['ttft_s']['p99']):>9}  {cpu}")
@@ -284,14 +286,17 @@ def main() -> None:
     use_compilation_cache("auto")
     servers = [ServerProcess(args.model, args.set, args.max_slots, args.max_len),
                ServerProcess(args.model, args.set, args.max_slots, args.max_len,
-                             "--stream-interval", "20")]
+                             "--stream-interval", "20"),
+               ServerProcess(args.model, args.set, args.max_slots, args.max_len,
+                             "--engine-cpus", "off")]
     try:
         engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=args.max_len,
                                    overrides=args.set, progress=False)
         run = {"in_process": lambda load: run_in_process(engine, load),
                "http_stream": lambda load: run_http(servers[0], load),
                "http_stream_20ms": lambda load: run_http(servers[1], load),
-               "http_whole": lambda load: run_http(servers[0], load, stream=False)}
+               "http_whole": lambda load: run_http(servers[0], load, stream=False),
+               "http_stream_unpinned": lambda load: run_http(servers[2], load)}
         rows = []
         for rate in rates:
             load = workload(args.requests, rate, tuple(args.out_len), args.max_len, args.seed)
@@ -299,7 +304,8 @@ def main() -> None:
                 run[mode](load[:8])
             runs: dict[str, list] = {mode: [] for mode in MODES}
             for r in range(args.repeats):
-                for mode in MODES[r % 4:] + MODES[:r % 4]:
+                k = r % len(MODES)
+                for mode in MODES[k:] + MODES[:k]:
                     runs[mode].append(run[mode](load))
                     print(f"  rate {rate:g} repeat {r + 1} {mode}: "
                           f"{runs[mode][-1]['throughput_tokens_per_s']:.0f} tok/s",
@@ -314,7 +320,7 @@ def main() -> None:
             server.stop()
     print(f"{args.model}{''.join(' --set ' + o for o in args.set)}, {args.max_slots} slots, max_len {args.max_len}, {args.requests} requests "
           f"per run, output lengths uniform [{args.out_len[0]}, {args.out_len[1]}], greedy; "
-          f"median of {args.repeats} runs, the four ways alternated")
+          f"median of {args.repeats} runs, the {len(MODES)} ways alternated")
     print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at the "
           f"start, {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end "
           f"({os.cpu_count()} cores)")

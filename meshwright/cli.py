@@ -519,6 +519,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
                    help="a stream sends at most one chunk per MS milliseconds, the tokens "
                         "of that time together (default: 0, a chunk per engine step)")
+    p.add_argument("--engine-cpus", default="auto", metavar="auto|off|CPUS",
+                   help="once compiled, pin the engine process to these CPUs (0-2,5) and the "
+                        "HTTP process to the others; auto (default): the HTTP process on the "
+                        "last CPU, the engine on the rest; off: no pinning")
     p.add_argument("--seed", type=int, default=0, help="a preset's random weights")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--no-progress", action="store_true", help="no compile progress bar")
@@ -540,7 +544,7 @@ def _run_serve(args) -> int:
         max_len=args.max_len, max_queue=args.max_queue, policy=args.policy,
         max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key,
         drain_timeout_s=args.drain_timeout, stream_interval_s=args.stream_interval / 1e3,
-        seed=args.seed, access_log=args.access_log,
+        engine_cpus=args.engine_cpus, seed=args.seed, access_log=args.access_log,
         progress=not (args.no_progress or args.json), json=args.json)
     return serve(options)
 

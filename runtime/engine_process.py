@@ -68,6 +68,7 @@ class EngineFacts:
     plan_text: str | None  # the layout plan's explain(), when sharded
     tokenizer: Any = None  # a checkpoint's tokenizer (picklable); None: see tokenizer_kind
     tokenizer_kind: str = "none"  # "bytes" (the bundled model), "checkpoint", "none"
+    cpus: list[int] | None = None  # the CPUs the engine process was pinned to (None: not)
 
 
 def engine_facts(engine) -> EngineFacts:
@@ -97,6 +98,18 @@ def _portable(error: BaseException) -> BaseException:
         return error
     except Exception:  # noqa: BLE001 (any pickling failure)
         return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def pin_process(cpus) -> None:
+    """Every thread of this process onto `cpus` (threads started later inherit it from their
+    parent). Linux only (`os.sched_setaffinity`, which pins one thread per call)."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only
+        threads = [0]
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, set(cpus))
 
 
 def drain(times: deque) -> list[float]:
@@ -184,6 +197,13 @@ def engine_main(options, conn) -> None:
         t0 = time.perf_counter()
         engine = build_engine(options)
         facts = engine_facts(engine)
+        if options.cpus and options.cpus[0]:  # compiled on every core; served on its own
+            try:
+                pin_process(options.cpus[0])
+                facts.cpus = sorted(os.sched_getaffinity(0))
+            except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
+                facts.notes.append(f"the engine process is not pinned to CPUs "
+                                   f"{list(options.cpus[0])}: {e.strerror}")
         ready.set()
         send(("ready", facts, time.perf_counter() - t0))
         ran = True

@@ -15,7 +15,9 @@ iteration, one message with the tokens and results it produced. The HTTP handler
 uvicorn's asyncio loop in the server process; the pipe from the engine is one more thing that
 loop watches, and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
-hold back the engine's next step (both need the interpreter's lock).
+hold back the engine's next step (both need the interpreter's lock). Once compiled, they are
+pinned to cores of their own (`--engine-cpus`, `cpu_split`): unpinned, the loop and the
+clients, woken at every step, keep moving the engine between cores, each move a cold cache.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwright.runtime import openai_api as api
-from meshwright.runtime.engine_process import EngineFacts, EngineProcess
+from meshwright.runtime.engine_process import EngineFacts, EngineProcess, pin_process
 from meshwright.runtime.prometheus import CONTENT_TYPE, Counter, Histogram, family
 from meshwright.runtime.request import Request, Result
 
@@ -78,6 +80,9 @@ class ServeOptions:
     drain_timeout_s: float = 30.0
     stream_interval_s: float = 0.0  # a stream sends at most one chunk per interval (0: one
     #                                 per engine step that gave it tokens)
+    engine_cpus: str = "auto"  # where the two processes run once ready (`cpu_split`)
+    cpus: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # set by `serve`: (the engine
+    #                                 process's CPUs, the HTTP process's; empty: not pinned)
     seed: int = 0  # random weights of a preset
     access_log: bool = False
     progress: bool = True  # the compile progress bar on stderr
@@ -236,6 +241,7 @@ class Server:
         self.created = int(time.time())
         self.draining = False
         self.address = ""  # http://host:port, once bound
+        self.http_cpus: list[int] | None = None  # the CPUs this process was pinned to
         self.uvicorn: Any = None  # the uvicorn.Server, once running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: set[Submission] = set()
@@ -273,6 +279,14 @@ class Server:
                              f"({facts.max_len - 1})")
         self.limits = api.Limits(max_len=facts.max_len, vocab_size=facts.vocab_size,
                                  max_tokens=max_tokens)
+        http_cpus = self.options.cpus[1] if self.options.cpus else ()
+        if http_cpus:  # the engine is compiled: from now on the processes keep to their cores
+            try:
+                pin_process(http_cpus)
+                self.http_cpus = sorted(os.sched_getaffinity(0))
+            except OSError as e:
+                facts.notes.append(f"the HTTP process is not pinned to CPUs "
+                                   f"{list(http_cpus)}: {e.strerror}")
         report = startup_report(self, facts, seconds)
         if self.options.json:
             print(json.dumps(report, sort_keys=True), file=self.out, flush=True)
@@ -695,10 +709,24 @@ def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
               "eos_token_ids": list(server.text.eos_token_ids), "text": server.text.note,
               "buckets": list(facts.buckets), "compile_s": round(seconds, 2),
               "auth": bool(server.options.api_key), "notes": list(facts.notes),
+              "cpus": {"engine": facts.cpus, "http": server.http_cpus,
+                       "option": server.options.engine_cpus},
               "status": "ready", **facts.layout_info}
     if facts.plan_text is not None:
         report["plan_text"] = facts.plan_text
     return report
+
+
+def cpus_line(cpus: dict) -> str:
+    """Where the two processes run (the start-up report's `cpus`)."""
+    engine, http, option = cpus["engine"], cpus["http"], cpus["option"]
+    if engine is None and http is None:
+        why = {"off": "--engine-cpus off", "auto": "--engine-cpus auto: fewer than 2 CPUs, or "
+               "a platform without CPU affinity"}.get(option, f"--engine-cpus {option}")
+        return f"cpus: not pinned ({why})"
+    return (f"cpus: the engine process on {cpu_text(engine) if engine else 'any'}, the HTTP "
+            f"process on {cpu_text(http) if http else 'any'} (--engine-cpus {option}; off: "
+            "not pinned)")
 
 
 def _by_phase(buckets: list[str]) -> dict[str, list[str]]:
@@ -720,6 +748,7 @@ def format_report(r: dict) -> str:
         lines.append("plan: one device, plain jax.jit; buckets (rows x length): "
                      + "; ".join(f"{phase} {' '.join(shapes)}"
                                  for phase, shapes in _by_phase(r["buckets"]).items()))
+    lines.append(cpus_line(r["cpus"]))
     lines += [f"note: {n}" for n in r["notes"]]
     lines.append(f"compiled {len(r['buckets'])} buckets in {r['compile_s']:.1f} s")
     lines.append(f"ready: {r['address']}/v1 serves {r['model']!r}"
@@ -752,6 +781,64 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on; None where processes cannot be pinned (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    return set(os.sched_getaffinity(0))
+
+
+def parse_cpus(text: str) -> set[int]:
+    """`0-2,5` -> {0, 1, 2, 5}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        high = high if dash else low
+        if not (low.isdigit() and high.isdigit()) or int(high) < int(low):
+            raise ValueError(f"--engine-cpus {text!r}: expected auto, off or CPU numbers and "
+                             "ranges such as 0-2,5")
+        cpus.update(range(int(low), int(high) + 1))
+    return cpus
+
+
+def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
+                                                               tuple[int, ...]]:
+    """Where the engine process and the HTTP process run once the server is ready: (the
+    engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
+
+    `auto`: the HTTP process on the last CPU this process may use, the engine on the others
+    (with fewer than two, or where processes cannot be pinned, neither is pinned). `off`:
+    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
+    Pinned, the engine keeps its core's caches warm: otherwise the event loop and the
+    clients, woken at every step, keep pushing it from one core to the other."""
+    if spec == "off":
+        return (), ()
+    if spec == "auto":
+        if available is None or len(available) < 2:
+            return (), ()
+        cpus = sorted(available)
+        return tuple(cpus[:-1]), (cpus[-1],)
+    engine = parse_cpus(spec)
+    if available is None:
+        raise ValueError(f"--engine-cpus {spec}: this platform cannot pin processes to CPUs; "
+                         "use auto or off")
+    if not engine <= available:
+        raise ValueError(f"--engine-cpus {spec}: CPU {cpu_text(sorted(engine - available))} "
+                         f"not available to this process (it may use {cpu_text(available)})")
+    return tuple(sorted(engine)), tuple(sorted(available - engine))
+
+
+def cpu_text(cpus) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def serve(options: ServeOptions, out=sys.stdout) -> int:
     """Run the server until SIGTERM / Ctrl-C; 0 after a clean drain. Raises ValueError (the
     CLI prints it as one line) when the engine cannot be built or the port not bound."""
@@ -760,6 +847,7 @@ def serve(options: ServeOptions, out=sys.stdout) -> int:
     _check_options(options)
     if options.api_key is None:
         options.api_key = os.environ.get(API_KEY_ENV) or None
+    options.cpus = cpu_split(options.engine_cpus, available_cpus())
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     server = Server(options, out=out)
@@ -808,6 +896,8 @@ def _check_options(o: ServeOptions) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {o.max_tokens}")
     if o.api_key is not None and not o.api_key.strip():
         raise ValueError("--api-key is empty")
+    if o.engine_cpus not in ("auto", "off"):
+        parse_cpus(o.engine_cpus)
 
 
 class _Uvicorn:

@@ -25,6 +25,7 @@ import pytest
 from meshwright.models import build, load_demo_model
 from meshwright.models.demo import ByteTokenizer
 from meshwright.runtime import openai_api as api
+from meshwright.runtime import server
 from meshwright.runtime.demo import burst_prompts
 from meshwright.runtime.engine import Engine
 from meshwright.runtime.prometheus import parse as parse_metrics
@@ -147,6 +148,21 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
     assert any(line.startswith("plan: one device") and "decode 1x64 1x128" in line and
                "8x128" in line for line in lines)
     assert [line for line in lines if line.startswith("ready:")] == [lines[-1]]
+    # --engine-cpus auto: once compiled, the engine process keeps to all CPUs but the last,
+    # the HTTP process to the last (every thread of each)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) >= 2:
+        engine_cpus, http_cpus = set(cpus[:-1]), {cpus[-1]}
+        assert (f"cpus: the engine process on {server.cpu_text(engine_cpus)}, the HTTP "
+                f"process on {cpus[-1]} (--engine-cpus auto; off: not pinned)") in lines
+        pid = main.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        (engine,) = [int(c) for c in children
+                     if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        for process, expected in ((pid, http_cpus), (engine, engine_cpus)):
+            threads = [int(t) for t in os.listdir(f"/proc/{process}/task")]
+            assert {frozenset(os.sched_getaffinity(t)) for t in threads} == {
+                frozenset(expected)}
     assert httpx.get(f"{main.address}/health").json() == {"status": "ready", "model": MODEL}
     models = main.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -566,11 +582,30 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
     assert load_generation_info(Path(tmp_path / "nothing")).chat_template is None
 
 
+def test_engine_cpus_split_the_cores_between_the_two_processes():
+    assert server.cpu_split("auto", {0, 1}) == ((0,), (1,))
+    assert server.cpu_split("auto", {2, 5, 7}) == ((2, 5), (7,))
+    assert server.cpu_split("auto", {3}) == ((), ())  # one CPU: nothing to split
+    assert server.cpu_split("auto", None) == ((), ())  # no CPU affinity on this platform
+    assert server.cpu_split("off", {0, 1, 2, 3}) == ((), ())
+    assert server.cpu_split("0-2,5", set(range(8))) == ((0, 1, 2, 5), (3, 4, 6, 7))
+    assert server.cpu_split("0,1", {0, 1}) == ((0, 1), ())  # the HTTP process: unpinned
+    with pytest.raises(ValueError, match="CPU 4,6-7 not available to this process"):
+        server.cpu_split("0,4,6-7", {0, 1, 2})
+    with pytest.raises(ValueError, match="cannot pin"):
+        server.cpu_split("0", None)
+    for bad in ("", "x", "1-", "3-1", "0,,1", "-1"):
+        with pytest.raises(ValueError, match="expected auto, off or CPU numbers"):
+            server.parse_cpus(bad)
+    assert server.cpu_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port must be <= 65535"),
     (["--max-slots", "0"], "--max-slots 0: must be a whole number >= 1"),
     (["--checkpoint", "/no/such/checkpoint"], "/no/such/checkpoint"),
     (["--model", "no-such-preset"], "no-such-preset"),
+    (["--engine-cpus", "0-x"], "--engine-cpus '0-x': expected auto, off or CPU numbers"),
 ])
 def test_cli_errors_are_one_line(args, message):
     port = [] if "--port" in args else ["--port", "0"]
