@@ -283,16 +283,18 @@ def issued_latency(c: Collective, mesh: Mesh, hw: HardwareProfile,
                    cfg: TransformerConfig) -> tuple[float, float]:
     """(latency, the part of it across nodes) of `c` in a job over nodes on a profile whose
     collectives then cost a fixed `multinode_collective_s` each (CPU: a gloo exchange, inside
-    a process too), plus `dcn_latency_s` for each ring step across nodes; a layer's weight
-    all-gather is one collective per weight matrix (`weight_tensors_per_layer`), as the
-    lowering gathers each array. A job of one node never gets here: its latency is
-    `collective_time`'s."""
-    k_slow = mesh.slow_size(c.axes)
-    if mesh.size(c.axes) <= 1:
+    a process too; measured over a whole node's devices), scaled by the ring steps of a group
+    larger than a node (K chips: (K-1) / (node's chips - 1)), plus `dcn_latency_s` for each
+    ring step across nodes; a layer's weight all-gather is one collective per weight matrix
+    (`weight_tensors_per_layer`), as the lowering gathers each array. A job of one node never
+    gets here: its latency is `collective_time`'s."""
+    k = mesh.size(c.axes)
+    if k <= 1:
         return 0.0, 0.0
-    slow = hw.dcn_latency_s * (k_slow - 1)
+    scale = max(1.0, (k - 1) / max(1, mesh.chips_per_node - 1))
+    slow = hw.dcn_latency_s * (mesh.slow_size(c.axes) - 1)
     count = weight_tensors_per_layer(cfg) if c.weights else 1
-    return count * (hw.multinode_collective_s + slow), count * slow
+    return count * (hw.multinode_collective_s * scale + slow), count * slow
 
 
 def norm_latency(cfg: TransformerConfig, mesh: Mesh, hw: HardwareProfile,

@@ -351,7 +351,11 @@ def test_across_nodes_a_collective_adds_the_slow_ring_steps():
     assert c.slow_network_s == pytest.approx(bandwidth_only.slow_network_s + issued * 1.5e-3)
     lat, slow = cm.norm_latency(TINY, mesh, CPU, "ws-1d")
     assert slow == pytest.approx(2 * (TINY.n_layers + 1) * 1.5e-3)
-    assert lat == pytest.approx(2 * (TINY.n_layers + 1) * (3e-3 + 1.5e-3))
+    # a group of 8 over nodes of 4: the node's cost times 7/3 of its ring steps
+    assert lat == pytest.approx(2 * (TINY.n_layers + 1) * (3e-3 * 7 / 3 + 1.5e-3))
+    within = cm.issued_latency(cm.Collective("all-gather", "z", 1.0, "a"), Mesh(2, 1, 4, (2, 1, 1)),
+                               CPU, TINY)
+    assert within == (pytest.approx(3e-3), 0.0)  # a node's group: the calibrated cost
 
 
 def test_gpu_and_tpu_profiles_price_a_node_alike_in_a_job_over_nodes():
