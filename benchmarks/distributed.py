@@ -192,14 +192,14 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
             default = evaluate(config, CPU_DEFAULT,
                                Mesh(pred.mesh.x, pred.mesh.y, pred.mesh.z,
                                     slow=tuple(pred.mesh.slow)),
-                               work, k.ffn_layout, k.attention_layout)
+                               work, k.ffn_layout, k.attention_layout, nodes=plan.nodes)
         rows[kind] = {
             "way": kind, "label": (k.plan.cross_node.label if kind == "pipeline" else
                                    plan.cross_node.label if kind == plan.cross_node.kind
                                    else by_kind[kind].label),
             "ffn": k.ffn_layout, "attention": k.attention_layout,
             "mesh": {a: int(n) for a, n in k.jax_mesh.shape.items()},
-            "slow": list(k.slow), "lowered": True, "rounds_ms": [],
+            "slow": list(k.slow), "rounds_ms": [],
             "predicted_ms": 1e3 * pred.step_s, "predicted_default_ms": 1e3 * default.step_s,
             "predicted_slow_ms": 1e3 * pred.slow_network_s,
             "slow_bytes_hlo": counted["slow"], "slow_bytes_predicted": pred.slow_bytes_per_chip,
@@ -216,6 +216,8 @@ def across_worker(out: str, repeats: int, rounds: int) -> None:
             "network": {k: network["network"][k] for k in ("bandwidth_per_device",
                                                             "latency_s", "collectives",
                                                             "in_node")},
+            "in_process": {"collective_s": hw.multinode_collective_s,
+                           "bandwidth_per_device": hw.multinode_bandwidth},
             "default_network": {"bandwidth_per_device": CPU_DEFAULT.dcn_bandwidth,
                                 "latency_s": CPU_DEFAULT.dcn_latency_s},
             "in_node_from": get_hardware("cpu").source,
@@ -243,12 +245,12 @@ def across(args) -> None:
           f"{net['bandwidth_per_device'] / 1e6:.0f} MB/s per device, "
           f"{net['latency_s'] * 1e3:.2f} ms per exchange (the profile's defaults: "
           f"{job['default_network']['bandwidth_per_device'] / 1e6:.0f} MB/s, "
-          f"{job['default_network']['latency_s'] * 1e3:.1f} ms)")
-    # in a job over processes every collective is a gloo exchange, those inside a process too
-    # (the calibration measures them; the model prices them as in one process)
-    gloo_ms = 1e3 * net["in_node"][0]["all_gather_s"]
+          f"{job['default_network']['latency_s'] * 1e3:.1f} ms); a collective among one "
+          f"process's devices, a gloo exchange in such a job: "
+          f"{job['in_process']['collective_s'] * 1e3:.2f} ms + bytes at "
+          f"{job['in_process']['bandwidth_per_device'] / 1e6:.0f} MB/s")
     head = (f"{'slow axis carries':<26}{'layout':<13}{'mesh':<13}{'step ms':>9}"
-            f"{'predicted':>10}{'(defaults)':>11}{'+gloo':>8}{'slow B/dev':>11}"
+            f"{'predicted':>10}{'(defaults)':>11}{'ratio':>7}{'slow B/dev':>11}"
             f"{'predicted':>10}{'crossing':>9}")
     print(head)
     print("-" * len(head))
@@ -257,24 +259,18 @@ def across(args) -> None:
         layout = f"{r['ffn']}/{r['attention']}"
         default = r["predicted_default_ms"]
         dtext = "-" if default is None else f"{default:.1f}"
-        if r["lowered"]:
-            step = f"{statistics.median(r['rounds_ms']):.1f}"
-            hlo, crossing = f"{r['slow_bytes_hlo']}", f"{r['slow_collectives_hlo']}"
-            inside = r["collectives_hlo"] - r["slow_collectives_hlo"]
-            r["predicted_with_gloo_in_node_ms"] = r["predicted_ms"] + inside * gloo_ms
-            gloo = f"{r['predicted_with_gloo_in_node_ms']:.1f}"
-        else:
-            step, hlo, crossing, gloo = "not lowered yet", "-", "-", "-"
-        print(f"{r['label']:<26}{layout:<13}{mesh:<13}{step:>9}{r['predicted_ms']:>10.1f}"
-              f"{dtext:>11}{gloo:>8}{hlo:>11}{r['slow_bytes_predicted']:>10.0f}{crossing:>9}")
+        measured = statistics.median(r["rounds_ms"])
+        r["measured_over_predicted"] = measured / r["predicted_ms"]
+        print(f"{r['label']:<26}{layout:<13}{mesh:<13}{measured:>9.1f}{r['predicted_ms']:>10.1f}"
+              f"{dtext:>11}{r['measured_over_predicted']:>7.2f}{r['slow_bytes_hlo']:>11.0f}"
+              f"{r['slow_bytes_predicted']:>10.0f}{r['slow_collectives_hlo']:>9}")
     print("(step ms: measured, median of the rounds; predicted: the cost model with the "
-          "calibrated network (defaults: with the profile's); +gloo: predicted plus every "
-          f"collective inside a process at {gloo_ms:.1f} ms, a gloo exchange in a job over "
-          "processes as the calibration measured it; slow B/dev: bytes a device sends to the "
-          "other process per step, counted in the compiled HLO, and predicted; crossing: "
-          "collectives that cross)")
+          "network and the in-process collectives calibrated in the job (defaults: with the "
+          "profile's); ratio: measured / predicted; slow B/dev: bytes a device sends to the "
+          "other process per step (averaged over the devices), counted in the compiled HLO, "
+          "and predicted; crossing: collectives that cross)")
     for r in job["rows"]:
-        if r["lowered"]:
+        if r["rounds_ms"]:
             print(f"{r['label']}: rounds {' '.join(f'{t:.1f}' for t in r['rounds_ms'])} ms; "
                   f"{r['collectives_hlo']} collectives a step")
     out = {**job, "batch": BATCH, "max_len": MAX_LEN, "repeats": args.repeats,
