@@ -1,15 +1,16 @@
 """Every Python block in README.md and docs/ runs as written, and prints what the doc shows.
 
-One fresh process per file (8 simulated CPU devices, the file's blocks in order in one
-namespace: tests/doc_blocks.py). A block that must not run carries `<!-- not run: REASON -->`
-on the line above its fence."""
+One fresh process (8 simulated CPU devices) runs the files the session selected, one after
+another, each file's blocks in order in a namespace of its own (tests/doc_blocks.py); each
+file passes or fails as its own test. A block that must not run carries
+`<!-- not run: REASON -->` on the line above its fence."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from doc_blocks import ROOT, Block, blocks, check_file, output_matches
+from doc_blocks import ROOT, Block, blocks, check_file, output_matches, problems_of, run_files
 
 DOCS = sorted(str(p.relative_to(ROOT)) for p in [ROOT / "README.md", *ROOT.glob("docs/**/*.md")]
               if "```python" in p.read_text())
@@ -19,9 +20,18 @@ def test_the_docs_have_python_blocks():
     assert "README.md" in DOCS and "docs/serving.md" in DOCS and len(DOCS) >= 10
 
 
+@pytest.fixture(scope="module")
+def ran(request):
+    """The blocks of every doc this session runs a test of, in one process (starting the
+    interpreter, JAX and the imports once, not once per file)."""
+    selected = [item.callspec.params["doc"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_python_blocks_run_as_written"]
+    return run_files([ROOT / doc for doc in selected])
+
+
 @pytest.mark.parametrize("doc", DOCS)
-def test_python_blocks_run_as_written(doc):
-    problems = check_file(ROOT / doc)
+def test_python_blocks_run_as_written(ran, doc):
+    problems = problems_of(doc, *ran[str(ROOT / doc)])
     assert not problems, "\n\n".join(problems)
 
 
