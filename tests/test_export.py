@@ -23,32 +23,84 @@ import meshwright as mw
 PALM_SET = ["d_model=256", "d_ff=1024", "n_heads=16", "vocab_size=512"]
 
 
+# PaLM 8B's and 540B's structure on 4x4x4, small: 16 and 48 heads, which the 64 chips do not
+# divide (ws-1d splits 16 heads over x, y; ws-2d 48 over z, y), multiquery K/V, batch 64
+HEADS_SET = ["d_model=128", "d_ff=256", "vocab_size=512", "d_head=16", "max_len=32"]
+HEADS_CASES = [(16, "ws-1d"), (48, "ws-2d"), (48, "wg-x")]
+# the fused-QKV model's layouts
+FUSED_FORCE = {"ffn": "ws-2d", "attention": "heads"}
+
+
 @pytest.fixture(scope="module")
-def exported_64(tmp_path_factory):
-    """`meshwright export ... --mesh 4x4x4` for tpu and for cuda, in one fresh process: the
-    same plan (TPU v4), lowered for each platform."""
+def exported_4x4x4(tmp_path_factory):
+    """Every 4x4x4 export of this module in one fresh process of 64 simulated devices
+    (lowering only, no XLA compile for this machine), one JSON line per part:
+    - "palm": `meshwright export ... --mesh 4x4x4` for tpu and for cuda (the same plan, TPU
+      v4, lowered for each platform); it runs first, with XLA_FLAGS unset: the command sets
+      the 64 devices itself;
+    - "heads": decode at batch 64, attention over batch, for tpu (export_model): the
+      StableHLO's bytes and the prediction, per HEADS_CASES;
+    - "fused", "int8": the test zoo's fused-QKV model through step.export, and palm-tiny
+      with int8 weights through `meshwright export`."""
     tmp = tmp_path_factory.mktemp("export")
+    tests = os.path.dirname(__file__)
     code = (
-        "import sys\n"
+        "import contextlib, io, json, sys\n"
+        f"sys.path.insert(0, {tests!r})\n"
         "from meshwright.cli import main\n"
+        "def cli(args):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        assert main(args) == 0\n"
+        "    return json.loads(out.getvalue())\n"
+        "palm = []\n"
         "for platform in ('tpu', 'cuda'):\n"
         "    args = ['export', 'palm-tiny', '--platform', platform, '--mesh', '4x4x4',\n"
         "            '--hardware', 'tpu-v4', '--phase', 'decode', '--batch', '64', '--json',\n"
         f"            '--out', {str(tmp)!r} + f'/palm.{{platform}}.mwx']\n"
         f"    for s in {PALM_SET!r}:\n"
         "        args += ['--set', s]\n"
-        "    assert main(args) == 0\n")
+        "    palm.append(cli(args))\n"
+        "print(json.dumps({'palm': palm}))\n"
+        "import jax\n"
+        "assert jax.device_count() == 64, jax.device_count()\n"
+        "from meshwright.passes.export import export_model\n"
+        "heads = []\n"
+        f"for n_heads, ffn in {HEADS_CASES!r}:\n"
+        f"    p = export_model('palm-tiny', overrides={HEADS_SET!r} + [f'n_heads={{n_heads}}'],\n"
+        "                     batch=64, force_ffn=ffn, force_attention='batch',\n"
+        "                     hardware='tpu-v4')\n"
+        "    heads.append({'counted': p.collectives(),\n"
+        "                  'predicted': p.manifest['predicted']['comm_bytes_per_chip']})\n"
+        "print(json.dumps({'heads': heads}))\n"
+        "import meshwright as mw\n"
+        "from zoo import fused_qkv_transformer\n"
+        "fn, args = fused_qkv_transformer(jax.random.PRNGKey(0))\n"
+        "shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)\n"
+        "step = mw.shard(fn, mesh=mw.make_mesh({'x': 4, 'y': 4, 'z': 4}), hardware='tpu-v4',\n"
+        f"                force=dict({FUSED_FORCE!r}, mesh=(4, 4, 4)))\n"
+        "program = step.export(*shapes, platforms='tpu')\n"
+        f"program.save({str(tmp)!r} + '/fused.mwx')\n"
+        "int8 = cli(['export', 'palm-tiny', '--weights', 'int8', '--platform', 'tpu',\n"
+        "            '--mesh', '4x4x4', '--batch', '64', '--json',\n"
+        f"            '--out', {str(tmp)!r} + '/int8.mwx'])\n"
+        "print(json.dumps({'fused': program.collectives(), 'int8': int8}))\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # meshwright export sets 64 devices itself
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600, check=False)
+                         timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    decoder, text, summaries = json.JSONDecoder(), out.stdout.strip(), []
-    while text:  # one JSON object per export
-        obj, end = decoder.raw_decode(text)
-        summaries.append(obj)
-        text = text[end:].strip()
-    return tmp, summaries
+    parts = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            parts.update(json.loads(line))
+    return tmp, parts
+
+
+@pytest.fixture(scope="module")
+def exported_64(exported_4x4x4):
+    tmp, parts = exported_4x4x4
+    return tmp, parts["palm"]
 
 
 def test_palm_exports_for_tpu_and_cuda_on_a_4x4x4_mesh(exported_64):
@@ -85,32 +137,10 @@ def test_tpu_stablehlo_holds_the_predicted_collectives(exported_64):
         program(*[np.zeros(i["shape"], i["dtype"]) for i in program.manifest["inputs"]])
 
 
-# PaLM 8B's and 540B's structure on 4x4x4, small: 16 and 48 heads, which the 64 chips do not
-# divide (ws-1d splits 16 heads over x, y; ws-2d 48 over z, y), multiquery K/V, batch 64
-HEADS_SET = ["d_model=128", "d_ff=256", "vocab_size=512", "d_head=16", "max_len=32"]
-HEADS_CASES = [(16, "ws-1d"), (48, "ws-2d"), (48, "wg-x")]
-
-
 @pytest.fixture(scope="module")
-def exported_heads():
-    """Decode at batch 64, attention over batch, exported for tpu on 4x4x4 (shapes only, no
-    XLA compile for this machine): the StableHLO's bytes and the prediction, per case."""
-    code = (
-        "import os, json\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=64'\n"
-        "from meshwright.passes.export import export_model\n"
-        f"for heads, ffn in {HEADS_CASES!r}:\n"
-        f"    p = export_model('palm-tiny', overrides={HEADS_SET!r} + [f'n_heads={{heads}}'],\n"
-        "                     batch=64, force_ffn=ffn, force_attention='batch',\n"
-        "                     hardware='tpu-v4')\n"
-        "    print(json.dumps({'counted': p.collectives(),\n"
-        "                      'predicted': p.manifest['predicted']['comm_bytes_per_chip']}))\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+def exported_heads(exported_4x4x4):
+    """Per HEADS_CASES: the StableHLO's collectives and the cost model's bytes per chip."""
+    return exported_4x4x4[1]["heads"]
 
 
 @pytest.mark.parametrize("case", range(len(HEADS_CASES)))
@@ -202,40 +232,10 @@ def test_stablehlo_counter_counts_a_looped_einsum_as_the_collective_it_replaces(
 
 # ---- programs that convert weights at load time: fused Q/K/V interleaved, int8 ----------------
 
-FUSED_FORCE = {"ffn": "ws-2d", "attention": "heads"}
-
-
 @pytest.fixture(scope="module")
-def exported_converted_64(tmp_path_factory):
-    """For tpu on 4x4x4 (64 simulated devices, lowering only): the test zoo's fused-QKV
-    model through step.export, and palm-tiny with int8 weights through meshwright export."""
-    tmp = tmp_path_factory.mktemp("export_converted")
-    tests = os.path.dirname(__file__)
-    code = (
-        "import os, sys, json\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=64'\n"
-        f"sys.path.insert(0, {tests!r})\n"
-        "import jax\n"
-        "import meshwright as mw\n"
-        "from meshwright.cli import main\n"
-        "from zoo import fused_qkv_transformer\n"
-        "fn, args = fused_qkv_transformer(jax.random.PRNGKey(0))\n"
-        "shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)\n"
-        "step = mw.shard(fn, mesh=mw.make_mesh({'x': 4, 'y': 4, 'z': 4}), hardware='tpu-v4',\n"
-        f"                force=dict({FUSED_FORCE!r}, mesh=(4, 4, 4)))\n"
-        "program = step.export(*shapes, platforms='tpu')\n"
-        f"program.save({str(tmp)!r} + '/fused.mwx')\n"
-        "print(json.dumps(program.collectives()))\n"
-        "assert main(['export', 'palm-tiny', '--weights', 'int8', '--platform', 'tpu',\n"
-        "             '--mesh', '4x4x4', '--batch', '64', '--json',\n"
-        f"             '--out', {str(tmp)!r} + '/int8.mwx']) == 0\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fused_counted, cli = out.stdout.strip().split("\n", 1)
-    return tmp, json.loads(fused_counted), json.loads(cli)
+def exported_converted_64(exported_4x4x4):
+    tmp, parts = exported_4x4x4
+    return tmp, parts["fused"], parts["int8"]
 
 
 def test_fused_qkv_and_int8_export_for_a_4x4x4_tpu_mesh(exported_converted_64):
