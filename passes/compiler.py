@@ -100,6 +100,13 @@ def make_mesh(shape: dict[str, int] | tuple[int, ...], devices=None,
     return JaxMesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def where_nodes(mesh) -> str:
+    """What a node is for a mesh: a process of a job over several, or in one process a block
+    of its devices (the hardware profile's nodes simulated)."""
+    processes = {d.process_index for d in np.asarray(mesh.devices).flat}
+    return "a process" if len(processes) > 1 else "a block of this process's devices"
+
+
 def node_groups(devices) -> list[list]:
     """The devices of each node: one node per process of a multi-process job (in process
     order), else one. Processes must hold equally many of the devices: a ValueError naming
@@ -509,7 +516,7 @@ class ShardedFunction:
         across = ", ".join(f"{a} over {k} nodes" for a, k in zip(AXES, c.slow) if k > 1)
         lines.append(f"lowered with FFN {c.ffn_layout}, attention {c.attention_layout} on mesh "
                      f"{'x'.join(str(c.mesh_shape[a]) for a in AXES)} (x, y, z)"
-                     + (f"; {across} (each node a process)" if across else ""))
+                     + (f"; {across} (each node {where_nodes(c.jax_mesh)})" if across else ""))
         if self.force:
             lines.append(f"forced by the caller: {self.force}")
         converted = c.describe_load_transforms()

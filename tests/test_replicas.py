@@ -80,7 +80,10 @@ def test_replicas_of_a_layout_stretched_over_two_nodes(palm):
     x = c.plan.cross_node
     assert (x.kind, x.replicas, c.jax_mesh.shape["replica"]) == ("stretched", 2, 2)
     assert sum(k > 1 for k in c.slow) == 1  # one axis runs over the replica's 2 nodes
-    assert "forced by the caller: {'cross_node': 'stretched'}" in step.explain(*args)
+    text = step.explain(*args)
+    assert "forced by the caller: {'cross_node': 'stretched'}" in text
+    # nodes simulated as blocks of this process's devices, and said so
+    assert "over 2 nodes (each node a block of this process's devices)" in text
     nodes = nodes_of(c, 2)
     hlo = c.compiled.as_text()
     counted = collective_bytes(hlo, nodes=nodes)
