@@ -193,6 +193,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def _started(info: ProcessInfo, monitor: bool) -> ProcessInfo:
     _state["info"] = info
     if monitor and info.num_processes > 1:
+        # the monitor's threads reach the client through this import: done here, in the
+        # caller's thread, so that they never import while the caller is importing the
+        # same modules (a circular import across threads fails with _DeadlockError)
+        import meshwright.ir.jax_compat  # noqa: F401
         _state["monitor"] = Monitor(info)
         _state["monitor"].start()
         # a process that ends without shutdown() has still exited normally: say so before
