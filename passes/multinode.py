@@ -369,8 +369,11 @@ class Pipeline(Crossing):
                 best = CrossNodeCost(
                     kind=self.kind, split=ctx.split, replicas=replicas, stages=stages,
                     microbatches=m, layers_per_stage=stage_cfg.n_layers, layout=c,
-                    step_s=step, compute_s=m * c.compute_s, weight_load_s=m * c.weight_load_s,
-                    kv_load_s=m * c.kv_load_s, comm_s=m * c.comm_s + slow,
+                    # a stage works every iteration (on a clamped microbatch while the
+                    # pipe fills and drains): its time is the loop's, not the M useful ones
+                    step_s=step, compute_s=iterations * c.compute_s,
+                    weight_load_s=iterations * c.weight_load_s,
+                    kv_load_s=iterations * c.kv_load_s, comm_s=iterations * c.comm_s + slow,
                     slow_network_s=slow, bubble_s=(stages - 1) * (t + hop),
                     overhead_s=c.overhead_s,
                     # every stage but the last sends its activations each hop, and one
