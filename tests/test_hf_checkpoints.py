@@ -479,7 +479,7 @@ def test_engine_and_bench_serve_take_a_checkpoint(zoo, tmp_path, capsys):
     assert result.tokens == ours[0].tolist()
     assert result.text == tok.decode(ours[0].tolist())
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        Engine(m.config, m.params, max_slots=1, max_len=32, progress=False).generate(["hi"])
+        Engine(m.config, m.params, max_slots=1, max_len=32, warmup=False).generate(["hi"])
     assert main(["bench", "serve", "--checkpoint", str(directory), "--requests", "4",
                  "--out-len", "2", "4", "--prompt-len", "2", "4", "--max-slots", "2",
                  "--max-len", "32", "--no-progress", "--json"]) == 0
