@@ -97,9 +97,11 @@ _ENGINES: dict = {}
 
 
 def _engine(model, params) -> Engine:
-    """One compiled engine per model, shared by the tests (compiling is most of their time)."""
+    """One engine per model, shared by the tests (compiling is most of their time); each
+    bucket compiled when first used: these requests use some only (no prompt fills a
+    prefill of 32)."""
     if model.name not in _ENGINES:
-        _ENGINES[model.name] = Engine(model, params, **BUCKETS)
+        _ENGINES[model.name] = Engine(model, params, **BUCKETS, warmup=False)
     return _ENGINES[model.name]
 
 
