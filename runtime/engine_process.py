@@ -27,8 +27,9 @@ results go out as ONE message, so the server's event loop wakes once per engine 
 produced something for it (the step times for its histogram ride along, or go every
 `STEP_TIMES_BATCH` steps: an engine running only whole answers does not wake it). The
 engine process exits when told to stop or when the pipe closes (the server died). Once every
-bucket is compiled (on every core), it pins all its threads to the CPUs the server chose for it
-(`ServeOptions.cpus`, `--engine-cpus`) and says where in `EngineFacts.cpus`.
+bucket is compiled (on every core), it pins all its threads to the CPUs the server chose for it,
+if any (`ServeOptions.cpus`, `--engine-cpus CPUS`; by default it keeps every CPU), and says
+where in `EngineFacts.cpus`.
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP

@@ -15,9 +15,10 @@ iteration, one message with the tokens and results it produced. The HTTP handler
 uvicorn's asyncio loop in the server process; the pipe from the engine is one more thing that
 loop watches, and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
-hold back the engine's next step (both need the interpreter's lock). Once compiled, they are
-pinned to cores of their own (`--engine-cpus`, `cpu_split`): unpinned, the loop and the
-clients, woken at every step, keep moving the engine between cores, each move a cold cache.
+hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
+process keeps to one core and the engine to every core by default (`--engine-cpus`,
+`cpu_split`): the loop, woken at every step, stays off the cores the step runs on, and XLA
+keeps all of them for the step.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -806,18 +807,19 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     """Where the engine process and the HTTP process run once the server is ready: (the
     engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
 
-    `auto`: the HTTP process on the last CPU this process may use, the engine on the others
-    (with fewer than two, or where processes cannot be pinned, neither is pinned). `off`:
+    `auto`: the HTTP process on the last CPU this process may use, the engine unpinned (with
+    fewer than two CPUs, or where processes cannot be pinned, neither is pinned): the event
+    loop, woken at every step, then stays off the cores the engine's step runs on, while the
+    engine's own threads (XLA's, for a model whose step computes) keep every core. `off`:
     neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
-    Pinned, the engine keeps its core's caches warm: otherwise the event loop and the
-    clients, woken at every step, keep pushing it from one core to the other."""
+    Unpinned, the event loop and the clients keep pushing the engine from one core to the
+    other, and its step starts with a cold cache each time."""
     if spec == "off":
         return (), ()
     if spec == "auto":
         if available is None or len(available) < 2:
             return (), ()
-        cpus = sorted(available)
-        return tuple(cpus[:-1]), (cpus[-1],)
+        return (), (max(available),)
     engine = parse_cpus(spec)
     if available is None:
         raise ValueError(f"--engine-cpus {spec}: this platform cannot pin processes to CPUs; "

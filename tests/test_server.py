@@ -148,13 +148,13 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
     assert any(line.startswith("plan: one device") and "decode 1x64 1x128" in line and
                "8x128" in line for line in lines)
     assert [line for line in lines if line.startswith("ready:")] == [lines[-1]]
-    # --engine-cpus auto: once compiled, the engine process keeps to all CPUs but the last,
-    # the HTTP process to the last (every thread of each)
+    # --engine-cpus auto: once compiled, the HTTP process keeps to the last CPU (every
+    # thread of it); the engine process keeps every CPU
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) >= 2:
-        engine_cpus, http_cpus = set(cpus[:-1]), {cpus[-1]}
-        assert (f"cpus: the engine process on {server.cpu_text(engine_cpus)}, the HTTP "
-                f"process on {cpus[-1]} (--engine-cpus auto; off: not pinned)") in lines
+        engine_cpus, http_cpus = set(cpus), {cpus[-1]}
+        assert (f"cpus: the engine process on any, the HTTP process on {cpus[-1]} "
+                "(--engine-cpus auto; off: not pinned)") in lines
         pid = main.proc.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         (engine,) = [int(c) for c in children
@@ -583,8 +583,8 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
 
 
 def test_engine_cpus_split_the_cores_between_the_two_processes():
-    assert server.cpu_split("auto", {0, 1}) == ((0,), (1,))
-    assert server.cpu_split("auto", {2, 5, 7}) == ((2, 5), (7,))
+    assert server.cpu_split("auto", {0, 1}) == ((), (1,))  # the engine: every CPU
+    assert server.cpu_split("auto", {2, 5, 7}) == ((), (7,))
     assert server.cpu_split("auto", {3}) == ((), ())  # one CPU: nothing to split
     assert server.cpu_split("auto", None) == ((), ())  # no CPU affinity on this platform
     assert server.cpu_split("off", {0, 1, 2, 3}) == ((), ())
