@@ -109,13 +109,14 @@ def _scaled(shape, dim: int | None, r: int) -> tuple:
     return tuple(s * r if d == dim else s for d, s in enumerate(shape))
 
 
-def replica_arguments(g, args: tuple, kwargs: dict, r: int):
-    """The arguments of one replica as abstract values (jax.ShapeDtypeStruct): every
-    dimension carrying the batch (in `g`, the function traced at the whole batch) R times
-    smaller. A ValueError naming the sizes when the batch does not split R ways."""
+def replica_arguments(g, args: tuple, kwargs: dict, r: int, pieces: str = "replicas"):
+    """The arguments of one replica (or one of `r` `pieces` of the batch: a pipeline's
+    microbatches) as abstract values (jax.ShapeDtypeStruct): every dimension carrying the
+    batch (in `g`, the function traced at the whole batch) r times smaller. A ValueError
+    naming the sizes when the batch does not split r ways."""
     flat, tree = jax.tree_util.tree_flatten((args, kwargs))
     if len(flat) != len(g.inputs):
-        raise ValueError(f"replicas: the traced function has {len(g.inputs)} inputs, the "
+        raise ValueError(f"{pieces}: the traced function has {len(g.inputs)} inputs, the "
                          f"call {len(flat)} arguments")
     out = []
     for i, (x, v) in enumerate(zip(flat, g.inputs)):
@@ -124,8 +125,8 @@ def replica_arguments(g, args: tuple, kwargs: dict, r: int):
         if d is not None:
             if shape[d] % r:
                 name = v.producer.params.get("path") or f"argument {i}"
-                raise ValueError(f"replicas: {name} has batch {shape[d]} (dimension {d}), "
-                                 f"which does not split over {r} replicas")
+                raise ValueError(f"{pieces}: {name} has batch {shape[d]} (dimension {d}), "
+                                 f"which does not split into {r} {pieces}")
             shape = tuple(s // r if k == d else s for k, s in enumerate(shape))
         dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
         out.append(jax.ShapeDtypeStruct(shape, dtype))

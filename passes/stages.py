@@ -50,7 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import Mesh as JaxMesh
-from meshwright.passes.replicas import AXES, REPLICA_AXIS, _with_replica, batch_dim, node_devices
+from meshwright.passes.replicas import (
+    AXES,
+    REPLICA_AXIS,
+    _scaled,
+    _with_replica,
+    batch_dim,
+    node_devices,
+    replica_arguments,
+)
 from meshwright.passes.sharding import Spec
 
 STAGE_AXIS = "stage"
@@ -134,30 +142,6 @@ def _on_stage(spec: Spec) -> Spec:
     dims = list(spec.dims)
     dims[0] = (STAGE_AXIS, *dims[0])
     return spec.with_dims(dims)
-
-
-def _scaled(shape, dim: int | None, m: int) -> tuple:
-    return tuple(s * m if d == dim else s for d, s in enumerate(shape))
-
-
-def microbatch_arguments(g, args: tuple, kwargs: dict, m: int):
-    """The arguments of one microbatch as abstract values: every dimension carrying the batch
-    (in `g`, the function traced at the whole batch) `m` times smaller; a ValueError naming
-    the argument when its batch does not split."""
-    flat, tree = jax.tree_util.tree_flatten((args, kwargs))
-    out = []
-    for i, (x, v) in enumerate(zip(flat, g.inputs)):
-        d = batch_dim(v)
-        shape = tuple(np.shape(x))
-        if d is not None:
-            if shape[d] % m:
-                raise ValueError(f"pipeline: {v.producer.params.get('path', i)} has batch "
-                                 f"{shape[d]} (dimension {d}), which does not split into {m} "
-                                 "microbatches")
-            shape = shape[:d] + (shape[d] // m,) + shape[d + 1:]
-        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-        out.append(jax.ShapeDtypeStruct(shape, dtype))
-    return jax.tree_util.tree_unflatten(tree, out)
 
 
 def _rows(x, dim: int, start, size: int):
@@ -345,7 +329,7 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                                    "mesh": shape},
                             collective_einsum=sf.collective_einsum,
                             donate_argnums=sf.donate_argnums, strict=sf.strict)
-    m_args, m_kwargs = microbatch_arguments(g, args, kwargs, R * M)
+    m_args, m_kwargs = replica_arguments(g, args, kwargs, R * M, "microbatches")
     c = inner._compile(m_args, m_kwargs, printer)
     ig = c.graph
     why = lowerable(ig, S, roles=False)
@@ -409,5 +393,5 @@ def g_batch(g, m: int) -> int:
     return 0
 
 
-__all__ = ["STAGE_AXIS", "compile_stages", "lowerable", "microbatch_arguments", "stage_mesh",
+__all__ = ["STAGE_AXIS", "compile_stages", "lowerable", "stage_mesh",
            "stage_meshes"]
