@@ -159,26 +159,13 @@ def compile_replicas(sf, plan, g, args: tuple, kwargs: dict, printer=None):
 
     `sf` is the ShardedFunction, `g` the function traced at the whole batch (after the
     analyses: its inputs carry their roles)."""
-    from meshwright.passes.compiler import Compiled, ShardedFunction
-
     r = replicas_of(plan)
     if r < 2 or sf.force.get("mesh") is not None or plan.cross_node.kind == "pipeline":
         return None  # (replicas of a pipeline: passes/stages.py)
     meshes = replica_meshes(sf.devices, plan)
-    here = jax.process_index()
-    local = next((m for m in meshes if any(d.process_index == here
-                                           for d in m.devices.flat)), meshes[0])
     best = plan.best
-    shape = {a: int(local.shape[a]) for a in AXES}
     # one replica: the function at its share of the batch, with the planned layout pinned
-    inner = ShardedFunction(sf.fn, mesh=local, phase=sf.phase, hardware=sf.hardware,
-                            weights=sf.weights, passes=sf.passes,
-                            force={"ffn": best.ffn_layout, "attention": best.attention_layout,
-                                   "mesh": shape},
-                            collective_einsum=sf.collective_einsum,
-                            donate_argnums=sf.donate_argnums, strict=sf.strict)
-    r_args, r_kwargs = replica_arguments(g, args, kwargs, r)
-    c = inner._compile(r_args, r_kwargs, printer)
+    shape, c = compile_share(sf, plan, meshes, g, args, kwargs, r, "replicas", printer)
     ig = c.graph
     in_dims = [batch_dim(v) for v in ig.inputs]
     out_dims = [batch_dim(v) for v in ig.outputs]
@@ -189,24 +176,9 @@ def compile_replicas(sf, plan, g, args: tuple, kwargs: dict, printer=None):
                 f"{list(one.shape)} with the batch {r} times larger (every output must carry "
                 f"the batch); pin one layout over all the devices with force={{'ffn': ..., "
                 f"'attention': ..., 'mesh': ...}}")
-    mesh = replica_mesh(meshes)
     in_specs = [_with_replica(s, d) for s, d in zip(c.in_specs, in_dims)]
     out_specs = [_with_replica(s, d) for s, d in zip(c.out_specs, out_dims)]
     per_device, emitter, result = emit(ig, shape)
-    program = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=tuple(s.partition_spec() for s in in_specs),
-                            out_specs=[s.partition_spec() for s in out_specs], check_vma=False)
-    donated = sf._donated(args, kwargs, c.load_transforms, len(in_specs))
-    jitted = jax.jit(program, donate_argnums=donated)
-    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, r), v.dtype,
-                                    sharding=NamedSharding(mesh, s.partition_spec()))
-               for v, d, s in zip(ig.inputs, in_dims, in_specs)]
-    import time
-
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*structs)
-    timings = {f"replica {k}": t for k, t in c.timings.items()}
-    timings["lower"] = time.perf_counter() - t0
     per = plan.nodes // r
     plan.notes.append(
         f"lowered as {r} replicas on a (replica, x, y, z) mesh: the batch split {r} ways "
@@ -214,11 +186,61 @@ def compile_replicas(sf, plan, g, args: tuple, kwargs: dict, printer=None):
         f"{plan.split.chips_per_node} devices each, the weights copied to every replica; "
         f"each replica runs FFN {best.ffn_layout}, attention {best.attention_layout} on "
         f"{'x'.join(str(shape[a]) for a in AXES)}")
-    return Compiled(graph=ig, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
-                    attention_layout=c.attention_layout,
-                    mesh_shape={REPLICA_AXIS: r, **shape}, jax_mesh=mesh,
-                    in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
-                    records=list(emitter.records),
+    return assemble(sf, plan, c, args, kwargs, per_device, emitter, result,
+                    replica_mesh(meshes), {REPLICA_AXIS: r, **shape}, in_specs, out_specs,
+                    in_dims, r, "replica")
+
+
+def compile_share(sf, plan, meshes: list[JaxMesh], g, args: tuple, kwargs: dict, n: int,
+                  pieces: str, printer=None):
+    """The function compiled at one of `n` shares of the batch (`pieces`: a replica's, a
+    pipeline's microbatches) on this process's node mesh among `meshes`, the planned layout
+    pinned: (the node's x, y, z sizes, its Compiled record)."""
+    from meshwright.passes.compiler import ShardedFunction
+
+    here = jax.process_index()
+    local = next((m for m in meshes if any(d.process_index == here
+                                           for d in m.devices.flat)), meshes[0])
+    best = plan.best
+    shape = {a: int(local.shape[a]) for a in AXES}
+    inner = ShardedFunction(sf.fn, mesh=local, phase=sf.phase, hardware=sf.hardware,
+                            weights=sf.weights, passes=sf.passes,
+                            force={"ffn": best.ffn_layout, "attention": best.attention_layout,
+                                   "mesh": shape},
+                            collective_einsum=sf.collective_einsum,
+                            donate_argnums=sf.donate_argnums, strict=sf.strict)
+    s_args, s_kwargs = replica_arguments(g, args, kwargs, n, pieces)
+    return shape, inner._compile(s_args, s_kwargs, printer)
+
+
+def assemble(sf, plan, c, args: tuple, kwargs: dict, per_device, emitter, result,
+             mesh: JaxMesh, mesh_shape: dict, in_specs: list, out_specs: list,
+             in_dims: list, n: int, what: str):
+    """The Compiled record of a program over node groups (replicas, pipeline stages): the
+    per-device function `per_device` on `mesh` with these specs, jitted (donating as `sf`
+    does) and lowered at the whole batch (`n` shares of `c`'s, along `in_dims`); `c` the
+    share's own compilation, whose timings are kept under `what`."""
+    import time
+
+    from meshwright.passes.compiler import Compiled
+
+    program = jax.shard_map(per_device, mesh=mesh,
+                            in_specs=tuple(s.partition_spec() for s in in_specs),
+                            out_specs=[s.partition_spec() for s in out_specs], check_vma=False)
+    donated = sf._donated(args, kwargs, c.load_transforms, len(in_specs))
+    jitted = jax.jit(program, donate_argnums=donated)
+    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, n), v.dtype,
+                                    sharding=NamedSharding(mesh, s.partition_spec()))
+               for v, d, s in zip(c.graph.inputs, in_dims, in_specs)]
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*structs)
+    timings = {f"{what} {k}": t for k, t in c.timings.items()}
+    timings["lower"] = time.perf_counter() - t0
+    best = plan.best
+    return Compiled(graph=c.graph, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
+                    attention_layout=c.attention_layout, mesh_shape=mesh_shape,
+                    jax_mesh=mesh, in_specs=in_specs, out_specs=out_specs, jitted=jitted,
+                    lowered=lowered, records=list(emitter.records),
                     fallbacks=list(c.fallbacks) + [f for f in result.fallbacks
                                                    if f not in c.fallbacks],
                     predicted=best, timings=timings, load_transforms=c.load_transforms,

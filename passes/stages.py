@@ -43,21 +43,19 @@ runs the best way across nodes that does lower, and says so in the plan's notes.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import Mesh as JaxMesh
 from meshwright.passes.replicas import (
     AXES,
     REPLICA_AXIS,
-    _scaled,
     _with_replica,
+    assemble,
     batch_dim,
+    compile_share,
     node_devices,
-    replica_arguments,
 )
 from meshwright.passes.sharding import Spec
 
@@ -303,8 +301,6 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
 
     `sf` is the ShardedFunction, `g` the function traced at the whole batch (after the
     analyses: its inputs carry their roles)."""
-    from meshwright.passes.compiler import Compiled, ShardedFunction
-
     x = getattr(plan, "cross_node", None)
     if x is None or x.kind != "pipeline" or sf.force.get("mesh") is not None:
         if sf.force.get("microbatches") is not None:
@@ -317,20 +313,9 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
         raise ValueError(f"{x.label}: {why}")
     S, M, R = x.stages, x.microbatches, x.replicas
     meshes = stage_meshes(sf.devices, plan)
-    here = jax.process_index()
-    local = next((m for row in meshes for m in row if any(d.process_index == here
-                                                          for d in m.devices.flat)),
-                 meshes[0][0])
     best = plan.best
-    shape = {a: int(local.shape[a]) for a in AXES}
-    inner = ShardedFunction(sf.fn, mesh=local, phase=sf.phase, hardware=sf.hardware,
-                            weights=sf.weights, passes=sf.passes,
-                            force={"ffn": best.ffn_layout, "attention": best.attention_layout,
-                                   "mesh": shape},
-                            collective_einsum=sf.collective_einsum,
-                            donate_argnums=sf.donate_argnums, strict=sf.strict)
-    m_args, m_kwargs = replica_arguments(g, args, kwargs, R * M, "microbatches")
-    c = inner._compile(m_args, m_kwargs, printer)
+    shape, c = compile_share(sf, plan, [m for row in meshes for m in row], g, args, kwargs,
+                             R * M, "microbatches", printer)
     ig = c.graph
     why = lowerable(ig, S, roles=False)
     if why is not None:
@@ -346,19 +331,6 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
     if R > 1:  # the batch split between the replicas first (outermost), as replicas do
         in_specs = [_with_replica(s, d) for s, d in zip(in_specs, in_dims)]
         out_specs = [_with_replica(s, d) for s, d in zip(out_specs, out_dims)]
-    mesh = stage_mesh(meshes)
-    program = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=tuple(s.partition_spec() for s in in_specs),
-                            out_specs=[s.partition_spec() for s in out_specs], check_vma=False)
-    donated = sf._donated(args, kwargs, c.load_transforms, len(in_specs))
-    jitted = jax.jit(program, donate_argnums=donated)
-    structs = [jax.ShapeDtypeStruct(_scaled(v.shape, d, R * M), v.dtype,
-                                    sharding=NamedSharding(mesh, s.partition_spec()))
-               for v, d, s in zip(ig.inputs, in_dims, in_specs)]
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*structs)
-    timings = {f"stage {k}": t for k, t in c.timings.items()}
-    timings["lower"] = time.perf_counter() - t0
     where = (f"{R} replicas of {S} pipeline stages on a (replica, stage, x, y, z) mesh (the "
              f"batch split {R} ways over the replica axis; replica r's stage s on node "
              f"{S}r+s)" if R > 1 else
@@ -371,17 +343,9 @@ def compile_stages(sf, plan, g, args: tuple, kwargs: dict, printer=None):
         f"{M + S - 1} iterations, each but the first receiving the activations the stage "
         f"before computed; each stage runs FFN {best.ffn_layout}, "
         f"attention {best.attention_layout} on {'x'.join(str(shape[a]) for a in AXES)}")
-    return Compiled(graph=ig, config=c.config, plan=plan, ffn_layout=c.ffn_layout,
-                    attention_layout=c.attention_layout,
-                    mesh_shape={**({REPLICA_AXIS: R} if R > 1 else {}), STAGE_AXIS: S,
-                                **shape}, jax_mesh=mesh,
-                    in_specs=in_specs, out_specs=out_specs, jitted=jitted, lowered=lowered,
-                    records=list(emitter.records),
-                    fallbacks=list(c.fallbacks) + [f for f in result.fallbacks
-                                                   if f not in c.fallbacks],
-                    predicted=best, timings=timings, load_transforms=c.load_transforms,
-                    slow=tuple(best.mesh.slow), arguments=c.arguments,
-                    in_shapes=tuple(x.shape for x in structs))
+    mesh_shape = {**({REPLICA_AXIS: R} if R > 1 else {}), STAGE_AXIS: S, **shape}
+    return assemble(sf, plan, c, args, kwargs, per_device, emitter, result, stage_mesh(meshes),
+                    mesh_shape, in_specs, out_specs, in_dims, R * M, "stage")
 
 
 def g_batch(g, m: int) -> int:
