@@ -6,14 +6,16 @@
 
 One workload: Poisson arrivals at each rate, prompts from the bundled model's held-out text
 (sent as token ids, so both sides run the same tokens), output lengths uniform in
-[--out-len], greedy, run to their length. Five ways to serve it, alternated (each repeat runs
-all five, in a rotated order) so that the machine's other load hits them alike:
+[--out-len], greedy, run to their length. Six ways to serve it, alternated (each repeat runs
+all of them, in a rotated order) so that the machine's other load hits them alike:
 
 - in-process: `Engine.serve(workload, clock="wall")` on an engine built like the server's
-  (`bench.make_engine`, the bundled model, the same slots and max_len);
+  (`bench.make_engine`, the bundled model, the same slots and max_len), on every CPU;
+- in-process-pinned: the same on the CPUs the server put its engine process on (when
+  `--engine-cpus auto` pinned it: `engine_process.choose_cpus`; else this way is left out);
 - http-stream: `meshwright serve` in a subprocess, each request streamed (a chunk per
-  engine step), sent at its arrival time from asyncio by a bare HTTP/1.1 client (`_one`:
-  one connection per request, the body read as it arrives and parsed at its end); TTFT is
+  engine step), sent at its arrival time by a bare HTTP/1.1 client on uvloop (`_Exchange`:
+  one connection per request, the body kept as it arrives and parsed at its end); TTFT is
   the first streamed chunk (for a completion: the first token), latency the stream's end;
 - http-stream-20ms: the same with a second server started with `--stream-interval 20` (a
   stream sends at most one chunk per 20 ms);
@@ -21,21 +23,29 @@ all five, in a rotated order) so that the machine's other load hits them alike:
 - http-stream-unpinned: as http-stream, from a third server started with `--engine-cpus off`
   (the engine and HTTP processes not pinned to cores of their own: what pinning buys).
 
+The load generator runs on the CPUs of the server's HTTP process while it drives that server
+(unpinned against the unpinned server): clients on other machines would leave the engine's
+cores alone, and on one machine that is the nearest stand-in; its CPU time is charged to the
+HTTP side's core.
+
 Each reports throughput (generated tokens / first arrival to last token), p50/p99 latency,
 p50/p99 time to first token, and CPU time per generated token: of this process for
 in-process; for HTTP of the server's two processes together, of the HTTP process's event-loop
 thread alone (server-loop: the HTTP work), of the engine process (its loop and XLA's threads),
-and of the load generator (on two cores the client's CPU is taken from the server). The table gives medians over repeats and HTTP's
-throughput overhead, 1 - http / in-process. Writes benchmarks/results/http_load.json.
+and of the load generator (on two cores the client's CPU is taken from the server). The table
+gives medians over repeats, and each way's throughput against in-process: the median over
+repeats of http / in-process - 1 within the repeat. Writes benchmarks/results/http_load.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -81,12 +91,13 @@ def summary(tokens: int, span: float, latency: list[float], ttft: list[float] | 
 # In-process
 
 
-def run_in_process(engine, load) -> dict:
+def run_in_process(engine, load, cpus: list[int] | None = None) -> dict:
     from meshwright.runtime.request import Request
 
     arrivals = [(t, Request(prompt=tuple(p), max_tokens=n)) for t, p, n in load]
     cpu = own_cpu_seconds()
-    report = engine.serve(arrivals, clock="wall")
+    with pinned(cpus):
+        report = engine.serve(arrivals, clock="wall")
     cpu = own_cpu_seconds() - cpu
     results = report.results
     assert all(r.ok and len(r.tokens) == n for r, (_, _, n) in zip(results, load))
@@ -114,6 +125,8 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.address, self.lines = None, []
+        self.engine_cpus: list[int] | None = None  # where the server runs its engine process
+        self.http_cpus: list[int] | None = None  # and its HTTP process (None: not pinned)
         ready = threading.Event()
 
         def read():
@@ -121,6 +134,8 @@ class ServerProcess:
                 self.lines.append(line.rstrip())
                 if "listening on " in line:
                     self.address = line.split("listening on ")[1].split()[0]
+                if line.startswith("cpus: "):
+                    self.engine_cpus, self.http_cpus = cpus_of(line)
                 if line.startswith("ready:"):
                     ready.set()
             ready.set()
@@ -147,47 +162,104 @@ class ServerProcess:
         self.proc.wait(60)
 
 
+class _Exchange(asyncio.Protocol):
+    """One request on its own connection, read by callbacks as the bytes arrive: the body is
+    kept as it comes and parsed once at its end. On two cores the load generator's CPU time is
+    taken from the server, so it does the least it can per streamed chunk: no stream reader, no
+    per-event parsing (a client library spends several times more per chunk)."""
+
+    def __init__(self, request: bytes, stream: bool, done: asyncio.Future) -> None:
+        self.request, self.stream, self.done = request, stream, done
+        self.parts: list[bytes] = []
+        self.tail = b""
+        self.first: float | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.parts.append(data)
+        if self.first is None:  # the first bytes of the body (for a stream: its first chunk)
+            whole = b"".join(self.parts)
+            head = whole.find(b"\r\n\r\n")
+            if head >= 0 and len(whole) > head + 4:
+                self.first = time.perf_counter()
+        if self.stream:
+            self.tail = self.tail[-8:] + data[-8:]
+            if self.tail.endswith(b"\r\n0\r\n\r\n"):  # chunked encoding's last, empty chunk
+                self._end()
+
+    def connection_lost(self, exc) -> None:  # a whole answer ends with the connection
+        if self.stream:
+            if not self.done.done():
+                self.done.set_exception(RuntimeError(
+                    "the server closed the stream before its end"))
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(time.perf_counter())
+        self.transport.close()
+
+
+def cpus_of(line: str) -> tuple[list[int] | None, list[int] | None]:
+    """The server's start-up line `cpus: the engine process on 0 (...), the HTTP process on 1
+    (...)` -> ([0], [1]); `any` or `cpus: not pinned` -> None."""
+    from meshwright.runtime.server import parse_cpus
+
+    def where(process: str) -> list[int] | None:
+        match = re.search(rf"the {process} process on ([0-9,-]+|any)", line)
+        return sorted(parse_cpus(match.group(1))) if match and match.group(1) != "any" else None
+
+    return where("engine"), where("HTTP")
+
+
+@contextlib.contextmanager
+def pinned(cpus: list[int] | None):
+    """Every thread of this process on `cpus` meanwhile (None: where it is)."""
+    from meshwright.runtime.engine_process import pin_process
+
+    before = sorted(os.sched_getaffinity(0))
+    if cpus:
+        pin_process(cpus)
+    try:
+        yield
+    finally:
+        if cpus:
+            pin_process(before)
+
+
 async def _one(host: str, port: int, t0: float, arrival: float, prompt: list[int],
                max_tokens: int, stream: bool) -> tuple[float, float | None, float, int]:
     """One completion over its own connection, at its arrival time: (sent, first chunk of a
-    stream, its end, completion tokens). A bare HTTP/1.1 client on asyncio streams: on two
-    cores the load generator's own CPU time slows the server, and a full client library
-    spends several times more per streamed chunk."""
+    stream, its end, completion tokens)."""
     await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
     body = json.dumps({"model": SERVED_AS, "prompt": prompt, "max_tokens": max_tokens,
                        "temperature": 0, "stream": stream}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+               b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+               % (host.encode(), len(body), body))
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
     sent = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
-                 b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                 % (host.encode(), len(body), body))
-    head = await reader.readuntil(b"\r\n\r\n")
+    _, exchange = await loop.create_connection(
+        lambda: _Exchange(request, stream, ended), host, port)
+    done = await ended
+    data = b"".join(exchange.parts)
+    head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"{head.decode()}{(await reader.read()).decode()}")
+        raise RuntimeError(data.decode(errors="replace"))
     if not stream:
-        answer = json.loads(await reader.read())
-        writer.close()
-        return sent, None, time.perf_counter(), answer["usage"]["completion_tokens"]
-    # The body as it comes, parsed once at the end: the load generator reads each arrival
-    # once (one read per chunk or batch of chunks), not event by event.
-    first, parts, tail = None, [], b""
-    while not tail.endswith(b"\r\n0\r\n\r\n"):  # chunked encoding's last, empty chunk
-        data = await reader.read(1 << 16)
-        if not data:
-            raise RuntimeError("the server closed the stream before its end")
-        if first is None:
-            first = time.perf_counter()
-        parts.append(data)
-        tail = tail[-8:] + data[-8:]
-    done = time.perf_counter()
-    writer.close()
-    body = b"".join(parts)
+        return sent, None, done, json.loads(body)["usage"]["completion_tokens"]
     if not body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
         raise RuntimeError(f"the stream did not end with [DONE]: {body[-200:]!r}")
     start = body.rindex(b"data: {")  # the final chunk, with usage
     tokens = json.loads(body[start + 6:body.index(b"\n\n", start)])["usage"][
         "completion_tokens"]
-    return sent, first, done, tokens
+    return sent, exchange.first, done, tokens
 
 
 async def _drive(address: str, load, stream: bool) -> list[tuple]:
@@ -199,7 +271,8 @@ async def _drive(address: str, load, stream: bool) -> list[tuple]:
 
 def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
     before, client_cpu = server.cpu_seconds(), own_cpu_seconds()
-    out = asyncio.run(_drive(server.address, load, stream))
+    with pinned(server.http_cpus):  # off the engine's cores, as clients elsewhere would be
+        out = run_loop(_drive(server.address, load, stream))
     server_cpu, loop_cpu, engine_cpu = (b - a for a, b in zip(before, server.cpu_seconds()))
     client_cpu = own_cpu_seconds() - client_cpu
     assert all(tokens == n for (*_, tokens), (_, _, n) in zip(out, load))
@@ -212,6 +285,17 @@ def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
                              "engine": engine_cpu / tokens * 1e6,
                              "client": client_cpu / tokens * 1e6}
     return m
+
+
+def run_loop(main):
+    """asyncio.run on uvloop where it is installed (the server's loop too): less CPU per
+    chunk for the load generator."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def own_cpu_seconds() -> float:
@@ -236,7 +320,8 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-MODES = ("in_process", "http_stream", "http_stream_20ms", "http_whole", "http_stream_unpinned")
+MODES = ("in_process", "in_process_pinned", "http_stream", "http_stream_20ms", "http_whole",
+         "http_stream_unpinned")
 
 
 def table(rows: list[dict]) -> str:
@@ -247,14 +332,14 @@ def table(rows: list[dict]) -> str:
             f"{'p99 ms':>8}{'TTFT p50':>9}{'TTFT p99':>9}  CPU us/token")
     lines = [head, "-" * (len(head) + 18)]
     for row in rows:
-        base = row["in_process"]["throughput_tokens_per_s"]
-        for mode in MODES:
+        for mode in (m for m in MODES if m in row):
             m = row[mode]
             tps = m["throughput_tokens_per_s"]
             cpu = ", ".join(f"{k.replace('_', '-')} {v:.0f}"
                             for k, v in m["cpu_us_per_token"].items())
+            vs = row["throughput_overhead"].get(mode)
             lines.append(f"{row['rate']:>6g}  {mode.replace('_', '-'):<22}{tps:>7.0f}"
-                         f"{'' if mode == 'in_process' else f'{tps / base - 1:+.1%}':>11}"
+                         f"{'' if vs is None else f'{-vs:+.1%}':>11}"
                          f"{ms(m['latency_s']['p50']):>8}{ms(m['latency_s']['p99']):>8}"
                          f"{ms(m['ttft_s']['p50']):>9}{ms(m['ttft_s']['p99']):>9}  {cpu}")
     return "\n".join(lines)
@@ -293,34 +378,44 @@ def main() -> None:
         engine = bench.make_engine(args.model, max_slots=args.max_slots, max_len=args.max_len,
                                    overrides=args.set, progress=False)
         run = {"in_process": lambda load: run_in_process(engine, load),
+               "in_process_pinned": lambda load: run_in_process(engine, load,
+                                                                servers[0].engine_cpus),
                "http_stream": lambda load: run_http(servers[0], load),
                "http_stream_20ms": lambda load: run_http(servers[1], load),
                "http_whole": lambda load: run_http(servers[0], load, stream=False),
                "http_stream_unpinned": lambda load: run_http(servers[2], load)}
+        # in-process on the server's engine CPUs, when it pinned its engine (else the same as
+        # in-process)
+        modes = [m for m in MODES if m != "in_process_pinned" or servers[0].engine_cpus]
         rows = []
         for rate in rates:
             load = workload(args.requests, rate, tuple(args.out_len), args.max_len, args.seed)
-            for mode in MODES:  # warm every path (the sampler, the sockets)
+            for mode in modes:  # warm every path (the sampler, the sockets)
                 run[mode](load[:8])
-            runs: dict[str, list] = {mode: [] for mode in MODES}
+            runs: dict[str, list] = {mode: [] for mode in modes}
             for r in range(args.repeats):
-                k = r % len(MODES)
-                for mode in MODES[k:] + MODES[:k]:
+                k = r % len(modes)
+                for mode in modes[k:] + modes[:k]:
                     runs[mode].append(run[mode](load))
                     print(f"  rate {rate:g} repeat {r + 1} {mode}: "
                           f"{runs[mode][-1]['throughput_tokens_per_s']:.0f} tok/s",
                           file=sys.stderr, flush=True)
             row = {"rate": rate, **{m: median_of(v) for m, v in runs.items()}}
-            base = row["in_process"]["throughput_tokens_per_s"]
+            # each repeat's ratio to in-process in the same repeat (the ways of a repeat run
+            # back to back), then the median over repeats
             row["throughput_overhead"] = {
-                m: 1 - row[m]["throughput_tokens_per_s"] / base for m in MODES[1:]}
+                m: statistics.median(1 - a["throughput_tokens_per_s"]
+                                     / b["throughput_tokens_per_s"]
+                                     for a, b in zip(runs[m], runs["in_process"]))
+                for m in modes[1:]}
             rows.append(row)
     finally:
         for server in servers:
             server.stop()
     print(f"{args.model}{''.join(' --set ' + o for o in args.set)}, {args.max_slots} slots, max_len {args.max_len}, {args.requests} requests "
           f"per run, output lengths uniform [{args.out_len[0]}, {args.out_len[1]}], greedy; "
-          f"median of {args.repeats} runs, the {len(MODES)} ways alternated")
+          f"median of {args.repeats} runs, the {len(modes)} ways alternated; vs in-proc: the "
+          f"median over repeats of each repeat's ratio")
     print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at the "
           f"start, {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end "
           f"({os.cpu_count()} cores)")
