@@ -747,11 +747,32 @@ class Engine:
         done, self._done = self._done, []
         return done
 
+    def heaviest_decode_bucket(self) -> Bucket:
+        """The decode bucket with the most rows and, among those, the longest KV window."""
+        return max((b for p, b in self.buckets() if p == "decode"),
+                   key=lambda b: (b.batch, b.length))
+
+    def time_decode_step(self, calls: int = 3, bucket: Bucket | None = None) -> list[float]:
+        """Seconds of each of `calls` runs of a decode step (default the heaviest bucket),
+        greedy sampling included, on zeros: each call takes the cache the previous returned,
+        as serving does. Touches no request and no slot. `meshwright serve --engine-cpus auto`
+        times it on every CPU and on fewer to decide where the engine runs."""
+        bucket = bucket or self.heaviest_decode_bucket()
+        fn = self._step_fn("decode", bucket)
+        params, tokens, cache, positions = _zeros_like(self._example_args("decode", bucket))
+        seconds = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            logits, cache = fn(params, tokens, cache, positions)
+            greedy(logits).block_until_ready()
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+
     # ---- the loop -----------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event,
                     on_step: Callable[[float], None] | None = None,
                     idle_poll_s: float = 0.05,
-                    after_iteration: Callable[[], None] | None = None) -> None:
+                    after_iteration: Callable[[bool], None] | None = None) -> None:
         """Run the loop in this thread until `stop` is set: step while there is work, sleep
         while there is none (a submit or abort wakes it; `stop` is seen within
         `idle_poll_s`). Meanwhile other threads submit, abort and wait on handles (a
@@ -759,8 +780,9 @@ class Engine:
         reach callers through their handles and callbacks only: nothing is kept for
         `run_until_idle`, so a long-running loop holds no finished request.
         `on_step(seconds)` is called after each iteration that ran something, then
-        `after_iteration()` after every iteration (the place to hand over, at once, what
-        the callbacks of its requests collected).
+        `after_iteration(waits)` after every iteration (the place to hand over, at once, what
+        the callbacks of its requests collected; `waits`: the loop now waits for a dynamic
+        batching window, so nothing should be held back).
 
             >>> stop = threading.Event()                                    # doctest: +SKIP
             >>> threading.Thread(target=engine.run_forever, args=(stop,)).start()
@@ -784,7 +806,7 @@ class Engine:
                 if on_step is not None and self.stats.steps != steps:
                     on_step(time.perf_counter() - t0)
                 if after_iteration is not None:
-                    after_iteration()
+                    after_iteration(wait_until is not None)
                 if wait_until is not None:  # dynamic batching's window: a submit may end it
                     with self._lock:
                         self._progress.wait(min(idle_poll_s,

@@ -17,19 +17,25 @@ The protocol, one duplex pipe of pickled tuples:
                        ("failed", exception, ran)            building (ran False) or running failed
                        ("accepted", rid) / ("refused", rid, Result)   the answer to a submit
                        ("step", [seconds, ...], [(rid, token | Result), ...])
-                                                             what one engine iteration produced,
-                                                             and the steps timed since the last
+                                                             what the engine iterations since
+                                                             the last such message produced,
+                                                             and the steps timed meanwhile
                        ("metrics", [lines], [seconds, ...])  the answer to ("metrics",)
 
 In the engine process, a reader thread takes commands (`Engine.submit` and `Engine.abort` are
-thread-safe) while the main thread runs `Engine.run_forever`; each iteration's tokens and
-results go out as ONE message, so the server's event loop wakes once per engine step that
-produced something for it (the step times for its histogram ride along, or go every
-`STEP_TIMES_BATCH` steps: an engine running only whole answers does not wake it). The
-engine process exits when told to stop or when the pipe closes (the server died). Once every
-bucket is compiled (on every core), it pins all its threads to the CPUs the server chose for it,
-if any (`ServeOptions.cpus`, `--engine-cpus CPUS`; by default it keeps every CPU), and says
-where in `EngineFacts.cpus`.
+thread-safe) while the main thread runs `Engine.run_forever`. What the iterations produce goes
+out as ONE message at a time, at most every `HANDOVER_S` (2 ms; `--stream-interval` if
+longer), at once when a request ends or the loop is about to wait: the server's event loop
+wakes once per message. Every message costs the engine tens of microseconds (the pickle, the
+write, and waking the server's process on another core: 30 to 60 us on the 2-core test
+machine), up to a tenth of the bundled model's 0.65 ms step when every step sent one; a step
+longer than `HANDOVER_S` still sends one per step. The step times for the server's histogram
+ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole answers does
+not wake it). The engine process exits when told to stop or when the pipe closes (the server
+died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs the
+server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`, or with `auto` the
+CPUs the HTTP process leaves it if its decode step is as fast there: `choose_cpus`), and says
+where in `EngineFacts.cpus` (and with `auto` what it timed, in `EngineFacts.cpu_choice`).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
@@ -53,6 +59,13 @@ from typing import Any
 
 STOP_TIMEOUT_S = 10.0  # how long `stop` waits for the engine process before killing it
 STEP_TIMES_BATCH = 64  # step times sent at the latest after this many steps
+HANDOVER_S = 0.002  # streamed tokens go to the server at most this often (a Result at once)
+AUTO_PIN_SLOWDOWN = 1.25  # --engine-cpus auto pins the engine if its step is at most this
+#                           slower there (the HTTP process and its clients take part of the other
+#                           cores anyway; on a loaded machine a step that runs as fast on one core
+#                           timed up to 14% slower there, GPT-2 small's 34%)
+AUTO_TIMING_CALLS = 3  # decode steps timed per round (`choose_cpus`)
+AUTO_TIMING_BUDGET_S = 2.0  # how long `choose_cpus` times, beyond its first 3 rounds
 
 
 @dataclass
@@ -72,6 +85,7 @@ class EngineFacts:
     tokenizer: Any = None  # a checkpoint's tokenizer (picklable); None: see tokenizer_kind
     tokenizer_kind: str = "none"  # "bytes" (the bundled model), "checkpoint", "none"
     cpus: list[int] | None = None  # the CPUs the engine process was pinned to (None: not)
+    cpu_choice: dict | None = None  # --engine-cpus auto: the step timings it decided on
 
 
 def engine_facts(engine) -> EngineFacts:
@@ -115,6 +129,37 @@ def pin_process(cpus) -> None:
             os.sched_setaffinity(tid, set(cpus))
 
 
+def choose_cpus(engine, fewer, every=None, budget_s: float = AUTO_TIMING_BUDGET_S) -> dict:
+    """`--engine-cpus auto`: time the engine's heaviest decode step on `every` CPU (default:
+    those this process may use now) and on `fewer` (those the HTTP process leaves it),
+    alternately (rounds of `Engine.time_decode_step`, each after an untimed call that settles
+    the threads where they now run), until `budget_s` is spent (at least 3 rounds); the best
+    time of each (other processes slow some calls: the best is the step's own speed). Stay
+    pinned to `fewer` if the step there is at most `AUTO_PIN_SLOWDOWN` times the step on
+    every CPU: a step that is mostly dispatch (a small model) runs as fast, or faster, on one
+    core, and then the engine keeps clear of the event loop and the clients; a step whose
+    matmuls XLA spreads over every core (a larger model) keeps them all. Returns what it
+    measured (the start-up report's `cpus.timed`)."""
+    every = sorted(os.sched_getaffinity(0) if every is None else every)
+    fewer = sorted(fewer)
+    bucket = engine.heaviest_decode_bucket()
+    times: dict[str, list[float]] = {"every": [], "fewer": []}
+    t0 = time.perf_counter()
+    rounds = 0
+    while rounds < 3 or (time.perf_counter() - t0 < budget_s and rounds < 20):
+        for name, cpus in (("every", every), ("fewer", fewer)):
+            pin_process(cpus)
+            engine.time_decode_step(1, bucket)
+            times[name] += engine.time_decode_step(AUTO_TIMING_CALLS, bucket)
+        rounds += 1
+    every_s, fewer_s = (min(times[k]) for k in ("every", "fewer"))
+    pinned = fewer_s <= AUTO_PIN_SLOWDOWN * every_s
+    pin_process(fewer if pinned else every)
+    return {"pinned": pinned, "fewer": fewer, "bucket": f"{bucket.batch}x{bucket.length}",
+            "every_ms": round(every_s * 1e3, 3), "fewer_ms": round(fewer_s * 1e3, 3),
+            "calls": len(times["every"])}
+
+
 def drain(times: deque) -> list[float]:
     """Take what is in `times` (another thread may append meanwhile)."""
     out = []
@@ -139,7 +184,8 @@ def engine_main(options, conn) -> None:
     ready = threading.Event()
     engine = None
     handles: dict[int, Any] = {}  # rid -> the engine's RequestHandle, while in flight
-    outbox: list[tuple[int, Any]] = []  # what the running iteration produced
+    outbox: list[tuple[int, Any]] = []  # what the iterations since the last hand-over produced
+    ended: list[int] = []  # requests in `outbox` that ended (their Results go at once)
     step_s: deque[float] = deque()  # step times not sent yet (appended by the engine's loop)
 
     def on_token(rid: int) -> Callable[[int, int], None]:
@@ -149,6 +195,7 @@ def engine_main(options, conn) -> None:
         def finished(result) -> None:
             handles.pop(rid, None)
             outbox.append((rid, result))
+            ended.append(rid)
         return finished
 
     def read_commands() -> None:
@@ -202,8 +249,13 @@ def engine_main(options, conn) -> None:
         facts = engine_facts(engine)
         if options.cpus and options.cpus[0]:  # compiled on every core; served on its own
             try:
-                pin_process(options.cpus[0])
-                facts.cpus = sorted(os.sched_getaffinity(0))
+                if options.engine_cpus == "auto":  # its own cores if the step keeps its speed
+                    facts.cpu_choice = choose_cpus(engine, options.cpus[0])
+                    if facts.cpu_choice["pinned"]:
+                        facts.cpus = sorted(os.sched_getaffinity(0))
+                else:
+                    pin_process(options.cpus[0])
+                    facts.cpus = sorted(os.sched_getaffinity(0))
             except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
                 facts.notes.append(f"the engine process is not pinned to CPUs "
                                    f"{list(options.cpus[0])}: {e.strerror}")
@@ -211,11 +263,21 @@ def engine_main(options, conn) -> None:
         send(("ready", facts, time.perf_counter() - t0))
         ran = True
 
-        def flush() -> None:
-            if outbox or len(step_s) >= STEP_TIMES_BATCH:
+        handover_s = max(HANDOVER_S, options.stream_interval_s)
+        last = time.perf_counter()
+
+        def flush(waits: bool = True) -> None:
+            """Hand over what the iterations produced: at once if the loop now waits or a
+            request ended, else once `handover_s` has passed since the last hand-over."""
+            nonlocal last
+            t = time.perf_counter()
+            if (outbox and (waits or ended or t - last >= handover_s)
+                    or len(step_s) >= STEP_TIMES_BATCH):
                 produced = outbox[:]
                 outbox.clear()
+                ended.clear()
                 send(("step", drain(step_s), produced))
+                last = t
 
         engine.run_forever(stop, on_step=step_s.append, after_iteration=flush)
         flush()

@@ -711,7 +711,7 @@ def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
               "buckets": list(facts.buckets), "compile_s": round(seconds, 2),
               "auth": bool(server.options.api_key), "notes": list(facts.notes),
               "cpus": {"engine": facts.cpus, "http": server.http_cpus,
-                       "option": server.options.engine_cpus},
+                       "option": server.options.engine_cpus, "timed": facts.cpu_choice},
               "status": "ready", **facts.layout_info}
     if facts.plan_text is not None:
         report["plan_text"] = facts.plan_text
@@ -725,9 +725,15 @@ def cpus_line(cpus: dict) -> str:
         why = {"off": "--engine-cpus off", "auto": "--engine-cpus auto: fewer than 2 CPUs, or "
                "a platform without CPU affinity"}.get(option, f"--engine-cpus {option}")
         return f"cpus: not pinned ({why})"
-    return (f"cpus: the engine process on {cpu_text(engine) if engine else 'any'}, the HTTP "
-            f"process on {cpu_text(http) if http else 'any'} (--engine-cpus {option}; off: "
-            "not pinned)")
+    timed = cpus.get("timed")
+    why = ""
+    if timed:  # auto: where the engine runs, and the step timings that decided it
+        why = (f" (its heaviest decode step, {timed['bucket']}, takes {timed['fewer_ms']:.3g} "
+               f"ms on CPU {cpu_text(timed['fewer'])}, {timed['every_ms']:.3g} ms on every CPU: "
+               f"best of {timed['calls']})")
+    return (f"cpus: the engine process on {cpu_text(engine) if engine else 'any'}{why}, the "
+            f"HTTP process on {cpu_text(http) if http else 'any'} (--engine-cpus {option}; "
+            "off: not pinned)")
 
 
 def _by_phase(buckets: list[str]) -> dict[str, list[str]]:
@@ -807,19 +813,20 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     """Where the engine process and the HTTP process run once the server is ready: (the
     engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
 
-    `auto`: the HTTP process on the last CPU this process may use, the engine unpinned (with
-    fewer than two CPUs, or where processes cannot be pinned, neither is pinned): the event
-    loop, woken at every step, then stays off the cores the engine's step runs on, while the
-    engine's own threads (XLA's, for a model whose step computes) keep every core. `off`:
-    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
-    Unpinned, the event loop and the clients keep pushing the engine from one core to the
-    other, and its step starts with a cold cache each time."""
+    `auto`: the HTTP process on the last CPU this process may use, the engine on the others
+    if its step is as fast there (the engine process times it: `engine_process.choose_cpus`),
+    else on every CPU (with fewer than two CPUs, or where processes cannot be pinned, neither
+    is pinned): the event loop, woken at every step, then stays off the cores the engine's
+    step runs on, while a step that computes (XLA spreads a larger model's matmuls over the
+    cores) keeps every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP
+    process on the rest (if any). Unpinned, the event loop and the clients keep pushing the
+    engine from one core to the other, and its step starts with a cold cache each time."""
     if spec == "off":
         return (), ()
     if spec == "auto":
         if available is None or len(available) < 2:
             return (), ()
-        return (), (max(available),)
+        return tuple(sorted(available - {max(available)})), (max(available),)
     engine = parse_cpus(spec)
     if available is None:
         raise ValueError(f"--engine-cpus {spec}: this platform cannot pin processes to CPUs; "

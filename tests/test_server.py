@@ -9,8 +9,10 @@ requests next to it cannot change a token without a test failing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,10 +26,10 @@ import openai
 import pytest
 from meshwright.models import build, load_demo_model
 from meshwright.models.demo import ByteTokenizer
+from meshwright.runtime import engine_process, server
 from meshwright.runtime import openai_api as api
-from meshwright.runtime import server
 from meshwright.runtime.demo import burst_prompts
-from meshwright.runtime.engine import Engine
+from meshwright.runtime.engine import Bucket, Engine
 from meshwright.runtime.prometheus import parse as parse_metrics
 
 MAX_LEN = 128
@@ -149,12 +151,22 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
                "8x128" in line for line in lines)
     assert [line for line in lines if line.startswith("ready:")] == [lines[-1]]
     # --engine-cpus auto: once compiled, the HTTP process keeps to the last CPU (every
-    # thread of it); the engine process keeps every CPU
+    # thread of it); the engine process to the others if its step is as fast there (timed),
+    # else it keeps every CPU
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) >= 2:
-        engine_cpus, http_cpus = set(cpus), {cpus[-1]}
-        assert (f"cpus: the engine process on any, the HTTP process on {cpus[-1]} "
-                "(--engine-cpus auto; off: not pinned)") in lines
+        (line,) = [line for line in lines if line.startswith("cpus: ")]
+        timed = re.search(r"its heaviest decode step, 8x128, takes ([0-9.]+) ms on CPU "
+                          rf"{server.cpu_text(cpus[:-1])}, ([0-9.]+) ms on every CPU: best of "
+                          r"\d+\)", line)
+        assert timed, line
+        fewer_ms, every_ms = float(timed.group(1)), float(timed.group(2))
+        pinned = fewer_ms <= engine_process.AUTO_PIN_SLOWDOWN * every_ms
+        engine_cpus, http_cpus = set(cpus[:-1] if pinned else cpus), {cpus[-1]}
+        where = server.cpu_text(cpus[:-1]) if pinned else "any"
+        assert line.startswith(f"cpus: the engine process on {where} (its heaviest")
+        assert line.endswith(f"the HTTP process on {cpus[-1]} (--engine-cpus auto; off: "
+                             "not pinned)")
         pid = main.proc.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         (engine,) = [int(c) for c in children
@@ -283,29 +295,33 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(main, alone):
     assert m.get(key, 0) == before.get(key, 0) + 1
     assert m["meshwright_engine_aborted_total"] == before["meshwright_engine_aborted_total"] + 1
     assert m["meshwright_requests_running"] == 0  # its slot is free ...
+    # ... and reused: eight streams, opened together; once each has its first chunk all
+    # eight run at once (none can have reached its 110th token yet)
     prompts = [f"{i}: the LORD" for i in range(8)]
-    seen, start, stop = [], threading.Barrier(8), threading.Event()
 
-    def one(p):
-        start.wait(30)
-        return client.completions.create(model=MODEL, prompt=p, max_tokens=110,
-                                         temperature=0).choices[0].text
+    async def eight():
+        async with httpx.AsyncClient(base_url=main.address, timeout=120) as http:
+            async def stream(prompt, first):
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 110,
+                        "temperature": 0, "stream": True}
+                text = []
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            text.append(json.loads(line[6:])["choices"][0]["text"])
+                            if not first.done():
+                                first.set_result(None)
+                return "".join(text)
 
-    def watch():
-        while not stop.is_set():
-            seen.append(main.metrics())
+            firsts = [asyncio.get_running_loop().create_future() for _ in prompts]
+            tasks = [asyncio.create_task(stream(p, f)) for p, f in zip(prompts, firsts)]
+            await asyncio.gather(*firsts)
+            running = (await http.get("/metrics")).text
+            return parse_metrics(running)["meshwright_requests_running"], \
+                await asyncio.gather(*tasks)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            texts = list(pool.map(one, prompts))
-    finally:
-        stop.set()
-        watcher.join()
-    # ... and reused: all eight slots ran at once (a request may still be seen waiting
-    # between its arrival and the next iteration, which admits it)
-    assert max(s["meshwright_requests_running"] for s in seen) == 8
+    running, texts = asyncio.run(eight())
+    assert running == 8
     assert texts == [alone(p, 110) for p in prompts]
 
 
@@ -583,8 +599,8 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
 
 
 def test_engine_cpus_split_the_cores_between_the_two_processes():
-    assert server.cpu_split("auto", {0, 1}) == ((), (1,))  # the engine: every CPU
-    assert server.cpu_split("auto", {2, 5, 7}) == ((), (7,))
+    assert server.cpu_split("auto", {0, 1}) == ((0,), (1,))  # the engine: if its step says so
+    assert server.cpu_split("auto", {2, 5, 7}) == ((2, 5), (7,))
     assert server.cpu_split("auto", {3}) == ((), ())  # one CPU: nothing to split
     assert server.cpu_split("auto", None) == ((), ())  # no CPU affinity on this platform
     assert server.cpu_split("off", {0, 1, 2, 3}) == ((), ())
@@ -598,6 +614,37 @@ def test_engine_cpus_split_the_cores_between_the_two_processes():
         with pytest.raises(ValueError, match="expected auto, off or CPU numbers"):
             server.parse_cpus(bad)
     assert server.cpu_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+@pytest.mark.parametrize("fewer_s,every_s,pinned", [
+    (1.0e-3, 1.0e-3, True),  # as fast on fewer CPUs (a step that is mostly dispatch)
+    (1.2e-3, 1.0e-3, True),  # within AUTO_PIN_SLOWDOWN
+    (1.5e-3, 1.0e-3, False),  # XLA uses every CPU: the engine keeps them
+])
+def test_engine_cpus_auto_pins_the_engine_where_its_step_keeps_its_speed(
+        monkeypatch, fewer_s, every_s, pinned):
+    where = []  # the CPUs the engine process is on, as choose_cpus pins it
+
+    class Steps:  # an engine whose decode step takes fewer_s on CPU 0, every_s on 0-1
+        def heaviest_decode_bucket(self):
+            return Bucket(8, 256)
+
+        def time_decode_step(self, calls, bucket):
+            assert bucket == Bucket(8, 256)
+            return [fewer_s if where[-1] == [0] else every_s] * calls
+
+    monkeypatch.setattr(engine_process, "pin_process", lambda cpus: where.append(sorted(cpus)))
+    choice = engine_process.choose_cpus(Steps(), {0}, every={0, 1}, budget_s=0)
+    assert where[-1] == ([0] if pinned else [0, 1])  # where it is left
+    assert where[:-1] == [[0, 1], [0]] * 3  # alternated, 3 rounds
+    assert choice == {"pinned": pinned, "fewer": [0], "bucket": "8x256",
+                      "every_ms": every_s * 1e3, "fewer_ms": fewer_s * 1e3, "calls": 9}
+    line = server.cpus_line({"engine": [0] if pinned else None, "http": [1], "option": "auto",
+                             "timed": choice})
+    assert line == (f"cpus: the engine process on {0 if pinned else 'any'} (its heaviest decode "
+                    f"step, 8x256, takes {fewer_s * 1e3:.3g} ms on CPU 0, {every_s * 1e3:.3g} "
+                    "ms on every CPU: best of 9), the HTTP process on 1 (--engine-cpus "
+                    "auto; off: not pinned)")
 
 
 @pytest.mark.parametrize("args,message", [
