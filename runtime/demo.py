@@ -30,6 +30,7 @@ idle gaps between arrivals skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -187,7 +188,6 @@ def greedy_reference(model, params, prompt: Sequence[int], max_tokens: int,
     decode_step at batch 1 -- the numerics oracle for the engine. `model`: a
     TransformerConfig, a Model, or a model served from functions (run with its own
     functions)."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from meshwright.models import TransformerConfig, build
@@ -199,9 +199,8 @@ def greedy_reference(model, params, prompt: Sequence[int], max_tokens: int,
     T = len(prompt)
     padded = np.zeros((1, max_len), np.int32)  # one compiled prompt shape
     padded[0, :T] = prompt
-    logits, cache = jax.jit(model.prefill)(params, padded, cache,
-                                           np.array([T - 1], np.int32))  # (1, V) at T-1
-    decode = jax.jit(model.decode_step)
+    prefill, decode = _reference_steps(model)
+    logits, cache = prefill(params, padded, cache, np.array([T - 1], np.int32))  # (1, V) at T-1
     token = int(jnp.argmax(logits[0]))
     out = [token]
     while len(out) < max_tokens and token not in stop_tokens:
@@ -210,6 +209,25 @@ def greedy_reference(model, params, prompt: Sequence[int], max_tokens: int,
         token = int(jnp.argmax(logits[0]))
         out.append(token)
     return out
+
+
+def _reference_steps(model) -> tuple[Callable, Callable]:
+    """`model`'s prefill and decode step, jitted once per model (a reference Model is equal
+    to another of the same config; a model served from functions is itself only), so that
+    checking many prompts compiles each shape once, not once per prompt."""
+    import jax
+
+    try:
+        return _reference_steps_of(model)
+    except TypeError:  # an unhashable model: jitted afresh
+        return jax.jit(model.prefill), jax.jit(model.decode_step)
+
+
+@functools.lru_cache(maxsize=16)
+def _reference_steps_of(model) -> tuple[Callable, Callable]:
+    import jax
+
+    return jax.jit(model.prefill), jax.jit(model.decode_step)
 
 
 def make_burst(dm: DemoModel, options: DemoOptions, max_len: int) -> list:

@@ -123,6 +123,22 @@ def _compiled_by_key(kind: str, axes_key, sharding_key, *static) -> Callable:
     return jax.jit(functools.partial(fn, axes=axes), donate_argnums=(0,), **_out(sharding))
 
 
+def _zeros_maker(structs: Any, sharding) -> Callable[[], Any]:
+    """A jitted function of no arguments returning zeros shaped as the tree of
+    `jax.ShapeDtypeStruct`s `structs`, placed by `sharding` (a tree of Shardings like it, or
+    None). Built once per (shapes and dtypes, sharding): every cache of the same shapes shares
+    one compile."""
+    plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), structs)
+    return _zeros_by_key(_Hashable(plain), _Hashable(sharding))
+
+
+@functools.cache
+def _zeros_by_key(structs_key, sharding_key) -> Callable[[], Any]:
+    structs = structs_key.value
+    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
+                   **_out(sharding_key.value))
+
+
 class _Hashable:
     """A tree (of CacheAxes, of Shardings) as a cache key: its structure and leaves."""
 
@@ -204,9 +220,7 @@ class KVCache:
     def _zeros(self, capacity: int, length: int):
         structs = self.shapes(capacity, length)
         sharding = self.sharding_for(capacity, length)
-        fn = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
-                     **_out(None if sharding is None else _broadcast(sharding, structs)))
-        return fn()
+        return _zeros_maker(structs, None if sharding is None else _broadcast(sharding, structs))()
 
     # ---- the window -------------------------------------------------------------------------
     def window(self, capacity: int, length: int):
