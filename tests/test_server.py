@@ -90,14 +90,14 @@ class Live:
 
 @pytest.fixture(scope="module")
 def servers():
-    """Four servers started together (they compile at the same time): the main one; a
-    one-slot, one-place-queue server behind an API key with a small body bound; one to be
-    drained by SIGTERM; and the user's model of tests/served_zoo.py (--model-fn)."""
+    """Three servers started together (they compile at the same time): the main one; a
+    two-slot server with three places in its queue, behind an API key with a small body
+    bound, which the SIGTERM test (the last to use it) drains; and the user's model of
+    tests/served_zoo.py (--model-fn)."""
     started = {
         "main": Live("--max-slots", "8", "--max-len", str(MAX_LEN)),
-        "guarded": Live("--max-slots", "1", "--max-len", "64", "--max-queue", "1",
-                        "--api-key", KEY, "--max-body-bytes", "4096"),
-        "drain": Live("--max-slots", "2", "--max-len", "256", "--drain-timeout", "60"),
+        "guarded": Live("--max-slots", "2", "--max-len", "256", "--max-queue", "3",
+                        "--api-key", KEY, "--max-body-bytes", "4096", "--drain-timeout", "60"),
         "own": Live("--model-fn", "served_zoo:einsum_gqa_served", "--max-slots", "2",
                     "--max-len", "32", PYTHONPATH=os.pathsep.join(filter(None, [
                         os.path.dirname(os.path.abspath(__file__)),
@@ -388,12 +388,13 @@ def test_each_bad_request_is_a_400_and_disturbs_no_one(main, alone):
 
 
 def test_a_full_queue_answers_429_with_retry_after(servers):
-    """One slot, one place in the queue: of eight requests sent at once, two are admitted at
-    first and the rest, arriving while both are taken, are answered 429; the admitted ones
-    complete."""
+    """Two slots, three places in the queue: of eight requests sent at once, at most five are
+    admitted at first and the rest, arriving while every place is taken, are answered 429;
+    the admitted ones complete."""
     guarded = servers["guarded"]
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": MODEL, "prompt": "And it came to pass", "max_tokens": 40, "temperature": 0}
+    body = {"model": MODEL, "prompt": "And it came to pass", "max_tokens": 100,
+            "temperature": 0}
     start = threading.Barrier(8)
 
     def one(_):
@@ -410,7 +411,7 @@ def test_a_full_queue_answers_429_with_retry_after(servers):
         assert r.headers["retry-after"] == "1"
         error = r.json()["error"]
         assert error["code"] == "queue_full" and "queue full" in error["message"]
-    assert all(r.json()["usage"]["completion_tokens"] == 40 for r in done)
+    assert all(r.json()["usage"]["completion_tokens"] == 100 for r in done)
     assert len({r.json()["choices"][0]["text"] for r in done}) == 1  # the same greedy answer
     m = guarded.metrics(auth)
     assert m['meshwright_requests_total{endpoint="completions",outcome="queue_full"}'] == \
@@ -440,8 +441,9 @@ def test_api_key_and_body_bound(servers):
 
 
 def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
-    drain = servers["drain"]
-    client = drain.client()
+    drain = servers["guarded"]  # the last test to use it
+    auth = {"Authorization": f"Bearer {KEY}"}
+    client = drain.client(KEY)
     results = {}
 
     def one(i):  # two run in the two slots, the third waits for one of them
@@ -454,7 +456,7 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(servers):
         t.start()
     deadline, m = time.time() + 30, {}
     while time.time() < deadline and not results:  # until all three are in the server
-        m = drain.metrics()
+        m = drain.metrics(auth)
         if m["meshwright_requests_running"] == 2 and m["meshwright_queue_waiting"] == 1:
             break
     assert not results, "a stream ended before all three were in flight"
