@@ -25,8 +25,8 @@ The protocol, one duplex pipe of pickled tuples:
 In the engine process, a reader thread takes commands (`Engine.submit` and `Engine.abort` are
 thread-safe) while the main thread runs `Engine.run_forever`. What the iterations produce goes
 out as ONE message at a time, at most every `HANDOVER_S` (2 ms; `--stream-interval` if
-longer), at once when a request ends or the loop is about to wait: the server's event loop
-wakes once per message. Every message costs the engine tens of microseconds (the pickle, the
+longer), at once when a request has its first token or ends, or the loop is about to wait:
+the server's event loop wakes once per message. Every message costs the engine tens of microseconds (the pickle, the
 write, and waking the server's process on another core: 30 to 60 us on the 2-core test
 machine), up to a tenth of the bundled model's 0.65 ms step when every step sent one; a step
 longer than `HANDOVER_S` still sends one per step. The step times for the server's histogram
@@ -59,7 +59,8 @@ from typing import Any
 
 STOP_TIMEOUT_S = 10.0  # how long `stop` waits for the engine process before killing it
 STEP_TIMES_BATCH = 64  # step times sent at the latest after this many steps
-HANDOVER_S = 0.002  # streamed tokens go to the server at most this often (a Result at once)
+HANDOVER_S = 0.002  # streamed tokens go to the server at most this often (a first token, a
+#                     Result at once)
 AUTO_PIN_SLOWDOWN = 1.25  # --engine-cpus auto pins the engine if its step is at most this
 #                           slower there (the HTTP process and its clients take part of the other
 #                           cores anyway; on a loaded machine a step that runs as fast on one core
@@ -185,17 +186,26 @@ def engine_main(options, conn) -> None:
     engine = None
     handles: dict[int, Any] = {}  # rid -> the engine's RequestHandle, while in flight
     outbox: list[tuple[int, Any]] = []  # what the iterations since the last hand-over produced
-    ended: list[int] = []  # requests in `outbox` that ended (their Results go at once)
+    urgent: list[int] = []  # requests whose news in `outbox` goes at once: a first token
+    #                          (the time to first token is what a user waits for), a Result
     step_s: deque[float] = deque()  # step times not sent yet (appended by the engine's loop)
 
     def on_token(rid: int) -> Callable[[int, int], None]:
-        return lambda _request_id, token: outbox.append((rid, token))
+        first = True
+
+        def token(_request_id: int, token: int) -> None:
+            nonlocal first
+            outbox.append((rid, token))
+            if first:
+                urgent.append(rid)
+                first = False
+        return token
 
     def on_finish(rid: int) -> Callable[[Any], None]:
         def finished(result) -> None:
             handles.pop(rid, None)
             outbox.append((rid, result))
-            ended.append(rid)
+            urgent.append(rid)
         return finished
 
     def read_commands() -> None:
@@ -268,14 +278,15 @@ def engine_main(options, conn) -> None:
 
         def flush(waits: bool = True) -> None:
             """Hand over what the iterations produced: at once if the loop now waits or a
-            request ended, else once `handover_s` has passed since the last hand-over."""
+            request has its first token or ended, else once `handover_s` has passed since the
+            last hand-over."""
             nonlocal last
             t = time.perf_counter()
-            if (outbox and (waits or ended or t - last >= handover_s)
+            if (outbox and (waits or urgent or t - last >= handover_s)
                     or len(step_s) >= STEP_TIMES_BATCH):
                 produced = outbox[:]
                 outbox.clear()
-                ended.clear()
+                urgent.clear()
                 send(("step", drain(step_s), produced))
                 last = t
 
