@@ -65,6 +65,11 @@ AUTO_PIN_SLOWDOWN = 1.25  # --engine-cpus auto pins the engine if its step is at
 #                           slower there (the HTTP process and its clients take part of the other
 #                           cores anyway; on a loaded machine a step that runs as fast on one core
 #                           timed up to 14% slower there, GPT-2 small's 34%)
+AUTO_PIN_MAX_STEP_S = 0.005  # ... and its step there at most this long: the event loop and
+#                              the clients spend tens of microseconds per token, which weighs
+#                              on a step of a millisecond but not on one of tens (whose matmuls
+#                              XLA spreads over the cores; a timing on a loaded machine can miss
+#                              that: GPT-2 small was once timed within 1.25x on one core)
 AUTO_TIMING_CALLS = 3  # decode steps timed per round (`choose_cpus`)
 AUTO_TIMING_BUDGET_S = 2.0  # how long `choose_cpus` times, beyond its first 3 rounds
 
@@ -137,9 +142,10 @@ def choose_cpus(engine, fewer, every=None, budget_s: float = AUTO_TIMING_BUDGET_
     the threads where they now run), until `budget_s` is spent (at least 3 rounds); the best
     time of each (other processes slow some calls: the best is the step's own speed). Stay
     pinned to `fewer` if the step there is at most `AUTO_PIN_SLOWDOWN` times the step on
-    every CPU: a step that is mostly dispatch (a small model) runs as fast, or faster, on one
-    core, and then the engine keeps clear of the event loop and the clients; a step whose
-    matmuls XLA spreads over every core (a larger model) keeps them all. Returns what it
+    every CPU and at most `AUTO_PIN_MAX_STEP_S` long: a step that is mostly dispatch (a small
+    model) runs as fast, or faster, on one core, and then the engine keeps clear of the event
+    loop and the clients; a step whose matmuls XLA spreads over every core (a larger model)
+    keeps them all. Returns what it
     measured (the start-up report's `cpus.timed`)."""
     every = sorted(os.sched_getaffinity(0) if every is None else every)
     fewer = sorted(fewer)
@@ -154,7 +160,7 @@ def choose_cpus(engine, fewer, every=None, budget_s: float = AUTO_TIMING_BUDGET_
             times[name] += engine.time_decode_step(AUTO_TIMING_CALLS, bucket)
         rounds += 1
     every_s, fewer_s = (min(times[k]) for k in ("every", "fewer"))
-    pinned = fewer_s <= AUTO_PIN_SLOWDOWN * every_s
+    pinned = fewer_s <= min(AUTO_PIN_SLOWDOWN * every_s, AUTO_PIN_MAX_STEP_S)
     pin_process(fewer if pinned else every)
     return {"pinned": pinned, "fewer": fewer, "bucket": f"{bucket.batch}x{bucket.length}",
             "every_ms": round(every_s * 1e3, 3), "fewer_ms": round(fewer_s * 1e3, 3),

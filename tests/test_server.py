@@ -622,6 +622,7 @@ def test_engine_cpus_split_the_cores_between_the_two_processes():
     (1.0e-3, 1.0e-3, True),  # as fast on fewer CPUs (a step that is mostly dispatch)
     (1.2e-3, 1.0e-3, True),  # within AUTO_PIN_SLOWDOWN
     (1.5e-3, 1.0e-3, False),  # XLA uses every CPU: the engine keeps them
+    (52e-3, 50e-3, False),  # a long step (its matmuls count, whatever this timing says)
 ])
 def test_engine_cpus_auto_pins_the_engine_where_its_step_keeps_its_speed(
         monkeypatch, fewer_s, every_s, pinned):
