@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from meshwright.models import Model, TransformerConfig, build, get_config, unroll_layers
 from meshwright.models.functions import FunctionModel
-from meshwright.runtime.kv_cache import KVCache, ShardingFn, kv_lengths_for
+from meshwright.runtime.kv_cache import KVCache, ShardingFn, kv_lengths_for, zeros_maker
 from meshwright.runtime.request import Request, Result, SamplingParams
 from meshwright.runtime.sampling import greedy, sample_tokens
 from meshwright.runtime.scheduler import (
@@ -402,7 +402,6 @@ class Engine:
         self.clock = make_clock(clock)
         self.stats = EngineStats()
         self._steps: dict[tuple[str, Bucket], Callable] = {}
-        self._zeros_fns: dict[Any, Callable] = {}  # (bucket, sharding) -> fresh prefill cache
         self.layouts: dict[tuple[str, Bucket], str] = {}  # (phase, bucket) -> layout name
         self.layout_why: dict[tuple[str, Bucket], str] = {}  # and why (the step's `why`)
         self.layout_plan = None  # the EngineLayouts, when built by layouts.sharded_engine
@@ -653,18 +652,12 @@ class Engine:
 
     def _fresh_cache(self, bucket: Bucket):
         """A zero cache for a prefill bucket (one dispatch; the prefill donates it), placed as
-        that prefill step takes it."""
+        that prefill step takes it (`kv_cache.zeros_maker`: one compile per shapes and
+        placement)."""
         sharding = self._prefill_shardings.get(bucket)
-        key = (bucket, _hashable(sharding))
-        fn = self._zeros_fns.get(key)
-        if fn is None:
-            structs = self._cache_structs(bucket.batch, bucket.length, sharding)
-            out = {} if sharding is None else {
-                "out_shardings": jax.tree.map(lambda s: s.sharding, structs)}
-            fn = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
-                         **out)
-            self._zeros_fns[key] = fn
-        return fn()
+        structs = self._cache_structs(bucket.batch, bucket.length, sharding)
+        return zeros_maker(structs, None if sharding is None else
+                           jax.tree.map(lambda s: s.sharding, structs))()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: Request, on_token: Callable[[int, int], None] | None = None, *,
@@ -1096,12 +1089,6 @@ def _check_lengths(name: str, lengths: Sequence[int], max_len: int,
     if not out or out[0] < 1 or out[-1] > max_len or out[-1] < need:
         raise ValueError(f"{name} {out} must lie in 1..max_len={max_len} and reach {need}")
     return out
-
-
-def _hashable(tree) -> Any:
-    """A tree of shardings (or None) as a dict key."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
-    return treedef, tuple(leaves)
 
 
 def _as_model(model: Model | FunctionModel | TransformerConfig | str) -> Model | FunctionModel:

@@ -123,7 +123,7 @@ def _compiled_by_key(kind: str, axes_key, sharding_key, *static) -> Callable:
     return jax.jit(functools.partial(fn, axes=axes), donate_argnums=(0,), **_out(sharding))
 
 
-def _zeros_maker(structs: Any, sharding) -> Callable[[], Any]:
+def zeros_maker(structs: Any, sharding) -> Callable[[], Any]:
     """A jitted function of no arguments returning zeros shaped as the tree of
     `jax.ShapeDtypeStruct`s `structs`, placed by `sharding` (a tree of Shardings like it, or
     None). Built once per (shapes and dtypes, sharding): every cache of the same shapes shares
@@ -220,7 +220,7 @@ class KVCache:
     def _zeros(self, capacity: int, length: int):
         structs = self.shapes(capacity, length)
         sharding = self.sharding_for(capacity, length)
-        return _zeros_maker(structs, None if sharding is None else _broadcast(sharding, structs))()
+        return zeros_maker(structs, None if sharding is None else _broadcast(sharding, structs))()
 
     # ---- the window -------------------------------------------------------------------------
     def window(self, capacity: int, length: int):
