@@ -24,16 +24,16 @@ The protocol, one duplex pipe of pickled tuples:
 
 In the engine process, a reader thread takes commands (`Engine.submit` and `Engine.abort` are
 thread-safe) while the main thread runs `Engine.run_forever`. What the iterations produce goes
-out as ONE message at a time, at most every `HANDOVER_S` (2 ms; `--stream-interval` if
-longer), at once when a request has its first token or ends, or the loop is about to wait:
-the server's event loop wakes once per message. Every message costs the engine tens of microseconds (the pickle, the
-write, and waking the server's process on another core: 30 to 60 us on the 2-core test
-machine), up to a tenth of the bundled model's 0.65 ms step when every step sent one; a step
-longer than `HANDOVER_S` still sends one per step. The step times for the server's histogram
-ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole answers does
-not wake it). The engine process exits when told to stop or when the pipe closes (the server
-died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs the
-server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`, or with `auto` the
+out as ONE message at a time, at most every `HANDOVER_S` (2 ms; `--stream-interval` if longer),
+at once when a request has its first token or ends, or the loop is about to wait: the server's
+event loop wakes once per message. Every message costs the engine tens of microseconds (the
+pickle, the write, and waking the server's process on another core: 30 to 60 us on the 2-core
+test machine), up to a tenth of the bundled model's 0.65 ms step when every step sent one; a
+step longer than `HANDOVER_S` still sends one per step. The step times for the server's
+histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole answers
+does not wake it). The engine process exits when told to stop or when the pipe closes (the
+server died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs
+the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`, or with `auto` the
 CPUs the HTTP process leaves it if its decode step is as fast there: `choose_cpus`), and says
 where in `EngineFacts.cpus` (and with `auto` what it timed, in `EngineFacts.cpu_choice`).
 
@@ -145,8 +145,7 @@ def choose_cpus(engine, fewer, every=None, budget_s: float = AUTO_TIMING_BUDGET_
     every CPU and at most `AUTO_PIN_MAX_STEP_S` long: a step that is mostly dispatch (a small
     model) runs as fast, or faster, on one core, and then the engine keeps clear of the event
     loop and the clients; a step whose matmuls XLA spreads over every core (a larger model)
-    keeps them all. Returns what it
-    measured (the start-up report's `cpus.timed`)."""
+    keeps them all. Returns what it measured (the start-up report's `cpus.timed`)."""
     every = sorted(os.sched_getaffinity(0) if every is None else every)
     fewer = sorted(fewer)
     bucket = engine.heaviest_decode_bucket()
