@@ -10,15 +10,16 @@ every bucket is compiled, 503 while loading or draining), `GET /metrics` (Promet
 Request bodies are parsed and checked by `openai_api`.
 
 Processes. The engine runs in a process of its own (`engine_process`): it builds the engine
-(compiling every bucket), then runs its loop (`Engine.run_forever`) and sends, after every
-iteration, one message with the tokens and results it produced. The HTTP handlers run on
+(compiling every bucket), then runs its loop (`Engine.run_forever`) and sends the tokens and
+results its iterations produced, one message at most every 2 ms (a first token or a result at
+once: `engine_process.HANDOVER_S`). The HTTP handlers run on
 uvicorn's asyncio loop in the server process; the pipe from the engine is one more thing that
 loop watches, and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
-process keeps to one core and the engine to every core by default (`--engine-cpus`,
-`cpu_split`): the loop, woken at every step, stays off the cores the step runs on, and XLA
-keeps all of them for the step.
+process keeps to one core, and by default the engine to the others if its decode step is as
+fast there, else to every core (`--engine-cpus`, `cpu_split`, `engine_process.choose_cpus`):
+the loop stays off the cores a short step runs on, and XLA keeps every core for a long one.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
