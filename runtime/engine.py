@@ -409,6 +409,7 @@ class Engine:
         #                                     otherwise than placed (each keeps its own copy)
         self._weight_shardings = None  # how the weights were placed (from a step)
         self._window_shardings: dict[tuple[int, int], Any] = {}  # decode bucket -> its cache's
+        self._zeros_fns: dict[Bucket, Callable] = {}  # prefill bucket -> its fresh zero cache
         self._prefill_shardings: dict[Bucket, Any] = {}  # prefill bucket -> its fresh cache's
         # the shape, dtype and placement of each prefill bucket's output cache and of each
         # decode window's, to warm the cache's writes on (shapes only: holding the arrays
@@ -654,10 +655,13 @@ class Engine:
         """A zero cache for a prefill bucket (one dispatch; the prefill donates it), placed as
         that prefill step takes it (`kv_cache.zeros_maker`: one compile per shapes and
         placement)."""
-        sharding = self._prefill_shardings.get(bucket)
-        structs = self._cache_structs(bucket.batch, bucket.length, sharding)
-        return zeros_maker(structs, None if sharding is None else
-                           jax.tree.map(lambda s: s.sharding, structs))()
+        fn = self._zeros_fns.get(bucket)
+        if fn is None:  # (a bucket's placement is set once, when it compiles)
+            sharding = self._prefill_shardings.get(bucket)
+            structs = self._cache_structs(bucket.batch, bucket.length, sharding)
+            fn = self._zeros_fns[bucket] = zeros_maker(
+                structs, None if sharding is None else jax.tree.map(lambda s: s.sharding, structs))
+        return fn()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: Request, on_token: Callable[[int, int], None] | None = None, *,

@@ -266,10 +266,9 @@ def engine_main(options, conn) -> None:
             try:
                 if options.engine_cpus == "auto":  # its own cores if the step keeps its speed
                     facts.cpu_choice = choose_cpus(engine, options.cpus[0])
-                    if facts.cpu_choice["pinned"]:
-                        facts.cpus = sorted(os.sched_getaffinity(0))
                 else:
                     pin_process(options.cpus[0])
+                if facts.cpu_choice is None or facts.cpu_choice["pinned"]:
                     facts.cpus = sorted(os.sched_getaffinity(0))
             except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
                 facts.notes.append(f"the engine process is not pinned to CPUs "
