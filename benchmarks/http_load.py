@@ -211,7 +211,7 @@ def cpus_of(line: str) -> tuple[list[int] | None, list[int] | None]:
     from meshwright.runtime.server import parse_cpus
 
     def where(process: str) -> list[int] | None:
-        match = re.search(rf"the {process} process on ([0-9,-]+|any)", line)
+        match = re.search(rf"the {process} process on ([0-9]+(?:[-,][0-9]+)*|any)", line)
         return sorted(parse_cpus(match.group(1))) if match and match.group(1) != "any" else None
 
     return where("engine"), where("HTTP")
