@@ -744,27 +744,6 @@ class Engine:
         done, self._done = self._done, []
         return done
 
-    def heaviest_decode_bucket(self) -> Bucket:
-        """The decode bucket with the most rows and, among those, the longest KV window."""
-        return max((b for p, b in self.buckets() if p == "decode"),
-                   key=lambda b: (b.batch, b.length))
-
-    def time_decode_step(self, calls: int = 3, bucket: Bucket | None = None) -> list[float]:
-        """Seconds of each of `calls` runs of a decode step (default the heaviest bucket),
-        greedy sampling included, on zeros: each call takes the cache the previous returned,
-        as serving does. Touches no request and no slot. `meshwright serve --engine-cpus auto`
-        times it on every CPU and on fewer to decide where the engine runs."""
-        bucket = bucket or self.heaviest_decode_bucket()
-        fn = self._step_fn("decode", bucket)
-        params, tokens, cache, positions = _zeros_like(self._example_args("decode", bucket))
-        seconds = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            logits, cache = fn(params, tokens, cache, positions)
-            greedy(logits).block_until_ready()
-            seconds.append(time.perf_counter() - t0)
-        return seconds
-
     # ---- the loop -----------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event,
                     on_step: Callable[[float], None] | None = None,

@@ -33,9 +33,10 @@ step longer than `HANDOVER_S` still sends one per step. The step times for the s
 histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole answers
 does not wake it). The engine process exits when told to stop or when the pipe closes (the
 server died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs
-the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`, or with `auto` the
-CPUs the HTTP process leaves it if its decode step is as fast there: `choose_cpus`), and says
-where in `EngineFacts.cpus` (and with `auto` what it timed, in `EngineFacts.cpu_choice`).
+the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says where in
+`EngineFacts.cpus`; with `auto` it starts on the CPUs the HTTP process leaves it and moves
+between those and every CPU as its trials find more tokens per second (`Placement`; the two
+in `EngineFacts.placement`, the state on /metrics).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
@@ -61,17 +62,12 @@ STOP_TIMEOUT_S = 10.0  # how long `stop` waits for the engine process before kil
 STEP_TIMES_BATCH = 64  # step times sent at the latest after this many steps
 HANDOVER_S = 0.002  # streamed tokens go to the server at most this often (a first token, a
 #                     Result at once)
-AUTO_PIN_SLOWDOWN = 1.25  # --engine-cpus auto pins the engine if its step is at most this
-#                           slower there (the HTTP process and its clients take part of the other
-#                           cores anyway; on a loaded machine a step that runs as fast on one core
-#                           timed up to 14% slower there, GPT-2 small's 34%)
-AUTO_PIN_MAX_STEP_S = 0.005  # ... and its step there at most this long: the event loop and
-#                              the clients spend tens of microseconds per token, which weighs
-#                              on a step of a millisecond but not on one of tens (whose matmuls
-#                              XLA spreads over the cores; a timing on a loaded machine can miss
-#                              that: GPT-2 small was once timed within 1.25x on one core)
-AUTO_TIMING_CALLS = 3  # decode steps timed per round (`choose_cpus`)
-AUTO_TIMING_BUDGET_S = 2.0  # how long `choose_cpus` times, beyond its first 3 rounds
+PLACEMENT_TURN = 16  # --engine-cpus auto: counted iterations per turn of a placement in a trial
+PLACEMENT_SETTLE = 2  # iterations after a move not counted (threads settle where they now run)
+PLACEMENT_TURNS = 4  # turns of each placement in a trial
+PLACEMENT_IDLE_S = 0.02  # a wait for work longer than this between iterations restarts the turn
+PLACEMENT_HOLD = 50  # a decision holds for this many times the trial's busy seconds...
+PLACEMENT_HOLD_MIN_S = 10.0  # ... and at least this long; then a new trial
 
 
 @dataclass
@@ -91,7 +87,8 @@ class EngineFacts:
     tokenizer: Any = None  # a checkpoint's tokenizer (picklable); None: see tokenizer_kind
     tokenizer_kind: str = "none"  # "bytes" (the bundled model), "checkpoint", "none"
     cpus: list[int] | None = None  # the CPUs the engine process was pinned to (None: not)
-    cpu_choice: dict | None = None  # --engine-cpus auto: the step timings it decided on
+    placement: dict | None = None  # --engine-cpus auto: {"fewer": CPUs, "every": CPUs}, the
+    #                                 two placements it tries while serving (`Placement`)
 
 
 def engine_facts(engine) -> EngineFacts:
@@ -135,35 +132,112 @@ def pin_process(cpus) -> None:
             os.sched_setaffinity(tid, set(cpus))
 
 
-def choose_cpus(engine, fewer, every=None, budget_s: float = AUTO_TIMING_BUDGET_S) -> dict:
-    """`--engine-cpus auto`: time the engine's heaviest decode step on `every` CPU (default:
-    those this process may use now) and on `fewer` (those the HTTP process leaves it),
-    alternately (rounds of `Engine.time_decode_step`, each after an untimed call that settles
-    the threads where they now run), until `budget_s` is spent (at least 3 rounds); the best
-    time of each (other processes slow some calls: the best is the step's own speed). Stay
-    pinned to `fewer` if the step there is at most `AUTO_PIN_SLOWDOWN` times the step on
-    every CPU and at most `AUTO_PIN_MAX_STEP_S` long: a step that is mostly dispatch (a small
-    model) runs as fast, or faster, on one core, and then the engine keeps clear of the event
-    loop and the clients; a step whose matmuls XLA spreads over every core (a larger model)
-    keeps them all. Returns what it measured (the start-up report's `cpus.timed`)."""
-    every = sorted(os.sched_getaffinity(0) if every is None else every)
-    fewer = sorted(fewer)
-    bucket = engine.heaviest_decode_bucket()
-    times: dict[str, list[float]] = {"every": [], "fewer": []}
-    t0 = time.perf_counter()
-    rounds = 0
-    while rounds < 3 or (time.perf_counter() - t0 < budget_s and rounds < 20):
-        for name, cpus in (("every", every), ("fewer", fewer)):
-            pin_process(cpus)
-            engine.time_decode_step(1, bucket)
-            times[name] += engine.time_decode_step(AUTO_TIMING_CALLS, bucket)
-        rounds += 1
-    every_s, fewer_s = (min(times[k]) for k in ("every", "fewer"))
-    pinned = fewer_s <= min(AUTO_PIN_SLOWDOWN * every_s, AUTO_PIN_MAX_STEP_S)
-    pin_process(fewer if pinned else every)
-    return {"pinned": pinned, "fewer": fewer, "bucket": f"{bucket.batch}x{bucket.length}",
-            "every_ms": round(every_s * 1e3, 3), "fewer_ms": round(fewer_s * 1e3, 3),
-            "calls": len(times["every"])}
+class Placement:
+    """`--engine-cpus auto`: which CPUs the engine process runs on, decided while it serves.
+
+    Two placements: `fewer` (the CPUs the HTTP process leaves it) and `every` (those too).
+    Which serves faster depends on the model and on what else runs: a step that is mostly
+    dispatch (the bundled model's) loses little on one core and there leaves the event loop
+    and the clients a core of their own; a step whose matmuls XLA spreads over the cores
+    (GPT-2 small's) wants them all; and a machine's other load comes and goes. So the engine
+    process tries both while it serves. A trial alternates them every `PLACEMENT_TURN` engine
+    iterations (the first `PLACEMENT_SETTLE` after each move not counted) and counts the tokens
+    each turn produced and the wall time it took, short waits for work included: a placement
+    that starves the HTTP process of CPU shows as fewer tokens, as requests reach the engine
+    late, not as a slower step (a wait over `PLACEMENT_IDLE_S` is the load's doing: the turn
+    starts again after it). After `PLACEMENT_TURNS` turns of each, the placement with more tokens
+    per second (a tie: `fewer`) holds for `PLACEMENT_HOLD` times the trial's busy time (its
+    iterations' own seconds), at least `PLACEMENT_HOLD_MIN_S`; the next iteration after that
+    starts a new trial. Turns of a few milliseconds alternate far faster than the machine's
+    load changes, so both placements meet the same load. Idle, nothing is timed or moved.
+
+    `record(seconds, tokens)` after each engine iteration that ran something; `state()` is
+    what /metrics shows. `pin` moves every thread of the process and `now` is the clock (tests
+    pass fakes)."""
+
+    def __init__(self, fewer, every, pin: Callable[[list[int]], None] | None = None,
+                 now: Callable[[], float] = time.perf_counter) -> None:
+        self.cpus = {"fewer": sorted(fewer), "every": sorted(every)}
+        self.pin, self.now = pin or pin_process, now
+        self.current = "fewer"
+        self.trials = self.moves = 0
+        self.decided: dict | None = None  # the last trial's outcome
+        self.error: str | None = None  # a move failed: the engine stays where it is
+        self.hold_until = 0.0
+        self.last_end: float | None = None  # when the previous iteration ended
+        self.pin(self.cpus["fewer"])  # (an OSError here: the caller serves unpinned)
+        self._start_turn()
+        self._start_trial()
+
+    def _start_trial(self) -> None:
+        self.trial = True
+        self.turns = {"fewer": [], "every": []}  # (tokens, seconds) per turn
+        self.busy_s = 0.0
+
+    def _start_turn(self) -> None:
+        self.settle, self.left, self.tokens, self.t0 = PLACEMENT_SETTLE, PLACEMENT_TURN, 0, 0.0
+
+    def _move(self, name: str) -> None:
+        try:
+            self.pin(self.cpus[name])
+        except OSError as e:  # (a CPU taken away meanwhile): stay, say so
+            self.error = f"cannot move to CPUs {self.cpus[name]}: {e.strerror}"
+            return
+        if name != self.current:
+            self.moves += 1
+        self.current = name
+        self._start_turn()
+
+    def record(self, seconds: float, tokens: int) -> None:
+        """An engine iteration ran for `seconds` and produced `tokens`."""
+        t = self.now()
+        idle = self.last_end is not None and t - seconds - self.last_end > PLACEMENT_IDLE_S
+        self.last_end = t
+        if self.error is not None:
+            return
+        if not self.trial:
+            if t < self.hold_until:
+                return
+            self._start_trial()
+            self._start_turn()
+        self.busy_s += seconds
+        if self.settle:
+            self.settle -= 1
+            if not self.settle:
+                self.t0 = t  # the turn's clock starts after its settling iterations
+            return
+        if idle:  # the engine had no work for a while: what the load did, not the placement
+            self.tokens, self.left, self.t0 = 0, PLACEMENT_TURN, t - seconds
+        self.tokens += tokens
+        self.left -= 1
+        if self.left:
+            return
+        self.turns[self.current].append((self.tokens, t - self.t0))
+        if min(len(turns) for turns in self.turns.values()) >= PLACEMENT_TURNS:
+            self._decide()
+        else:
+            self._move("every" if self.current == "fewer" else "fewer")
+
+    def _decide(self) -> None:
+        rate = {name: sum(n for n, _ in turns) / max(sum(s for _, s in turns), 1e-9)
+                for name, turns in self.turns.items()}
+        best = "every" if rate["every"] > rate["fewer"] else "fewer"
+        self.trials += 1
+        self.trial = False
+        hold_s = max(PLACEMENT_HOLD_MIN_S, PLACEMENT_HOLD * self.busy_s)
+        self.hold_until = self.now() + hold_s
+        self.decided = {"placement": best, "tokens_per_s": {k: round(v, 1)
+                                                            for k, v in rate.items()},
+                        "turns": PLACEMENT_TURNS, "hold_s": round(hold_s, 1)}
+        if best != self.current:
+            self._move(best)
+        else:
+            self._start_turn()
+
+    def state(self) -> dict:
+        return {"current": self.current, "cpus": self.cpus, "trial": self.trial,
+                "trials": self.trials, "moves": self.moves, "decided": self.decided,
+                "error": self.error}
 
 
 def drain(times: deque) -> list[float]:
@@ -189,6 +263,7 @@ def engine_main(options, conn) -> None:
     stop = threading.Event()
     ready = threading.Event()
     engine = None
+    placement: Placement | None = None  # --engine-cpus auto, once ready
     handles: dict[int, Any] = {}  # rid -> the engine's RequestHandle, while in flight
     outbox: list[tuple[int, Any]] = []  # what the iterations since the last hand-over produced
     urgent: list[int] = []  # requests whose news in `outbox` goes at once: a first token
@@ -249,9 +324,12 @@ def engine_main(options, conn) -> None:
                 if handle is not None:
                     handle.abort()
             elif kind == "metrics":
-                from meshwright.runtime.server import engine_metric_lines
+                from meshwright.runtime.server import engine_metric_lines, placement_lines
 
-                send(("metrics", engine_metric_lines(engine), drain(step_s)))
+                lines = engine_metric_lines(engine)
+                if placement is not None:
+                    lines += placement_lines(placement.state())
+                send(("metrics", lines, drain(step_s)))
 
     reader = threading.Thread(target=read_commands, name="meshwright-commands", daemon=True)
     reader.start()
@@ -264,12 +342,12 @@ def engine_main(options, conn) -> None:
         facts = engine_facts(engine)
         if options.cpus and options.cpus[0]:  # compiled on every core; served on its own
             try:
-                if options.engine_cpus == "auto":  # its own cores if the step keeps its speed
-                    facts.cpu_choice = choose_cpus(engine, options.cpus[0])
+                if options.engine_cpus == "auto":  # its own cores, or every one: tried
+                    placement = Placement(options.cpus[0], os.sched_getaffinity(0))
+                    facts.placement = placement.cpus
                 else:
                     pin_process(options.cpus[0])
-                if facts.cpu_choice is None or facts.cpu_choice["pinned"]:
-                    facts.cpus = sorted(os.sched_getaffinity(0))
+                facts.cpus = sorted(os.sched_getaffinity(0))
             except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
                 facts.notes.append(f"the engine process is not pinned to CPUs "
                                    f"{list(options.cpus[0])}: {e.strerror}")
@@ -294,7 +372,16 @@ def engine_main(options, conn) -> None:
                 send(("step", drain(step_s), produced))
                 last = t
 
-        engine.run_forever(stop, on_step=step_s.append, after_iteration=flush)
+        on_step = step_s.append
+        if placement is not None:  # the tokens of each iteration, for its trials
+            stats, produced = engine.stats, [engine.stats.tokens]
+
+            def on_step(seconds: float) -> None:
+                step_s.append(seconds)
+                placement.record(seconds, stats.tokens - produced[0])
+                produced[0] = stats.tokens
+
+        engine.run_forever(stop, on_step=on_step, after_iteration=flush)
         flush()
     except BaseException as e:  # noqa: BLE001 (reported to the server, which stops)
         with contextlib.suppress(OSError):

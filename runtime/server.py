@@ -17,9 +17,10 @@ uvicorn's asyncio loop in the server process; the pipe from the engine is one mo
 loop watches, and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
-process keeps to one core, and by default the engine to the others if its decode step is as
-fast there, else to every core (`--engine-cpus`, `cpu_split`, `engine_process.choose_cpus`):
-the loop stays off the cores a short step runs on, and XLA keeps every core for a long one.
+process keeps to one core, and by default the engine to the others or to every core, whichever
+its decode steps run faster on, tried while serving (`--engine-cpus`, `cpu_split`,
+`engine_process.Placement`): the loop stays off the cores a short step runs on, and XLA keeps
+every core for a long one.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -49,7 +50,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwright.runtime import openai_api as api
-from meshwright.runtime.engine_process import EngineFacts, EngineProcess, pin_process
+from meshwright.runtime.engine_process import (
+    PLACEMENT_HOLD_MIN_S,
+    EngineFacts,
+    EngineProcess,
+    pin_process,
+)
 from meshwright.runtime.prometheus import CONTENT_TYPE, Counter, Histogram, family
 from meshwright.runtime.request import Request, Result
 
@@ -223,6 +229,32 @@ def engine_metric_lines(engine) -> list[str]:
                "consecutive decode steps that ran different layouts",
                [({}, stats.layout_switches)]),
     ]
+
+
+def placement_lines(state: dict) -> list[str]:
+    """`--engine-cpus auto`: where the engine process runs and what its last trial measured
+    (`engine_process.Placement.state()`) as Prometheus families."""
+    where = {name: cpu_text(cpus) for name, cpus in state["cpus"].items()}
+    rates = (state["decided"] or {}).get("tokens_per_s", {})
+    return [
+        family("meshwright_engine_placement", "gauge", "the CPUs the engine process runs on "
+               "now (1) or may move to (0): --engine-cpus auto tries both while serving",
+               [({"cpus": where[name], "placement": name}, int(name == state["current"]))
+                for name in ("fewer", "every")]),
+        family("meshwright_engine_placement_tokens_per_second", "gauge",
+               "what each placement served in the last trial",
+               [({"cpus": where[name], "placement": name}, rates[name])
+                for name in ("fewer", "every") if name in rates]),
+        family("meshwright_engine_placement_trials_total", "counter",
+               "trials of the two placements ended", [({}, state["trials"])]),
+        family("meshwright_engine_placement_moves_total", "counter",
+               "moves of the engine process from one placement to the other",
+               [({}, state["moves"])]),
+        family("meshwright_engine_placement_trying", "gauge",
+               "1 while a trial alternates the placements", [({}, int(state["trial"]))]),
+    ] + ([family("meshwright_engine_placement_stopped", "gauge", "1: a move failed, so the "
+                 "engine process stays where it is (reason)", [({"reason": state["error"]}, 1)])]
+         if state["error"] else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,7 +744,7 @@ def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
               "buckets": list(facts.buckets), "compile_s": round(seconds, 2),
               "auth": bool(server.options.api_key), "notes": list(facts.notes),
               "cpus": {"engine": facts.cpus, "http": server.http_cpus,
-                       "option": server.options.engine_cpus, "timed": facts.cpu_choice},
+                       "option": server.options.engine_cpus, "tried": facts.placement},
               "status": "ready", **facts.layout_info}
     if facts.plan_text is not None:
         report["plan_text"] = facts.plan_text
@@ -726,15 +758,15 @@ def cpus_line(cpus: dict) -> str:
         why = {"off": "--engine-cpus off", "auto": "--engine-cpus auto: fewer than 2 CPUs, or "
                "a platform without CPU affinity"}.get(option, f"--engine-cpus {option}")
         return f"cpus: not pinned ({why})"
-    timed = cpus.get("timed")
-    why = ""
-    if timed:  # auto: where the engine runs, and the step timings that decided it
-        why = (f" (its heaviest decode step, {timed['bucket']}, takes {timed['fewer_ms']:.3g} "
-               f"ms on CPU {cpu_text(timed['fewer'])}, {timed['every_ms']:.3g} ms on every CPU: "
-               f"best of {timed['calls']})")
-    return (f"cpus: the engine process on {cpu_text(engine) if engine else 'any'}{why}, the "
-            f"HTTP process on {cpu_text(http) if http else 'any'} (--engine-cpus {option}; "
-            "off: not pinned)")
+    tried = cpus.get("tried")
+    if tried:  # auto: two placements, tried while serving
+        where = (f"{cpu_text(tried['fewer'])} or every CPU, whichever serves more tokens per "
+                 f"second (tried while serving, again every {PLACEMENT_HOLD_MIN_S:g} s or more: "
+                 "/metrics meshwright_engine_placement)")
+    else:
+        where = cpu_text(engine) if engine else "any"
+    return (f"cpus: the engine process on {where}, the HTTP process on "
+            f"{cpu_text(http) if http else 'any'} (--engine-cpus {option}; off: not pinned)")
 
 
 def _by_phase(buckets: list[str]) -> dict[str, list[str]]:
@@ -815,12 +847,12 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
 
     `auto`: the HTTP process on the last CPU this process may use, the engine on the others
-    if its step is as fast there (the engine process times it: `engine_process.choose_cpus`),
-    else on every CPU (with fewer than two CPUs, or where processes cannot be pinned, neither
-    is pinned): the event loop, woken at every step, then stays off the cores the engine's
-    step runs on, while a step that computes (XLA spreads a larger model's matmuls over the
-    cores) keeps every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP
-    process on the rest (if any). Unpinned, the event loop and the clients keep pushing the
+    to start with, and then on those or on every CPU, whichever serves more tokens per second
+    (the engine process tries both while it serves: `engine_process.Placement`; with fewer
+    than two CPUs, or where processes cannot be pinned, neither is pinned): the event loop,
+    woken at every step, then stays off the cores a short step runs on, while a step that
+    computes (XLA spreads a larger model's matmuls over the cores) keeps every core. `off`:
+    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any). Unpinned, the event loop and the clients keep pushing the
     engine from one core to the other, and its step starts with a cold cache each time."""
     if spec == "off":
         return (), ()

@@ -191,21 +191,6 @@ def test_requests_admitted_together_are_prefilled_together(palm):
     check_greedy(model, params, requests, results)
 
 
-def test_timing_a_decode_step_touches_no_request(palm):
-    model, params, engine = palm
-    assert engine.heaviest_decode_bucket() == Bucket(8, MAX_LEN)  # most rows, longest window
-    steps, tokens = engine.stats.steps, engine.stats.tokens
-    seconds = engine.time_decode_step(3)
-    assert len(seconds) == 3 and all(0 < s < 10 for s in seconds)
-    assert len(engine.time_decode_step(2, Bucket(1, 32))) == 2
-    assert (engine.stats.steps, engine.stats.tokens) == (steps, tokens)  # not a served step
-    assert not engine.scheduler.has_work()
-    request = Request(prompt=(5, 6, 7), max_tokens=4)
-    (result,) = engine.generate([request])  # the slots and the cache serve as before
-    check_greedy(model, params, [request], [result])
-    assert len(result.tokens) == 4
-
-
 def test_tokens_stream_as_they_are_produced(palm):
     _, _, engine = palm
     seen = []
