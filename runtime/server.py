@@ -323,9 +323,9 @@ class Server:
                                    f"{list(http_cpus)}: {e.strerror}")
         report = startup_report(self, facts, seconds)
         if self.options.json:
-            print(json.dumps(report, sort_keys=True), file=self.out, flush=True)
+            say(self.out, json.dumps(report, sort_keys=True))
         else:
-            print(format_report(report), file=self.out, flush=True)
+            say(self.out, format_report(report))
 
     def _failed(self, error: BaseException, ran: bool) -> None:
         """Building or running the engine failed. Requests in flight get a 500; the server
@@ -341,8 +341,8 @@ class Server:
         """SIGTERM or Ctrl-C: admit nothing more; what is in flight finishes."""
         if not self.draining:
             self.draining = True
-            print(f"draining: {len(self._active)} request(s) in flight, up to "
-                  f"{self.options.drain_timeout_s:g} s", file=self.out, flush=True)
+            say(self.out, f"draining: {len(self._active)} request(s) in flight, up to "
+                          f"{self.options.drain_timeout_s:g} s")
 
     # ---- the app --------------------------------------------------------------------------
     def _make_app(self):
@@ -751,6 +751,14 @@ def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
     return report
 
 
+def say(out, line: str) -> None:
+    """A line of the server's log on `out`. A log reader that went away (a closed pipe: the
+    process that started the server died) must not stop the server from serving, or from
+    draining on SIGTERM: the line is dropped."""
+    with contextlib.suppress(OSError, ValueError):  # BrokenPipeError; ValueError: closed file
+        print(line, file=out, flush=True)
+
+
 def cpus_line(cpus: dict) -> str:
     """Where the two processes run (the start-up report's `cpus`)."""
     engine, http, option = cpus["engine"], cpus["http"], cpus["option"]
@@ -912,7 +920,7 @@ def serve(options: ServeOptions, out=sys.stdout) -> int:
             raise error
         raise ValueError(f"the engine failed: {type(error).__name__}: {error}") from error
     if not options.json:
-        print("stopped", file=out, flush=True)
+        say(out, "stopped")
     return 0
 
 
@@ -952,8 +960,10 @@ class _Uvicorn:
 
         class Quiet(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                on_exit()
-                super().handle_exit(sig, frame)
+                try:
+                    on_exit()
+                finally:  # whatever on_exit met, the server drains and stops
+                    super().handle_exit(sig, frame)
 
             @contextlib.contextmanager
             def capture_signals(self):

@@ -718,6 +718,29 @@ def test_engine_cpus_auto_stays_put_when_a_move_fails():
         "pinned)")
 
 
+def test_a_server_whose_log_reader_is_gone_still_drains_on_sigterm():
+    """The process that started the server died, and its stdout pipe with it: the drain's
+    log line cannot be written, and SIGTERM must still stop the server (it used to raise
+    BrokenPipeError in the signal handler, before uvicorn was told to exit: the server ran on)."""
+    import uvicorn
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    s = server.Server(server.ServeOptions(), out=Gone())
+    s.begin_drain()
+    assert s.draining
+    server.say(Gone(), "stopped")  # dropped
+    asgi = server._Uvicorn(uvicorn.Config(s.app), on_exit=lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        asgi.handle_exit(signal.SIGTERM, None)
+    assert asgi.should_exit  # told to exit all the same
+
+
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port must be <= 65535"),
     (["--max-slots", "0"], "--max-slots 0: must be a whole number >= 1"),
