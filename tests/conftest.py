@@ -18,3 +18,29 @@ _cache = os.environ.get("MESHWRIGHT_TEST_CACHE",
                         os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# The slowest test files first (seconds on a cold cache, 2 cores, from --durations): with two
+# workers that each take whole files (--dist loadfile, --no-loadscope-reorder in pyproject), a
+# long file taken last leaves one worker running alone at the end. The docs runner goes first,
+# away from the server tests, which start three servers compiling at once. The rest keep their
+# order.
+SLOW_FILES_FIRST = (
+    "test_docs.py",  # ~110 s: every block of README and docs/ in one subprocess
+    "test_ir.py",  # ~140 s: many models traced and round-tripped
+    "test_server.py",  # ~120 s: three live servers
+    "test_distributed.py",  # ~105 s: 2x4 and 4x2 process jobs
+    "test_lower.py",
+    "test_served_models.py",
+    "test_runtime_engine.py",
+    "test_collective_einsum.py",
+    "test_export.py",
+    "test_property_sweep.py",
+    "test_hf_checkpoints.py",
+    "test_runtime_layouts.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (a stable sort)
