@@ -18,9 +18,9 @@ loop watches, and each message goes to the mailboxes of the requests it names. T
 processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
 process keeps to one core, and by default the engine to the others or to every core, whichever
-its decode steps run faster on, tried while serving (`--engine-cpus`, `cpu_split`,
-`engine_process.Placement`): the loop stays off the cores a short step runs on, and XLA keeps
-every core for a long one.
+serves more tokens per second, tried while serving (`--engine-cpus`, `cpu_split`,
+`engine_process.Placement`): the loop keeps a core of its own when the engine loses little
+there, and XLA keeps every core for a step that computes.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
