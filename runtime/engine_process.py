@@ -178,13 +178,13 @@ class Placement:
         self.settle, self.left, self.tokens, self.t0 = PLACEMENT_SETTLE, PLACEMENT_TURN, 0, 0.0
 
     def _move(self, name: str) -> None:
+        """To the other placement."""
         try:
             self.pin(self.cpus[name])
         except OSError as e:  # (a CPU taken away meanwhile): stay, say so
             self.error = f"cannot move to CPUs {self.cpus[name]}: {e.strerror}"
             return
-        if name != self.current:
-            self.moves += 1
+        self.moves += 1
         self.current = name
         self._start_turn()
 
@@ -214,18 +214,18 @@ class Placement:
             return
         self.turns[self.current].append((self.tokens, t - self.t0))
         if min(len(turns) for turns in self.turns.values()) >= PLACEMENT_TURNS:
-            self._decide()
+            self._decide(t)
         else:
             self._move("every" if self.current == "fewer" else "fewer")
 
-    def _decide(self) -> None:
+    def _decide(self, t: float) -> None:
         rate = {name: sum(n for n, _ in turns) / max(sum(s for _, s in turns), 1e-9)
                 for name, turns in self.turns.items()}
         best = "every" if rate["every"] > rate["fewer"] else "fewer"
         self.trials += 1
         self.trial = False
         hold_s = max(PLACEMENT_HOLD_MIN_S, PLACEMENT_HOLD * self.busy_s)
-        self.hold_until = self.now() + hold_s
+        self.hold_until = t + hold_s
         self.decided = {"placement": best, "tokens_per_s": {k: round(v, 1)
                                                             for k, v in rate.items()},
                         "turns": PLACEMENT_TURNS, "hold_s": round(hold_s, 1)}

@@ -860,8 +860,9 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     than two CPUs, or where processes cannot be pinned, neither is pinned): the event loop,
     woken at every step, then stays off the cores a short step runs on, while a step that
     computes (XLA spreads a larger model's matmuls over the cores) keeps every core. `off`:
-    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any). Unpinned, the event loop and the clients keep pushing the
-    engine from one core to the other, and its step starts with a cold cache each time."""
+    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
+    Unpinned, the event loop and the clients keep pushing the engine from one core to the other,
+    and its step starts with a cold cache each time."""
     if spec == "off":
         return (), ()
     if spec == "auto":
@@ -903,11 +904,11 @@ def serve(options: ServeOptions, out=sys.stdout) -> int:
     server = Server(options, out=out)
     server.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if not options.json:
-        print(f"meshwright serve: listening on {server.address} (GET /health: 503 until "
-              "every bucket is compiled)", file=out, flush=True)
+        say(out, f"meshwright serve: listening on {server.address} (GET /health: 503 until "
+                 "every bucket is compiled)")
         if options.host not in LOOPBACK and not options.api_key:
-            print(f"warning: {options.host} is reachable from other machines and no API key "
-                  f"is set (--api-key or {API_KEY_ENV})", file=out, flush=True)
+            say(out, f"warning: {options.host} is reachable from other machines and no API "
+                     f"key is set (--api-key or {API_KEY_ENV})")
     config = uvicorn.Config(server.app, log_level="warning", access_log=options.access_log,
                             lifespan="on", timeout_graceful_shutdown=options.drain_timeout_s,
                             timeout_keep_alive=5, proxy_headers=False)
