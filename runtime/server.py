@@ -13,8 +13,9 @@ Processes. The engine runs in a process of its own (`engine_process`): it builds
 (compiling every bucket), then runs its loop (`Engine.run_forever`) and sends the tokens and
 results its iterations produced, one message at most every 2 ms (a first token or a result at
 once: `engine_process.HANDOVER_S`). The HTTP handlers run on
-uvicorn's asyncio loop in the server process; the pipe from the engine is one more thing that
-loop watches, and each message goes to the mailboxes of the requests it names. The two
+uvicorn's asyncio loop in the server process; that loop reads the pipe from the engine every
+millisecond while requests are in flight (and is woken by it otherwise:
+`engine_process.POLL_S`), and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
 process keeps to one core, and by default the engine to the others or to every core, whichever

@@ -741,6 +741,49 @@ def test_a_server_whose_log_reader_is_gone_still_drains_on_sigterm():
     assert asgi.should_exit  # told to exit all the same
 
 
+def test_the_server_reads_the_engine_pipe_by_polling_while_requests_are_in_flight():
+    """Idle, the server's loop is woken by the pipe; with a request in flight it stops
+    sleeping on the pipe and reads it every POLL_S (a write that wakes no one is cheaper
+    for the engine); when the last request ends it sleeps on the pipe again. The engine's
+    end of the pipe is played by this test."""
+    import multiprocessing
+
+    class Sink:
+        def __init__(self):
+            self.items = []
+
+        def put(self, item):
+            self.items.append(item)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        proc = engine_process.EngineProcess(server.ServeOptions(), on_message=lambda m: None)
+        proc._conn, engine_end = multiprocessing.Pipe(duplex=True)
+        proc._loop = loop
+        proc._listen()
+        assert proc._watching and proc._poller is None  # idle: woken by the pipe
+        sink = Sink()
+        submitted = asyncio.ensure_future(proc.submit("a request", True, sink))
+        await asyncio.sleep(0)
+        assert not proc._watching and proc._poller is not None  # in flight: polled
+        assert engine_end.recv() == ("submit", 0, "a request", True)
+        engine_end.send(("accepted", 0))
+        assert await asyncio.wait_for(submitted, 1) == (0, None)
+        result = engine_process.EngineFacts  # any object but an int ends the request
+        engine_end.send(("step", [0.001], [(0, 7), (0, 8), (0, result)]))
+        for _ in range(100):
+            await asyncio.sleep(engine_process.POLL_S)
+            if proc._watching:
+                break
+        assert sink.items == [7, 8, result]
+        assert proc._watching and proc._poller is None  # nothing in flight: woken again
+        engine_end.close()
+        await asyncio.sleep(0.01)  # the pipe closed: the loop lets go of it
+        assert proc._closed and not proc._watching and proc.status == "failed"
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port must be <= 65535"),
     (["--max-slots", "0"], "--max-slots 0: must be a whole number >= 1"),
