@@ -748,7 +748,8 @@ class Engine:
     def run_forever(self, stop: threading.Event,
                     on_step: Callable[[float], None] | None = None,
                     idle_poll_s: float = 0.05,
-                    after_iteration: Callable[[bool], None] | None = None) -> None:
+                    after_iteration: Callable[[bool], None] | None = None,
+                    idle_wait: Callable[[float], None] | None = None) -> None:
         """Run the loop in this thread until `stop` is set: step while there is work, sleep
         while there is none (a submit or abort wakes it; `stop` is seen within
         `idle_poll_s`). Meanwhile other threads submit, abort and wait on handles (a
@@ -758,7 +759,10 @@ class Engine:
         `on_step(seconds)` is called after each iteration that ran something, then
         `after_iteration(waits)` after every iteration (the place to hand over, at once, what
         the callbacks of its requests collected; `waits`: the loop now waits for a dynamic
-        batching window, so nothing should be held back).
+        batching window, so nothing should be held back). `idle_wait(seconds)`, if given, is
+        how the loop waits when it has no work or waits for a batching window: called without
+        the engine's lock, it may return early (the place to wait for work arriving by another
+        way than a thread's `submit`, and to submit it from this thread).
 
             >>> stop = threading.Event()                                    # doctest: +SKIP
             >>> threading.Thread(target=engine.run_forever, args=(stop,)).start()
@@ -774,9 +778,13 @@ class Engine:
         try:
             while not stop.is_set():
                 with self._lock:
-                    if not self.scheduler.has_work():
+                    idle = not self.scheduler.has_work()
+                    if idle and idle_wait is None:
                         self._progress.wait(idle_poll_s)
                         continue
+                if idle:
+                    idle_wait(idle_poll_s)
+                    continue
                 t0, steps = time.perf_counter(), self.stats.steps
                 wait_until = self.step()
                 if on_step is not None and self.stats.steps != steps:
@@ -784,9 +792,12 @@ class Engine:
                 if after_iteration is not None:
                     after_iteration(wait_until is not None)
                 if wait_until is not None:  # dynamic batching's window: a submit may end it
+                    wait_s = min(idle_poll_s, max(0.0, wait_until - self.clock.now()))
+                    if idle_wait is not None:
+                        idle_wait(wait_s)
+                        continue
                     with self._lock:
-                        self._progress.wait(min(idle_poll_s,
-                                                max(0.0, wait_until - self.clock.now())))
+                        self._progress.wait(wait_s)
         finally:
             with self._lock:
                 self._loop_thread = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 
 import jax
 import jax.numpy as jnp
@@ -506,6 +507,46 @@ def test_the_loop_in_a_thread_serves_concurrent_submits_and_aborts(palm):
     check_greedy(model, params, [requests[i] for i in done], [results[i][0] for i in done])
     assert steps and all(s > 0 for s in steps) and not engine.scheduler.has_work()
     assert engine.generate([[1, 2, 3]], max_tokens=2)[0].ok  # single-threaded use again
+
+
+def test_the_loop_takes_work_in_its_own_thread_through_idle_wait(palm):
+    """run_forever with idle_wait and after_iteration: requests arrive by another way than a
+    thread's submit (here a list, as the engine process's pipe) and the loop's own thread
+    submits them, between iterations and while it waits; every one ends with its greedy
+    tokens, and the loop waits through idle_wait only (never on its own condition)."""
+    import threading
+
+    model, params, engine = palm
+    engine.set_policy("fused")
+    incoming = random_requests(12, seed=21)
+    arrive_at = {0: incoming[:3], 2: incoming[3:8], 9: incoming[8:]}  # by iteration
+    stop, results, waits, loop_thread = threading.Event(), {}, [], []
+    iterations = [0]
+    deadline = time.monotonic() + 120
+
+    def take(timeout: float = 0.0) -> None:
+        for r in arrive_at.pop(iterations[0], []):
+            i = incoming.index(r)
+            engine.submit(r, on_finish=lambda res, i=i: results.__setitem__(i, res))
+        loop_thread.append(threading.get_ident())
+        if len(results) == len(incoming) or time.monotonic() > deadline:  # (a hang: fail)
+            stop.set()
+
+    def after(waits_: bool) -> None:
+        iterations[0] += 1
+        take()
+
+    def idle(timeout: float) -> None:  # nothing to run: time passes to the next arrival
+        waits.append(timeout)
+        if arrive_at:
+            iterations[0] = max(iterations[0], min(arrive_at))
+        take(timeout)
+
+    engine.run_forever(stop, after_iteration=after, idle_wait=idle)  # in this thread
+    assert sorted(results) == list(range(len(incoming))) and not arrive_at
+    assert set(loop_thread) == {threading.get_ident()}
+    assert waits  # it waited for work through idle_wait
+    check_greedy(model, params, incoming, [results[i] for i in range(len(incoming))])
 
 
 def test_a_prefill_calls_first_tokens_go_out_when_the_call_ends(palm):
