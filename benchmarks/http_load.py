@@ -32,9 +32,7 @@ Each reports throughput (generated tokens / first arrival to last token), p50/p9
 p50/p99 time to first token, and CPU time per generated token: of this process for
 in-process; for HTTP of the server's two processes together, of the HTTP process's event-loop
 thread alone (server-loop: the HTTP work), of the engine process (its loop and XLA's threads),
-and of the load generator (on two cores the client's CPU is taken from the server); and for a
-server that tries both placements of its engine (`--engine-cpus auto`) where the engine was at
-the end of each run (`engine on fewer xN, every xM`: its own cores, or every core). The table
+and of the load generator (on two cores the client's CPU is taken from the server). The table
 gives medians over repeats, and each way's throughput against in-process: the median over
 repeats of http / in-process - 1 within the repeat. Writes benchmarks/results/http_load.json.
 """
@@ -286,28 +284,7 @@ def run_http(server: ServerProcess, load, stream: bool = True) -> dict:
                              "server_loop": loop_cpu / tokens * 1e6,
                              "engine": engine_cpu / tokens * 1e6,
                              "client": client_cpu / tokens * 1e6}
-    m["placement"] = placement_of(server)
     return m
-
-
-def placement_of(server: ServerProcess) -> dict | None:
-    """`--engine-cpus auto`: where the engine process runs now and its trials so far (from
-    /metrics: `meshwright_engine_placement*`); None when the server does not try both."""
-    from urllib.request import urlopen
-
-    from meshwright.runtime.prometheus import parse
-
-    with urlopen(f"{server.address}/metrics", timeout=30) as r:
-        m = parse(r.read().decode())
-    now = [k for k, v in m.items() if k.startswith("meshwright_engine_placement{") and v == 1]
-    if not now:
-        return None
-    rates = {re.search(r'placement="(\w+)"', k).group(1): v for k, v in m.items()
-             if k.startswith("meshwright_engine_placement_tokens_per_second{")}
-    return {"current": re.search(r'placement="(\w+)"', now[0]).group(1),
-            "trials": int(m["meshwright_engine_placement_trials_total"]),
-            "moves": int(m["meshwright_engine_placement_moves_total"]),
-            "last_trial_tokens_per_s": rates}
 
 
 def run_loop(main):
@@ -339,9 +316,6 @@ def median_of(runs: list[dict]) -> dict:
            "ttft_s": {q: med([r["ttft_s"][q] for r in runs]) for q in ("p50", "p99")},
            "cpu_us_per_token": {k: med([r["cpu_us_per_token"][k] for r in runs])
                                 for k in runs[0]["cpu_us_per_token"]}}
-    placed = [r["placement"]["current"] for r in runs if r.get("placement")]
-    if placed:  # where the engine process was at the end of each run
-        out["placement_at_end"] = {p: placed.count(p) for p in sorted(set(placed))}
     out["runs"] = runs
     return out
 
@@ -363,9 +337,6 @@ def table(rows: list[dict]) -> str:
             tps = m["throughput_tokens_per_s"]
             cpu = ", ".join(f"{k.replace('_', '-')} {v:.0f}"
                             for k, v in m["cpu_us_per_token"].items())
-            if m.get("placement_at_end"):  # auto: where the engine ended each run
-                cpu += "; engine on " + ", ".join(f"{k} x{n}"
-                                                  for k, n in m["placement_at_end"].items())
             vs = row["throughput_overhead"].get(mode)
             lines.append(f"{row['rate']:>6g}  {mode.replace('_', '-'):<22}{tps:>7.0f}"
                          f"{'' if vs is None else f'{-vs:+.1%}':>11}"

@@ -18,10 +18,10 @@ millisecond while requests are in flight (and is woken by it otherwise:
 `engine_process.POLL_S`), and each message goes to the mailboxes of the requests it names. The two
 processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
-process keeps to one core, and by default the engine to the others or to every core, whichever
-serves more tokens per second, tried while serving (`--engine-cpus`, `cpu_split`,
-`engine_process.Placement`): the loop keeps a core of its own when the engine loses little
-there, and XLA keeps every core for a step that computes.
+process keeps to one core, and by default the engine to the others, but for XLA's compute
+threads, which may use every core (`--engine-cpus`, `cpu_split`, `engine_process.pin_split`):
+the loop keeps a core of its own from a step that is mostly dispatch, and a step that computes
+keeps every core for its matmuls.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -52,7 +52,6 @@ from typing import Any
 
 from meshwright.runtime import openai_api as api
 from meshwright.runtime.engine_process import (
-    PLACEMENT_HOLD_MIN_S,
     EngineFacts,
     EngineProcess,
     pin_process,
@@ -230,32 +229,6 @@ def engine_metric_lines(engine) -> list[str]:
                "consecutive decode steps that ran different layouts",
                [({}, stats.layout_switches)]),
     ]
-
-
-def placement_lines(state: dict) -> list[str]:
-    """`--engine-cpus auto`: where the engine process runs and what its last trial measured
-    (`engine_process.Placement.state()`) as Prometheus families."""
-    where = {name: cpu_text(cpus) for name, cpus in state["cpus"].items()}
-    rates = (state["decided"] or {}).get("tokens_per_s", {})
-    return [
-        family("meshwright_engine_placement", "gauge", "the CPUs the engine process runs on "
-               "now (1) or may move to (0): --engine-cpus auto tries both while serving",
-               [({"cpus": where[name], "placement": name}, int(name == state["current"]))
-                for name in ("fewer", "every")]),
-        family("meshwright_engine_placement_tokens_per_second", "gauge",
-               "what each placement served in the last trial",
-               [({"cpus": where[name], "placement": name}, rates[name])
-                for name in ("fewer", "every") if name in rates]),
-        family("meshwright_engine_placement_trials_total", "counter",
-               "trials of the two placements ended", [({}, state["trials"])]),
-        family("meshwright_engine_placement_moves_total", "counter",
-               "moves of the engine process from one placement to the other",
-               [({}, state["moves"])]),
-        family("meshwright_engine_placement_trying", "gauge",
-               "1 while a trial alternates the placements", [({}, int(state["trial"]))]),
-    ] + ([family("meshwright_engine_placement_stopped", "gauge", "1: a move failed, so the "
-                 "engine process stays where it is (reason)", [({"reason": state["error"]}, 1)])]
-         if state["error"] else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,7 +718,7 @@ def startup_report(server: Server, facts: EngineFacts, seconds: float) -> dict:
               "buckets": list(facts.buckets), "compile_s": round(seconds, 2),
               "auth": bool(server.options.api_key), "notes": list(facts.notes),
               "cpus": {"engine": facts.cpus, "http": server.http_cpus,
-                       "option": server.options.engine_cpus, "tried": facts.placement},
+                       "option": server.options.engine_cpus, "compute": facts.compute_cpus},
               "status": "ready", **facts.layout_info}
     if facts.plan_text is not None:
         report["plan_text"] = facts.plan_text
@@ -767,13 +740,9 @@ def cpus_line(cpus: dict) -> str:
         why = {"off": "--engine-cpus off", "auto": "--engine-cpus auto: fewer than 2 CPUs, or "
                "a platform without CPU affinity"}.get(option, f"--engine-cpus {option}")
         return f"cpus: not pinned ({why})"
-    tried = cpus.get("tried")
-    if tried:  # auto: two placements, tried while serving
-        where = (f"{cpu_text(tried['fewer'])} or every CPU, whichever serves more tokens per "
-                 f"second (tried while serving, again every {PLACEMENT_HOLD_MIN_S:g} s or more: "
-                 "/metrics meshwright_engine_placement)")
-    else:
-        where = cpu_text(engine) if engine else "any"
+    where = cpu_text(engine) if engine else "any"
+    if cpus.get("compute"):  # auto: XLA's compute threads on every CPU
+        where += f" (XLA's compute threads on {cpu_text(cpus['compute'])})"
     return (f"cpus: the engine process on {where}, the HTTP process on "
             f"{cpu_text(http) if http else 'any'} (--engine-cpus {option}; off: not pinned)")
 
@@ -855,12 +824,11 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     """Where the engine process and the HTTP process run once the server is ready: (the
     engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
 
-    `auto`: the HTTP process on the last CPU this process may use, the engine on the others
-    to start with, and then on those or on every CPU, whichever serves more tokens per second
-    (the engine process tries both while it serves: `engine_process.Placement`; with fewer
-    than two CPUs, or where processes cannot be pinned, neither is pinned): the event loop,
-    woken at every step, then stays off the cores a short step runs on, while a step that
-    computes (XLA spreads a larger model's matmuls over the cores) keeps every core. `off`:
+    `auto`: the HTTP process on the last CPU this process may use, the engine on the others,
+    but for XLA's compute threads, which may use every CPU (`engine_process.pin_split`; with
+    fewer than two CPUs, or where processes cannot be pinned, neither is pinned): the event
+    loop, woken at every step, then stays off the cores a short step runs on, while a step
+    that computes (XLA spreads a larger model's matmuls over the cores) keeps every core. `off`:
     neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
     Unpinned, the event loop and the clients keep pushing the engine from one core to the other,
     and its step starts with a cold cache each time."""

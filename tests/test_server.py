@@ -150,14 +150,13 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
                "8x128" in line for line in lines)
     assert [line for line in lines if line.startswith("ready:")] == [lines[-1]]
     # --engine-cpus auto: once compiled, the HTTP process keeps to the last CPU (every
-    # thread of it); the engine process to the others, or every CPU, as its trials decide
+    # thread of it); the engine process to the others, but for XLA's compute threads
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) >= 2:
         (line,) = [line for line in lines if line.startswith("cpus: ")]
-        assert line == (f"cpus: the engine process on {server.cpu_text(cpus[:-1])} or every "
-                        "CPU, whichever serves more tokens per second (tried while serving, "
-                        "again every 10 s or more: /metrics meshwright_engine_placement), the "
-                        f"HTTP process on {cpus[-1]} (--engine-cpus auto; off: not pinned)")
+        assert line == (f"cpus: the engine process on {server.cpu_text(cpus[:-1])} (XLA's "
+                        f"compute threads on {server.cpu_text(cpus)}), the HTTP process on "
+                        f"{cpus[-1]} (--engine-cpus auto; off: not pinned)")
         pid = main.proc.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         (engine,) = [int(c) for c in children
@@ -165,9 +164,12 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
         http_threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         assert {frozenset(os.sched_getaffinity(t)) for t in http_threads} == {
             frozenset({cpus[-1]})}
-        engine_threads = [int(t) for t in os.listdir(f"/proc/{engine}/task")]
-        where = {frozenset(os.sched_getaffinity(t)) for t in engine_threads}
-        assert where in ({frozenset(cpus[:-1])}, {frozenset(cpus)}), where  # (idle: no move)
+        where = {}
+        for t in os.listdir(f"/proc/{engine}/task"):
+            name = Path(f"/proc/{engine}/task/{t}/comm").read_text().strip()
+            where.setdefault(name == engine_process.XLA_COMPUTE_THREAD, set()).add(
+                frozenset(os.sched_getaffinity(int(t))))
+        assert where == {False: {frozenset(cpus[:-1])}, True: {frozenset(cpus)}}, where
     assert httpx.get(f"{main.address}/health").json() == {"status": "ready", "model": MODEL}
     models = main.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -527,13 +529,6 @@ def test_metrics_are_prometheus_text(main):
     assert len(in_use) == 1 and 'layout="replicated"' in in_use[0]
     steps = {k: v for k, v in m.items() if k.startswith("meshwright_engine_steps_total{")}
     assert any('phase="decode",bucket="8x128"' in k and v > 0 for k, v in steps.items())
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) >= 2:  # --engine-cpus auto: where the engine runs, one placement at a time
-        fewer, every = server.cpu_text(cpus[:-1]), server.cpu_text(cpus)
-        assert sorted(v for k, v in m.items() if k.startswith("meshwright_engine_placement{")
-                      ) == [0, 1]
-        assert f'meshwright_engine_placement{{cpus="{fewer}",placement="fewer"}}' in m
-        assert f'meshwright_engine_placement{{cpus="{every}",placement="every"}}' in m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,102 +613,34 @@ def test_engine_cpus_split_the_cores_between_the_two_processes():
     assert server.cpu_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
-class FakeCpus:
-    """`Placement`'s pin and clock for a test: every move is kept in `where`."""
-
-    def __init__(self, fail_on: int | None = None) -> None:
-        self.where: list[list[int]] = []
-        self.t = 0.0
-        self.fail_on = fail_on  # the move that raises OSError (its index), if any
-
-    def pin(self, cpus: list[int]) -> None:
-        if len(self.where) == self.fail_on:
-            raise OSError(22, "Invalid argument")
-        self.where.append(sorted(cpus))
-
-    def now(self) -> float:
-        return self.t
-
-
-def iterate(placement, fake: FakeCpus, rate: dict, n: int, seconds: float = 1e-3,
-            wait_s: float = 0.0) -> None:
-    """`n` engine iterations of `seconds` each, `wait_s` apart, producing tokens at
-    `rate[placement]` per second of wall time (idle waits included)."""
-    for _ in range(n):
-        fake.t += wait_s + seconds
-        placement.record(seconds, rate[placement.current] * (wait_s + seconds))
-
-
-@pytest.mark.parametrize("fewer,every,best", [
-    (8000, 7000, "fewer"),  # a small model: the event loop and the clients keep a core
-    (140, 180, "every"),  # XLA spreads a large model's matmuls over every core
-    (1000, 1000, "fewer"),  # a tie: off the event loop's core
-])
-def test_engine_cpus_auto_tries_both_placements_while_serving(fewer, every, best):
-    fake = FakeCpus()
-    rate = {"fewer": fewer, "every": every}
-    p = engine_process.Placement({0}, {0, 1}, pin=fake.pin, now=fake.now)
-    assert fake.where == [[0]] and p.trial and p.current == "fewer"
-    turn = engine_process.PLACEMENT_SETTLE + engine_process.PLACEMENT_TURN
-    turns = 2 * engine_process.PLACEMENT_TURNS
-    iterate(p, fake, rate, turn * turns - 1)
-    assert p.trial and fake.where == [[0], [0, 1]] * (turns // 2)  # alternated, turn by turn
-    iterate(p, fake, rate, 1)  # the last turn's last iteration ends the trial
-    assert not p.trial and p.current == best and p.trials == 1
-    assert fake.where[-1] == ([0] if best == "fewer" else [0, 1])
-    hold_s = max(engine_process.PLACEMENT_HOLD_MIN_S,
-                 engine_process.PLACEMENT_HOLD * turn * turns * 1e-3)
-    assert p.decided == {"placement": best, "tokens_per_s": {"fewer": fewer, "every": every},
-                         "turns": 4, "hold_s": hold_s}
-    # it holds: no move until the hold ends, then a new trial at the next iteration
-    moves = len(fake.where)
-    iterate(p, fake, rate, 100, seconds=(hold_s - 1.0) / 100)
-    assert len(fake.where) == moves and not p.trial
-    iterate(p, fake, rate, 1, seconds=2.0)
-    assert p.trial
-    lines = "\n".join(server.placement_lines(p.state()))
-    assert f'meshwright_engine_placement{{cpus="0",placement="fewer"}} {int(best == "fewer")}' \
-        in lines
-    assert 'meshwright_engine_placement_tokens_per_second{cpus="0-1",placement="every"} ' \
-        f"{every}" in lines
-    assert "meshwright_engine_placement_trials_total 1" in lines
-    assert "meshwright_engine_placement_trying 1" in lines
-
-
-def test_engine_cpus_auto_counts_no_wait_for_work_against_a_placement():
-    # turns of the fewer placement end in long waits for work (the load, not the placement):
-    # they start again after the wait, so the waits count against neither
-    fake = FakeCpus()
-    p = engine_process.Placement({0}, {0, 1}, pin=fake.pin, now=fake.now)
-    rate = {"fewer": 1000, "every": 1000}
-    turn = engine_process.PLACEMENT_SETTLE + engine_process.PLACEMENT_TURN
-    for _ in range(engine_process.PLACEMENT_TURNS):
-        iterate(p, fake, rate, turn - 1)
-        iterate(p, fake, {"fewer": 0, "every": 0}, 1, wait_s=1.0)  # a second with no work:
-        iterate(p, fake, rate, engine_process.PLACEMENT_TURN - 2)  # the turn starts again
-        assert p.current == "fewer"
-        iterate(p, fake, {"fewer": 3000, "every": 0}, 1)  # its last iteration (a fast one)
-        assert p.current == "every"
-        iterate(p, fake, rate, turn)
-    assert not p.trial and p.decided["placement"] == "fewer"
-    assert p.decided["tokens_per_s"] == {"fewer": 1062.5, "every": 1000}  # 17 tokens in 16 ms
-
-
-def test_engine_cpus_auto_stays_put_when_a_move_fails():
-    fake = FakeCpus(fail_on=1)  # the first move, to every CPU, fails
-    p = engine_process.Placement({0}, {0, 1}, pin=fake.pin, now=fake.now)
-    iterate(p, fake, {"fewer": 1000, "every": 1000}, 1000)
-    assert fake.where == [[0]] and p.current == "fewer" and p.trials == 0
-    assert p.error == "cannot move to CPUs [0, 1]: Invalid argument"
-    assert server.placement_lines(p.state())[-1].endswith(
-        'meshwright_engine_placement_stopped{reason="cannot move to CPUs [0, 1]: Invalid '
-        'argument"} 1')
-    line = server.cpus_line({"engine": [0], "http": [1], "option": "auto",
-                             "tried": p.cpus})
-    assert line.startswith("cpus: the engine process on 0 or every CPU, whichever serves "
-                           "more tokens per second")
+def test_engine_cpus_auto_gives_xlas_compute_threads_every_cpu():
+    """pin_split: every thread on the engine's CPUs, XLA's compute threads on every CPU; none
+    of those (another XLA): all on the engine's CPUs, and the server says so."""
+    calls = []
+    tasks = [(10, "python3"), (11, engine_process.XLA_COMPUTE_THREAD), (12, "python3"),
+             (13, engine_process.XLA_COMPUTE_THREAD)]
+    pinned = []
+    real_pin = engine_process.pin_process
+    engine_process.pin_process = pinned.append  # (not this test process's threads)
+    try:
+        found = engine_process.pin_split([0], [0, 1], tasks=lambda: tasks,
+                                         set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
+        assert found == 2 and pinned == [[0]] and calls == [(11, {0, 1}), (13, {0, 1})]
+        calls.clear()
+        assert engine_process.pin_split([0], [0, 1], tasks=lambda: tasks[::2],
+                                        set_affinity=lambda *a: calls.append(a)) == 0
+        assert not calls
+    finally:
+        engine_process.pin_process = real_pin
+    if os.path.isdir("/proc/self/task"):  # this process's threads, each with its name
+        mine = dict(engine_process.threads())
+        assert threading.get_native_id() in mine and all(mine.values())
+    assert server.cpus_line({"engine": [0], "http": [1], "option": "auto",
+                             "compute": [0, 1]}) == (
+        "cpus: the engine process on 0 (XLA's compute threads on 0-1), the HTTP process on 1 "
+        "(--engine-cpus auto; off: not pinned)")
     assert server.cpus_line({"engine": [0, 1], "http": [2, 3], "option": "0-1",
-                             "tried": None}) == (
+                             "compute": None}) == (
         "cpus: the engine process on 0-1, the HTTP process on 2-3 (--engine-cpus 0-1; off: not "
         "pinned)")
 
