@@ -35,9 +35,8 @@ on another core costs twice one that wakes no one (15-30 us against 7-11 us on t
 machine): so while requests are in flight the server does not sleep on the pipe but reads it
 every `POLL_S` (1 ms; a token reaches its handler half a millisecond later on average), and
 only an idle server is woken by a message. A step longer than `HANDOVER_S` still sends one
-message per step. The step times for the server's
-histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole answers
-does not wake it). The engine process exits when told to stop or when the pipe closes (the
+message per step. The step times for the server's histogram ride along, or go every
+`STEP_TIMES_BATCH` steps (an engine running only whole answers does not wake it). The engine process exits when told to stop or when the pipe closes (the
 server died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs
 the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says where in
 `EngineFacts.cpus`; with `auto` it keeps to the CPUs the HTTP process leaves it but for XLA's
@@ -218,7 +217,11 @@ def engine_main(options, conn) -> None:
         """Building takes seconds to minutes, and all the server may send meanwhile is
         "stop" (or it died: the pipe closes): either way there is nothing to finish."""
         while not ready.is_set():
-            if conn.poll(0.1) and not ready.is_set():
+            try:
+                news = conn.poll(0.1)
+            except (OSError, ValueError):  # closed by this process: building failed
+                return
+            if news and not ready.is_set():
                 os._exit(0)
 
     def obey(command: tuple) -> None:
