@@ -123,18 +123,6 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def pin_process(cpus) -> None:
-    """Every thread of this process onto `cpus` (threads started later inherit it from their
-    parent). Linux only (`os.sched_setaffinity`, which pins one thread per call)."""
-    try:
-        threads = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # no /proc: this thread only
-        threads = [0]
-    for tid in threads:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, set(cpus))
-
-
 def threads() -> list[tuple[int, str]]:
     """(thread id, name) of every thread of this process (Linux's /proc; [] elsewhere)."""
     out = []
@@ -144,6 +132,15 @@ def threads() -> list[tuple[int, str]]:
             with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
                 out.append((int(tid), f.read().strip()))
     return out
+
+
+def pin_process(cpus) -> None:
+    """Every thread of this process onto `cpus` (threads started later inherit it from their
+    parent). Linux only (`os.sched_setaffinity`, which pins one thread per call; without
+    /proc, this thread only)."""
+    for tid in [tid for tid, _ in threads()] or [0]:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, set(cpus))
 
 
 def pin_split(cpus, compute_cpus, tasks: Callable[[], list[tuple[int, str]]] = threads,

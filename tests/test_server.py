@@ -613,25 +613,21 @@ def test_engine_cpus_split_the_cores_between_the_two_processes():
     assert server.cpu_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
-def test_engine_cpus_auto_gives_xlas_compute_threads_every_cpu():
+def test_engine_cpus_auto_gives_xlas_compute_threads_every_cpu(monkeypatch):
     """pin_split: every thread on the engine's CPUs, XLA's compute threads on every CPU; none
     of those (another XLA): all on the engine's CPUs, and the server says so."""
     calls = []
     tasks = [(10, "python3"), (11, engine_process.XLA_COMPUTE_THREAD), (12, "python3"),
              (13, engine_process.XLA_COMPUTE_THREAD)]
     pinned = []
-    real_pin = engine_process.pin_process
-    engine_process.pin_process = pinned.append  # (not this test process's threads)
-    try:
-        found = engine_process.pin_split([0], [0, 1], tasks=lambda: tasks,
-                                         set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
-        assert found == 2 and pinned == [[0]] and calls == [(11, {0, 1}), (13, {0, 1})]
-        calls.clear()
-        assert engine_process.pin_split([0], [0, 1], tasks=lambda: tasks[::2],
-                                        set_affinity=lambda *a: calls.append(a)) == 0
-        assert not calls
-    finally:
-        engine_process.pin_process = real_pin
+    monkeypatch.setattr(engine_process, "pin_process", pinned.append)  # (not this process's)
+    found = engine_process.pin_split([0], [0, 1], tasks=lambda: tasks,
+                                     set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
+    assert found == 2 and pinned == [[0]] and calls == [(11, {0, 1}), (13, {0, 1})]
+    calls.clear()
+    assert engine_process.pin_split([0], [0, 1], tasks=lambda: tasks[::2],
+                                    set_affinity=lambda *a: calls.append(a)) == 0
+    assert not calls
     if os.path.isdir("/proc/self/task"):  # this process's threads, each with its name
         mine = dict(engine_process.threads())
         assert threading.get_native_id() in mine and all(mine.values())
