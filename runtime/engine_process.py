@@ -27,20 +27,23 @@ server's commands between iterations (and while it waits for work: `idle_wait`).
 thread of its own would wake on the engine's core for every request and take the interpreter's
 lock from the loop: measured on the bundled model, the decode steps of the first 150 ms of a
 burst of 128 requests took 48% longer than in-process with one, 10% with none (and those after
-it 8% and 5%). A command waits at most one step. What the iterations produce goes
-out as ONE message at a time, at most every `HANDOVER_S` (2 ms; `--stream-interval` if longer),
-at once when a request has its first token or ends, or the loop is about to wait. Every
-message costs the engine the pickle and the write, and a write that wakes the server's process
-on another core costs twice one that wakes no one (15-30 us against 7-11 us on the 2-core test
-machine): so while requests are in flight the server does not sleep on the pipe but reads it
-every `POLL_S` (1 ms; a token reaches its handler half a millisecond later on average), and
-only an idle server is woken by a message. A step longer than `HANDOVER_S` still sends one
-message per step. The step times for the server's histogram ride along, or go every
-`STEP_TIMES_BATCH` steps (an engine running only whole answers does not wake it). The engine process exits when told to stop or when the pipe closes (the
-server died). Once every bucket is compiled (on every core), it pins all its threads to the CPUs
-the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says where in
-`EngineFacts.cpus`; with `auto` it keeps to the CPUs the HTTP process leaves it but for XLA's
-compute threads, which may use every CPU (`pin_split`; where, in `EngineFacts.compute_cpus`).
+it 8% and 5%). It reads them at most every `READ_S` (1 ms) while it runs requests, at once when
+it is about to wait. What the iterations produce goes out as ONE message at a time, at most
+every `HANDOVER_S` (2 ms; `--stream-interval` if longer), at once when a request has its first
+token or ends, or the loop is about to wait; while requests wait for a slot, both only every
+`QUEUED_HANDOVER_S` (8 ms; `Pace` says why). Every message costs the engine the pickle and the
+write, and a write that wakes the server's process on another core costs twice one that wakes
+no one (15-30 us against 7-11 us on the 2-core test machine): so while requests are in flight
+the server does not sleep on the pipe but reads it every `POLL_S` (1 ms; a token reaches its
+handler half a millisecond later on average), and only an idle server is woken by a message. A
+step longer than `HANDOVER_S` still sends one message per step. The step times for the server's
+histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running only whole
+answers does not wake it). The engine process exits when told to stop or when the pipe closes
+(the server died). Once every bucket is compiled (on every core), it pins all its threads to
+the CPUs the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says
+where in `EngineFacts.cpus`; with `auto` it keeps to the CPUs the HTTP process leaves it but
+for XLA's compute threads, which may use every CPU (`pin_split`; where, in
+`EngineFacts.compute_cpus`).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
@@ -53,6 +56,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -69,6 +73,11 @@ POLL_S = 0.001  # while requests are in flight, the server reads the pipe this o
 #                 about half as much)
 HANDOVER_S = 0.002  # streamed tokens go to the server at most this often (a first token, a
 #                     Result at once)
+READ_S = 0.001  # while it runs requests, the engine reads the server's commands at most this
+#                 often (at once when it is about to wait)
+QUEUED_HANDOVER_S = 0.008  # while requests wait for a slot, the engine hands over and reads
+#                            commands only this often, first tokens and ends included: every
+#                            hand-over costs tokens the queue is waiting for
 XLA_COMPUTE_THREAD = "tf_XLAEigen"  # the name of XLA:CPU's intra-op threads (its Eigen pool:
 #                                      the threads a matmul or convolution is split over)
 
@@ -168,6 +177,56 @@ def pin_split(cpus, compute_cpus, tasks: Callable[[], list[tuple[int, str]]] = t
     return found
 
 
+def pipe_reader(conn) -> Callable[[float], bool]:
+    """`conn.poll(timeout)` without its cost: whether `conn` has something to read (or has
+    closed), waiting up to `timeout` seconds. `Connection.poll` builds a selector for every
+    call (3 us warm); one `select.poll` object kept for the pipe answers in 0.3 us. Where
+    there is no poll(2), `conn.poll` itself."""
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+    except (AttributeError, OSError):
+        return conn.poll
+    return lambda timeout: bool(poller.poll(timeout * 1000))  # (ms; a closed pipe: POLLHUP)
+
+
+class Pace:
+    """When the engine's loop hands what its iterations produced over to the server, and when
+    it reads the server's commands; called after every iteration with the time `t` and:
+    `waits` (the loop is about to wait: both at once), `queued` (requests wait for a slot),
+    `news` (tokens or results to hand over), `urgent` (among them a first token or an end),
+    `full` (step times enough for a message of their own).
+
+    Both cost the engine more than they seem to: right after a step, whose weights and KV
+    cache have pushed the loop's code and data out of the CPU's caches, a hand-over (pickle
+    and write) took 34-41 us of the engine's CPU and a read of the pipe 10-12 us on the
+    bundled model (on a warm loop: 8 and 0.3 us). Every 2 ms or at once for a first token or
+    an end, and a read after every iteration, that was 5-7 us per generated token, 4-5% of
+    the engine's time. So: reads at most every `READ_S`; and while requests wait for a slot,
+    when every microsecond of the engine's is one they wait for, both only every `queued_s`
+    (`QUEUED_HANDOVER_S`, or `handover_s` if longer), first tokens and ends included (their
+    time to first token is mostly the queue's by then)."""
+
+    def __init__(self, handover_s: float, t: float) -> None:
+        self.handover_s = handover_s
+        self.queued_s = max(QUEUED_HANDOVER_S, handover_s)
+        self.sent = self.last_read = t
+
+    def hand_over(self, t: float, waits: bool, queued: bool, news: bool, urgent: bool,
+                  full: bool = False) -> bool:
+        every = self.queued_s if queued else self.handover_s
+        if full or news and (waits or urgent and not queued or t - self.sent >= every):
+            self.sent = t
+            return True
+        return False
+
+    def read(self, t: float, waits: bool, queued: bool) -> bool:
+        if waits or t - self.last_read >= (self.queued_s if queued else READ_S):
+            self.last_read = t
+            return True
+        return False
+
+
 def drain(times: deque) -> list[float]:
     """Take what is in `times` (another thread may append meanwhile)."""
     out = []
@@ -182,7 +241,11 @@ def engine_main(options, conn) -> None:
     # Signals are the server's business: it drains, then tells this process to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    send = conn.send  # (one thread sends and reads once the engine is built)
+    def send(message: tuple) -> None:  # (one thread sends and reads once the engine is built)
+        # what conn.send does, without a ForkingPickler (and its dispatch table) per message
+        conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    readable = pipe_reader(conn)
     stop = threading.Event()
     ready = threading.Event()
     engine = None
@@ -250,7 +313,7 @@ def engine_main(options, conn) -> None:
         engine's own thread reads them between iterations: no second thread wakes on this
         core for every request, nor takes the interpreter's lock from the loop."""
         try:
-            while not stop.is_set() and conn.poll(timeout):
+            while not stop.is_set() and readable(timeout):
                 obey(conn.recv())
                 timeout = 0.0
         except (EOFError, OSError):  # the server is gone
@@ -288,23 +351,21 @@ def engine_main(options, conn) -> None:
         send(("ready", facts, time.perf_counter() - t0))
         ran = True
 
-        handover_s = max(HANDOVER_S, options.stream_interval_s)
-        last = time.perf_counter()
+        pace = Pace(max(HANDOVER_S, options.stream_interval_s), time.perf_counter())
 
         def flush(waits: bool = True) -> None:
-            """Hand over what the iterations produced: at once if the loop now waits or a
-            request has its first token or ended, else once `handover_s` has passed since the
-            last hand-over. Then read the commands that came meanwhile."""
-            nonlocal last
+            """Hand over what the iterations produced and read the server's commands, when
+            `pace` says so."""
             t = time.perf_counter()
-            if (outbox and (waits or urgent or t - last >= handover_s)
-                    or len(step_s) >= STEP_TIMES_BATCH):
+            queued = bool(engine.scheduler.waiting) and not waits  # (only this thread submits)
+            if pace.hand_over(t, waits, queued, bool(outbox), bool(urgent),
+                              len(step_s) >= STEP_TIMES_BATCH):
                 produced = outbox[:]
                 outbox.clear()
                 urgent.clear()
                 send(("step", drain(step_s), produced))
-                last = t
-            take_commands()
+            if pace.read(t, waits, queued):
+                take_commands()
 
         engine.run_forever(stop, on_step=step_s.append, after_iteration=flush,
                            idle_wait=take_commands)

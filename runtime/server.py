@@ -12,15 +12,16 @@ Request bodies are parsed and checked by `openai_api`.
 Processes. The engine runs in a process of its own (`engine_process`): it builds the engine
 (compiling every bucket), then runs its loop (`Engine.run_forever`) and sends the tokens and
 results its iterations produced, one message at most every 2 ms (a first token or a result at
-once: `engine_process.HANDOVER_S`). The HTTP handlers run on uvicorn's asyncio loop in the
-server process; that loop reads the pipe from the engine every millisecond while requests are
-in flight (and is woken by it otherwise: `engine_process.POLL_S`), and each message goes to the
-mailboxes of the requests it names. The two processes share only the cores: in one process,
-every streamed chunk the loop writes would hold back the engine's next step (both need the
-interpreter's lock). Once compiled, the HTTP process keeps to one core, and by default the
-engine to the others, but for XLA's compute threads, which may use every core
-(`--engine-cpus`, `cpu_split`, `engine_process.pin_split`): the loop keeps a core of its own
-from a step that is mostly dispatch, and a step that computes keeps every core for its matmuls.
+once: `engine_process.HANDOVER_S`; every 8 ms while requests queue: `engine_process.Pace`). The
+HTTP handlers run on uvicorn's asyncio loop in the server process; that loop reads the pipe
+from the engine every millisecond while requests are in flight (and is woken by it otherwise:
+`engine_process.POLL_S`), and each message goes to the mailboxes of the requests it names. The
+two processes share only the cores: in one process, every streamed chunk the loop writes would
+hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
+process keeps to one core, and by default the engine to the others, but for XLA's compute
+threads, which may use every core (`--engine-cpus`, `cpu_split`, `engine_process.pin_split`):
+the loop keeps a core of its own from a step that is mostly dispatch, and a step that computes
+keeps every core for its matmuls.
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with

@@ -707,6 +707,45 @@ def test_the_server_reads_the_engine_pipe_by_polling_while_requests_are_in_fligh
     asyncio.run(run())
 
 
+def test_the_engine_hands_over_and_reads_less_often_while_requests_queue():
+    """Pace: when the loop is about to wait, both at once; running, a first token or an end at
+    once, other tokens every handover_s, commands every READ_S; with requests waiting for a
+    slot, both every QUEUED_HANDOVER_S, first tokens and ends included."""
+    P = engine_process
+    pace = P.Pace(P.HANDOVER_S, t=0.0)
+    assert not pace.hand_over(0.0005, False, False, news=True, urgent=False)
+    assert pace.hand_over(0.0006, False, False, news=True, urgent=True)  # a first token
+    assert not pace.hand_over(0.0007, False, False, news=False, urgent=False)
+    assert pace.hand_over(0.0007, False, False, news=False, urgent=False, full=True)
+    assert pace.hand_over(0.0007 + P.HANDOVER_S, False, False, news=True, urgent=False)
+    assert pace.hand_over(0.0031, True, False, news=True, urgent=False)  # about to wait
+    assert not pace.read(0.0005, False, False) and pace.read(P.READ_S, False, False)
+    assert pace.read(P.READ_S, True, False)  # about to wait
+    queued = P.Pace(P.HANDOVER_S, t=0.0)
+    late = P.QUEUED_HANDOVER_S - 1e-4
+    assert not queued.hand_over(late, False, True, news=True, urgent=True)
+    assert not queued.read(late, False, True)
+    assert queued.hand_over(P.QUEUED_HANDOVER_S, False, True, news=True, urgent=False)
+    assert queued.read(P.QUEUED_HANDOVER_S, False, True)
+    assert P.Pace(0.020, t=0.0).queued_s == 0.020  # --stream-interval 20: the longer of the two
+
+
+def test_pipe_reader_sees_a_message_and_a_closed_pipe():
+    import multiprocessing
+
+    mine, theirs = multiprocessing.Pipe(duplex=True)
+    readable = engine_process.pipe_reader(mine)
+    assert not readable(0.0)
+    t0 = time.perf_counter()
+    assert not readable(0.02) and time.perf_counter() - t0 >= 0.015  # waited for it
+    theirs.send(("stop",))
+    assert readable(0.0) and mine.recv() == ("stop",) and not readable(0.0)
+    theirs.close()
+    assert readable(1.0)  # closed: readable, and recv says so
+    with pytest.raises(EOFError):
+        mine.recv()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--port", "70000"], "--port must be <= 65535"),
     (["--max-slots", "0"], "--max-slots 0: must be a whole number >= 1"),
