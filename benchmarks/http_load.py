@@ -11,8 +11,9 @@ all of them, in a rotated order) so that the machine's other load hits them alik
 
 - in-process: `Engine.serve(workload, clock="wall")` on an engine built like the server's
   (`bench.make_engine`, the bundled model, the same slots and max_len), on every CPU;
-- in-process-pinned: the same on the CPUs the server's engine process starts on (those its
-  HTTP process leaves; left out when the server pins nothing);
+- in-process-pinned: the same with every thread on the CPUs of the server's engine loop
+  (those its HTTP process leaves: the engine without the HTTP process's core; left out when
+  the server pins nothing);
 - http-stream: `meshwright serve` in a subprocess, each request streamed (a chunk per
   engine step), sent at its arrival time by a bare HTTP/1.1 client on uvloop (`_Exchange`:
   one connection per request, the body kept as it arrives and parsed at its end); TTFT is
@@ -206,12 +207,13 @@ class _Exchange(asyncio.Protocol):
 
 
 def cpus_of(line: str) -> tuple[list[int] | None, list[int] | None]:
-    """The server's start-up line `cpus: the engine process on 0 (...), the HTTP process on 1
-    (...)` -> ([0], [1]); `any` or `cpus: not pinned` -> None."""
+    """The server's start-up line `cpus: the engine's loop on 0 (...), the HTTP process on 1
+    (...)` (or `the engine process on`) -> ([0], [1]); `any` or `cpus: not pinned` -> None."""
     from meshwright.runtime.server import parse_cpus
 
     def where(process: str) -> list[int] | None:
-        match = re.search(rf"the {process} process on ([0-9]+(?:[-,][0-9]+)*|any)", line)
+        match = re.search(rf"the {process}(?: process|'s loop) on ([0-9]+(?:[-,][0-9]+)*|any)",
+                          line)
         return sorted(parse_cpus(match.group(1))) if match and match.group(1) != "any" else None
 
     return where("engine"), where("HTTP")

@@ -522,9 +522,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-cpus", default="auto", metavar="auto|off|CPUS",
                    help="once compiled, pin the engine process to these CPUs (0-2,5) and the "
                         "HTTP process to the others; auto (default): the HTTP process on the "
-                        "last CPU, the engine on the others or on every CPU, whichever serves "
-                        "more tokens per second (tried while serving, again every 10 s or "
-                        "more); off: no pinning")
+                        "last CPU, the engine's loop on the others, XLA's threads (which run "
+                        "the compiled steps) on every CPU; off: no pinning")
     p.add_argument("--seed", type=int, default=0, help="a preset's random weights")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--no-progress", action="store_true", help="no compile progress bar")

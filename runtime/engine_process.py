@@ -41,9 +41,8 @@ histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running on
 answers does not wake it). The engine process exits when told to stop or when the pipe closes
 (the server died). Once every bucket is compiled (on every core), it pins all its threads to
 the CPUs the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says
-where in `EngineFacts.cpus`; with `auto` it keeps to the CPUs the HTTP process leaves it but
-for XLA's compute threads, which may use every CPU (`pin_split`; where, in
-`EngineFacts.compute_cpus`).
+where in `EngineFacts.cpus`; with `auto` only its loop keeps to the CPUs the HTTP process leaves it, and
+XLA's threads may use every CPU (`pin_split`; where, in `EngineFacts.compute_cpus`).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
@@ -78,8 +77,6 @@ READ_S = 0.001  # while it runs requests, the engine reads the server's commands
 QUEUED_HANDOVER_S = 0.008  # while requests wait for a slot, the engine hands over and reads
 #                            commands only this often, first tokens and ends included: every
 #                            hand-over costs tokens the queue is waiting for
-XLA_COMPUTE_THREAD = "tf_XLAEigen"  # the name of XLA:CPU's intra-op threads (its Eigen pool:
-#                                      the threads a matmul or convolution is split over)
 
 
 @dataclass
@@ -99,8 +96,8 @@ class EngineFacts:
     tokenizer: Any = None  # a checkpoint's tokenizer (picklable); None: see tokenizer_kind
     tokenizer_kind: str = "none"  # "bytes" (the bundled model), "checkpoint", "none"
     cpus: list[int] | None = None  # the CPUs the engine process was pinned to (None: not)
-    compute_cpus: list[int] | None = None  # --engine-cpus auto: the CPUs of XLA's compute
-    #                                         threads, when not those of the rest (`pin_split`)
+    compute_cpus: list[int] | None = None  # --engine-cpus auto: the CPUs of XLA's threads
+    #                                         (`cpus`: the loop's; `pin_split`)
 
 
 def engine_facts(engine) -> EngineFacts:
@@ -152,29 +149,27 @@ def pin_process(cpus) -> None:
             os.sched_setaffinity(tid, set(cpus))
 
 
-def pin_split(cpus, compute_cpus, tasks: Callable[[], list[tuple[int, str]]] = threads,
-              set_affinity: Callable[[int, set[int]], None] = os.sched_setaffinity) -> int:
-    """`--engine-cpus auto`: every thread of this process onto `cpus`, but XLA's compute
-    threads (`XLA_COMPUTE_THREAD`) onto `compute_cpus`; returns how many of those there were
-    (0: all on `cpus`).
+def pin_split(cpus, every_cpus,
+              set_affinity: Callable[[int, set[int]], None] = os.sched_setaffinity) -> None:
+    """`--engine-cpus auto`: the engine's loop (this thread, and the threads it starts later)
+    onto `cpus`; every other thread of this process onto `every_cpus`: XLA's, those that run
+    the compiled programs and those a matmul is split over.
 
-    Why. A step that is mostly dispatch (the bundled model's: Python, and XLA's own threads
-    running one small program after another) loses little on one core, and there it leaves the
-    HTTP process and its clients a core of their own. A step whose matmuls XLA splits over the
-    cores (GPT-2 small's) wants every core: pinned to one, its engine served a third fewer
-    tokens per second. The split gives each what it needs without knowing the model: in
-    XLA's compute threads the bundled model spends 2% of its engine's CPU time and GPT-2 small
-    two thirds, so only the model that computes reaches the HTTP process's core, and only while
-    it computes. Measured in-process on 2 cores, against every thread on every core: the
-    bundled model -7.8% (pinned to one core: -7.7%), GPT-2 small +4.2% (pinned: -32.7%)."""
-    pin_process(cpus)
-    found = 0
-    for tid, name in tasks():
-        if name == XLA_COMPUTE_THREAD:
-            with contextlib.suppress(ProcessLookupError):
-                set_affinity(tid, set(compute_cpus))
-                found += 1
-    return found
+    Why. The loop thread (Python: scheduling, dispatch, sampling, the hand-over) is woken at
+    every step, and on the HTTP process's core it would take turns with the event loop; so it
+    keeps off it, as the HTTP process keeps off the loop's. XLA's threads run the programs
+    the loop dispatched, and on one core with the loop they run only while it waits: given
+    every core, a program runs while the loop prepares the next step (in-process, pinned to
+    one core, the bundled model served 3-9% fewer tokens per second), and a model whose
+    matmuls XLA spreads over the cores gets them all (GPT-2 small pinned to one core: a third
+    fewer). The bundled model's engine spends 60% of its CPU time in those threads (the
+    programs), GPT-2 small's most of it. Over HTTP at saturation, against the same engine
+    in-process on every core, this split lost 3.1% on streams and 1.5% on whole answers where
+    keeping every thread but XLA's compute pool (`tf_XLAEigen`) on the loop's core lost 5.1%
+    and 4.1% (14 alternated repeats); GPT-2 small, 3.9% against 5.3% (4 repeats). And it does
+    not depend on the names XLA gives its threads."""
+    pin_process(every_cpus)
+    set_affinity(0, set(cpus))  # (0: the calling thread)
 
 
 def pipe_reader(conn) -> Callable[[float], bool]:
@@ -334,14 +329,9 @@ def engine_main(options, conn) -> None:
                 every = sorted(os.sched_getaffinity(0))
                 if options.engine_cpus != "auto":
                     pin_process(options.cpus[0])
-                elif pin_split(options.cpus[0], every):  # XLA's compute: every core
+                else:  # the loop on its own CPUs, XLA's threads on every CPU
+                    pin_split(options.cpus[0], every)
                     facts.compute_cpus = every
-                else:
-                    facts.notes.append(
-                        f"XLA's compute threads ({XLA_COMPUTE_THREAD}) not found: the engine "
-                        f"process keeps to CPUs {list(options.cpus[0])} for all its work "
-                        f"(a model whose matmuls XLA spreads over the cores runs slower there; "
-                        f"--engine-cpus off leaves it every core)")
                 facts.cpus = sorted(os.sched_getaffinity(0))
             except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
                 facts.notes.append(f"the engine process is not pinned to CPUs "

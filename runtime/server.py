@@ -18,10 +18,9 @@ from the engine every millisecond while requests are in flight (and is woken by 
 `engine_process.POLL_S`), and each message goes to the mailboxes of the requests it names. The
 two processes share only the cores: in one process, every streamed chunk the loop writes would
 hold back the engine's next step (both need the interpreter's lock). Once compiled, the HTTP
-process keeps to one core, and by default the engine to the others, but for XLA's compute
-threads, which may use every core (`--engine-cpus`, `cpu_split`, `engine_process.pin_split`):
-the loop keeps a core of its own from a step that is mostly dispatch, and a step that computes
-keeps every core for its matmuls.
+process keeps to one core, and by default the engine's loop to the others, while XLA's threads
+(which run the programs the loop dispatches) may use every core (`--engine-cpus`, `cpu_split`,
+`engine_process.pin_split`).
 
 Trouble. A client that disconnects aborts its request (`Engine.abort`: the slot is free at
 the next iteration). A full queue answers 429 with Retry-After; an invalid request 400 with
@@ -740,10 +739,11 @@ def cpus_line(cpus: dict) -> str:
         why = {"off": "--engine-cpus off", "auto": "--engine-cpus auto: fewer than 2 CPUs, or "
                "a platform without CPU affinity"}.get(option, f"--engine-cpus {option}")
         return f"cpus: not pinned ({why})"
-    where = cpu_text(engine) if engine else "any"
-    if cpus.get("compute"):  # auto: XLA's compute threads on every CPU
-        where += f" (XLA's compute threads on {cpu_text(cpus['compute'])})"
-    return (f"cpus: the engine process on {where}, the HTTP process on "
+    where = f"the engine process on {cpu_text(engine) if engine else 'any'}"
+    if cpus.get("compute"):  # auto: only the loop thread pinned, XLA's threads on every CPU
+        where = (f"the engine's loop on {cpu_text(engine)} (XLA's threads on "
+                 f"{cpu_text(cpus['compute'])})")
+    return (f"cpus: {where}, the HTTP process on "
             f"{cpu_text(http) if http else 'any'} (--engine-cpus {option}; off: not pinned)")
 
 
@@ -824,12 +824,11 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     """Where the engine process and the HTTP process run once the server is ready: (the
     engine's CPUs, the HTTP process's); an empty tuple leaves that process unpinned.
 
-    `auto`: the HTTP process on the last CPU this process may use, the engine on the others,
-    but for XLA's compute threads, which may use every CPU (`engine_process.pin_split`; with
-    fewer than two CPUs, or where processes cannot be pinned, neither is pinned): the event
-    loop, woken at every step, then stays off the cores a short step runs on, while a step
-    that computes (XLA spreads a larger model's matmuls over the cores) keeps every core. `off`:
-    neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
+    `auto`: the HTTP process on the last CPU this process may use, the engine's loop on the
+    others, XLA's threads on every CPU (`engine_process.pin_split`; with fewer than two CPUs,
+    or where processes cannot be pinned, neither is pinned): the event loop and the engine's
+    loop, both woken at every step, keep off each other's cores, while the programs the engine
+    runs may use every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
     Unpinned, the event loop and the clients keep pushing the engine from one core to the other,
     and its step starts with a cold cache each time."""
     if spec == "off":

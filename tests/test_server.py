@@ -150,12 +150,12 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
                "8x128" in line for line in lines)
     assert [line for line in lines if line.startswith("ready:")] == [lines[-1]]
     # --engine-cpus auto: once compiled, the HTTP process keeps to the last CPU (every
-    # thread of it); the engine process to the others, but for XLA's compute threads
+    # thread of it); the engine's loop (its main thread) to the others, XLA's threads to all
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) >= 2:
         (line,) = [line for line in lines if line.startswith("cpus: ")]
-        assert line == (f"cpus: the engine process on {server.cpu_text(cpus[:-1])} (XLA's "
-                        f"compute threads on {server.cpu_text(cpus)}), the HTTP process on "
+        assert line == (f"cpus: the engine's loop on {server.cpu_text(cpus[:-1])} (XLA's "
+                        f"threads on {server.cpu_text(cpus)}), the HTTP process on "
                         f"{cpus[-1]} (--engine-cpus auto; off: not pinned)")
         pid = main.proc.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -166,10 +166,8 @@ def test_start_up_prints_the_address_model_plan_and_ready(main):
             frozenset({cpus[-1]})}
         where = {}
         for t in os.listdir(f"/proc/{engine}/task"):
-            name = Path(f"/proc/{engine}/task/{t}/comm").read_text().strip()
-            where.setdefault(name == engine_process.XLA_COMPUTE_THREAD, set()).add(
-                frozenset(os.sched_getaffinity(int(t))))
-        assert where == {False: {frozenset(cpus[:-1])}, True: {frozenset(cpus)}}, where
+            where.setdefault(int(t) == engine, set()).add(frozenset(os.sched_getaffinity(int(t))))
+        assert where == {True: {frozenset(cpus[:-1])}, False: {frozenset(cpus)}}, where
     assert httpx.get(f"{main.address}/health").json() == {"status": "ready", "model": MODEL}
     models = main.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -613,27 +611,20 @@ def test_engine_cpus_split_the_cores_between_the_two_processes():
     assert server.cpu_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
-def test_engine_cpus_auto_gives_xlas_compute_threads_every_cpu(monkeypatch):
-    """pin_split: every thread on the engine's CPUs, XLA's compute threads on every CPU; none
-    of those (another XLA): all on the engine's CPUs, and the server says so."""
+def test_engine_cpus_auto_pins_the_loop_and_gives_xlas_threads_every_cpu(monkeypatch):
+    """pin_split: every thread of the process on every CPU, then the calling thread (the
+    engine's loop) on the engine's CPUs."""
     calls = []
-    tasks = [(10, "python3"), (11, engine_process.XLA_COMPUTE_THREAD), (12, "python3"),
-             (13, engine_process.XLA_COMPUTE_THREAD)]
-    pinned = []
-    monkeypatch.setattr(engine_process, "pin_process", pinned.append)  # (not this process's)
-    found = engine_process.pin_split([0], [0, 1], tasks=lambda: tasks,
-                                     set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
-    assert found == 2 and pinned == [[0]] and calls == [(11, {0, 1}), (13, {0, 1})]
-    calls.clear()
-    assert engine_process.pin_split([0], [0, 1], tasks=lambda: tasks[::2],
-                                    set_affinity=lambda *a: calls.append(a)) == 0
-    assert not calls
+    monkeypatch.setattr(engine_process, "pin_process", lambda cpus: calls.append(("all", cpus)))
+    engine_process.pin_split([0], [0, 1],
+                             set_affinity=lambda tid, cpus: calls.append((tid, cpus)))
+    assert calls == [("all", [0, 1]), (0, {0})]
     if os.path.isdir("/proc/self/task"):  # this process's threads, each with its name
         mine = dict(engine_process.threads())
         assert threading.get_native_id() in mine and all(mine.values())
     assert server.cpus_line({"engine": [0], "http": [1], "option": "auto",
                              "compute": [0, 1]}) == (
-        "cpus: the engine process on 0 (XLA's compute threads on 0-1), the HTTP process on 1 "
+        "cpus: the engine's loop on 0 (XLA's threads on 0-1), the HTTP process on 1 "
         "(--engine-cpus auto; off: not pinned)")
     assert server.cpus_line({"engine": [0, 1], "http": [2, 3], "option": "0-1",
                              "compute": None}) == (
