@@ -41,8 +41,9 @@ histogram ride along, or go every `STEP_TIMES_BATCH` steps (an engine running on
 answers does not wake it). The engine process exits when told to stop or when the pipe closes
 (the server died). Once every bucket is compiled (on every core), it pins all its threads to
 the CPUs the server chose for it, if any (`ServeOptions.cpus`: `--engine-cpus CPUS`), and says
-where in `EngineFacts.cpus`; with `auto` only its loop keeps to the CPUs the HTTP process leaves it, and
-XLA's threads may use every CPU (`pin_split`; where, in `EngineFacts.compute_cpus`).
+where in `EngineFacts.cpus`; with `auto` only its loop keeps to the CPUs the HTTP process
+leaves it, and XLA's threads may use every CPU (`pin_split`; where, in
+`EngineFacts.compute_cpus`).
 
     >>> proc = EngineProcess(ServeOptions(), on_message=print)           # doctest: +SKIP
     >>> proc.start(asyncio.get_running_loop())                           # doctest: +SKIP
@@ -196,7 +197,7 @@ class Pace:
     cache have pushed the loop's code and data out of the CPU's caches, a hand-over (pickle
     and write) took 34-41 us of the engine's CPU and a read of the pipe 10-12 us on the
     bundled model (on a warm loop: 8 and 0.3 us). Every 2 ms or at once for a first token or
-    an end, and a read after every iteration, that was 5-7 us per generated token, 4-5% of
+    an end, and a read after every iteration, that was 5-7 us per generated token, 3-5% of
     the engine's time. So: reads at most every `READ_S`; and while requests wait for a slot,
     when every microsecond of the engine's is one they wait for, both only every `queued_s`
     (`QUEUED_HANDOVER_S`, or `handover_s` if longer), first tokens and ends included (their
@@ -236,6 +237,7 @@ def engine_main(options, conn) -> None:
     # Signals are the server's business: it drains, then tells this process to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def send(message: tuple) -> None:  # (one thread sends and reads once the engine is built)
         # what conn.send does, without a ForkingPickler (and its dispatch table) per message
         conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
