@@ -828,9 +828,10 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     others, XLA's threads on every CPU (`engine_process.pin_split`; with fewer than two CPUs,
     or where processes cannot be pinned, neither is pinned): the event loop and the engine's
     loop, both woken at every step, keep off each other's cores, while the programs the engine
-    runs may use every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP process on the rest (if any).
-    Unpinned, the event loop and the clients keep pushing the engine from one core to the other,
-    and its step starts with a cold cache each time."""
+    runs may use every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP
+    process on the rest (if any). Unpinned, the event loop and the clients keep pushing the
+    engine's loop from one core to the other, and its step starts with a cold cache each
+    time."""
     if spec == "off":
         return (), ()
     if spec == "auto":
