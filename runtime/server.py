@@ -831,7 +831,7 @@ def cpu_split(spec: str, available: set[int] | None) -> tuple[tuple[int, ...],
     runs may use every core. `off`: neither. A list (`0-2,5`): the engine on those, the HTTP
     process on the rest (if any). Unpinned, the event loop and the clients may push the
     engine's loop from one core to the other, its step then starting with a cold cache (on
-    2 cores that cost unpinned streams 18.6-30.7% against 14.8-18.5% pinned before the
+    2 cores that cost unpinned streams 18.6-30.7% against 17.4-18.5% pinned before the
     engine's hand-over got cheaper; since, the two are within 2% of each other)."""
     if spec == "off":
         return (), ()
