@@ -130,31 +130,25 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def threads() -> list[tuple[int, str]]:
-    """(thread id, name) of every thread of this process (Linux's /proc; [] elsewhere)."""
-    out = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            # (OSError: a thread that ended meanwhile)
-            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
-                out.append((int(tid), f.read().strip()))
-    return out
-
-
 def pin_process(cpus) -> None:
     """Every thread of this process onto `cpus` (threads started later inherit it from their
     parent). Linux only (`os.sched_setaffinity`, which pins one thread per call; without
     /proc, this thread only)."""
-    for tid in [tid for tid, _ in threads()] or [0]:
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setaffinity(tid, set(cpus))
 
 
-def pin_split(cpus, every_cpus,
-              set_affinity: Callable[[int, set[int]], None] = os.sched_setaffinity) -> None:
+def pin_split(cpus, set_affinity: Callable[[int, set[int]], None] = os.sched_setaffinity
+              ) -> None:
     """`--engine-cpus auto`: the engine's loop (this thread, and the threads it starts later)
-    onto `cpus`; every other thread of this process onto `every_cpus`: XLA's, those that run
-    the compiled programs and those a matmul is split over.
+    onto `cpus`; every other thread of this process keeps every CPU the process may use
+    (they were started before any pinning): XLA's, those that run the compiled programs and
+    those a matmul is split over.
 
     Why. The loop thread (Python: scheduling, dispatch, sampling, the hand-over) is woken at
     every step, and on the HTTP process's core it would take turns with the event loop; so it
@@ -169,7 +163,6 @@ def pin_split(cpus, every_cpus,
     keeping every thread but XLA's compute pool (`tf_XLAEigen`) on the loop's core lost 5.1%
     and 4.1% (14 alternated repeats); GPT-2 small, 3.9% against 5.3% (4 repeats). And it does
     not depend on the names XLA gives its threads."""
-    pin_process(every_cpus)
     set_affinity(0, set(cpus))  # (0: the calling thread)
 
 
@@ -332,7 +325,7 @@ def engine_main(options, conn) -> None:
                 if options.engine_cpus != "auto":
                     pin_process(options.cpus[0])
                 else:  # the loop on its own CPUs, XLA's threads on every CPU
-                    pin_split(options.cpus[0], every)
+                    pin_split(options.cpus[0])
                     facts.compute_cpus = every
                 facts.cpus = sorted(os.sched_getaffinity(0))
             except OSError as e:  # (a CPU taken away meanwhile): served unpinned, said so
